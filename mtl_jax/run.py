@@ -1,0 +1,276 @@
+"""A whole training run: data, model, the fit loop, evaluation and the run directory.
+
+``train_and_evaluate(cfg)`` is what ``scripts/train.py`` calls. Everything that can be
+checked (output directory, config, data, encoder) is checked before the first byte is
+written into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from mtl_jax.config import TrainConfig
+from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, tokenize
+from mtl_jax.errors import MtlError
+from mtl_jax.freezing import frozen_groups, group_sizes, param_groups, parse_phases, phase_at
+from mtl_jax.model import MultiTaskModel, init_params, load_encoder
+from mtl_jax.plots import plot_confusion, plot_curves
+from mtl_jax.text import bucket_lengths
+from mtl_jax.train import (
+    OptimConfig,
+    TrainState,
+    accumulate,
+    carry_opt_state,
+    count_numbers,
+    evaluate,
+    frozen_param_mask,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png")
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a directory that holds another run (unless ``overwrite``) or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise MtlError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MtlError(f"{out}: already holds files (another run?); pass --overwrite to replace it or choose another --out")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MtlError(f"{parent}: not writable; choose another --out")
+
+
+def _prepare_out_dir(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for png in out.glob("confusion_*.png"):
+        png.unlink()
+    for sub in ("checkpoints", "export"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def _optim_config(cfg: TrainConfig, total_steps: int) -> OptimConfig:
+    return OptimConfig(
+        lr=cfg.lr,
+        head_lr=cfg.head_lr if cfg.head_lr is not None else 10 * cfg.lr,
+        total_steps=total_steps,
+        warmup_steps=int(round(cfg.warmup * total_steps)),
+        decay=cfg.decay,
+        weight_decay=cfg.weight_decay,
+        clip_norm=cfg.clip_norm,
+        layer_decay=cfg.layer_decay,
+    )
+
+
+def _train_record(total, step: int, epoch: int, tasks, seconds: float, examples: int) -> dict:
+    m = jax.device_get(total)
+    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1)}
+    for t in tasks:
+        c = int(m["tasks"][t]["count"])
+        rec[t] = {
+            "loss": float(m["tasks"][t]["loss_sum"]) / c if c else None,
+            "accuracy": float(m["tasks"][t]["correct"]) / c if c else None,
+            "examples": c,
+        }
+    rec["examples_per_s"] = examples / max(seconds, 1e-9)
+    return rec
+
+
+def _eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
+    rec = {"step": step, "epoch": epoch, "split": split, "loss": sum(r["loss"] for r in results.values())}
+    for t, r in results.items():
+        rec[t] = {k: r[k] for k in ("loss", "accuracy", "macro_f1", "examples")}
+    rec["mean_macro_f1"] = float(np.mean([r["macro_f1"] for r in results.values()]))
+    return rec
+
+
+def train_and_evaluate(cfg: TrainConfig) -> dict:
+    """Train on ``cfg``'s tasks, keep the best epoch by mean validation macro-F1, test it."""
+    wall0 = time.perf_counter()
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
+    tasks = cfg.selected_tasks()
+    phases = parse_phases(cfg.freeze)
+    if cfg.batch_size < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
+        raise MtlError("--batch-size, --epochs and --max-steps must be positive")
+    data = load_tasks(tasks, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows)
+    encoder = load_encoder(cfg.encoder)
+    max_length = min(cfg.max_length, encoder.spec.max_length)
+    tokenized = {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS}
+    names = data.names
+    model = MultiTaskModel(
+        encoder.config,
+        tasks=tuple((t, len(data.labels[t])) for t in names),
+        pooling=cfg.pooling or encoder.spec.pooling,
+        head_dropout=cfg.head_dropout,
+        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+    )
+    rng = jax.random.PRNGKey(cfg.seed)
+    params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
+    groups = set(jax.tree.leaves(param_groups(params)))
+    frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
+    train = tokenized["train"]
+    steps_per_epoch = len(epoch_plan(train, cfg.batch_size, cfg.seed, 0, cfg.sampling, cfg.temperature))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optim = _optim_config(cfg, total_steps)
+    weights = {t.name: t.weight for t in tasks}
+
+    # ---- inputs are valid: from here on the run directory is written
+    _prepare_out_dir(out)
+    (out / "config.json").write_text(
+        json.dumps(cfg.to_json() | {"labels": data.labels, "resolved_max_length": max_length}, indent=2)
+    )
+    for note in data.notes:
+        _log(note)
+    for s in SPLITS:
+        per_task = {t: int((tokenized[s].labels[:, i] >= 0).sum()) for i, t in enumerate(names)}
+        _log(f"{s}: {len(tokenized[s])} examples {per_task}, {tokenized[s].truncated} truncated at {max_length} tokens")
+    sizes = group_sizes(params)
+    _log(f"backend {jax.default_backend()} ({jax.device_count()} device(s)); {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    buckets = bucket_lengths(max_length)
+    pad_id = encoder.tokenizer.pad_id
+    eval_step = make_eval_step(model)
+    metrics_file = open(out / "metrics.jsonl", "w")
+    records: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        records.append(rec)
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+
+    phase_i = phase_at(phases, 0, 0)
+    frozen = frozen_by_phase[phase_i]
+
+    def build(frozen_set):
+        tx = make_optimizer(params, frozen_set, optim, encoder.config.n_layers)
+        return tx, make_train_step(model, tx, weights, frozen_param_mask(params, frozen_set))
+
+    def describe(frozen_set, phase):
+        frozen_n = sum(sizes[g] for g in frozen_set)
+        per_label = ", ".join(f"{g}={'frozen' if g in frozen_set else 'train'}:{n:,}" for g, n in sorted(sizes.items()))
+        _log(f"phase {phase} ({phases[phase].spec}): {sum(sizes.values()) - frozen_n:,} trainable, {frozen_n:,} frozen [{per_label}]")
+
+    describe(frozen, phase_i)
+    tx, train_step = build(frozen)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
+    best = {"score": -1.0, "epoch": -1, "params": None}
+    step = 0
+    train_seconds = 0.0
+    examples_seen = 0
+    bar = tqdm(total=total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    for epoch in range(epochs):
+        plan = epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
+        total = None
+        t_log, n_log = time.perf_counter(), 0
+        for idx in plan:
+            if step >= total_steps:
+                break
+            new_phase = phase_at(phases, step, epoch)
+            if new_phase != phase_i:
+                new_frozen = frozen_by_phase[new_phase]
+                new_tx, new_step = build(new_frozen)
+                opt_state = carry_opt_state(state.opt_state, new_tx.init(state.params), frozen, new_frozen)
+                state = TrainState(state.step, state.params, opt_state)
+                phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
+                describe(frozen, phase_i)
+            batch = make_batch(train, idx, cfg.batch_size, buckets, pad_id)
+            state, m = train_step(state, batch.arrays(), rng)
+            total = accumulate(total, m)
+            step += 1
+            n_log += len(idx)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps or idx is plan[-1]:
+                rec = _train_record(total, step, epoch, names, time.perf_counter() - t_log, n_log)
+                train_seconds += time.perf_counter() - t_log
+                examples_seen += n_log
+                emit(rec)
+                bar.set_postfix_str(
+                    " ".join(f"{t}={rec[t]['loss']:.3f}" for t in names if rec[t]["loss"] is not None)
+                    + f" {rec['examples_per_s']:.0f}ex/s"
+                )
+                total, t_log, n_log = None, time.perf_counter(), 0
+        results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id)
+        rec = _eval_record(results, step, epoch, "validation")
+        emit(rec)
+        _log(
+            f"epoch {epoch + 1}/{epochs} validation: "
+            + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in names)
+        )
+        if rec["mean_macro_f1"] > best["score"]:
+            best = {"score": rec["mean_macro_f1"], "epoch": epoch, "params": jax.device_get(state.params)}
+    bar.close()
+
+    summary = {"best_epoch": best["epoch"] + 1, "steps": step}
+    for split in ("validation", "test"):
+        results = evaluate(eval_step, best["params"], tokenized[split], data.labels, cfg.eval_batch_size, max_length, pad_id)
+        summary[split] = results
+        if split == "test":
+            emit(_eval_record(results, step, best["epoch"], "test"))
+    metrics_file.close()
+    summary["examples_per_s"] = examples_seen / max(train_seconds, 1e-9)
+    summary["wall_s"] = time.perf_counter() - wall0
+    summary["train_seconds"] = train_seconds
+    summary["backend"] = jax.default_backend()
+    summary["truncated"] = {s: tokenized[s].truncated for s in SPLITS}
+    summary["parameters"] = sizes
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(records, names, out / "curves.png")
+    for t in names:
+        plot_confusion(summary["test"][t]["confusion"], data.labels[t], f"{t} (test)", out / f"confusion_{t}.png")
+    (out / "report.md").write_text(_report(cfg, summary, names, data.labels))
+    _log(
+        f"best epoch {summary['best_epoch']}; test: "
+        + ", ".join(f"{t} acc {summary['test'][t]['accuracy']:.3f} F1 {summary['test'][t]['macro_f1']:.3f}" for t in names)
+        + f"; {summary['wall_s']:.0f}s; outputs in {out}"
+    )
+    return summary
+
+
+def _report(cfg: TrainConfig, summary: dict, names, labels) -> str:
+    lines = [
+        f"# Run report: {cfg.out}",
+        "",
+        f"Encoder `{cfg.encoder}`, freeze `{cfg.freeze}`, {summary['steps']} steps, batch {cfg.batch_size}, "
+        f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, backend {summary['backend']}.",
+        f"Best epoch {summary['best_epoch']} (mean validation macro-F1); wall time {summary['wall_s']:.0f} s, "
+        f"{summary['examples_per_s']:.1f} training examples/s.",
+        "",
+        "| task | split | accuracy | macro-F1 | examples |",
+        "|---|---|---|---|---|",
+    ]
+    for t in names:
+        for split in ("validation", "test"):
+            r = summary[split][t]
+            lines.append(f"| {t} | {split} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
+    for t in names:
+        r = summary["test"][t]
+        lines += ["", f"## {t} (test)", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name in labels[t]:
+            lines.append(f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |")
+        lines.append(f"\n![confusion](confusion_{t}.png)")
+    lines += ["", "![curves](curves.png)", ""]
+    return "\n".join(lines)
