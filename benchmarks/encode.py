@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Throughput of SentenceEncoder.encode on the embedded Rotten Tomatoes snippets.
+
+Prints one JSON line. Compare with sentence-transformers in the same run with
+--compare-sentence-transformers (needs torch and sentence-transformers installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+
+from mtl_jax import load_encoder  # noqa: E402
+from mtl_jax.config import DEFAULT_TASKS  # noqa: E402
+from mtl_jax.data import read_rows, resolve_path  # noqa: E402
+
+
+def rotten_tomatoes_texts() -> list[str]:
+    task = DEFAULT_TASKS[1]
+    rows = read_rows(resolve_path(task.train), [task.text_column, task.label_column])
+    return [r.fields["text"] for r in rows if r.fields.get("category") in ("fresh", "rotten")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--limit", type=int, help="take the first N snippets (default: all 12,808)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--compare-sentence-transformers", action="store_true")
+    args = p.parse_args()
+    texts = rotten_tomatoes_texts()[: args.limit]
+    enc = load_encoder()
+    enc.encode(texts[: 4 * args.batch_size], batch_size=args.batch_size, progress=False)  # compile the short buckets
+    t0 = time.perf_counter()
+    emb = enc.encode(texts, batch_size=args.batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    out = {
+        "benchmark": "encode",
+        "backend": jax.default_backend(),
+        "sentences": len(texts),
+        "batch_size": args.batch_size,
+        "seconds": round(seconds, 3),
+        "sentences_per_s": round(len(texts) / seconds, 1),
+        "compiled_shapes": enc._embed_fn._cache_size(),
+    }
+    if args.compare_sentence_transformers:
+        import numpy as np
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(enc.source), device="cpu")
+        st.encode(texts[: 4 * args.batch_size], batch_size=args.batch_size)
+        t0 = time.perf_counter()
+        ref = st.encode(texts, batch_size=args.batch_size)
+        st_seconds = time.perf_counter() - t0
+        out["st_sentences_per_s"] = round(len(texts) / st_seconds, 1)
+        out["speedup_vs_st"] = round(st_seconds / seconds, 3)
+        out["max_abs_diff_vs_st"] = float(np.abs(ref - emb).max())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random BERT / DistilBERT checkpoints (2 layers, dim 32) written
+as real Hugging Face directories, and small labelled data files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mtl_jax.assets import embedded_model_dir
+from mtl_jax.pretrained import flax_to_torch_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+TINY_BERT = {
+    "model_type": "bert",
+    "architectures": ["BertModel"],
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+}
+
+
+def copy_tokenizer(dst: Path) -> None:
+    src = embedded_model_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, dst / name)
+
+
+def write_tiny_bert(dst: Path, seed: int = 0, config: dict | None = None) -> tuple[dict, dict]:
+    """A random BERT checkpoint (PyTorch names, safetensors) and its Flax params."""
+    from transformers import BertConfig, FlaxBertModel
+
+    config = dict(TINY_BERT, **(config or {}))
+    dst.mkdir(parents=True, exist_ok=True)
+    model = FlaxBertModel(BertConfig(**config), seed=seed)
+    # Make the token-type and position rows distinct so the folding is really tested.
+    params = jax.tree.map(np.asarray, model.params)
+    state = {f"bert.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in flax_to_torch_state(params).items()}
+    save_file(state, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps(config))
+    copy_tokenizer(dst)
+    return config, params
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_bert")
+    write_tiny_bert(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two small tasks, each with its own CSV / JSONL file, learnable from single words."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    topics = {"sports": "match goal team", "politics": "vote senate law", "tech": "chip code robot"}
+    with open(folder / "topic.csv", "w", encoding="utf-8") as f:
+        f.write("text,label\n")
+        for i in range(90):
+            label = list(topics)[i % 3]
+            word = rng.choice(topics[label].split())
+            f.write(f'"a {word} story, number {i}",{label}\n')
+    with open(folder / "reviews.jsonl", "w", encoding="utf-8") as f:
+        for i in range(80):
+            good = i % 2 == 0
+            f.write(json.dumps({"review": ("great fun" if good else "dull mess") + f" #{i}", "stars": "pos" if good else "neg"}) + "\n")
+    (folder / "tasks.yaml").write_text(
+        "tasks:\n"
+        "  - name: topic\n    train: topic.csv\n    text_column: text\n    label_column: label\n"
+        "  - name: sentiment\n    train: reviews.jsonl\n    text_column: review\n    label_column: stars\n"
+    )
+    return folder

@@ -1,0 +1,109 @@
+"""The command lines as a user runs them: scripts/embed.py and scripts/train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtl_jax import load_encoder
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run(script: str, *args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        input=stdin, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600,
+    )
+
+
+# ---------------------------------------------------------------------------- embed.py
+
+
+def test_embed_arguments_stdin_and_npy(tmp_path, tiny_bert):
+    want = load_encoder(tiny_bert).encode(["one", "two words", ""])
+    r = run("embed.py", "--model", str(tiny_bert), "one", "two words", "")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["one", "two words", ""]
+    np.testing.assert_allclose(np.array([row["embedding"] for row in rows]), want, atol=1e-6)
+    out = tmp_path / "e.npy"
+    r = run("embed.py", "--model", str(tiny_bert), "--out", str(out), stdin="one\ntwo words\n\n")
+    assert r.returncode == 0, r.stderr
+    got = np.load(out)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_embed_errors_are_one_line_with_status_2(tmp_path, tiny_bert):
+    r = run("embed.py", "--model", str(tmp_path / "nope"), "x")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope: no such directory" in r.stderr
+    r = run("embed.py", "--model", str(tiny_bert), "--input", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "missing.txt: file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_embed_help_lists_options():
+    r = run("embed.py", "--help")
+    assert r.returncode == 0
+    for flag in ("--input", "--model", "--out", "--batch-size", "--pooling", "--normalize", "--max-length"):
+        assert flag in r.stdout
+
+
+# ---------------------------------------------------------------------------- train.py
+
+
+def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    r = run("train.py", "--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out),
+            "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--log-every", "2", "--no-progress",
+            "--freeze", "backbone,none@epoch:1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "report.md",
+                 "confusion_topic.png", "confusion_sentiment.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    for split in ("validation", "test"):
+        for task, labels in (("topic", ["politics", "sports", "tech"]), ("sentiment", ["neg", "pos"])):
+            rep = summary[split][task]
+            assert set(rep["precision"]) == set(labels) and np.asarray(rep["confusion"]).shape == (len(labels),) * 2
+            assert 0 <= rep["accuracy"] <= 1 and 0 <= rep["macro_f1"] <= 1
+    assert summary["examples_per_s"] > 0 and summary["wall_s"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "validation", "test"}
+    assert all("step" in r and "loss" in r for r in records)
+    assert "phase 1 (none)" in r.stderr  # gradual unfreezing happened
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["labels"] == {"topic": ["politics", "sports", "tech"], "sentiment": ["neg", "pos"]}
+    # a second run into the same directory is refused, and changes nothing there
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run("train.py", "--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out))
+    assert r.returncode == 2 and "already holds files" in r.stderr and "--overwrite" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\n" + "ok,a\n ,b\nfine,\n" + "".join(f"s{i},{'a' if i % 2 else 'b'}\n" for i in range(30)))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"tasks": [{"name": "t", "train": str(bad)}]}))
+    out = tmp_path / "run"
+    r = run("train.py", "--config", str(cfg), "--encoder", str(tiny_bert), "--out", str(out))
+    assert r.returncode == 2
+    assert f"{bad}:3: empty text" in r.stderr and f"{bad}:4: missing label in column 'label'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_train_help_lists_every_option():
+    r = run("train.py", "--help")
+    assert r.returncode == 0
+    for flag in ("--config", "--encoder", "--freeze", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
+                 "--dtype", "--log-every", "--tasks", "--out", "--overwrite", "--skip-bad-rows"):
+        assert flag in r.stdout, flag

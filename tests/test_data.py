@@ -1,0 +1,174 @@
+"""Readers, label vocabularies, splits, sampling, bucketing and the bad-input matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtl_jax import MtlError
+from mtl_jax.config import DEFAULT_TASKS, TaskConfig
+from mtl_jax.data import BadRows, Tokenized, epoch_plan, load_tasks, read_rows, sampling_counts
+from mtl_jax.text import BUCKETS, bucket_for, bucket_lengths
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def _task(path: Path, **kw) -> TaskConfig:
+    return TaskConfig(name=kw.pop("name", "t"), train=str(path), text_column="text", label_column="label", **kw)
+
+
+def _rows(n=40, sep=","):
+    return "".join(f"sentence number {i}{sep}{'yes' if i % 2 else 'no'}\n" for i in range(n))
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def test_csv_quoting_bom_crlf(tmp_path):
+    p = _write(tmp_path / "a.csv", b'\xef\xbb\xbftext,label\r\n"hello, ""world""\r\nsecond line",x\r\nplain,y\r\n')
+    rows = read_rows(p, ["text", "label"])
+    assert [r.fields for r in rows] == [{"text": 'hello, "world"\r\nsecond line', "label": "x"}, {"text": "plain", "label": "y"}]
+    assert [r.line for r in rows] == [2, 4]
+
+
+def test_tsv_and_jsonl(tmp_path):
+    tsv = _write(tmp_path / "a.tsv", "label\ttext\nx\tfirst, with comma\n")
+    assert read_rows(tsv, ["text", "label"])[0].fields == {"text": "first, with comma", "label": "x"}
+    jl = _write(tmp_path / "a.jsonl", json.dumps({"text": "é ünïcode", "label": 3}) + "\n\n" + json.dumps({"text": "b", "label": "y"}) + "\n")
+    rows = read_rows(jl, ["text", "label"])
+    assert [(r.line, r.fields["text"], r.fields["label"]) for r in rows] == [(1, "é ünïcode", "3"), (3, "b", "y")]
+
+
+def test_embedded_default_data_counts_and_splits():
+    data = load_tasks(DEFAULT_TASKS, seed=0)
+    assert data.labels == {"task_a": ("Democratic", "Moderator", "Republican"), "task_b": ("negative", "positive")}
+    sizes = {s: len(e) for s, e in data.splits.items()}
+    assert sum(sizes.values()) == 1122 + 12808
+    a = data.splits["train"].labels[:, 0]
+    b = data.splits["train"].labels[:, 1]
+    assert (a >= 0).sum() == 898 and (b >= 0).sum() == 10248
+    assert not ((a >= 0) & (b >= 0)).any()  # each example carries one task's label
+    again = load_tasks(DEFAULT_TASKS, seed=0)
+    assert again.splits["test"].texts == data.splits["test"].texts
+    other = load_tasks(DEFAULT_TASKS, seed=1)
+    assert other.splits["test"].texts != data.splits["test"].texts
+    # stratified: test label balance within 1 point of the whole
+    tb = data.splits["test"].labels[:, 1]
+    assert abs((tb[tb >= 0] == 1).mean() - 7403 / 12808) < 0.01
+
+
+def test_explicit_labels_map_and_shared_file(tmp_path):
+    p = _write(tmp_path / "both.csv", "text,label,topic\n" + "".join(f"s{i},{'a' if i % 2 else 'b'},{'u' if i % 3 else 'v'}\n" for i in range(60)))
+    tasks = [
+        _task(p, name="one", labels=("b", "a")),
+        TaskConfig(name="two", train=str(p), text_column="text", label_column="topic", label_map={"u": "U", "v": "V"}),
+    ]
+    data = load_tasks(tasks)
+    assert data.labels == {"one": ("b", "a"), "two": ("U", "V")}
+    train = data.splits["train"]
+    assert (train.labels >= 0).all()  # one file, both labels per row
+    assert sum(len(e) for e in data.splits.values()) == 60
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("text,label\n   ,x\n" + _rows(), r"a\.csv:2: empty text"),
+        ("text,label\nhello,\n" + _rows(), r"a\.csv:2: missing label in column 'label'"),
+        ("text,label\nhello,x,extra\n" + _rows(), r"a\.csv:2: 3 fields, header has 2"),
+        (b"text,label\nbad \xff byte,x\n" + _rows().encode(), r"a\.csv:2: invalid UTF-8"),
+    ],
+)
+def test_bad_rows_are_named_by_file_and_line(tmp_path, content, message):
+    p = _write(tmp_path / "a.csv", content)
+    with pytest.raises(BadRows, match=message):
+        load_tasks([_task(p)])
+    data = load_tasks([_task(p)], skip_bad_rows=True)
+    assert len(data.splits["train"]) + len(data.splits["validation"]) + len(data.splits["test"]) == 40
+    assert any("skipped 1 bad rows" in n for n in data.notes)
+
+
+def test_label_outside_explicit_list(tmp_path):
+    p = _write(tmp_path / "a.csv", "text,label\n" + _rows() + "odd one,maybe\n")
+    with pytest.raises(BadRows, match=r"a\.csv:42: label 'maybe' not in the labels of task t \(no, yes\)"):
+        load_tasks([_task(p, labels=("no", "yes"))])
+
+
+def test_many_bad_rows_are_listed_up_to_a_limit(tmp_path):
+    p = _write(tmp_path / "a.csv", "text,label\n" + " ,x\n" * 30 + _rows())
+    with pytest.raises(BadRows) as e:
+        load_tasks([_task(p)])
+    assert len(e.value.problems) == 30
+    assert "... and 10 more bad rows" in str(e.value) and "30 bad rows" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.csv", None, r"missing\.csv: file not found"),
+        ("a.csv", "txt,label\nx,y\n", r"a\.csv:1: no column 'text' \(columns: txt, label\)"),
+        ("a.csv", "text,label\n", r"task t has no training examples"),
+        ("a.csv", "text,label\n" + "".join(f"s{i},same\n" for i in range(20)), r"needs at least two classes"),
+        ("a.parquet", "x", r"unknown format"),
+    ],
+)
+def test_file_level_errors(tmp_path, name, content, message):
+    p = tmp_path / name
+    if content is not None:
+        _write(p, content)
+    with pytest.raises(MtlError, match=message):
+        load_tasks([_task(p)])
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def test_sampling_counts():
+    assert sampling_counts([100, 900], "proportional").tolist() == [100, 900]
+    assert sampling_counts([100, 900], "uniform").tolist() == [500, 500]
+    t = sampling_counts([100, 900], "temperature", 2.0)
+    assert t.sum() == 1000 and t.tolist() == [250, 750]  # sqrt: 10 : 30
+
+
+def _tokenized(lengths, sources):
+    ids = [np.arange(n, dtype=np.int32) + 1 for n in lengths]
+    return Tokenized(ids, np.zeros((len(ids), 1), np.int32), np.asarray(sources, np.int32), 0)
+
+
+def test_epoch_plan_covers_every_example_once_and_groups_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 200, 1000)
+    data = _tokenized(lengths, rng.integers(0, 2, 1000))
+    plan = epoch_plan(data, 32, seed=0, epoch=0)
+    flat = np.concatenate(plan)
+    assert sorted(flat.tolist()) == list(range(1000))
+    # batches pad little: length spread inside a batch is much smaller than overall
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in plan])
+    assert spread < 0.2 * (lengths.max() - lengths.min())
+    assert [b.tolist() for b in epoch_plan(data, 32, 0, 0)] == [b.tolist() for b in plan]
+    assert [b.tolist() for b in epoch_plan(data, 32, 0, 1)] != [b.tolist() for b in plan]
+
+
+def test_uniform_sampling_draws_equally_per_source():
+    data = _tokenized([5] * 1000, [0] * 100 + [1] * 900)
+    flat = np.concatenate(epoch_plan(data, 16, 0, 0, sampling="uniform"))
+    assert np.bincount(data.source[flat]).tolist() == [500, 500]
+
+
+def test_buckets_bound_the_number_of_shapes():
+    for max_length in (64, 128, 256):
+        buckets = bucket_lengths(max_length)
+        assert buckets[-1] == max_length and len(buckets) <= len(BUCKETS)
+        shapes = {bucket_for(n, buckets) for n in range(1, max_length + 1)}
+        assert shapes == set(buckets)

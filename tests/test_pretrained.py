@@ -1,0 +1,163 @@
+"""Loading pretrained encoders: parity with sentence-transformers, exact BERT conversion, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mtl_jax import MtlError, load_encoder
+from mtl_jax.pretrained import flax_to_torch_state
+from tests.conftest import ROOT, write_tiny_bert
+
+REFERENCE = json.loads((ROOT / "tests" / "all-MiniLM-L6-v2.reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_encoder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_embedded_model_matches_sentence_transformers(minilm):
+    got = minilm.encode(REFERENCE["sentences"])
+    want = np.asarray(REFERENCE["embeddings"], np.float32)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # checkpoint settings: mean pooling, normalized, 256 tokens
+    assert (minilm.spec.pooling, minilm.spec.normalize, minilm.spec.max_length) == ("mean", True, 256)
+
+
+def test_short_name_is_the_embedded_model(minilm):
+    other = load_encoder("all-MiniLM-L6-v2")
+    np.testing.assert_array_equal(other.encode(["same weights"]), minilm.encode(["same weights"]))
+
+
+def test_long_input_is_truncated_to_max_length(minilm):
+    long = "word " * 600
+    ids, truncated = minilm.tokenizer([long], 256)
+    assert len(ids[0]) == 256 and truncated[0]
+    # truncation keeps the first 254 word pieces: extra words after them change nothing
+    a, b = minilm.encode([long, long + " completely different ending"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bert_conversion_is_exact(tmp_path):
+    """Converted FlaxDistilBert hidden states equal FlaxBertModel's on the same weights."""
+    from transformers import BertConfig, FlaxBertModel
+    from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
+
+    config, bert_params = write_tiny_bert(tmp_path / "bert", seed=3)
+    # distinct token-type row 0 so folding it into positions is really exercised
+    enc = load_encoder(tmp_path / "bert")
+    assert enc.config.n_layers == 2 and enc.config.dim == 32
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, size=(3, 11)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    bert = FlaxBertModel(BertConfig(**config))
+    want = bert(ids, attention_mask=mask, params=bert_params).last_hidden_state
+    got = FlaxDistilBertModule(enc.config).apply({"params": enc.params}, ids, mask).last_hidden_state
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_distilbert_safetensors_and_msgpack_load_the_same(tmp_path, tiny_bert):
+    from flax.serialization import to_bytes
+    from flax import traverse_util
+
+    enc = load_encoder(tiny_bert)
+    dist = tmp_path / "distil"
+    dist.mkdir()
+    state = flax_to_torch_state(enc.params)
+    save_file({f"distilbert.{k}": v for k, v in state.items()}, str(dist / "model.safetensors"))
+    cfg = enc.config.to_dict()
+    (dist / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(tiny_bert / f, dist / f)
+    a = load_encoder(dist).encode(["hello there", "x"])
+    np.testing.assert_allclose(a, enc.encode(["hello there", "x"]), atol=1e-6)
+    (dist / "model.safetensors").unlink()
+    (dist / "flax_model.msgpack").write_bytes(to_bytes(enc.params))
+    b = load_encoder(dist).encode(["hello there", "x"])
+    np.testing.assert_allclose(b, a, atol=1e-6)
+    assert traverse_util.flatten_dict(enc.params).keys() == traverse_util.flatten_dict(load_encoder(dist).params).keys()
+
+
+def test_sentence_transformers_layout_sets_pooling(tmp_path, tiny_bert):
+    d = tmp_path / "st"
+    shutil.copytree(tiny_bert, d)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    enc = load_encoder(d)
+    assert (enc.spec.pooling, enc.spec.normalize, enc.spec.max_length) == ("cls", False, 64)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_pickle_is_refused_without_opt_in(tmp_path, tiny_bert):
+    d = _copy(tiny_bert, tmp_path / "pkl")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(MtlError, match=r"pytorch_model\.bin: pickle checkpoints can run arbitrary code"):
+        load_encoder(d)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "roberta"}, r"config\.json: model_type 'roberta' is unsupported"),
+        ({"position_embedding_type": "relative_key"}, r"config\.json: unsupported BERT variant: position_embedding_type"),
+        ({"hidden_act": "relu"}, r"config\.json: unsupported BERT variant: hidden_act 'relu'"),
+        ({"hidden_size": 48, "num_attention_heads": 4}, r"model\.safetensors: weight .* has shape"),
+    ],
+)
+def test_unsupported_or_inconsistent_config_is_refused(tmp_path, tiny_bert, change, message):
+    d = _copy(tiny_bert, tmp_path / "bad")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(MtlError, match=message):
+        load_encoder(d)
+
+
+def test_missing_pieces_are_named(tmp_path, tiny_bert):
+    with pytest.raises(MtlError, match=r"nowhere: no such directory"):
+        load_encoder(tmp_path / "nowhere")
+    d = _copy(tiny_bert, tmp_path / "noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(MtlError, match=r"noweights: no weights found"):
+        load_encoder(d)
+    d = _copy(tiny_bert, tmp_path / "noconfig")
+    (d / "config.json").unlink()
+    with pytest.raises(MtlError, match=r"noconfig/config\.json: no config\.json"):
+        load_encoder(d)
+    d = _copy(tiny_bert, tmp_path / "corrupt")
+    (d / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(MtlError, match=r"corrupt/model\.safetensors: not a readable safetensors file"):
+        load_encoder(d)
+    d = _copy(tiny_bert, tmp_path / "missing_tensor")
+    state = load_file(str(d / "model.safetensors"))
+    del state["bert.encoder.layer.1.output.dense.weight"]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(MtlError, match=r"missing weights transformer\.layer\.1\.ffn\.lin2\.kernel"):
+        load_encoder(d)
+
+
+def test_unknown_hub_name_says_no_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MtlError, match=r"not available from the Hugging Face cache or hub.*local directory"):
+        load_encoder("some-org/some-model-that-is-not-cached")

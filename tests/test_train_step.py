@@ -1,0 +1,204 @@
+"""MultiTaskModel, freezing scenarios, the optimizer and the jit-compiled steps (tiny encoder)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mtl_jax import MtlError
+from mtl_jax.data import Tokenized
+from mtl_jax.freezing import frozen_groups, group_of, param_groups, parse_phases, phase_at, Phase
+from mtl_jax.model import MultiTaskModel, init_params, load_encoder, pool
+from mtl_jax.train import (
+    OptimConfig,
+    TrainState,
+    carry_opt_state,
+    count_numbers,
+    evaluate,
+    frozen_param_mask,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    task_losses,
+    weighted_loss,
+)
+
+TASKS = (("task_a", 3), ("task_b", 2))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert):
+    enc = load_encoder(tiny_bert)
+    model = MultiTaskModel(enc.config, tasks=TASKS, pooling="mean")
+    params = init_params(model, enc.params, jax.random.PRNGKey(0))
+    return model, params
+
+
+def _batch(seed=0, B=8, L=16, labels=None):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 30000, size=(B, L)).astype(np.int32)
+    mask = np.ones((B, L), np.int32)
+    mask[::2, L // 2 :] = 0
+    if labels is None:
+        labels = np.stack([rng.integers(0, 3, B), rng.integers(0, 2, B)], axis=1).astype(np.int32)
+        labels[: B // 2, 1] = -1  # first half: task_a examples only
+        labels[B // 2 :, 0] = -1  # second half: task_b examples only
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _state(model, params, frozen, lr=1e-2):
+    cfg = OptimConfig(lr=lr, head_lr=lr, total_steps=100, warmup_steps=0)
+    tx = make_optimizer(params, frozen, cfg, model.config.n_layers)
+    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
+    # copy: the step donates its state
+    state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params), tx.init(params))
+    return tx, step, state
+
+
+def test_forward_gives_every_task_and_the_embedding(setup):
+    model, params = setup
+    b = _batch()
+    logits, pooled = model.apply({"params": params}, b["input_ids"], b["attention_mask"])
+    chex.assert_shape(logits["task_a"], (8, 3))
+    chex.assert_shape(logits["task_b"], (8, 2))
+    chex.assert_shape(pooled, (8, model.config.dim))
+    assert set(params) == {"encoder", "heads"} and set(params["heads"]) == {"task_a", "task_b"}
+
+
+def test_pooling_is_masked():
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)), jnp.float32)
+    m = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_allclose(pool(h, m, "mean")[0], h[0, :2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(pool(h, m, "max")[0], h[0, :2].max(0))
+    np.testing.assert_allclose(pool(h, m, "cls"), h[:, 0])
+
+
+def test_every_parameter_matches_exactly_one_rule(setup):
+    _, params = setup
+    groups = param_groups(params)
+    flat = traverse_util.flatten_dict(groups, sep="/")
+    assert set(flat.values()) == {"embeddings", "layer_0", "layer_1", "head:task_a", "head:task_b"}
+    with pytest.raises(ValueError, match="matched 0 freezing rules"):
+        group_of("somewhere/else/kernel")
+
+
+@pytest.mark.parametrize("spec", ["none", "backbone", "all", "head:task_a", "head:task_b", "top:1"])
+def test_frozen_stay_bit_identical_and_trainable_change(setup, spec):
+    model, params = setup
+    groups = set(jax.tree.leaves(param_groups(params)))
+    frozen = frozen_groups(spec, groups)
+    _, step, state = _state(model, params, frozen)
+    before = jax.tree.map(np.asarray, params)
+    for i in range(3):
+        state, _ = step(state, _batch(i), jax.random.PRNGKey(1))
+    after = jax.tree.map(np.asarray, state.params)
+    for path, g in traverse_util.flatten_dict(param_groups(params), sep="/").items():
+        a = traverse_util.flatten_dict(before, sep="/")[path]
+        b = traverse_util.flatten_dict(after, sep="/")[path]
+        if g in frozen:
+            assert a.tobytes() == b.tobytes(), f"{path} ({g}) changed under {spec}"
+        else:
+            # word embeddings only change in the rows the batches used
+            assert not np.array_equal(a, b), f"{path} ({g}) did not change under {spec}"
+
+
+def test_frozen_parameters_hold_no_optimizer_state(setup):
+    model, params = setup
+    groups = set(jax.tree.leaves(param_groups(params)))
+    _, _, state = _state(model, params, frozen_groups("backbone", groups))
+    head_numbers = count_numbers(params["heads"])
+    # Adam's mu and nu for the heads, plus one step count per trainable group and the schedule's count
+    assert count_numbers(state.opt_state) == 2 * head_numbers + 2 + 1
+    _, _, full = _state(model, params, frozen_groups("none", groups))
+    assert count_numbers(full.opt_state) == 2 * count_numbers(params) + len(groups) + 1
+
+
+def test_top_k_freezes_embeddings_and_lower_layers():
+    groups = {"embeddings", "layer_0", "layer_1", "layer_2", "head:a"}
+    assert frozen_groups("top:1", groups) == {"embeddings", "layer_0", "layer_1"}
+    assert frozen_groups("top:3", groups) == {"embeddings"}
+    with pytest.raises(MtlError, match="between 0 and 3"):
+        frozen_groups("top:4", groups)
+    with pytest.raises(MtlError, match="no task 'c'"):
+        frozen_groups("head:c", groups)
+
+
+def test_phases_parse_and_switch():
+    phases = parse_phases("backbone, top:2@epoch:1, none@step:500")
+    assert phases == [Phase("backbone"), Phase("top:2", "epoch", 1), Phase("none", "step", 500)]
+    assert [phase_at(phases, s, e) for s, e in [(0, 0), (10, 1), (499, 1), (500, 1)]] == [0, 1, 1, 2]
+    with pytest.raises(MtlError, match="needs @epoch:N or @step:N"):
+        parse_phases("backbone,none@3")
+
+
+def test_masked_loss_matches_numpy():
+    logits = {"a": jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]), "b": jnp.asarray([[0.3, -0.3], [1.0, 2.0], [0.0, 0.0]])}
+    labels = jnp.asarray([[0, -1], [2, 1], [-1, -1]])
+    per = task_losses(logits, labels, ["a", "b"])
+
+    def ce(row, y):
+        row = np.asarray(row, np.float64)
+        return -(row[y] - np.log(np.exp(row).sum()))
+
+    want_a = (ce([2.0, 0.5, -1.0], 0) + ce([0.1, 0.2, 0.3], 2)) / 2
+    want_b = ce([1.0, 2.0], 1)
+    loss = weighted_loss(per, {"a": 1.0, "b": 0.5})
+    np.testing.assert_allclose(float(loss), want_a + 0.5 * want_b, rtol=1e-6)
+    assert int(per["a"]["count"]) == 2 and int(per["a"]["correct"]) == 2
+    # a batch with no labels for a task adds exactly 0, never NaN
+    none = task_losses(logits, jnp.full((3, 2), -1), ["a", "b"])
+    assert float(weighted_loss(none, {"a": 1.0, "b": 1.0})) == 0.0
+
+
+def test_jit_and_eager_steps_agree_and_second_call_does_not_recompile(setup):
+    model, params = setup
+    frozen = frozenset()
+    tx, step, state = _state(model, params, frozen)
+    eager_state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    with jax.disable_jit():
+        _, eager_step, _ = _state(model, params, frozen)
+        eager_state, eager_m = eager_step(eager_state, _batch(0), jax.random.PRNGKey(1))
+    state, m = step(state, _batch(0), jax.random.PRNGKey(1))
+    np.testing.assert_allclose(float(m["loss"]), float(eager_m["loss"]), rtol=1e-5)
+    chex.assert_trees_all_close(state.params, eager_state.params, atol=1e-5)
+    compiled = step._cache_size()
+    state, _ = step(state, _batch(1), jax.random.PRNGKey(1))
+    assert step._cache_size() == compiled == 1
+
+
+def test_phase_change_keeps_head_state(setup):
+    model, params = setup
+    groups = set(jax.tree.leaves(param_groups(params)))
+    f0, f1 = frozen_groups("backbone", groups), frozen_groups("none", groups)
+    cfg = OptimConfig(total_steps=10, warmup_steps=0)
+    tx0 = make_optimizer(params, f0, cfg, 2)
+    s0 = tx0.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, s0 = tx0.update(grads, s0, params)
+    tx1 = make_optimizer(params, f1, cfg, 2)
+    s1 = carry_opt_state(s0, tx1.init(params), f0, f1)
+    head_state = s1[2].inner_states["head:task_a"].inner_state[0]
+    assert int(head_state.count) == 1 and float(jnp.abs(head_state.mu["heads"]["task_a"]["kernel"]).sum()) > 0
+    assert int(s1[2].inner_states["layer_0"].inner_state[0].count) == 0
+    assert int(s1[3].count) == 1  # the global schedule keeps counting
+
+
+def test_evaluate_counts_every_example_once(setup):
+    model, params = setup
+    rng = np.random.default_rng(0)
+    n = 37  # not a multiple of the batch size
+    ids = [np.concatenate([[101], rng.integers(1000, 30000, rng.integers(1, 40)), [102]]).astype(np.int32) for _ in range(n)]
+    labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], axis=1).astype(np.int32)
+    labels[:10, 1] = -1
+    data = Tokenized(ids, labels, np.zeros(n, np.int32), 0)
+    res = evaluate(make_eval_step(model), params, data, {"task_a": ("x", "y", "z"), "task_b": ("n", "p")}, 8, 64, 0)
+    assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
+    assert np.asarray(res["task_a"]["confusion"]).sum() == n
+    # same predictions as one big forward pass on each example alone
+    logits, _ = model.apply({"params": params}, ids[0][None], np.ones((1, len(ids[0])), np.int32))
+    first_pred = int(np.argmax(logits["task_a"][0]))
+    assert res["task_a"]["confusion"][labels[0, 0]][first_pred] >= 1
