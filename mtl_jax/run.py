@@ -81,7 +81,8 @@ def _optim_config(cfg: TrainConfig, total_steps: int) -> OptimConfig:
     )
 
 
-def _train_record(total, step: int, epoch: int, tasks, seconds: float, examples: int) -> dict:
+def _train_record(total, step: int, epoch: int, tasks) -> dict:
+    """Mean loss and per-task loss / accuracy over the steps since the last log (fetches from device)."""
     m = jax.device_get(total)
     rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1)}
     for t in tasks:
@@ -91,7 +92,6 @@ def _train_record(total, step: int, epoch: int, tasks, seconds: float, examples:
             "accuracy": float(m["tasks"][t]["correct"]) / c if c else None,
             "examples": c,
         }
-    rec["examples_per_s"] = examples / max(seconds, 1e-9)
     return rec
 
 
@@ -204,13 +204,14 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             n_log += len(idx)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps or idx is plan[-1]:
-                rec = _train_record(total, step, epoch, names, time.perf_counter() - t_log, n_log)
-                train_seconds += time.perf_counter() - t_log
+                rec = _train_record(total, step, epoch, names)  # waits for the queued steps
+                seconds = time.perf_counter() - t_log
+                train_seconds += seconds
                 examples_seen += n_log
                 emit(rec)
                 bar.set_postfix_str(
                     " ".join(f"{t}={rec[t]['loss']:.3f}" for t in names if rec[t]["loss"] is not None)
-                    + f" {rec['examples_per_s']:.0f}ex/s"
+                    + f" {n_log / seconds:.0f}ex/s"
                 )
                 total, t_log, n_log = None, time.perf_counter(), 0
         results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id)

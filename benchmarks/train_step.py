@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Throughput of the jit-compiled multi-task train step on random tokens.
+
+Prints one JSON line: examples_per_s, step_s (median of --steps after --warmup),
+compile_s, trainable parameters and optimizer-state size. Shapes match the PyTorch
+peer (../shared/peer/torch_mtl_step.py): --size minilm is dim 384 x 6 layers,
+--size base is distilbert-base (768 x 6), --size tiny is 32 x 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from transformers import DistilBertConfig  # noqa: E402
+
+from mtl_jax.freezing import frozen_groups, param_groups  # noqa: E402
+from mtl_jax.model import MultiTaskModel  # noqa: E402
+from mtl_jax.train import OptimConfig, TrainState, count_numbers, frozen_param_mask, make_optimizer, make_train_step  # noqa: E402
+
+SIZES = {
+    "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+    "minilm": dict(dim=384, n_layers=6, n_heads=12, hidden_dim=1536),
+    "base": dict(dim=768, n_layers=6, n_heads=12, hidden_dim=3072),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--size", choices=list(SIZES), default="minilm")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k>")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+
+    config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=float(__import__("os").environ.get("DROP", 0.1)), attention_dropout=float(__import__("os").environ.get("DROP", 0.1)), **SIZES[args.size])
+    model = MultiTaskModel(config, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
+    mask = jnp.ones((args.batch, args.seq), jnp.int32)
+    labels = np.stack([rng.integers(0, 3, args.batch), rng.integers(0, 2, args.batch)], 1).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": jnp.asarray(labels)}
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1], mask[:1])["params"]
+    frozen = frozen_groups(args.freeze, set(jax.tree.leaves(param_groups(params))))
+    tx = make_optimizer(params, frozen, OptimConfig(total_steps=10_000, warmup_steps=10), config.n_layers)
+    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    key = jax.random.PRNGKey(1)
+
+    t0 = time.perf_counter()
+    state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = step(state, batch, key)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    trainable = sum(int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen_param_mask(params, frozen))) if not f)
+    print(json.dumps({
+        "benchmark": "train_step",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype,
+        "examples_per_s": round(args.batch / step_s, 2),
+        "step_s": round(step_s, 4),
+        "step_s_min": round(min(times), 4),
+        "compile_s": round(compile_s, 2),
+        "trainable_params": trainable,
+        "optimizer_state_numbers": count_numbers(state.opt_state),
+        "loss": float(m["loss"]),
+    }))
+
+
+if __name__ == "__main__":
+    main()
