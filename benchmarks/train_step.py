@@ -55,7 +55,7 @@ def main() -> None:
     frozen = frozen_groups(args.freeze, set(jax.tree.leaves(param_groups(params))))
     tx = make_optimizer(params, frozen, OptimConfig(total_steps=10_000, warmup_steps=10), config.n_layers)
     step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
 
     t0 = time.perf_counter()

@@ -8,10 +8,13 @@ from typing import Callable
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main``; an :class:`MtlError` prints its message (no traceback) and returns 2."""
-    from mtl_jax.errors import MtlError
+    from mtl_jax.errors import Interrupted, MtlError
 
     try:
         return main()
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except MtlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,16 @@ class TrainConfig:
     eval_batch_size: int = 128
     out: str = "runs/default"
     overwrite: bool = False
+    resume: bool = False
+    """Continue the run in --out from its newest intact checkpoint."""
+    save_every: int = 0
+    """Also checkpoint every N steps (0: only at the end of each epoch)."""
+    keep: int = 2
+    """Checkpoints kept besides the best one."""
+    max_nonfinite: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    export: bool = True
+    """Write the best model to <out>/export (sentence-transformers layout + heads)."""
     skip_bad_rows: bool = False
     progress: bool = True
     task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = field(default=DEFAULT_TASKS)

@@ -139,42 +139,59 @@ class SentenceEncoder:
     ) -> np.ndarray:
         """Embeddings ``[N, D]`` float32, rows in input order.
 
-        Sentences are sorted by length and each batch is padded to a bucket length and
-        to ``batch_size`` rows, so at most ``len(bucket_lengths(max_length))`` shapes
-        are ever compiled. ``progress=None`` shows a bar only on a terminal for long inputs.
+        Pooling, normalization and ``max_length`` default to the checkpoint's settings.
         """
-        texts = check_texts(sentences)
         pooling = pooling or self.spec.pooling
         if pooling not in POOLING_MODES:
             raise MtlError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
         normalize = self.spec.normalize if normalize is None else normalize
+        fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
+        out = self.map_batches(fn, sentences, batch_size=batch_size, max_length=max_length, progress=progress, empty=np.zeros((0, self.dim), np.float32))
+        return out.astype(np.float32, copy=False)
+
+    def map_batches(self, fn, sentences: Sequence[str], batch_size: int = 64, max_length: int | None = None,
+                    progress: bool | None = None, empty=None):
+        """``fn(ids [B, L], mask [B, L]) -> pytree of [B, ...]`` over all sentences; rows in input order.
+
+        Sentences are sorted by length and each batch is padded to a bucket length and
+        to ``batch_size`` rows, so at most ``len(bucket_lengths(max_length))`` shapes are
+        ever compiled. ``progress=None`` shows a bar only on a terminal for long inputs.
+        """
+        texts = check_texts(sentences)
         max_length = max_length or self.spec.max_length
         if not 2 <= max_length <= self.config.max_position_embeddings:
             raise MtlError(f"max_length {max_length} must be in [2, {self.config.max_position_embeddings}]")
         if batch_size < 1:
             raise MtlError(f"batch_size must be positive, got {batch_size}")
-        out = np.zeros((len(texts), self.dim), np.float32)
-        if not texts:
-            return out
+        if not texts and empty is not None:
+            return empty
         ids, _ = self._tokenizer(texts, max_length)
         order = np.argsort([len(s) for s in ids], kind="stable")
         buckets = bucket_lengths(max_length)
-        rows = min(batch_size, len(texts))
+        rows = max(1, min(batch_size, len(texts)))
         if progress is None:
             progress = sys.stderr.isatty() and len(texts) >= 10 * rows
+        out = None
         pending = []
+
+        def collect(idx, result):
+            nonlocal out
+            result = jax.tree.map(np.asarray, result)
+            if out is None:
+                out = jax.tree.map(lambda r: np.zeros((len(texts),) + r.shape[1:], r.dtype), result)
+            jax.tree.map(lambda o, r: o.__setitem__(idx, r[: len(idx)]), out, result)
+
         with tqdm(total=len(texts), unit="sent", disable=not progress, desc="encode") as bar:
             for start in range(0, len(texts), rows):
                 idx = order[start : start + rows]
                 length = bucket_for(max(len(ids[i]) for i in idx), buckets)
                 batch_ids, batch_mask = pad_batch([ids[i] for i in idx], length, rows, self._tokenizer.pad_id)
-                pending.append((idx, self._embed_fn(self.params, batch_ids, batch_mask, pooling, normalize)))
+                pending.append((idx, fn(batch_ids, batch_mask)))
                 if len(pending) > 2:  # keep the device busy while the host pads the next batch
-                    done_idx, emb = pending.pop(0)
-                    out[done_idx] = np.asarray(emb)[: len(done_idx)]
+                    collect(*pending.pop(0))
                 bar.update(len(idx))
-            for done_idx, emb in pending:
-                out[done_idx] = np.asarray(emb)[: len(done_idx)]
+            for item in pending:
+                collect(*item)
         return out
 
 

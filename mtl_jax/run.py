@@ -7,9 +7,11 @@ written into the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import signal
 import shutil
 import sys
 import time
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig
 from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, tokenize
-from mtl_jax.errors import MtlError
+from mtl_jax.errors import Interrupted, MtlError
 from mtl_jax.freezing import frozen_groups, group_sizes, param_groups, parse_phases, phase_at
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
 from mtl_jax.plots import plot_confusion, plot_curves
@@ -84,7 +86,8 @@ def _optim_config(cfg: TrainConfig, total_steps: int) -> OptimConfig:
 def _train_record(total, step: int, epoch: int, tasks) -> dict:
     """Mean loss and per-task loss / accuracy over the steps since the last log (fetches from device)."""
     m = jax.device_get(total)
-    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1)}
+    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1),
+           "skipped": int(m["skipped"])}
     for t in tasks:
         c = int(m["tasks"][t]["count"])
         rec[t] = {
@@ -103,11 +106,38 @@ def _eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
     return rec
 
 
+# Options that must not change when a run is resumed (they change the data or the model).
+RESUME_FIXED = ("encoder", "tasks", "freeze", "batch_size", "seed", "max_length", "sampling", "temperature",
+                "pooling", "dtype", "lr", "head_lr", "warmup", "decay", "weight_decay", "layer_decay", "task_list")
+
+
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    saved_path = out / "config.json"
+    if not saved_path.is_file():
+        raise MtlError(f"{saved_path}: missing; --resume needs the --out of an earlier run")
+    saved = json.loads(saved_path.read_text())
+    now = cfg.to_json()
+    changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if changed:
+        raise MtlError(f"{saved_path}: --resume with different {', '.join(changed)}; use the original options")
+
+
+def _zero_metrics(names) -> dict:
+    z = lambda dtype: jnp.zeros((), dtype)  # noqa: E731
+    return {"loss": z(jnp.float32), "steps": z(jnp.int32), "skipped": z(jnp.int32), "streak": z(jnp.int32),
+            "tasks": {t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32)} for t in names}}
+
+
 def train_and_evaluate(cfg: TrainConfig) -> dict:
-    """Train on ``cfg``'s tasks, keep the best epoch by mean validation macro-F1, test it."""
+    """Train on ``cfg``'s tasks, keep the best epoch by mean validation macro-F1, test it, export it."""
+    from mtl_jax.checkpoint import Checkpoints, export_model, restore_latest
+
     wall0 = time.perf_counter()
     out = Path(cfg.out)
-    check_out_dir(out, cfg.overwrite)
+    if cfg.resume:
+        _check_resumable(out, cfg)
+    else:
+        check_out_dir(out, cfg.overwrite)
     tasks = cfg.selected_tasks()
     phases = parse_phases(cfg.freeze)
     if cfg.batch_size < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
@@ -136,33 +166,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
     optim = _optim_config(cfg, total_steps)
     weights = {t.name: t.weight for t in tasks}
-
-    # ---- inputs are valid: from here on the run directory is written
-    _prepare_out_dir(out)
-    (out / "config.json").write_text(
-        json.dumps(cfg.to_json() | {"labels": data.labels, "resolved_max_length": max_length}, indent=2)
-    )
-    for note in data.notes:
-        _log(note)
-    for s in SPLITS:
-        per_task = {t: int((tokenized[s].labels[:, i] >= 0).sum()) for i, t in enumerate(names)}
-        _log(f"{s}: {len(tokenized[s])} examples {per_task}, {tokenized[s].truncated} truncated at {max_length} tokens")
     sizes = group_sizes(params)
-    _log(f"backend {jax.default_backend()} ({jax.device_count()} device(s)); {steps_per_epoch} steps/epoch, {total_steps} steps")
-
-    buckets = bucket_lengths(max_length)
-    pad_id = encoder.tokenizer.pad_id
-    eval_step = make_eval_step(model)
-    metrics_file = open(out / "metrics.jsonl", "w")
-    records: list[dict] = []
-
-    def emit(rec: dict) -> None:
-        records.append(rec)
-        metrics_file.write(json.dumps(rec) + "\n")
-        metrics_file.flush()
-
-    phase_i = phase_at(phases, 0, 0)
-    frozen = frozen_by_phase[phase_i]
 
     def build(frozen_set):
         tx = make_optimizer(params, frozen_set, optim, encoder.config.n_layers)
@@ -173,64 +177,154 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         per_label = ", ".join(f"{g}={'frozen' if g in frozen_set else 'train'}:{n:,}" for g, n in sorted(sizes.items()))
         _log(f"phase {phase} ({phases[phase].spec}): {sum(sizes.values()) - frozen_n:,} trainable, {frozen_n:,} frozen [{per_label}]")
 
-    describe(frozen, phase_i)
-    tx, train_step = build(frozen)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
-    best = {"score": -1.0, "epoch": -1, "params": None}
-    step = 0
-    train_seconds = 0.0
-    examples_seen = 0
-    bar = tqdm(total=total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
-    for epoch in range(epochs):
-        plan = epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
-        total = None
-        t_log, n_log = time.perf_counter(), 0
-        for idx in plan:
-            if step >= total_steps:
-                break
-            new_phase = phase_at(phases, step, epoch)
-            if new_phase != phase_i:
-                new_frozen = frozen_by_phase[new_phase]
-                new_tx, new_step = build(new_frozen)
-                opt_state = carry_opt_state(state.opt_state, new_tx.init(state.params), frozen, new_frozen)
-                state = TrainState(state.step, state.params, opt_state)
-                phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
-                describe(frozen, phase_i)
-            batch = make_batch(train, idx, cfg.batch_size, buckets, pad_id)
-            state, m = train_step(state, batch.arrays(), rng)
-            total = accumulate(total, m)
-            step += 1
-            n_log += len(idx)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps or idx is plan[-1]:
-                rec = _train_record(total, step, epoch, names)  # waits for the queued steps
-                seconds = time.perf_counter() - t_log
-                train_seconds += seconds
-                examples_seen += n_log
-                emit(rec)
-                bar.set_postfix_str(
-                    " ".join(f"{t}={rec[t]['loss']:.3f}" for t in names if rec[t]["loss"] is not None)
-                    + f" {n_log / seconds:.0f}ex/s"
-                )
-                total, t_log, n_log = None, time.perf_counter(), 0
-        results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id)
-        rec = _eval_record(results, step, epoch, "validation")
-        emit(rec)
-        _log(
-            f"epoch {epoch + 1}/{epochs} validation: "
-            + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in names)
-        )
-        if rec["mean_macro_f1"] > best["score"]:
-            best = {"score": rec["mean_macro_f1"], "epoch": epoch, "params": jax.device_get(state.params)}
-    bar.close()
+    def checkpoint_target(meta: dict) -> dict:
+        tx_ = make_optimizer(params, frozen_by_phase[meta["phase"]], optim, encoder.config.n_layers)
+        return {"state": TrainState.create(params, tx_.init(params)), "metrics": _zero_metrics(names), "rng": rng}
 
-    summary = {"best_epoch": best["epoch"] + 1, "steps": step}
+    # ---- inputs are valid: from here on the run directory is written
+    if not cfg.resume:
+        _prepare_out_dir(out)
+        (out / "config.json").write_text(
+            json.dumps(cfg.to_json() | {"labels": data.labels, "resolved_max_length": max_length}, indent=2)
+        )
+    for note in data.notes:
+        _log(note)
+    for s in SPLITS:
+        per_task = {t: int((tokenized[s].labels[:, i] >= 0).sum()) for i, t in enumerate(names)}
+        _log(f"{s}: {len(tokenized[s])} examples {per_task}, {tokenized[s].truncated} truncated at {max_length} tokens")
+    _log(f"backend {jax.default_backend()} ({jax.device_count()} device(s)); {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep)
+    buckets = bucket_lengths(max_length)
+    pad_id = encoder.tokenizer.pad_id
+    eval_step = make_eval_step(model)
+    records: list[dict] = []
+    meta = {"epoch": 0, "offset": 0, "phase": phase_at(phases, 0, 0), "records": 0, "best_score": -1.0,
+            "best_epoch": -1, "best_step": -1, "train_seconds": 0.0, "examples_seen": 0, "n_log": 0}
+    total = _zero_metrics(names)
+    phase_i = meta["phase"]
+    frozen = frozen_by_phase[phase_i]
+    tx, train_step = build(frozen)
+    state = TrainState.create(params, tx.init(params))
+    if cfg.resume:
+        restored = restore_latest(ckpts, checkpoint_target, _log)
+        if restored is None:
+            _log(f"{ckpts.folder}: no intact checkpoint; starting from step 0")
+        else:
+            tree, meta, ckpt_step = restored
+            state, total = tree["state"], tree["metrics"]
+            phase_i = meta["phase"]
+            frozen = frozen_by_phase[phase_i]
+            tx, train_step = build(frozen)
+            _log(f"resumed from {ckpts.folder / str(ckpt_step)} (epoch {meta['epoch'] + 1}, step {int(state.step)})")
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        records = [json.loads(line) for line in lines[: meta["records"]]]
+    metrics_file = open(out / "metrics.jsonl", "w")
+    for rec in records:
+        metrics_file.write(json.dumps(rec) + "\n")
+    metrics_file.flush()
+
+    def emit(rec: dict) -> None:
+        records.append(rec)
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
+
+    def save(epoch: int, offset: int, n_log: int, score: float | None = None) -> None:
+        meta.update(epoch=epoch, offset=offset, phase=phase_i, records=len(records), n_log=n_log,
+                    train_seconds=train_seconds, examples_seen=examples_seen)
+        ckpts.save(int(state.step), {"state": state, "metrics": total, "rng": rng}, meta, score)
+
+    describe(frozen, phase_i)
+    _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
+    step = int(state.step)
+    train_seconds, examples_seen = meta["train_seconds"], meta["examples_seen"]
+    best_params = None  # host copy of the best epoch's params when it was trained in this process
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for epoch in range(meta["epoch"], epochs):
+            plan = epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
+            offset = meta["offset"] if epoch == meta["epoch"] else 0
+            t_log, n_log = time.perf_counter(), meta["n_log"] if epoch == meta["epoch"] else 0
+            meta["n_log"] = 0
+            last = None
+            for b, idx in enumerate(plan[offset:], start=offset):
+                if step >= total_steps:
+                    break
+                new_phase = phase_at(phases, step, epoch)
+                if new_phase != phase_i:
+                    new_frozen = frozen_by_phase[new_phase]
+                    new_tx, new_step = build(new_frozen)
+                    opt_state = carry_opt_state(state.opt_state, new_tx.init(state.params), frozen, new_frozen)
+                    state = state.replace(opt_state=opt_state)
+                    phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
+                    describe(frozen, phase_i)
+                batch = make_batch(train, idx, cfg.batch_size, buckets, pad_id)
+                state, m = train_step(state, batch.arrays(), rng)
+                total = accumulate(total, m)
+                if last is not None and int(last["streak"]) >= cfg.max_nonfinite:  # one step behind: no stall
+                    raise MtlError(
+                        f"step {step}: loss or gradients non-finite for {int(last['streak'])} consecutive steps "
+                        f"(each skipped); stopping without saving. Lower --lr or check the data"
+                    )
+                last = m
+                step += 1
+                n_log += len(idx)
+                bar.update(1)
+                end_of_epoch = b == len(plan) - 1 or step == total_steps
+                if step % cfg.log_every == 0 or end_of_epoch:
+                    rec = _train_record(total, step, epoch, names)  # waits for the queued steps
+                    seconds = time.perf_counter() - t_log
+                    train_seconds += seconds
+                    examples_seen += n_log
+                    if rec["skipped"]:
+                        _log(f"step {step}: skipped {rec['skipped']} update(s) with a non-finite loss or gradient")
+                    emit(rec)
+                    bar.set_postfix_str(
+                        " ".join(f"{t}={rec[t]['loss']:.3f}" for t in names if rec[t]["loss"] is not None)
+                        + f" {n_log / max(seconds, 1e-9):.0f}ex/s"
+                    )
+                    total, t_log, n_log = _zero_metrics(names), time.perf_counter(), 0
+                if stop["signal"] is not None and not end_of_epoch:
+                    save(epoch, b + 1, n_log)
+                    raise _interrupted(stop["signal"], step, out, ckpts)
+                if cfg.save_every and step % cfg.save_every == 0 and not end_of_epoch:
+                    save(epoch, b + 1, n_log)
+            if last is not None and int(last["streak"]) >= cfg.max_nonfinite:
+                raise MtlError(f"step {step}: loss or gradients non-finite for {int(last['streak'])} consecutive steps; stopping without saving")
+            results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id)
+            rec = _eval_record(results, step, epoch, "validation")
+            emit(rec)
+            _log(
+                f"epoch {epoch + 1}/{epochs} validation: "
+                + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in names)
+            )
+            if rec["mean_macro_f1"] > meta["best_score"]:
+                meta.update(best_score=rec["mean_macro_f1"], best_epoch=epoch, best_step=step)
+                best_params = jax.device_get(state.params)
+            save(epoch + 1, 0, 0, score=rec["mean_macro_f1"])
+            if stop["signal"] is not None:
+                raise _interrupted(stop["signal"], step, out, ckpts)
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    if best_params is None:  # the best epoch was trained before a resume: take it from its checkpoint
+        tree, _ = ckpts.restore(meta["best_step"], checkpoint_target(ckpts.restore_meta(meta["best_step"])))
+        best_params = tree["state"].params
+    ckpts.close()
+    summary = {"best_epoch": meta["best_epoch"] + 1, "steps": step}
     for split in ("validation", "test"):
-        results = evaluate(eval_step, best["params"], tokenized[split], data.labels, cfg.eval_batch_size, max_length, pad_id)
+        results = evaluate(eval_step, best_params, tokenized[split], data.labels, cfg.eval_batch_size, max_length, pad_id)
         summary[split] = results
         if split == "test":
-            emit(_eval_record(results, step, best["epoch"], "test"))
+            emit(_eval_record(results, step, meta["best_epoch"], "test"))
     metrics_file.close()
     summary["examples_per_s"] = examples_seen / max(train_seconds, 1e-9)
     summary["wall_s"] = time.perf_counter() - wall0
@@ -238,6 +332,10 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     summary["backend"] = jax.default_backend()
     summary["truncated"] = {s: tokenized[s].truncated for s in SPLITS}
     summary["parameters"] = sizes
+    if cfg.export:
+        spec = dataclasses.replace(encoder.spec, max_length=max_length)
+        export_model(out / "export", spec, best_params["encoder"], best_params["heads"], encoder.hf_tokenizer,
+                     [(t, data.labels[t]) for t in names], model.pooling)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(records, names, out / "curves.png")
     for t in names:
@@ -249,6 +347,16 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         + f"; {summary['wall_s']:.0f}s; outputs in {out}"
     )
     return summary
+
+
+def _interrupted(signum: int, step: int, out: Path, ckpts) -> Interrupted:
+    ckpts.close()
+    name = signal.Signals(signum).name
+    return Interrupted(
+        f"{name} at step {step}: checkpoint saved; resume with: python scripts/train.py --out {out} --resume "
+        f"(plus the same options)",
+        128 + signum,
+    )
 
 
 def _report(cfg: TrainConfig, summary: dict, names, labels) -> str:

@@ -8,7 +8,6 @@ device arrays and are only fetched by the host when logged.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -26,9 +25,14 @@ from mtl_jax.model import MultiTaskModel
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: steps taken (skipped non-finite steps included)
     params: Any
     opt_state: Any
+    nonfinite: jax.Array = None  # int32 scalar: consecutive non-finite steps so far
+
+    @classmethod
+    def create(cls, params, opt_state) -> "TrainState":
+        return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,29 @@ def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, wei
     def train_step(state: TrainState, batch, rng):
         key = jax.random.fold_in(rng, state.step)
         (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+
+        # Finite check over what trains only (reading frozen grads would keep their backward pass alive);
+        # it precedes the update, so the select below fuses into the optimizer's elementwise pass.
+        mask = frozen_mask if frozen_mask is not None else jax.tree.map(lambda _: False, grads)
+        trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(trained))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if frozen_mask is not None:
             params = jax.tree.map(lambda f, old, new: old if f else new, frozen_mask, state.params, params)
-        metrics = {"loss": loss, "steps": jnp.ones((), jnp.int32), "tasks": per_task}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        streak = jnp.where(finite, 0, state.nonfinite + 1)
+        metrics = {
+            "loss": jnp.where(finite, loss, 0.0),
+            "steps": finite.astype(jnp.int32),
+            "skipped": 1 - finite.astype(jnp.int32),
+            "streak": streak,
+            "tasks": jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
+        }
+        return TrainState(state.step + 1, params, opt_state, streak), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -198,11 +219,13 @@ def frozen_param_mask(params, frozen: frozenset[str]):
     return jax.tree.map(lambda g: g in frozen, param_groups(params))
 
 
-@functools.lru_cache(maxsize=None)
-def _host_sum():
-    return jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+@jax.jit
+def _add_metrics(total, metrics):
+    out = jax.tree.map(jnp.add, total, metrics)
+    out["streak"] = jnp.maximum(total["streak"], metrics["streak"])  # longest streak in the interval
+    return out
 
 
 def accumulate(total, metrics):
     """Adds step metrics on the device (no host sync)."""
-    return metrics if total is None else _host_sum()(total, metrics)
+    return metrics if total is None else _add_metrics(total, metrics)

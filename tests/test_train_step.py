@@ -55,7 +55,7 @@ def _state(model, params, frozen, lr=1e-2):
     tx = make_optimizer(params, frozen, cfg, model.config.n_layers)
     step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
     # copy: the step donates its state
-    state = TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params), tx.init(params))
+    state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     return tx, step, state
 
 
@@ -158,7 +158,7 @@ def test_jit_and_eager_steps_agree_and_second_call_does_not_recompile(setup):
     model, params = setup
     frozen = frozenset()
     tx, step, state = _state(model, params, frozen)
-    eager_state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    eager_state = TrainState.create(params, tx.init(params))
     with jax.disable_jit():
         _, eager_step, _ = _state(model, params, frozen)
         eager_state, eager_m = eager_step(eager_state, _batch(0), jax.random.PRNGKey(1))

@@ -1,0 +1,286 @@
+"""Checkpoints, exact resume, faults, export and predict.py (tiny encoder, real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mtl_jax import MtlError, load
+from mtl_jax.checkpoint import Checkpoints
+from tests.conftest import ROOT
+from tests.test_cli import ENV, run
+
+pytestmark = pytest.mark.slow
+
+# Runs scripts/train.py in-process after installing a fault (the test's own code, never the library's).
+WRAPPER = """
+import os, signal, sys, runpy
+sys.path.insert(0, {root!r})
+fault, at = {fault!r}, {at!r}
+import mtl_jax.run as run_mod
+import mtl_jax.checkpoint as ckpt_mod
+calls = {{"batches": 0, "armed": False}}
+if fault == "kill-after-save":
+    original = ckpt_mod.Checkpoints.save
+    def save(self, step, *a, **k):
+        original(self, step, *a, **k)
+        if step == at:
+            calls["armed"] = True
+    ckpt_mod.Checkpoints.save = save
+if fault in ("kill-after-save", "term-at-batch"):
+    make_batch = run_mod.make_batch
+    def counting(*a, **k):
+        calls["batches"] += 1
+        if fault == "kill-after-save" and calls["armed"] and calls["batches"] >= at + 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # steps after the checkpoint are lost
+        if fault == "term-at-batch" and calls["batches"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make_batch(*a, **k)
+    run_mod.make_batch = counting
+if fault == "kill-during-write":
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def dying(self):
+        if self._final_path.name == str(at):
+            os.kill(os.getpid(), signal.SIGKILL)  # written, never committed
+        return await finalize(self)
+    atomicity.AtomicRenameTemporaryPath.finalize = dying
+sys.argv = ["train.py"] + {args!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out),
+            "--batch-size", "8", "--max-steps", "12", "--save-every", "3", "--log-every", "1", "--lr", "1e-3",
+            "--freeze", "backbone,none@step:4", "--keep", "5", "--no-progress", *extra]
+
+
+def faulty(args: list[str], fault: str, at: int) -> subprocess.CompletedProcess:
+    code = WRAPPER.format(root=str(ROOT), fault=fault, at=at, args=args, script=str(ROOT / "scripts" / "train.py"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def outputs(out: Path) -> tuple[list[dict], dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(out / "export" / "model.safetensors")) | load_file(str(out / "export" / "heads.safetensors"))
+    return records, weights
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, wa = outputs(a)
+    rb, wb = outputs(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert ra == rb  # every logged loss and metric, bit for bit
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert, tiny_data) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run("train.py", *train_args(tiny_bert, tiny_data, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_same_seed_same_run(tmp_path, reference, tiny_bert, tiny_data):
+    r = run("train.py", *train_args(tiny_bert, tiny_data, tmp_path / "again"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, tmp_path / "again")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty(args, "kill-after-save", 6)
+    assert r.returncode == -signal.SIGKILL
+    assert Checkpoints(out / "checkpoints").steps() == [3, 6]
+    r = run("train.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/6 (epoch 1, step 6)" in r.stderr
+    assert_same_run(reference, out)
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, reference, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty(args, "kill-during-write", 6)
+    assert r.returncode == -signal.SIGKILL
+    assert Checkpoints(out / "checkpoints").steps() == [3]  # the half-written one is never listed
+    r = run("train.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/3 (epoch 1, step 3)" in r.stderr
+    assert_same_run(reference, out)
+
+
+def test_corrupted_checkpoint_falls_back_to_an_intact_one(tmp_path, reference, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    assert faulty(args, "kill-after-save", 6).returncode == -signal.SIGKILL
+    for f in (out / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated
+    r = run("train.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/6: checkpoint is damaged or unreadable" in r.stderr
+    assert "checkpoints/3 (epoch 1, step 3)" in r.stderr
+    assert_same_run(reference, out)
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty(args, "term-at-batch", 8)
+    assert r.returncode == 143, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("SIGTERM at step 8: checkpoint saved; resume with: python scripts/train.py --out") and "--resume" in last
+    assert 8 in Checkpoints(out / "checkpoints").steps()
+    r = run("train.py", *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "run"
+    r = run("train.py", *train_args(tiny_bert, tiny_data, out)[:-1], "--no-progress", "--lr", "1e30",
+            "--freeze", "none", "--max-nonfinite", "3")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "non-finite for 3 consecutive steps" in r.stderr and "Traceback" not in r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rec["skipped"] for rec in records) >= 3
+
+
+def test_non_finite_step_leaves_state_unchanged(tiny_bert):
+    from mtl_jax.model import MultiTaskModel, init_params, load_encoder
+    from mtl_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+
+    enc = load_encoder(tiny_bert)
+    model = MultiTaskModel(enc.config, tasks=(("a", 2),))
+    params = init_params(model, enc.params, jax.random.PRNGKey(0))
+    params["heads"]["a"]["bias"] = jnp.asarray([np.nan, 0.0])
+    tx = make_optimizer(params, frozenset(), OptimConfig(total_steps=10, warmup_steps=0), 2)
+    step = make_train_step(model, tx, {"a": 1.0})
+    state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
+    before = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
+    batch = {"input_ids": np.full((2, 8), 2000, np.int32), "attention_mask": np.ones((2, 8), np.int32),
+             "labels": np.asarray([[0], [1]], np.int32)}
+    for i in range(2):
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1
+    after = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
+    assert after == before
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpts = Checkpoints(tmp_path / "ckpt")
+    tree = {"w": jnp.arange(4.0)}
+    ckpts.save(1, tree, {"epoch": 0})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpts.manager, "save", full)
+    with pytest.raises(MtlError, match=r"ckpt/2: could not save checkpoint .*No space left.*step 1 is intact"):
+        ckpts.save(2, tree, {"epoch": 1})
+    assert ckpts.steps() == [1]
+    restored, meta = ckpts.restore(1, tree)
+    np.testing.assert_array_equal(restored["w"], tree["w"]) and meta == {"epoch": 0}
+
+
+def test_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, tiny_bert, tiny_data):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run("train.py", *train_args(tiny_bert, tiny_data, blocker / "run"))
+    assert r.returncode == 2 and "not a directory" in r.stderr or "not writable" in r.stderr
+
+
+# ---------------------------------------------------------------------------- export and predict
+
+
+def test_export_round_trip_reproduces_test_metrics(reference):
+    from mtl_jax.config import load_config_file
+    from mtl_jax.data import load_tasks
+
+    summary = json.loads((reference / "summary.json").read_text())
+    cfg = json.loads((reference / "config.json").read_text())
+    tasks = load_config_file(Path(cfg["config"]))["task_list"]
+    test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
+    predictor = load(reference / "export")
+    probs = predictor.predict_proba(test.texts, batch_size=5)
+    for ti, (name, labels) in enumerate(predictor.tasks):
+        has = test.labels[:, ti] >= 0
+        acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
+        assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)
+        np.testing.assert_allclose(probs[name].sum(1), 1.0, atol=1e-5)
+    # the exported encoder is a plain checkpoint directory too
+    emb = predictor.encode(["a sports story"])
+    assert emb.shape == (1, predictor.encoder.dim)
+
+
+def test_export_with_missing_or_altered_file_is_refused(tmp_path, reference):
+    d = tmp_path / "export"
+    shutil.copytree(reference / "export", d)
+    heads = d / "heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    data[-1] ^= 0xFF
+    heads.write_bytes(bytes(data))
+    with pytest.raises(MtlError, match=r"heads\.safetensors: altered or corrupted"):
+        load(d)
+    shutil.copy(reference / "export" / "heads.safetensors", heads)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(MtlError, match=r"tokenizer\.json: missing from the exported model"):
+        load(d)
+    shutil.copy(reference / "export" / "tokenizer.json", d / "tokenizer.json")
+    # shapes are checked against the config even when the checksums were updated to match
+    raw = load_file(str(heads))
+    raw["topic.kernel"] = raw["topic.kernel"][:, :2]
+    save_file(raw, str(heads))
+    meta = json.loads((d / "mtl_jax.json").read_text())
+    import hashlib
+
+    meta["files"]["heads.safetensors"] = hashlib.sha256(heads.read_bytes()).hexdigest()
+    (d / "mtl_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(MtlError, match=r"topic\.kernel has shape \(32, 2\), expected \(32, 3\)"):
+        load(d)
+
+
+def test_predict_cli_input_forms(tmp_path, reference):
+    model = str(reference / "export")
+    r = run("predict.py", "--model", model, "a vote in the senate", "great fun")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["a vote in the senate", "great fun"]
+    assert set(rows[0]["topic"]["probs"]) == {"politics", "sports", "tech"}
+    assert rows[0]["topic"]["label"] == max(rows[0]["topic"]["probs"], key=rows[0]["topic"]["probs"].get)
+    (tmp_path / "s.txt").write_text("a vote in the senate\ngreat fun\n")
+    r2 = run("predict.py", "--model", model, "--input", str(tmp_path / "s.txt"))
+    assert r2.stdout == r.stdout
+    (tmp_path / "s.csv").write_text('id,body\n1,"a vote in the senate"\n2,great fun\n')
+    r3 = run("predict.py", "--model", model, "--input", str(tmp_path / "s.csv"), "--text-column", "body")
+    assert r3.stdout == r.stdout
+    r4 = run("predict.py", "--model", model, stdin="a vote in the senate\ngreat fun\n")
+    assert r4.stdout == r.stdout
+    r5 = run("predict.py", "--model", model, "--format", "table", "great fun")
+    assert r5.returncode == 0 and "topic" in r5.stdout.splitlines()[0] and "great fun" in r5.stdout
+    r6 = run("predict.py", "--model", str(tmp_path / "none"), "x")
+    assert r6.returncode == 2 and "none: no such model directory" in r6.stderr
+
+
+def test_sentence_transformers_loads_the_exported_encoder(reference):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(reference / "export"), device="cpu")
+    sentences = ["a vote in the senate", "great fun", ""]
+    want = load(reference / "export").encode(sentences)
+    np.testing.assert_allclose(model.encode(sentences), want, atol=1e-4)
