@@ -21,3 +21,21 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def read_lines(path: str | None) -> list[str]:
+    """Lines of a UTF-8 text file (stdin when ``path`` is None), or a one-line error naming the file."""
+    from pathlib import Path
+
+    from mtl_jax.errors import MtlError
+
+    try:
+        if path is None:
+            return sys.stdin.read().splitlines()
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MtlError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise MtlError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except OSError as e:
+        raise MtlError(f"{path}: cannot read ({e.strerror})") from None

@@ -27,6 +27,7 @@ from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, tokenize
 from mtl_jax.errors import Interrupted, MtlError
 from mtl_jax.freezing import frozen_groups, group_sizes, param_groups, parse_phases, phase_at
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
+from mtl_jax.parallel import check_batch_size, make_mesh, replicate, shard_batch
 from mtl_jax.plots import plot_confusion, plot_curves
 from mtl_jax.text import bucket_lengths
 from mtl_jax.train import (
@@ -154,6 +155,9 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         head_dropout=cfg.head_dropout,
         dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
     )
+    mesh = make_mesh()
+    check_batch_size(cfg.batch_size, mesh)
+    check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
     rng = jax.random.PRNGKey(cfg.seed)
     params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
     groups = set(jax.tree.leaves(param_groups(params)))
@@ -192,7 +196,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     for s in SPLITS:
         per_task = {t: int((tokenized[s].labels[:, i] >= 0).sum()) for i, t in enumerate(names)}
         _log(f"{s}: {len(tokenized[s])} examples {per_task}, {tokenized[s].truncated} truncated at {max_length} tokens")
-    _log(f"backend {jax.default_backend()} ({jax.device_count()} device(s)); {steps_per_epoch} steps/epoch, {total_steps} steps")
+    _log(f"backend {jax.default_backend()} ({mesh.devices.size} device(s), batch split over them); {steps_per_epoch} steps/epoch, {total_steps} steps")
 
     ckpts = Checkpoints(out / "checkpoints", keep=cfg.keep)
     buckets = bucket_lengths(max_length)
@@ -217,6 +221,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             frozen = frozen_by_phase[phase_i]
             tx, train_step = build(frozen)
             _log(f"resumed from {ckpts.folder / str(ckpt_step)} (epoch {meta['epoch'] + 1}, step {int(state.step)})")
+    state = replicate(state, mesh)
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         records = [json.loads(line) for line in lines[: meta["records"]]]
     metrics_file = open(out / "metrics.jsonl", "w")
@@ -261,11 +266,11 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     new_frozen = frozen_by_phase[new_phase]
                     new_tx, new_step = build(new_frozen)
                     opt_state = carry_opt_state(state.opt_state, new_tx.init(state.params), frozen, new_frozen)
-                    state = state.replace(opt_state=opt_state)
+                    state = state.replace(opt_state=replicate(opt_state, mesh))
                     phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
                     describe(frozen, phase_i)
                 batch = make_batch(train, idx, cfg.batch_size, buckets, pad_id)
-                state, m = train_step(state, batch.arrays(), rng)
+                state, m = train_step(state, shard_batch(batch.arrays(), mesh), rng)
                 total = accumulate(total, m)
                 if last is not None and int(last["streak"]) >= cfg.max_nonfinite:  # one step behind: no stall
                     raise MtlError(
@@ -297,7 +302,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     save(epoch, b + 1, n_log)
             if last is not None and int(last["streak"]) >= cfg.max_nonfinite:
                 raise MtlError(f"step {step}: loss or gradients non-finite for {int(last['streak'])} consecutive steps; stopping without saving")
-            results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id)
+            results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id, mesh)
             rec = _eval_record(results, step, epoch, "validation")
             emit(rec)
             _log(
@@ -321,7 +326,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     ckpts.close()
     summary = {"best_epoch": meta["best_epoch"] + 1, "steps": step}
     for split in ("validation", "test"):
-        results = evaluate(eval_step, best_params, tokenized[split], data.labels, cfg.eval_batch_size, max_length, pad_id)
+        results = evaluate(eval_step, best_params, tokenized[split], data.labels, cfg.eval_batch_size, max_length, pad_id, mesh)
         summary[split] = results
         if split == "test":
             emit(_eval_record(results, step, meta["best_epoch"], "test"))

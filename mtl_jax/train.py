@@ -21,6 +21,7 @@ from mtl_jax.data import Tokenized, eval_batches
 from mtl_jax.freezing import labels_for, param_groups
 from mtl_jax.metrics import classification_report
 from mtl_jax.model import MultiTaskModel
+from mtl_jax.parallel import shard_batch
 
 
 @flax.struct.dataclass
@@ -194,14 +195,18 @@ def make_eval_step(model: MultiTaskModel) -> Callable:
 
 
 def evaluate(eval_step: Callable, params, data: Tokenized, label_names: dict[str, tuple[str, ...]],
-             batch_size: int, max_length: int, pad_id: int) -> dict:
-    """Metrics per task over every labelled example of ``data`` exactly once (padding never counts)."""
+             batch_size: int, max_length: int, pad_id: int, mesh=None) -> dict:
+    """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
+
+    With a ``mesh`` each batch is split over its devices.
+    """
     tasks = list(label_names)
     preds = np.full((len(data), len(tasks)), -1, np.int64)
     loss_sums = {t: 0.0 for t in tasks}
     pending = []
     for batch in eval_batches(data, batch_size, max_length, pad_id):
-        pending.append((batch.index, eval_step(params, batch.arrays())))
+        arrays = batch.arrays() if mesh is None else shard_batch(batch.arrays(), mesh)
+        pending.append((batch.index, eval_step(params, arrays)))
     for index, (p, losses) in pending:
         for ti, t in enumerate(tasks):
             preds[index, ti] = np.asarray(p[t])[: len(index)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtl_jax.cli import run_cli  # noqa: E402
+from mtl_jax.cli import read_lines, run_cli  # noqa: E402
 from mtl_jax.errors import MtlError  # noqa: E402
 
 
@@ -35,19 +35,6 @@ def parse_args(argv):
     p.add_argument("--max-length", type=int, help="tokens per sentence (default: the checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
-
-
-def read_lines(path: str | None) -> list[str]:
-    try:
-        if path is None:
-            return sys.stdin.read().splitlines()
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MtlError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise MtlError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    except OSError as e:
-        raise MtlError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtl_jax.cli import run_cli  # noqa: E402
+from mtl_jax.cli import read_lines, run_cli  # noqa: E402
 from mtl_jax.errors import MtlError  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def parse_args(argv):
 
 def read_input(path: str | None, text_column: str) -> list[str]:
     if path is None:
-        return sys.stdin.read().splitlines()
+        return read_lines(None)
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json", ".gz", ".bz2"):
         from mtl_jax.data import read_rows
@@ -49,12 +49,7 @@ def read_input(path: str | None, text_column: str) -> list[str]:
             r = bad[0]
             raise MtlError(f"{p}:{r.line}: {r.problem or f'no field {text_column!r}'}")
         return [r.fields[text_column] for r in rows]
-    try:
-        return p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise MtlError(f"{p}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise MtlError(f"{p}: invalid UTF-8 at byte {e.start}") from None
+    return read_lines(path)
 
 
 def main(argv=None) -> int:
