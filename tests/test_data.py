@@ -172,3 +172,29 @@ def test_buckets_bound_the_number_of_shapes():
         assert buckets[-1] == max_length and len(buckets) <= len(BUCKETS)
         shapes = {bucket_for(n, buckets) for n in range(1, max_length + 1)}
         assert shapes == set(buckets)
+
+
+def test_shipped_config_files_parse():
+    from mtl_jax.config import load_config_file
+    from tests.conftest import ROOT
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        values = load_config_file(f)
+        assert values["task_list"]
+    assert load_config_file(ROOT / "configs" / "default.yaml")["task_list"] == DEFAULT_TASKS
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from mtl_jax.config import load_config_file
+
+    bad = _write(tmp_path / "c.yaml", "tasks:\n  - name: x\n    train: a.csv\n    colour: red\n")
+    with pytest.raises(MtlError, match=r"c\.yaml: tasks\[0\]: unknown task key\(s\) colour"):
+        load_config_file(bad)
+    bad = _write(tmp_path / "d.yaml", "epochs: [1\n")
+    with pytest.raises(MtlError, match=r"d\.yaml:\d+: invalid YAML"):
+        load_config_file(bad)
+    bad = _write(tmp_path / "e.yaml", "epoch: 3\n")
+    with pytest.raises(MtlError, match=r"e\.yaml: unknown option\(s\) epoch"):
+        load_config_file(bad)

