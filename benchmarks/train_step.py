@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)")
     args = p.parse_args()
 
     config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=float(__import__("os").environ.get("DROP", 0.1)), attention_dropout=float(__import__("os").environ.get("DROP", 0.1)), **SIZES[args.size])
@@ -72,6 +73,7 @@ def main() -> None:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
+    mfu = model_flops_utilization(config, args.batch, args.seq, step_s, args.peak_tflops)
     trainable = sum(int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen_param_mask(params, frozen))) if not f)
     print(json.dumps({
         "benchmark": "train_step",
@@ -85,7 +87,25 @@ def main() -> None:
         "trainable_params": trainable,
         "optimizer_state_numbers": count_numbers(state.opt_state),
         "loss": float(m["loss"]),
-    }))
+    } | mfu))
+
+
+# bf16 dense peak (TFLOP/s) by device kind, for the MFU figure
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0}
+
+
+def model_flops_utilization(config, batch: int, seq: int, step_s: float, peak_tflops: float | None) -> dict:
+    """Training FLOPs per step: 6 x non-embedding params x tokens + attention (12 x layers x dim x seq per token)."""
+    n = config.n_layers * (4 * config.dim * config.dim + 2 * config.dim * config.hidden_dim)
+    tokens = batch * seq
+    flops = 6 * n * tokens + 12 * config.n_layers * config.dim * seq * tokens
+    kind = str(jax.devices()[0].device_kind)
+    peak = peak_tflops or next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
+    out = {"model_tflops_per_s": round(flops / step_s / 1e12, 3)}
+    if peak:
+        out["mfu"] = round(flops / step_s / (peak * 1e12), 4)
+        out["peak_tflops"] = peak
+    return out
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ class TrainConfig:
     freeze: str = "backbone,none@epoch:1"
     """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
     epochs: int = 3
+    """Passes over the training data."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     batch_size: int = 32
+    """Examples per step (split over the devices; must divide by their number)."""
     lr: float = 1e-4
     """Peak learning rate of the encoder's top layer."""
     head_lr: Optional[float] = None
@@ -77,23 +79,35 @@ class TrainConfig:
     warmup: float = 0.06
     """Warm-up as a fraction of the total steps."""
     decay: Literal["linear", "cosine"] = "linear"
+    """Learning-rate decay after the warm-up, to 0 at the last step."""
     weight_decay: float = 0.01
+    """AdamW weight decay (never on biases and LayerNorm parameters)."""
     clip_norm: float = 1.0
+    """Clip the global gradient norm of what trains to this."""
     layer_decay: float = 1.0
     """Layer-wise learning-rate decay for the encoder (1.0: off; 0.8: each lower layer x0.8)."""
     head_dropout: float = 0.1
+    """Dropout on the pooled embedding before the heads."""
     pooling: Optional[Literal["cls", "mean", "max"]] = None
     """Pooling (default: from the checkpoint, else mean)."""
     max_length: int = 128
+    """Tokens per example; longer texts are truncated (and counted)."""
     sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
+    """Examples per task and epoch: every example once, the same number per task, or by --temperature."""
     temperature: float = 2.0
     """For --sampling temperature: p(task) proportional to n^(1/T)."""
     seed: int = 0
+    """Seeds the data split, the batch order, the heads' initialisation and dropout."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype; parameters, optimizer state, loss and its softmax stay float32."""
     log_every: int = 20
+    """Steps per training record in metrics.jsonl (and progress-bar update)."""
     eval_batch_size: int = 128
+    """Examples per evaluation batch."""
     out: str = "runs/default"
+    """Run directory: config, metrics, plots, report, checkpoints, export."""
     overwrite: bool = False
+    """Replace the run in --out (else a directory holding files is refused)."""
     resume: bool = False
     """Continue the run in --out from its newest intact checkpoint."""
     save_every: int = 0
@@ -105,7 +119,9 @@ class TrainConfig:
     export: bool = True
     """Write the best model to <out>/export (sentence-transformers layout + heads)."""
     skip_bad_rows: bool = False
+    """Drop bad data rows (reported per reason) instead of stopping."""
     progress: bool = True
+    """Show a progress bar."""
     task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = field(default=DEFAULT_TASKS)
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:

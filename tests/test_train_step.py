@@ -202,3 +202,18 @@ def test_evaluate_counts_every_example_once(setup):
     logits, _ = model.apply({"params": params}, ids[0][None], np.ones((1, len(ids[0])), np.int32))
     first_pred = int(np.argmax(logits["task_a"][0]))
     assert res["task_a"]["confusion"][labels[0, 0]][first_pred] >= 1
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
+    model, params = setup
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    b = _batch()
+    logits16, _ = bf16.apply({"params": params}, b["input_ids"], b["attention_mask"])
+    logits32, _ = model.apply({"params": params}, b["input_ids"], b["attention_mask"])
+    assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
+    np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
+    tx, _, state = _state(model, params, frozenset())
+    step = make_train_step(bf16, tx, {"task_a": 1.0, "task_b": 1.0})
+    state, m = step(state, _batch(), jax.random.PRNGKey(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert np.isfinite(float(m["loss"]))
