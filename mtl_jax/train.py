@@ -154,18 +154,23 @@ def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, wei
         key = jax.random.fold_in(rng, state.step)
         (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
 
-        # Finite check over what trains only (reading frozen grads would keep their backward pass alive);
-        # it precedes the update, so the select below fuses into the optimizer's elementwise pass.
+        # Finite check over what trains only (reading frozen grads would keep their backward pass alive).
         mask = frozen_mask if frozen_mask is not None else jax.tree.map(lambda _: False, grads)
         trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(trained))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if frozen_mask is not None:
-            params = jax.tree.map(lambda f, old, new: old if f else new, frozen_mask, state.params, params)
+
+        def update(operands):
+            grads, params, opt_state = operands
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if frozen_mask is not None:
+                new_params = jax.tree.map(lambda f, old, new: old if f else new, frozen_mask, params, new_params)
+            return new_params, new_opt_state
+
         # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        # (A cond, not a select: selecting after the update costs a full extra pass over the state.)
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda operands: operands[1:], (grads, state.params, state.opt_state)
         )
         streak = jnp.where(finite, 0, state.nonfinite + 1)
         metrics = {
