@@ -64,7 +64,7 @@ class TrainConfig:
     """Pretrained encoder: the embedded name, a local checkpoint directory, or a hub name."""
     tasks: Optional[str] = None
     """Comma-separated task names to train (default: all tasks of the config)."""
-    freeze: str = "backbone,none@epoch:1"
+    freeze: str = "backbone,none@step:100"
     """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
     epochs: int = 3
     """Passes over the training data."""

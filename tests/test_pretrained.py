@@ -161,3 +161,35 @@ def test_unknown_hub_name_says_no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MtlError, match=r"not available from the Hugging Face cache or hub.*local directory"):
         load_encoder("some-org/some-model-that-is-not-cached")
+
+
+def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
+    from mtl_jax.text import INFERENCE_BUCKETS, bucket_lengths
+
+    rng = np.random.default_rng(0)
+    words = ["film", "plot", "great", "dull", "actor", "scene", "a", "the"]
+    texts = [" ".join(rng.choice(words, rng.integers(0, 120))) for _ in range(300)]
+    out = minilm.encode(texts, batch_size=32, max_length=128)
+    # rows in input order: each equals the sentence encoded alone
+    for i in (0, 57, 299):
+        np.testing.assert_allclose(out[i], minilm.encode([texts[i]], max_length=128)[0], atol=1e-5)
+    assert minilm._embed_fn._cache_size() <= len(bucket_lengths(256, INFERENCE_BUCKETS)) + 2 * len(bucket_lengths(128, INFERENCE_BUCKETS))
+
+
+@pytest.mark.parametrize("mode", ["cls", "mean", "max"])
+def test_pooling_modes_match_numpy(minilm, mode):
+    from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
+
+    text = "pooling is checked against numpy"
+    ids, _ = minilm.tokenizer([text], 256)
+    hidden = np.asarray(FlaxDistilBertModule(minilm.config).apply({"params": minilm.params}, ids[0][None], np.ones((1, len(ids[0])), np.int32)).last_hidden_state[0])
+    want = {"cls": hidden[0], "mean": hidden.mean(0), "max": hidden.max(0)}[mode]
+    got = minilm.encode([text], pooling=mode, normalize=False)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    normed = minilm.encode([text], pooling=mode, normalize=True)[0]
+    np.testing.assert_allclose(np.linalg.norm(normed), 1.0, atol=1e-6)
+
+
+def test_non_string_item_is_named(minilm):
+    with pytest.raises(MtlError, match=r"sentences\[1\] is int, not str"):
+        minilm.encode(["fine", 3])
