@@ -253,11 +253,14 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
         for epoch in range(meta["epoch"], epochs):
+            if step >= total_steps:  # resuming a run that already finished
+                break
             plan = epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
             offset = meta["offset"] if epoch == meta["epoch"] else 0
             t_log, n_log = time.perf_counter(), meta["n_log"] if epoch == meta["epoch"] else 0
             meta["n_log"] = 0
             last = None
+            position = offset  # batches of this epoch's plan consumed so far
             for b, idx in enumerate(plan[offset:], start=offset):
                 if step >= total_steps:
                     break
@@ -279,6 +282,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     )
                 last = m
                 step += 1
+                position = b + 1
                 n_log += len(idx)
                 bar.update(1)
                 end_of_epoch = b == len(plan) - 1 or step == total_steps
@@ -312,7 +316,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             if rec["mean_macro_f1"] > meta["best_score"]:
                 meta.update(best_score=rec["mean_macro_f1"], best_epoch=epoch, best_step=step)
                 best_params = jax.device_get(state.params)
-            save(epoch + 1, 0, 0, score=rec["mean_macro_f1"])
+            # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
+            save(*((epoch + 1, 0) if position == len(plan) else (epoch, position)), 0, score=rec["mean_macro_f1"])
             if stop["signal"] is not None:
                 raise _interrupted(stop["signal"], step, out, ckpts)
     finally:
