@@ -17,14 +17,15 @@ def plot_curves(records: list[dict], tasks: Sequence[str], path: Path) -> None:
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "validation"]
-    for t in tasks:
+    for i, t in enumerate(tasks):
+        color = f"C{i}"  # one colour per task in both panels
         pts = [(r["step"], r[t]["loss"]) for r in train if r.get(t, {}).get("loss") is not None]
         if pts:
-            ax_loss.plot(*zip(*pts), label=t)
+            ax_loss.plot(*zip(*pts), color=color, label=t)
         for key, style in (("accuracy", "-o"), ("macro_f1", "--s")):
             pts = [(r["step"], r[t][key]) for r in val if t in r]
             if pts:
-                ax_val.plot(*zip(*pts), style, label=f"{t} {key}")
+                ax_val.plot(*zip(*pts), style, color=color, label=f"{t} {key}")
     ax_loss.set(xlabel="step", ylabel="training loss (mean over log interval)", title="Training loss")
     ax_val.set(xlabel="step", ylabel="score", title="Validation", ylim=(0, 1))
     for ax in (ax_loss, ax_val):
