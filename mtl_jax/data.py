@@ -392,28 +392,28 @@ def epoch_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sampling
                temperature: float = 2.0, sort_window: int = 64) -> list[np.ndarray]:
     """The example indices of every batch of one epoch, a pure function of (seed, epoch).
 
-    Sources are sampled per ``sampling``; the drawn examples are shuffled, sorted by length
-    inside windows of ``sort_window`` batches (so a batch holds similar lengths and pads
-    little) and the batches are shuffled again.
+    Sources are sampled per ``sampling``. Each batch holds examples of one source (one
+    task's file), so a small task's few examples are not up-weighted by sharing a batch,
+    and thus a per-task mean, with a large one. Inside a source the drawn examples are
+    shuffled, sorted by length inside windows of ``sort_window`` batches (a batch holds
+    similar lengths and pads little); then all batches are shuffled together.
     """
     rng = np.random.default_rng([seed, epoch])
     sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
     counts = sampling_counts(sizes, sampling, temperature)
-    drawn = []
+    lengths = data.lengths
+    window = batch_size * sort_window
+    batches = []
     for src, (n, k) in enumerate(zip(sizes, counts)):
         if n == 0 or k == 0:
             continue
         members = np.flatnonzero(data.source == src)
         reps = [members[rng.permutation(n)] for _ in range(math.ceil(k / n))]
-        drawn.append(np.concatenate(reps)[:k])
-    order = np.concatenate(drawn)[rng.permutation(int(counts.sum()))] if drawn else np.zeros(0, np.int64)
-    lengths = data.lengths
-    window = batch_size * sort_window
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = order[start : start + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        order = np.concatenate(reps)[:k]
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

@@ -198,3 +198,11 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad = _write(tmp_path / "e.yaml", "epoch: 3\n")
     with pytest.raises(MtlError, match=r"e\.yaml: unknown option\(s\) epoch"):
         load_config_file(bad)
+
+
+def test_each_batch_holds_one_source():
+    rng = np.random.default_rng(1)
+    data = _tokenized(rng.integers(3, 60, 500), [0] * 40 + [1] * 460)
+    plan = epoch_plan(data, 32, seed=0, epoch=0)
+    assert all(len(set(data.source[b].tolist())) == 1 for b in plan)
+    assert sum(len(b) for b in plan if data.source[b[0]] == 0) == 40
