@@ -87,8 +87,8 @@ def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_lengt
     if "heads" in shapes:
         heads = Heads(model.tasks)
         params["heads"] = jax.jit(heads.init)(rng, jnp.zeros((1, model.config.dim), jnp.float32))["params"]
-    chex_equal = jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)
-    if not all(jax.tree.leaves(chex_equal)):
+    same_shape = jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)
+    if not all(jax.tree.leaves(same_shape)):
         raise ValueError("encoder parameters do not match the model's config")
     return params
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mtl_jax import load_encoder
 from tests.conftest import ROOT
