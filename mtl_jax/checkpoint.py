@@ -99,7 +99,6 @@ def restore_latest(ckpts: Checkpoints, make_target, log) -> tuple[Any, dict, int
     ``make_target(meta)`` builds the pytree whose structure the saved state has.
     """
     for step in reversed(ckpts.steps()):
-        ckpts.manager.reload()
         where = ckpts.folder / str(step)
         try:
             meta = ckpts.restore_meta(step)
@@ -110,6 +109,7 @@ def restore_latest(ckpts: Checkpoints, make_target, log) -> tuple[Any, dict, int
             aside = where.with_name(f"damaged-{step}")
             shutil.rmtree(aside, ignore_errors=True)
             where.rename(aside)  # kept for inspection, out of the manager's way
+            ckpts.manager.reload()
             log(f"{where}: checkpoint is damaged or unreadable ({reason[:200]}); moved to {aside.name}, trying an older one")
     return None
 

@@ -101,28 +101,28 @@ def test_same_seed_same_run(tmp_path, reference, tiny_bert, tiny_data):
     assert_same_run(reference, tmp_path / "again")
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, tiny_bert, tiny_data):
-    out = tmp_path / "run"
-    args = train_args(tiny_bert, tiny_data, out)
-    r = faulty(args, "kill-after-save", 6)
-    assert r.returncode == -signal.SIGKILL
-    assert Checkpoints(out / "checkpoints").steps() == [3, 6]
+def assert_resume_matches(reference: Path, out: Path, args: list[str], from_step: int) -> None:
+    """--resume continues from ``from_step`` and ends exactly where the uninterrupted run did."""
     r = run("train.py", *args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "checkpoints/6 (epoch 1, step 6)" in r.stderr
+    assert f"checkpoints/{from_step} (epoch 1, step {from_step})" in r.stderr
     assert_same_run(reference, out)
 
 
-def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, reference, tiny_bert, tiny_data):
+@pytest.mark.parametrize(
+    "fault, listed, from_step",
+    [
+        ("kill-after-save", [3, 6], 6),  # SIGKILL two steps after the step-6 checkpoint
+        ("kill-during-write", [3], 3),  # SIGKILL before step 6 is committed: never listed
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, tiny_bert, tiny_data, fault, listed, from_step):
     out = tmp_path / "run"
     args = train_args(tiny_bert, tiny_data, out)
-    r = faulty(args, "kill-during-write", 6)
+    r = faulty(args, fault, 6)
     assert r.returncode == -signal.SIGKILL
-    assert Checkpoints(out / "checkpoints").steps() == [3]  # the half-written one is never listed
-    r = run("train.py", *args, "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "checkpoints/3 (epoch 1, step 3)" in r.stderr
-    assert_same_run(reference, out)
+    assert Checkpoints(out / "checkpoints").steps() == listed
+    assert_resume_matches(reference, out, args, from_step)
 
 
 def test_corrupted_checkpoint_falls_back_to_an_intact_one(tmp_path, reference, tiny_bert, tiny_data):
@@ -147,9 +147,7 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, ti
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("SIGTERM at step 8: checkpoint saved; resume with: python scripts/train.py --out") and "--resume" in last
     assert 8 in Checkpoints(out / "checkpoints").steps()
-    r = run("train.py", *args, "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_run(reference, out)
+    assert_resume_matches(reference, out, args, 8)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):
@@ -203,7 +201,7 @@ def test_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     r = run("train.py", *train_args(tiny_bert, tiny_data, blocker / "run"))
-    assert r.returncode == 2 and "not a directory" in r.stderr or "not writable" in r.stderr
+    assert r.returncode == 2 and ("not a directory" in r.stderr or "not writable" in r.stderr)
 
 
 # ---------------------------------------------------------------------------- export and predict
