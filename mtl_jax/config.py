@@ -66,6 +66,12 @@ class TrainConfig:
     """Comma-separated task names to train (default: all tasks of the config)."""
     freeze: str = "backbone,none@step:100"
     """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
+    loss_weighting: Literal["sum", "static", "uncertainty", "pcgrad"] = "sum"
+    """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | pcgrad (conflicting task gradients projected, Yu et al. 2020; every step then holds every task)."""
+    grad_diagnostics: int = 0
+    """Every N steps log each task's gradient norm on the encoder and the cosine between tasks (0: off)."""
+    cache_embeddings: bool = True
+    """While the whole encoder is frozen for an epoch or more, encode each example once and train the heads on the cached embeddings."""
     epochs: int = 3
     """Passes over the training data."""
     max_steps: Optional[int] = None

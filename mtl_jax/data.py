@@ -334,6 +334,7 @@ class Tokenized:
     labels: np.ndarray  # [N, T]
     source: np.ndarray  # [N]
     truncated: int
+    embeddings: np.ndarray | None = None  # [N, D] cached pooled embeddings of a frozen encoder
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -371,21 +372,86 @@ def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0)
 
 @dataclass
 class Batch:
-    input_ids: np.ndarray  # [B, L] int32
-    attention_mask: np.ndarray  # [B, L] int32
+    input_ids: np.ndarray | None  # [B, L] int32 (None when the batch holds cached embeddings)
+    attention_mask: np.ndarray | None  # [B, L] int32
     labels: np.ndarray  # [B, T] int32, -1 where absent (and for padding rows)
     index: np.ndarray  # [n] example indices of the real rows (n <= B)
+    embeddings: np.ndarray | None = None  # [B, D] float32
 
     def arrays(self) -> dict[str, np.ndarray]:
+        if self.embeddings is not None:
+            return {"embeddings": self.embeddings, "labels": self.labels}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
 
-def make_batch(data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[int], pad_id: int) -> Batch:
-    length = bucket_for(max(len(data.ids[i]) for i in idx), buckets)
-    ids, mask = pad_batch([data.ids[i] for i in idx], length, rows, pad_id)
+def make_batch(data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[int], pad_id: int,
+               length: int | None = None) -> Batch:
+    """Rows ``idx`` padded to ``rows`` and to a bucket length (or ``length``); cached embeddings when ``data`` has them."""
     labels = np.full((rows, data.labels.shape[1]), -1, np.int32)
     labels[: len(idx)] = data.labels[idx]
+    if data.embeddings is not None:
+        emb = np.zeros((rows, data.embeddings.shape[1]), np.float32)
+        emb[: len(idx)] = data.embeddings[idx]
+        return Batch(None, None, labels, np.asarray(idx), emb)
+    length = length or bucket_for(max(len(data.ids[i]) for i in idx), buckets)
+    ids, mask = pad_batch([data.ids[i] for i in idx], length, rows, pad_id)
     return Batch(ids, mask, labels, np.asarray(idx))
+
+
+def make_task_batch(data: Tokenized, idxs: Sequence[np.ndarray], rows: int, buckets: Sequence[int],
+                    pad_id: int) -> dict[str, np.ndarray]:
+    """A task-stacked batch: arrays ``[rows, T, ...]``, sub-batch ``t`` = task ``t``'s rows ``idxs[t]``.
+
+    Every sub-batch is padded to the same bucket length (the longest of them).
+    """
+    length = None
+    if data.embeddings is None:
+        length = bucket_for(max(len(data.ids[i]) for idx in idxs for i in idx), buckets)
+    parts = [make_batch(data, idx, rows, buckets, pad_id, length).arrays() for idx in idxs]
+    return {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
+
+
+def task_members(data: Tokenized) -> list[np.ndarray]:
+    """Per task, the examples that carry its label."""
+    return [np.flatnonzero(data.labels[:, t] >= 0) for t in range(data.labels.shape[1])]
+
+
+def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sort_window: int = 64) -> list[list[np.ndarray]]:
+    """Steps for ``--loss-weighting pcgrad``: each holds ``batch_size // T`` examples of every task.
+
+    An epoch has as many examples as the other plans (``len(data)``); each task cycles
+    through its own shuffled examples (so every task weighs the same, whatever its size).
+    Per task, examples are length-sorted inside windows; the k-th shortest sub-batches
+    of all tasks form one step (similar lengths pad little), then the steps are shuffled.
+    """
+    members = task_members(data)
+    rows = batch_size // len(members)
+    if rows < 1:
+        raise MtlError(f"--batch-size {batch_size} is smaller than the number of tasks ({len(members)})")
+    rng = np.random.default_rng([seed, epoch, 7])
+    steps = max(1, math.ceil(len(data) / (rows * len(members))))
+    lengths = data.lengths
+    per_task = []
+    for m in members:
+        k = steps * rows
+        order = np.concatenate([m[rng.permutation(len(m))] for _ in range(math.ceil(k / len(m)))])[:k]
+        subs = []
+        for start in range(0, k, rows * sort_window):
+            chunk = order[start : start + rows * sort_window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            subs.extend(chunk[i : i + rows] for i in range(0, len(chunk), rows))
+        subs.sort(key=lambda idx: int(lengths[idx].max()))
+        per_task.append(subs)
+    plan = [list(step) for step in zip(*per_task)]
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def probe_indices(data: Tokenized, batch_size: int, seed: int) -> list[np.ndarray]:
+    """A fixed sample of ``batch_size // T`` examples per task for the task-gradient diagnostics."""
+    members = task_members(data)
+    rng = np.random.default_rng([seed, 11])
+    rows = max(1, batch_size // len(members))
+    return [np.sort(rng.choice(m, min(rows, len(m)), replace=False)) for m in members]
 
 
 def epoch_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sampling: str = "proportional",

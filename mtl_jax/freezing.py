@@ -1,7 +1,8 @@
 """Freezing scenarios as parameter labels for ``optax.multi_transform``.
 
 Every parameter belongs to exactly one group (``embeddings``, ``layer_<i>``,
-``head:<task>``); a scenario names the frozen groups. Frozen groups get
+``head:<task>``, and ``loss_weights`` for learned loss weights); a scenario names the
+frozen groups. Frozen groups get
 ``optax.set_to_zero()``, so they hold no optimizer state and XLA drops the backward
 pass that only they need. Gradual unfreezing is a list of phases, each starting at
 an epoch or a step; a phase change rebuilds the optimizer once.
@@ -24,6 +25,7 @@ GROUP_RULES = (
     (re.compile(r"^encoder/embeddings/"), "embeddings"),
     (re.compile(r"^encoder/transformer/layer/(\d+)/"), "layer_{0}"),
     (re.compile(r"^heads/([^/]+)/"), "head:{0}"),
+    (re.compile(r"^loss_weights/"), "loss_weights"),  # --loss-weighting uncertainty: trains with the heads
 )
 
 
@@ -54,7 +56,7 @@ def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
     """The frozen groups of one scenario: none | backbone | all | head:<task> | top:<k>."""
     spec = spec.strip()
     heads = {g for g in groups if g.startswith("head:")}
-    backbone = groups - heads
+    backbone = {g for g in groups if g == "embeddings" or g.startswith("layer_")}
     layers = sorted((int(g.split("_")[1]) for g in groups if g.startswith("layer_")))
     if spec == "none":
         return frozenset()
@@ -112,6 +114,11 @@ def phase_at(phases: list[Phase], step: int, epoch: int) -> int:
         if (p.unit == "epoch" and epoch >= p.start) or (p.unit == "step" and step >= p.start):
             current = i
     return current
+
+
+def encoder_frozen(frozen: frozenset[str], groups: set[str]) -> bool:
+    """Whether every encoder group is frozen (the encoder then runs without dropout and can be cached)."""
+    return frozen_groups("backbone", groups) <= frozen
 
 
 def labels_for(params, frozen: frozenset[str]) -> dict:

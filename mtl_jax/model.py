@@ -58,7 +58,11 @@ class Heads(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """DistilBERT encoder -> masked pooling -> dropout -> a Dense head per task."""
+    """DistilBERT encoder -> masked pooling -> dropout -> a Dense head per task.
+
+    ``embed`` and ``classify`` are the two halves of ``__call__``: the trainer's cached
+    path runs ``classify`` alone on stored embeddings of a frozen encoder.
+    """
 
     config: Any  # transformers.DistilBertConfig
     tasks: tuple[tuple[str, int], ...] = (("task_a", 3), ("task_b", 2))
@@ -66,17 +70,29 @@ class MultiTaskModel(nn.Module):
     head_dropout: float = 0.1
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        out = FlaxDistilBertModule(self.config, dtype=self.dtype, name="encoder")(
-            input_ids, attention_mask, deterministic=deterministic
-        )
-        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)  # [B, D] float32
+    def setup(self):
+        self.encoder = FlaxDistilBertModule(self.config, dtype=self.dtype)
+        if self.tasks:
+            self.dropout = nn.Dropout(self.head_dropout)
+            self.heads = Heads(self.tasks)
+
+    def embed(self, input_ids, attention_mask, deterministic: bool = True) -> jax.Array:
+        """Pooled sentence embedding [B, D] float32."""
+        out = self.encoder(input_ids, attention_mask, deterministic=deterministic)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+    def classify(self, pooled: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
+        """{task: logits [B, C_task]} float32 from pooled embeddings."""
+        return self.heads(self.dropout(pooled, deterministic=deterministic))
+
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None):
+        """``(logits, pooled)``; ``encoder_deterministic`` turns the encoder's dropout off on its own
+        (a frozen encoder runs as a fixed feature extractor)."""
+        enc_det = deterministic if encoder_deterministic is None else encoder_deterministic
+        pooled = self.embed(input_ids, attention_mask, enc_det)
         if not self.tasks:
             return {}, pooled
-        x = nn.Dropout(self.head_dropout)(pooled, deterministic=deterministic)
-        logits = Heads(self.tasks, name="heads")(x)  # {task: [B, C_task]} float32
-        return logits, pooled
+        return self.classify(pooled, deterministic), pooled
 
 
 def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_length: int = 16) -> dict:

@@ -50,3 +50,24 @@ def plot_confusion(confusion: list[list[int]], labels: Sequence[str], title: str
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> None:
+    """Task-gradient diagnostics: each task's gradient norm on the encoder (left), cosines between tasks (right)."""
+    grads = [r for r in records if r["split"] == "gradients"]
+    fig, (ax_norm, ax_cos) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in grads]
+    for i, t in enumerate(tasks):
+        ax_norm.plot(steps, [r[t]["grad_norm"] for r in grads], color=f"C{i}", label=t)
+    for i, pair in enumerate(grads[0]["cosine"] if grads else {}):
+        ax_cos.plot(steps, [r["cosine"][pair] for r in grads], color=f"C{i}", label=pair.replace("|", " vs "))
+    ax_cos.axhline(0.0, color="grey", lw=0.8)
+    ax_norm.set(xlabel="step", ylabel="gradient norm on the encoder", title="Per-task gradient norm", yscale="log")
+    ax_cos.set(xlabel="step", ylabel="cosine", title="Cosine between task gradients (< 0: conflict)", ylim=(-1, 1))
+    for ax in (ax_norm, ax_cos):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

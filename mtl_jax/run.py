@@ -23,12 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig
-from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, tokenize
+from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, make_task_batch, probe_indices, task_plan, tokenize
 from mtl_jax.errors import Interrupted, MtlError
-from mtl_jax.freezing import frozen_groups, group_sizes, param_groups, parse_phases, phase_at
+from mtl_jax.freezing import encoder_frozen, frozen_groups, group_sizes, param_groups, parse_phases, phase_at
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
 from mtl_jax.parallel import check_batch_size, make_mesh, replicate, shard_batch
-from mtl_jax.plots import plot_confusion, plot_curves
+from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
 from mtl_jax.text import bucket_lengths
 from mtl_jax.train import (
     OptimConfig,
@@ -36,14 +36,17 @@ from mtl_jax.train import (
     accumulate,
     carry_opt_state,
     count_numbers,
+    embed_examples,
     evaluate,
     frozen_param_mask,
+    make_embed_step,
     make_eval_step,
+    make_grad_probe,
     make_optimizer,
     make_train_step,
 )
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 
 
 def _log(msg: str) -> None:
@@ -109,7 +112,8 @@ def _eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
 
 # Options that must not change when a run is resumed (they change the data or the model).
 RESUME_FIXED = ("encoder", "tasks", "freeze", "batch_size", "seed", "max_length", "sampling", "temperature",
-                "pooling", "dtype", "lr", "head_lr", "warmup", "decay", "weight_decay", "layer_decay", "task_list")
+                "pooling", "dtype", "lr", "head_lr", "warmup", "decay", "weight_decay", "layer_decay", "task_list",
+                "loss_weighting")
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
@@ -121,6 +125,16 @@ def _check_resumable(out: Path, cfg: TrainConfig) -> None:
     changed = [k for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if changed:
         raise MtlError(f"{saved_path}: --resume with different {', '.join(changed)}; use the original options")
+
+
+def _gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
+    """Task-gradient diagnostics on the probe batch: per-task loss and encoder gradient norm, pairwise cosines."""
+    m = jax.device_get(probe_out)
+    rec = {"step": step, "epoch": epoch, "split": "gradients", "loss": float(np.sum(m["loss"]))}
+    for i, t in enumerate(tasks):
+        rec[t] = {"loss": float(m["loss"][i]), "grad_norm": float(m["grad_norm"][i])}
+    rec["cosine"] = {f"{a}|{b}": float(m["cosine"][i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
+    return rec
 
 
 def _zero_metrics(names) -> dict:
@@ -160,10 +174,19 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
     rng = jax.random.PRNGKey(cfg.seed)
     params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
+    if cfg.loss_weighting == "uncertainty":
+        params["loss_weights"] = {t: jnp.zeros((), jnp.float32) for t in names}  # log-variances, start at weight 1
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
     train = tokenized["train"]
-    steps_per_epoch = len(epoch_plan(train, cfg.batch_size, cfg.seed, 0, cfg.sampling, cfg.temperature))
+    stacked = cfg.loss_weighting == "pcgrad"  # every step holds every task
+
+    def plan_for(epoch: int) -> list:
+        if stacked:
+            return task_plan(train, cfg.batch_size, cfg.seed, epoch)
+        return epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
+
+    steps_per_epoch = len(plan_for(0))
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -174,12 +197,35 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 
     def build(frozen_set):
         tx = make_optimizer(params, frozen_set, optim, encoder.config.n_layers)
-        return tx, make_train_step(model, tx, weights, frozen_param_mask(params, frozen_set))
+        return tx, make_train_step(model, tx, weights, frozen_param_mask(params, frozen_set), cfg.loss_weighting,
+                                   encoder_frozen(frozen_set, groups))
 
     def describe(frozen_set, phase):
         frozen_n = sum(sizes[g] for g in frozen_set)
         per_label = ", ".join(f"{g}={'frozen' if g in frozen_set else 'train'}:{n:,}" for g, n in sorted(sizes.items()))
         _log(f"phase {phase} ({phases[phase].spec}): {sum(sizes.values()) - frozen_n:,} trainable, {frozen_n:,} frozen [{per_label}]")
+
+    def phase_end(step: int) -> int:
+        """The step at which the phase in force at ``step`` ends (the next phase boundary, or the end)."""
+        starts = [p.start * (steps_per_epoch if p.unit == "epoch" else 1) for p in phases[1:]]
+        return min([s for s in starts if s > step] + [total_steps])
+
+    def cached_data(phase: int, step: int, current_params) -> dict | None:
+        """Train / validation with cached embeddings when the whole encoder stays frozen for an epoch or more."""
+        if not (cfg.cache_embeddings and encoder_frozen(frozen_by_phase[phase], groups)):
+            return None
+        if phase_end(step) - step < steps_per_epoch:
+            return None  # each example would be seen at most once: encoding them all first saves nothing
+        todo = {s: tokenized[s] for s in ("train", "validation")}
+        t0 = time.perf_counter()
+        with tqdm(total=sum(len(d) for d in todo.values()), disable=not cfg.progress, unit="ex",
+                  desc="caching embeddings", leave=False, file=sys.stderr) as cache_bar:
+            out = {s: dataclasses.replace(d, embeddings=embed_examples(
+                embed_step, current_params, d, cfg.eval_batch_size, max_length, pad_id, mesh, cache_bar))
+                for s, d in todo.items()}
+        _log(f"phase {phase}: encoder frozen; cached the embeddings of {sum(len(d) for d in todo.values())} "
+             f"examples in {time.perf_counter() - t0:.1f}s; the heads train on them")
+        return out
 
     def checkpoint_target(meta: dict) -> dict:
         tx_ = make_optimizer(params, frozen_by_phase[meta["phase"]], optim, encoder.config.n_layers)
@@ -202,6 +248,12 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     buckets = bucket_lengths(max_length)
     pad_id = encoder.tokenizer.pad_id
     eval_step = make_eval_step(model)
+    embed_step = make_embed_step(model)
+    probe = make_grad_probe(model) if cfg.grad_diagnostics > 0 else None
+    probe_batch = None
+    if probe is not None:
+        probe_batch = shard_batch(make_task_batch(train, probe_indices(train, cfg.batch_size, cfg.seed),
+                                                  max(1, cfg.batch_size // len(names)), buckets, pad_id), mesh)
     records: list[dict] = []
     meta = {"epoch": 0, "offset": 0, "phase": phase_at(phases, 0, 0), "records": 0, "best_score": -1.0,
             "best_epoch": -1, "best_step": -1, "train_seconds": 0.0, "examples_seen": 0, "n_log": 0}
@@ -241,6 +293,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 
     describe(frozen, phase_i)
     _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
+    cache = cached_data(phase_i, int(state.step), state.params)
     step = int(state.step)
     train_seconds, examples_seen = meta["train_seconds"], meta["examples_seen"]
     best_params = None  # host copy of the best epoch's params when it was trained in this process
@@ -255,7 +308,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         for epoch in range(meta["epoch"], epochs):
             if step >= total_steps:  # resuming a run that already finished
                 break
-            plan = epoch_plan(train, cfg.batch_size, cfg.seed, epoch, cfg.sampling, cfg.temperature)
+            plan = plan_for(epoch)
+            t_epoch = time.perf_counter()
             offset = meta["offset"] if epoch == meta["epoch"] else 0
             t_log, n_log = time.perf_counter(), meta["n_log"] if epoch == meta["epoch"] else 0
             meta["n_log"] = 0
@@ -272,8 +326,15 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     state = state.replace(opt_state=replicate(opt_state, mesh))
                     phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
                     describe(frozen, phase_i)
-                batch = make_batch(train, idx, cfg.batch_size, buckets, pad_id)
-                state, m = train_step(state, shard_batch(batch.arrays(), mesh), rng)
+                    cache = cached_data(phase_i, step, state.params)
+                source = cache["train"] if cache else train
+                if stacked:
+                    arrays = make_task_batch(source, idx, cfg.batch_size // len(names), buckets, pad_id)
+                else:
+                    arrays = make_batch(source, idx, cfg.batch_size, buckets, pad_id).arrays()
+                if probe is not None and step % cfg.grad_diagnostics == 0:
+                    emit(_gradient_record(probe(state.params, probe_batch), step, epoch, names))
+                state, m = train_step(state, shard_batch(arrays, mesh), rng)
                 total = accumulate(total, m)
                 if last is not None and int(last["streak"]) >= cfg.max_nonfinite:  # one step behind: no stall
                     raise MtlError(
@@ -283,7 +344,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                 last = m
                 step += 1
                 position = b + 1
-                n_log += len(idx)
+                n_log += sum(len(i) for i in idx) if stacked else len(idx)
                 bar.update(1)
                 end_of_epoch = b == len(plan) - 1 or step == total_steps
                 if step % cfg.log_every == 0 or end_of_epoch:
@@ -306,8 +367,10 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     save(epoch, b + 1, n_log)
             if last is not None and int(last["streak"]) >= cfg.max_nonfinite:
                 raise MtlError(f"step {step}: loss or gradients non-finite for {int(last['streak'])} consecutive steps; stopping without saving")
-            results = evaluate(eval_step, state.params, tokenized["validation"], data.labels, cfg.eval_batch_size, max_length, pad_id, mesh)
-            rec = _eval_record(results, step, epoch, "validation")
+            epoch_s = time.perf_counter() - t_epoch
+            val_data = cache["validation"] if cache else tokenized["validation"]
+            results = evaluate(eval_step, state.params, val_data, data.labels, cfg.eval_batch_size, max_length, pad_id, mesh)
+            rec = _eval_record(results, step, epoch, "validation") | {"epoch_s": round(epoch_s, 3)}
             emit(rec)
             _log(
                 f"epoch {epoch + 1}/{epochs} validation: "
@@ -342,12 +405,16 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     summary["backend"] = jax.default_backend()
     summary["truncated"] = {s: tokenized[s].truncated for s in SPLITS}
     summary["parameters"] = sizes
+    if "loss_weights" in best_params:  # learned (uncertainty): the effective weight exp(-s) per task
+        summary["loss_weights"] = {t: float(np.exp(-np.asarray(s))) for t, s in best_params["loss_weights"].items()}
     if cfg.export:
         spec = dataclasses.replace(encoder.spec, max_length=max_length)
         export_model(out / "export", spec, best_params["encoder"], best_params["heads"], encoder.hf_tokenizer,
                      [(t, data.labels[t]) for t in names], model.pooling)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(records, names, out / "curves.png")
+    if any(r["split"] == "gradients" for r in records):
+        plot_gradients(records, names, out / "gradients.png")
     for t in names:
         plot_confusion(summary["test"][t]["confusion"], data.labels[t], f"{t} (test)", out / f"confusion_{t}.png")
     (out / "report.md").write_text(_report(cfg, summary, names, data.labels))

@@ -22,6 +22,7 @@ from mtl_jax.freezing import labels_for, param_groups
 from mtl_jax.metrics import classification_report
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.parallel import shard_batch
+from mtl_jax.weighting import METHODS, cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
 
 
 @flax.struct.dataclass
@@ -61,13 +62,13 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def _decays(path, _) -> bool:
-    """Weight decay on kernels and embeddings, not on biases or LayerNorm parameters."""
+    """Weight decay on kernels and embeddings, not on biases, LayerNorm parameters or loss weights."""
     names = [getattr(p, "key", str(p)) for p in path]
-    return names[-1] not in ("bias", "scale")
+    return names[0] != "loss_weights" and names[-1] not in ("bias", "scale")
 
 
 def group_lr(group: str, cfg: OptimConfig, n_layers: int) -> float:
-    if group.startswith("head:"):
+    if group.startswith("head:") or group == "loss_weights":
         return cfg.head_lr
     depth = n_layers - int(group.split("_")[1]) if group.startswith("layer_") else n_layers + 1
     return cfg.lr * cfg.layer_decay ** (depth - 1)
@@ -129,31 +130,83 @@ def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence
     return out
 
 
-def weighted_loss(per_task: dict, weights: dict[str, float]) -> jax.Array:
-    """Sum over tasks of weight x mean loss; a task with no labels in the batch adds 0."""
-    return sum(weights[t] * m["loss_sum"] / jnp.maximum(m["count"], 1) for t, m in per_task.items())
+def model_variables(params) -> dict:
+    """The model's variables from a params tree that may also hold ``loss_weights``."""
+    return {"params": {k: params[k] for k in ("encoder", "heads") if k in params}}
+
+
+def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool = False) -> dict[str, jax.Array]:
+    """Logits of a batch of token ids, or of cached pooled embeddings (``batch["embeddings"]``).
+
+    With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
+    as a fixed feature extractor: that is what makes its embeddings cacheable.
+    """
+    train = key is not None
+    rngs = {"dropout": key} if train else {}
+    if "embeddings" in batch:
+        return model.apply(model_variables(params), batch["embeddings"], deterministic=not train, rngs=rngs,
+                           method=MultiTaskModel.classify)
+    logits, _ = model.apply(model_variables(params), batch["input_ids"], batch["attention_mask"],
+                            deterministic=not train, encoder_deterministic=encoder_frozen or not train, rngs=rngs)
+    return logits
+
+
+def own_task_labels(labels: jax.Array, t) -> jax.Array:
+    """Keeps only task ``t``'s label column (the others become -1): sub-batch ``t`` of a task-stacked batch."""
+    return jnp.where(jnp.arange(labels.shape[-1]) == t, labels, -1)
+
+
+def per_task_grads(loss_fn: Callable, params, stacked, key):
+    """Each task's loss and gradient from its own sub-batch, in one vmapped pass.
+
+    ``stacked`` holds arrays ``[rows, T, ...]`` (sub-batch ``t`` = ``stacked[:, t]``);
+    ``loss_fn(params, batch, key) -> (loss, aux)``. Returns ``((loss [T], aux [T, ...]), grads [T, ...])``.
+    """
+    n = next(iter(stacked.values())).shape[1]
+
+    def value_and_grad(t, sub):
+        sub = dict(sub, labels=own_task_labels(sub["labels"], t))
+        sub_key = None if key is None else jax.random.fold_in(key, t)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, sub, sub_key)
+
+    return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
 
 
 def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, weights: dict[str, float],
-                    frozen_mask=None) -> Callable:
+                    frozen_mask=None, weighting: str = "static", encoder_frozen: bool = False) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
+    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``, ``sum``
+    weight 1, ``uncertainty`` the learned ``params["loss_weights"]``, ``pcgrad`` needs a
+    task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token ids or cached
+    embeddings (``"embeddings"``); each kind compiles its own shapes.
     ``frozen_mask`` (a tree of bools like the params) keeps frozen parameters as they
     were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
     """
+    if weighting not in METHODS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(METHODS)}")
     tasks = [name for name, _ in model.tasks]
+    if weighting in ("sum", "pcgrad"):
+        weights = {t: 1.0 for t in tasks}
 
     def loss_fn(params, batch, key):
-        logits, _ = model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=False, rngs={"dropout": key}
-        )
-        per_task = task_losses(logits, batch["labels"], tasks)
+        per_task = task_losses(forward(model, params, batch, key, encoder_frozen), batch["labels"], tasks)
+        if weighting == "uncertainty":
+            return uncertainty_loss(per_task, params["loss_weights"]), per_task
         return weighted_loss(per_task, weights), per_task
+
+    def loss_and_grads(params, batch, key):
+        if weighting != "pcgrad":
+            return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        (losses, per_task), task_grads = per_task_grads(loss_fn, params, batch, key)
+        grads = jax.tree.map(lambda g: g.sum(0), task_grads)
+        if not encoder_frozen:  # (a frozen encoder's gradients are never computed)
+            grads["encoder"] = pcgrad(task_grads["encoder"], jax.random.fold_in(key, 1 << 20))
+        return (losses.sum(), jax.tree.map(lambda x: x.sum(0), per_task)), grads
 
     def train_step(state: TrainState, batch, rng):
         key = jax.random.fold_in(rng, state.step)
-        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-
+        (loss, per_task), grads = loss_and_grads(state.params, batch, key)
         # Finite check over what trains only (reading frozen grads would keep their backward pass alive).
         mask = frozen_mask if frozen_mask is not None else jax.tree.map(lambda _: False, grads)
         trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
@@ -191,7 +244,7 @@ def make_eval_step(model: MultiTaskModel) -> Callable:
 
     @jax.jit
     def eval_step(params, batch):
-        logits, _ = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        logits = forward(model, params, batch)
         per_task = task_losses(logits, batch["labels"], tasks)
         preds = {t: jnp.argmax(logits[t], axis=-1) for t in tasks}
         return preds, {t: m["loss_sum"] for t, m in per_task.items()}
@@ -199,20 +252,77 @@ def make_eval_step(model: MultiTaskModel) -> Callable:
     return eval_step
 
 
+def make_embed_step(model: MultiTaskModel) -> Callable:
+    """``embed_step(params, batch) -> pooled [B, D]``: the encoder alone, no dropout."""
+
+    @jax.jit
+    def embed_step(params, batch):
+        return model.apply(model_variables(params), batch["input_ids"], batch["attention_mask"],
+                           method=MultiTaskModel.embed)
+
+    return embed_step
+
+
+def make_grad_probe(model: MultiTaskModel) -> Callable:
+    """``probe(params, stacked) -> {"loss", "grad_norm" [T], "cosine" [T, T]}``: task-gradient diagnostics.
+
+    Each task's gradient of its mean loss over its own sub-batch of the task-stacked
+    ``stacked`` (no dropout), measured on the shared encoder.
+    """
+    tasks = [name for name, _ in model.tasks]
+    ones = {t: 1.0 for t in tasks}
+
+    def loss_fn(params, batch, key):
+        per_task = task_losses(forward(model, params, batch), batch["labels"], tasks)
+        return weighted_loss(per_task, ones), per_task
+
+    @jax.jit
+    def probe(params, stacked):
+        (losses, _), grads = per_task_grads(loss_fn, params, stacked, None)
+        norms, cosine = cosine_matrix(grads["encoder"])
+        return {"loss": losses, "grad_norm": norms, "cosine": cosine}
+
+    return probe
+
+
+def over_examples(fn: Callable, params, data: Tokenized, batch_size: int, max_length: int, pad_id: int,
+                  mesh=None, bar=None) -> list:
+    """``[(example indices, fn(params, batch))]`` over every example of ``data`` once, length-sorted.
+
+    Results stay on the device until read; with a ``mesh`` each batch is split over its devices.
+    """
+    out = []
+    for batch in eval_batches(data, batch_size, max_length, pad_id):
+        arrays = batch.arrays() if mesh is None else shard_batch(batch.arrays(), mesh)
+        out.append((batch.index, fn(params, arrays)))
+        if bar is not None:
+            bar.update(len(batch.index))
+    return out
+
+
+def embed_examples(embed_step: Callable, params, data: Tokenized, batch_size: int, max_length: int, pad_id: int,
+                   mesh=None, bar=None) -> np.ndarray:
+    """Pooled embeddings ``[N, D]`` float32 of every example of ``data``, in its order."""
+    out = None
+    for index, pooled in over_examples(embed_step, params, data, batch_size, max_length, pad_id, mesh, bar):
+        pooled = np.asarray(pooled)
+        if out is None:
+            out = np.zeros((len(data), pooled.shape[1]), np.float32)
+        out[index] = pooled[: len(index)]
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 def evaluate(eval_step: Callable, params, data: Tokenized, label_names: dict[str, tuple[str, ...]],
              batch_size: int, max_length: int, pad_id: int, mesh=None) -> dict:
     """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
 
-    With a ``mesh`` each batch is split over its devices.
+    ``data`` may carry cached embeddings (then only the heads run). With a ``mesh``
+    each batch is split over its devices.
     """
     tasks = list(label_names)
     preds = np.full((len(data), len(tasks)), -1, np.int64)
     loss_sums = {t: 0.0 for t in tasks}
-    pending = []
-    for batch in eval_batches(data, batch_size, max_length, pad_id):
-        arrays = batch.arrays() if mesh is None else shard_batch(batch.arrays(), mesh)
-        pending.append((batch.index, eval_step(params, arrays)))
-    for index, (p, losses) in pending:
+    for index, (p, losses) in over_examples(eval_step, params, data, batch_size, max_length, pad_id, mesh):
         for ti, t in enumerate(tasks):
             preds[index, ti] = np.asarray(p[t])[: len(index)]
             loss_sums[t] += float(losses[t])
