@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
-from mtl_jax.data import BadRows, Tokenized, epoch_plan, load_tasks, read_rows, sampling_counts
+from mtl_jax.data import BadRows, Tokenized, epoch_plan, load_tasks, make_task_batch, read_rows, sampling_counts, task_plan
 from mtl_jax.text import BUCKETS, bucket_for, bucket_lengths
 
 
@@ -206,3 +207,25 @@ def test_each_batch_holds_one_source():
     plan = epoch_plan(data, 32, seed=0, epoch=0)
     assert all(len(set(data.source[b].tolist())) == 1 for b in plan)
     assert sum(len(b) for b in plan if data.source[b[0]] == 0) == 40
+
+
+def test_task_plan_puts_every_task_in_every_step():
+    rng = np.random.default_rng(2)
+    n = 300
+    lengths = rng.integers(3, 120, n)
+    labels = np.full((n, 2), -1, np.int32)
+    labels[:40, 0] = rng.integers(0, 3, 40)  # a small task and a large one
+    labels[40:, 1] = rng.integers(0, 2, n - 40)
+    data = Tokenized([np.arange(k, dtype=np.int32) for k in lengths], labels, (labels[:, 0] < 0).astype(np.int32), 0)
+    plan = task_plan(data, 16, seed=0, epoch=0)
+    assert len(plan) == math.ceil(n / 16)
+    for step in plan:
+        assert [len(sub) for sub in step] == [8, 8]
+        assert (labels[step[0], 0] >= 0).all() and (labels[step[1], 1] >= 0).all()
+    small = np.concatenate([s[0] for s in plan])
+    assert np.bincount(small, minlength=40)[:40].min() >= 3  # the small task cycles through all its examples
+    assert [[s.tolist() for s in step] for step in task_plan(data, 16, 0, 0)] == [[s.tolist() for s in step] for step in plan]
+    batch = make_task_batch(data, plan[0], 8, bucket_lengths(128), 0)
+    assert batch["input_ids"].shape[:2] == (8, 2) and batch["labels"].shape == (8, 2, 2)
+    with pytest.raises(MtlError, match="smaller than the number of tasks"):
+        task_plan(data, 1, 0, 0)

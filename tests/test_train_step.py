@@ -24,8 +24,8 @@ from mtl_jax.train import (
     make_optimizer,
     make_train_step,
     task_losses,
-    weighted_loss,
 )
+from mtl_jax.weighting import weighted_loss
 
 TASKS = (("task_a", 3), ("task_b", 2))
 

@@ -1,0 +1,72 @@
+"""The research toolkit in whole runs (tiny encoder): cached embeddings, loss weighting, gradient diagnostics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from mtl_jax.config import TrainConfig, load_config_file
+from mtl_jax.run import train_and_evaluate
+
+
+def _run(tiny_bert, tiny_data, out, **options) -> tuple[dict, list[dict]]:
+    values = load_config_file(tiny_data / "tasks.yaml") | dict(
+        encoder=str(tiny_bert), out=str(out), batch_size=8, progress=False, log_every=4
+    )
+    summary = train_and_evaluate(TrainConfig(**(values | options)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, records
+
+
+def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, tiny_bert, tiny_data, capsys):
+    opts = dict(freeze="backbone", epochs=3, head_lr=0.05)
+    cached, rec_cached = _run(tiny_bert, tiny_data, tmp_path / "cached", **opts)
+    assert "cached the embeddings of 153 examples" in capsys.readouterr().err
+    full, rec_full = _run(tiny_bert, tiny_data, tmp_path / "full", cache_embeddings=False, **opts)
+    assert "cached the embeddings" not in capsys.readouterr().err
+    a = load_file(tmp_path / "cached" / "export" / "heads.safetensors")
+    b = load_file(tmp_path / "full" / "export" / "heads.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+    assert not np.allclose(a["topic.kernel"], 0)  # the heads did train
+    for split in ("validation", "test"):
+        for t in ("topic", "sentiment"):
+            assert cached[split][t]["confusion"] == full[split][t]["confusion"]
+    val = [r for r in rec_cached if r["split"] == "validation"]
+    assert len(val) == 3 and all(r["epoch_s"] > 0 for r in val)
+    assert [r["loss"] for r in rec_cached if r["split"] == "train"] == [r["loss"] for r in rec_full if r["split"] == "train"]
+
+
+def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert, tiny_data, capsys):
+    _run(tiny_bert, tiny_data, tmp_path / "run", freeze="backbone,none@step:5", epochs=1)
+    err = capsys.readouterr().err
+    assert "cached the embeddings" not in err and "phase 1 (none)" in err
+
+
+def test_pcgrad_with_gradient_diagnostics(tmp_path, tiny_bert, tiny_data):
+    out = tmp_path / "pcgrad"
+    summary, records = _run(tiny_bert, tiny_data, out, loss_weighting="pcgrad", grad_diagnostics=2, epochs=2,
+                            freeze="none", lr=1e-3)
+    grads = [r for r in records if r["split"] == "gradients"]
+    steps = summary["steps"]
+    assert [r["step"] for r in grads] == list(range(0, steps, 2))
+    for r in grads:
+        assert -1.0 <= r["cosine"]["topic|sentiment"] <= 1.0
+        assert r["topic"]["grad_norm"] > 0 and r["sentiment"]["grad_norm"] > 0
+        assert np.isclose(r["loss"], r["topic"]["loss"] + r["sentiment"]["loss"])
+    assert (out / "gradients.png").stat().st_size > 0
+    train = [r for r in records if r["split"] == "train"]
+    # every PCGrad step holds both tasks: each log interval of 4 steps saw 4 x 4 examples of each
+    assert all(r["topic"]["examples"] == r["sentiment"]["examples"] for r in train)
+    assert train[0]["topic"]["examples"] == 16
+    assert summary["test"]["topic"]["examples"] == 9
+
+
+def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_data):
+    summary, _ = _run(tiny_bert, tiny_data, tmp_path / "unc", loss_weighting="uncertainty", epochs=3,
+                      freeze="backbone", head_lr=0.05)
+    w = summary["loss_weights"]
+    assert set(w) == {"topic", "sentiment"}
+    assert all(0 < v < 10 for v in w.values()) and all(abs(v - 1.0) > 1e-3 for v in w.values())
