@@ -23,6 +23,30 @@ def run_cli(main: Callable[[], int]) -> int:
         return 130
 
 
+def parse_config(cls, argv: list[str], description: str):
+    """``cls`` (a :class:`TrainConfig` dataclass) from flags; a ``--config`` file sets defaults that flags override."""
+    import dataclasses
+
+    import tyro
+
+    from mtl_jax.config import load_config_file
+
+    defaults = cls()
+    config_file = _config_arg(argv)
+    if config_file:
+        defaults = dataclasses.replace(defaults, config=config_file, **load_config_file(config_file))
+    return tyro.cli(cls, default=defaults, args=argv, description=description)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def read_lines(path: str | None) -> list[str]:
     """Lines of a UTF-8 text file (stdin when ``path`` is None), or a one-line error naming the file."""
     from pathlib import Path

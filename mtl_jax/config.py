@@ -103,7 +103,9 @@ class TrainConfig:
     temperature: float = 2.0
     """For --sampling temperature: p(task) proportional to n^(1/T)."""
     seed: int = 0
-    """Seeds the data split, the batch order, the heads' initialisation and dropout."""
+    """Seeds the batch order, the heads' initialisation, dropout and (without --split-seed) the data split."""
+    split_seed: Optional[int] = None
+    """Seed of the train/validation/test split of tasks without their own files (default: --seed)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters, optimizer state, loss and its softmax stay float32."""
     log_every: int = 20

@@ -71,3 +71,19 @@ def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_compare(summary: list[dict], tasks: Sequence[str], path: Path) -> None:
+    """Per task: mean test accuracy (+/- std over seeds) against mean wall time, one point per scenario."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for i, s in enumerate(summary):
+            mean, std = s[f"{t}_test_acc"]
+            label = s["scenario"] if s["weighting"] == "sum" else f"{s['scenario']} ({s['weighting']})"
+            ax.errorbar(s["wall_s"], mean, yerr=std, fmt="o", color=f"C{i % 10}", capsize=3, label=label)
+        ax.set(xlabel="wall time per run (s)", ylabel="test accuracy", title=t)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

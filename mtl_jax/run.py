@@ -113,7 +113,7 @@ def _eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
 # Options that must not change when a run is resumed (they change the data or the model).
 RESUME_FIXED = ("encoder", "tasks", "freeze", "batch_size", "seed", "max_length", "sampling", "temperature",
                 "pooling", "dtype", "lr", "head_lr", "warmup", "decay", "weight_decay", "layer_decay", "task_list",
-                "loss_weighting")
+                "loss_weighting", "split_seed")
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
@@ -157,7 +157,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     phases = parse_phases(cfg.freeze)
     if cfg.batch_size < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
         raise MtlError("--batch-size, --epochs and --max-steps must be positive")
-    data = load_tasks(tasks, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    data = load_tasks(tasks, seed=split_seed, skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
     max_length = min(cfg.max_length, encoder.spec.max_length)
     tokenized = {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS}
@@ -293,7 +294,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 
     describe(frozen, phase_i)
     _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
-    cache = cached_data(phase_i, int(state.step), state.params)
+    cache, cache_phase = None, None  # cached embeddings, and the phase they were made for
     step = int(state.step)
     train_seconds, examples_seen = meta["train_seconds"], meta["examples_seen"]
     best_params = None  # host copy of the best epoch's params when it was trained in this process
@@ -326,7 +327,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     state = state.replace(opt_state=replicate(opt_state, mesh))
                     phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
                     describe(frozen, phase_i)
-                    cache = cached_data(phase_i, step, state.params)
+                if cache_phase != phase_i:  # (inside the epoch's clock: caching is part of its cost)
+                    cache, cache_phase = cached_data(phase_i, step, state.params), phase_i
                 source = cache["train"] if cache else train
                 if stacked:
                     arrays = make_task_batch(source, idx, cfg.batch_size // len(names), buckets, pad_id)

@@ -70,3 +70,56 @@ def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_
     w = summary["loss_weights"]
     assert set(w) == {"topic", "sentiment"}
     assert all(0 < v < 10 for v in w.values()) and all(abs(v - 1.0) > 1e-3 for v in w.values())
+
+
+def _compare_cfg(tiny_bert, tiny_data, out, **options):
+    from mtl_jax.compare import CompareConfig
+
+    values = load_config_file(tiny_data / "tasks.yaml") | dict(encoder=str(tiny_bert), out=str(out), batch_size=8,
+                                                               lr=1e-3, log_every=4)
+    return CompareConfig(**(values | options))
+
+
+def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
+    import csv
+
+    from mtl_jax.compare import compare
+
+    out = tmp_path / "cmp"
+    rows = compare(_compare_cfg(tiny_bert, tiny_data, out, scenarios=("backbone", "head:*"), seeds=(0, 1)))
+    assert [(r["scenario"], r["seed"]) for r in rows] == [
+        ("backbone", 0), ("head:topic", 0), ("head:sentiment", 0), ("backbone", 1), ("head:topic", 1), ("head:sentiment", 1)]
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert len(table) == 6 and float(table[0]["topic_test_acc"]) == rows[0]["topic_test_acc"]
+    backbone = [r for r in rows if r["scenario"] == "backbone"]
+    assert backbone[0]["trainable_params"] == 99 + 66  # the two heads
+    md = (out / "results.md").read_text()
+    assert "| backbone | sum | 2 |" in md and " ± " in md and "over the frozen-backbone linear probe" in md
+    assert (out / "results.png").stat().st_size > 0
+    assert not any((out / "runs").glob("*/checkpoints"))
+
+
+def test_compare_plan_expands_heads_gradual_and_weighting(tiny_bert, tiny_data, tmp_path):
+    from mtl_jax.compare import plan_runs
+
+    cfg = _compare_cfg(tiny_bert, tiny_data, tmp_path, scenarios=("none", "head:*", "gradual"), seeds=(3,), weighting=True)
+    runs = plan_runs(cfg, ["topic", "sentiment"])
+    assert [(r["scenario"], r["freeze"], r["weighting"]) for r in runs] == [
+        ("none", "none", "sum"), ("head:topic", "head:topic", "sum"), ("head:sentiment", "head:sentiment", "sum"),
+        ("gradual", cfg.gradual, "sum"), ("none", "none", "uncertainty"), ("none", "none", "pcgrad")]
+    assert all(r["seed"] == 3 for r in runs)
+
+
+def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_bert, tiny_data):
+    import pytest
+
+    from mtl_jax import MtlError
+    from mtl_jax.compare import compare
+
+    with pytest.raises(MtlError, match="no task 'nope'"):
+        compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "bad", scenarios=("none", "head:nope")))
+    assert not (tmp_path / "bad").exists()
+    rows = compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"),
+                                seeds=(0, 1), budget_minutes=0.02))
+    assert len(rows) == 1  # the first run takes longer than the 1.2 s budget: the others are not started
+    assert "Not run (time budget): backbone-sum-s0, none-sum-s1, backbone-sum-s1." in (tmp_path / "cmp" / "results.md").read_text()

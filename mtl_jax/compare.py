@@ -1,0 +1,208 @@
+"""Freezing scenarios (and loss-weighting methods) measured against each other.
+
+``compare(cfg)`` trains one run per (scenario, seed) in this process, seed by seed so
+that a time budget cut still leaves every scenario measured on the first seeds, and
+writes ``results.csv`` (one row per run), ``results.md`` (mean +/- std per scenario
+and task) and ``results.png`` (test accuracy against wall time).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from mtl_jax.config import TrainConfig
+from mtl_jax.freezing import frozen_groups, parse_phases
+from mtl_jax.model import load_encoder
+from mtl_jax.run import check_out_dir, train_and_evaluate
+
+GRADUAL = "backbone,top:2@step:60,none@step:120"
+
+
+@dataclass(frozen=True)
+class CompareConfig(TrainConfig):
+    """Options of every run (as in scripts/train.py), plus which scenarios, seeds and budget.
+
+    Each run's --freeze, --seed and --loss-weighting come from --scenarios, --seeds and --weighting.
+    """
+
+    scenarios: tuple[str, ...] = ("none", "backbone", "head:*", "top:2", "gradual")
+    """Freezing specs to compare; head:* is one scenario per task, gradual is --gradual."""
+    gradual: str = GRADUAL
+    """The gradual-unfreezing schedule of the 'gradual' scenario."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds per scenario (each seeds the heads, dropout and batch order; the split is --split-seed's)."""
+    split_seed: Optional[int] = 0
+    """Seed of the train/validation/test split: the same for every run, so all are tested on the same examples."""
+    weighting: bool = False
+    """Also compare the loss-weighting methods (sum, uncertainty, pcgrad; static when task weights differ)."""
+    weighting_freeze: str = "none"
+    """The freezing scenario the loss-weighting runs use."""
+    budget_minutes: float = 60.0
+    """Stop starting runs that would end past this budget (estimated from the runs so far); skipped runs are listed."""
+    epochs: int = 1
+    out: str = "runs/compare"
+    export: bool = False
+    progress: bool = False
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def plan_runs(cfg: CompareConfig, task_names: list[str]) -> list[dict]:
+    """Runs in order: seed by seed, every scenario, then the loss-weighting methods."""
+    scenarios = []
+    for s in cfg.scenarios:
+        if s == "head:*":
+            scenarios += [f"head:{t}" for t in task_names]
+        else:
+            scenarios.append(s)
+    methods = []
+    if cfg.weighting:
+        methods = ["sum", "uncertainty", "pcgrad"]
+        if len({t.weight for t in cfg.selected_tasks()}) > 1:
+            methods.insert(1, "static")
+    runs = []
+    for seed in cfg.seeds:
+        for s in scenarios:
+            runs.append({"scenario": s, "freeze": cfg.gradual if s == "gradual" else s, "weighting": "sum", "seed": seed})
+        for m in methods:
+            if m == "sum" and cfg.weighting_freeze in scenarios:
+                continue  # that run is already in the scenario grid
+            runs.append({"scenario": cfg.weighting_freeze, "freeze": cfg.weighting_freeze, "weighting": m, "seed": seed})
+    return runs
+
+
+def _run_name(run: dict) -> str:
+    name = f"{run['scenario']}-{run['weighting']}-s{run['seed']}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _trainable(summary: dict, freeze: str) -> int:
+    """Parameters that train in the last phase."""
+    sizes = summary["parameters"]
+    frozen = frozen_groups(parse_phases(freeze)[-1].spec, set(sizes))
+    return int(sum(n for g, n in sizes.items() if g not in frozen))
+
+
+def compare(cfg: CompareConfig) -> list[dict]:
+    """Run the grid within ``cfg.budget_minutes``; returns the result rows (also written to ``cfg.out``)."""
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
+    names = [t.name for t in cfg.selected_tasks()]
+    runs = plan_runs(cfg, names)
+    n_layers = load_encoder(cfg.encoder).config.n_layers
+    groups = {"embeddings", *(f"layer_{i}" for i in range(n_layers)), *(f"head:{t}" for t in names)}
+    for run in runs:  # every spec is checked before anything runs
+        for phase in parse_phases(run["freeze"]):
+            frozen_groups(phase.spec, groups)
+    out.mkdir(parents=True, exist_ok=True)
+    # Runs of one scenario compile the same programs: keep them across runs (and invocations).
+    jax.config.update("jax_compilation_cache_dir", str(out / ".xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    budget = cfg.budget_minutes * 60
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    durations: dict[str, list[float]] = {}
+    for i, run in enumerate(runs):
+        key = f"{run['scenario']}/{run['weighting']}"
+        seen = durations.get(key) or [d for ds in durations.values() for d in ds]
+        estimate = float(np.mean(seen)) if seen else 0.0
+        elapsed = time.perf_counter() - t0
+        if elapsed + estimate > budget:
+            _log(f"[{i + 1}/{len(runs)}] skip {_run_name(run)}: would end after ~{(elapsed + estimate) / 60:.0f} min "
+                 f"(budget {cfg.budget_minutes:g} min)")
+            skipped.append(run)
+            continue
+        _log(f"[{i + 1}/{len(runs)}] {_run_name(run)} (freeze {run['freeze']}, {elapsed / 60:.1f} min elapsed)")
+        run_cfg = dataclasses.replace(
+            cfg, freeze=run["freeze"], seed=run["seed"], loss_weighting=run["weighting"],
+            out=str(out / "runs" / _run_name(run)), overwrite=True, resume=False,
+        )
+        train_cfg = TrainConfig(**{f.name: getattr(run_cfg, f.name) for f in dataclasses.fields(TrainConfig)})
+        summary = train_and_evaluate(train_cfg)
+        shutil.rmtree(Path(train_cfg.out) / "checkpoints", ignore_errors=True)  # only the metrics are needed
+        durations.setdefault(key, []).append(summary["wall_s"])
+        row = dict(run, wall_s=round(summary["wall_s"], 1), trainable_params=_trainable(summary, run["freeze"]),
+                   best_epoch=summary["best_epoch"])
+        for t in names:
+            for split, short in (("test", "test"), ("validation", "val")):
+                row[f"{t}_{short}_acc"] = round(summary[split][t]["accuracy"], 4)
+                row[f"{t}_{short}_f1"] = round(summary[split][t]["macro_f1"], 4)
+        rows.append(row)
+        write_results(out, rows, skipped + runs[i + 1 :], names, cfg, final=False)
+    write_results(out, rows, skipped, names, cfg, final=True)
+    _log(f"compare: {len(rows)} runs in {(time.perf_counter() - t0) / 60:.1f} min; results in {out}")
+    return rows
+
+
+def summarize(rows: list[dict], names: list[str]) -> list[dict]:
+    """Mean and std over seeds per (scenario, weighting)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["weighting"]), []).append(r)
+    out = []
+    for (scenario, weighting), rs in groups.items():
+        s = {"scenario": scenario, "weighting": weighting, "seeds": len(rs),
+             "wall_s": float(np.mean([r["wall_s"] for r in rs])), "trainable_params": rs[0]["trainable_params"]}
+        for t in names:
+            for m in ("test_acc", "test_f1"):
+                v = np.array([r[f"{t}_{m}"] for r in rs])
+                s[f"{t}_{m}"] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+        out.append(s)
+    return out
+
+
+def write_results(out: Path, rows: list[dict], pending: list[dict], names: list[str], cfg: CompareConfig,
+                  final: bool) -> None:
+    from mtl_jax.plots import plot_compare
+
+    if rows:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarize(rows, names)
+    lines = [
+        "# Freezing scenarios compared",
+        "",
+        f"Encoder `{cfg.encoder}`, {cfg.epochs} epoch(s) per run, batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"seeds {', '.join(map(str, cfg.seeds))}; test split of seed {cfg.split_seed}. Mean ± std over seeds; "
+        f"wall time per run on {jax.default_backend()}.",
+        "",
+        "| scenario | weighting | seeds | " + " | ".join(f"{t} acc | {t} macro-F1" for t in names)
+        + " | wall s | trainable params |",
+        "|---|---|---|" + "---|---|" * len(names) + "---|---|",
+    ]
+    for s in summary:
+        cells = [f"{s[f'{t}_{m}'][0]:.3f} ± {s[f'{t}_{m}'][1]:.3f}" for t in names for m in ("test_acc", "test_f1")]
+        lines.append(f"| {s['scenario']} | {s['weighting']} | {s['seeds']} | " + " | ".join(cells)
+                     + f" | {s['wall_s']:.0f} | {s['trainable_params']:,} |")
+    probe = next((s for s in summary if s["scenario"] == "backbone" and s["weighting"] == "sum"), None)
+    if probe is not None and len(summary) > 1:
+        lines.append("")
+        for t in names:
+            best = max(summary, key=lambda s: s[f"{t}_test_acc"][0])
+            gain = 100 * (best[f"{t}_test_acc"][0] - probe[f"{t}_test_acc"][0])
+            lines.append(f"- {t}: best `{best['scenario']}` ({best['weighting']}), {gain:+.1f} points of test accuracy "
+                         f"over the frozen-backbone linear probe.")
+    if pending:
+        lines += ["", ("Not run (time budget): " if final else "Still to run: ")
+                  + ", ".join(_run_name(r) for r in pending) + "."]
+    lines += ["", "![accuracy vs wall time](results.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({"summary": summary, "pending": pending}, indent=2))
+    if summary:
+        plot_compare(summary, names, out / "results.png")
