@@ -130,6 +130,12 @@ class TrainConfig:
     """Drop bad data rows (reported per reason) instead of stopping."""
     progress: bool = True
     """Show a progress bar."""
+    coordinator: Optional[str] = None
+    """Multi-process run: process 0's host:port (else $JAX_COORDINATOR_ADDRESS), or 'auto' (TPU VM slice, SLURM, Open MPI)."""
+    num_processes: Optional[int] = None
+    """Multi-process run: number of processes (else $JAX_NUM_PROCESSES)."""
+    process_id: Optional[int] = None
+    """Multi-process run: this process's index, 0 writes the outputs (else $JAX_PROCESS_ID)."""
     task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = field(default=DEFAULT_TASKS)
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:

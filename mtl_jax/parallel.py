@@ -2,16 +2,62 @@
 
 Batches are split along ``data``; parameters and optimizer state are replicated.
 XLA (GSPMD) inserts the gradient all-reduce, so the train step is the same code on
-one device or many; with one device the mesh is trivial.
+one device or many, in one process or several (``jax.distributed``); with one device
+the mesh is trivial. In a multi-process run every process plans the same global
+batch (the plan is a pure function of the seed) and hands JAX only its own rows.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mtl_jax.errors import MtlError
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process run; returns whether one was joined.
+
+    ``coordinator`` is process 0's ``host:port`` (else ``$JAX_COORDINATOR_ADDRESS``), with
+    ``num_processes`` / ``process_id`` (else ``$JAX_NUM_PROCESSES`` / ``$JAX_PROCESS_ID``);
+    ``"auto"`` lets JAX detect the cluster (Cloud TPU VM slices, SLURM, Open MPI). Must run
+    before anything else touches JAX. CPU processes talk through gloo.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return True
+    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if num_processes is None or process_id is None:
+        raise MtlError(f"coordinator {coordinator}: also give --num-processes and --process-id "
+                       "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MtlError(f"${name}={value!r}: expected an integer") from None
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, plots, metrics and exports."""
+    return jax.process_index() == 0
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -29,10 +75,33 @@ def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "--batch-size") ->
 
 def replicate(tree, mesh: Mesh):
     """Every device holds the whole ``tree`` (parameters, optimizer state)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]), tree)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Split each array's leading (batch) axis over the ``data`` axis."""
+    """Split each array's leading (batch) axis over the ``data`` axis.
+
+    With several processes each passes the whole global batch and contributes its own
+    contiguous block of rows (the mesh orders devices by process).
+    """
     sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    n, i = jax.process_count(), jax.process_index()
+    out = {}
+    for k, v in batch.items():
+        rows = len(v) // n
+        out[k] = jax.make_array_from_process_local_data(sharding, v[i * rows : (i + 1) * rows], v.shape)
+    return out
+
+
+def to_host(tree):
+    """A (possibly batch-sharded, multi-process) result as numpy arrays, whole on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

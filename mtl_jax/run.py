@@ -27,7 +27,7 @@ from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, make_task_b
 from mtl_jax.errors import Interrupted, MtlError
 from mtl_jax.freezing import encoder_frozen, frozen_groups, group_sizes, param_groups, parse_phases, phase_at
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
-from mtl_jax.parallel import check_batch_size, make_mesh, replicate, shard_batch
+from mtl_jax.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, replicate, shard_batch
 from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
 from mtl_jax.text import bucket_lengths
 from mtl_jax.train import (
@@ -50,7 +50,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curve
 
 
 def _log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
+    if jax.process_index() == 0:  # one voice in a multi-process run
+        tqdm.write(msg, file=sys.stderr)
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -148,6 +149,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     from mtl_jax.checkpoint import Checkpoints, export_model, restore_latest
 
     wall0 = time.perf_counter()
+    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    primary = is_primary()  # process 0 writes the run directory; every process trains
     out = Path(cfg.out)
     if cfg.resume:
         _check_resumable(out, cfg)
@@ -173,6 +176,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
+    if cfg.loss_weighting == "pcgrad":  # each task's sub-batch is split over the devices
+        check_batch_size(cfg.batch_size // len(tasks), mesh, f"--batch-size / {len(tasks)} tasks")
     rng = jax.random.PRNGKey(cfg.seed)
     params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
     if cfg.loss_weighting == "uncertainty":
@@ -230,10 +235,15 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 
     def checkpoint_target(meta: dict) -> dict:
         tx_ = make_optimizer(params, frozen_by_phase[meta["phase"]], optim, encoder.config.n_layers)
-        return {"state": TrainState.create(params, tx_.init(params)), "metrics": _zero_metrics(names), "rng": rng}
+        target = {"state": TrainState.create(params, tx_.init(params)), "metrics": _zero_metrics(names), "rng": rng}
+        return replicate(target, mesh)  # restored arrays take the target's (mesh) sharding
 
     # ---- inputs are valid: from here on the run directory is written
-    if not cfg.resume:
+    if jax.process_count() > 1:  # no process writes before every process has checked
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mtl_jax: inputs checked")
+    if not cfg.resume and primary:
         _prepare_out_dir(out)
         (out / "config.json").write_text(
             json.dumps(cfg.to_json() | {"labels": data.labels, "resolved_max_length": max_length}, indent=2)
@@ -277,7 +287,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         records = [json.loads(line) for line in lines[: meta["records"]]]
     state = replicate(state, mesh)
-    metrics_file = open(out / "metrics.jsonl", "w")
+    metrics_file = open(out / "metrics.jsonl" if primary else os.devnull, "w")
     for rec in records:
         metrics_file.write(json.dumps(rec) + "\n")
     metrics_file.flush()
@@ -290,7 +300,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     def save(epoch: int, offset: int, n_log: int, score: float | None = None) -> None:
         meta.update(epoch=epoch, offset=offset, phase=phase_i, records=len(records), n_log=n_log,
                     train_seconds=train_seconds, examples_seen=examples_seen)
-        ckpts.save(int(state.step), {"state": state, "metrics": total, "rng": rng}, meta, score)
+        # (replicated over the mesh: orbax saves only global arrays in a multi-process run)
+        ckpts.save(int(state.step), {"state": state, "metrics": replicate(total, mesh), "rng": replicate(rng, mesh)}, meta, score)
 
     describe(frozen, phase_i)
     _log(f"optimizer state: {count_numbers(state.opt_state):,} numbers")
@@ -304,7 +315,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         stop["signal"] = signum
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and primary), unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
         for epoch in range(meta["epoch"], epochs):
             if step >= total_steps:  # resuming a run that already finished
@@ -409,6 +420,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     summary["parameters"] = sizes
     if "loss_weights" in best_params:  # learned (uncertainty): the effective weight exp(-s) per task
         summary["loss_weights"] = {t: float(np.exp(-np.asarray(s))) for t, s in best_params["loss_weights"].items()}
+    if not primary:
+        return summary
     if cfg.export:
         spec = dataclasses.replace(encoder.spec, max_length=max_length)
         export_model(out / "export", spec, best_params["encoder"], best_params["heads"], encoder.hf_tokenizer,

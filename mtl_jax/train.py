@@ -21,7 +21,7 @@ from mtl_jax.data import Tokenized, eval_batches
 from mtl_jax.freezing import labels_for, param_groups
 from mtl_jax.metrics import classification_report
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.parallel import shard_batch
+from mtl_jax.parallel import shard_batch, to_host
 from mtl_jax.weighting import METHODS, cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
 
 
@@ -305,7 +305,7 @@ def embed_examples(embed_step: Callable, params, data: Tokenized, batch_size: in
     """Pooled embeddings ``[N, D]`` float32 of every example of ``data``, in its order."""
     out = None
     for index, pooled in over_examples(embed_step, params, data, batch_size, max_length, pad_id, mesh, bar):
-        pooled = np.asarray(pooled)
+        pooled = to_host(pooled)
         if out is None:
             out = np.zeros((len(data), pooled.shape[1]), np.float32)
         out[index] = pooled[: len(index)]
@@ -322,7 +322,8 @@ def evaluate(eval_step: Callable, params, data: Tokenized, label_names: dict[str
     tasks = list(label_names)
     preds = np.full((len(data), len(tasks)), -1, np.int64)
     loss_sums = {t: 0.0 for t in tasks}
-    for index, (p, losses) in over_examples(eval_step, params, data, batch_size, max_length, pad_id, mesh):
+    for index, result in over_examples(eval_step, params, data, batch_size, max_length, pad_id, mesh):
+        p, losses = to_host(result)
         for ti, t in enumerate(tasks):
             preds[index, ti] = np.asarray(p[t])[: len(index)]
             loss_sums[t] += float(losses[t])

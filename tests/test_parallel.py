@@ -1,27 +1,32 @@
-"""Data parallelism: the same step on 4 (forced host) devices as on 1."""
+"""Data parallelism: the same steps on 4 (forced host) devices, or in 2 processes, as on 1 device."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.parallel import check_batch_size, make_mesh
 from tests.conftest import ROOT
 
-SCRIPT = r"""
+# Three training steps of a tiny model on fixed batches, on the devices of ``make_mesh(devices)``.
+SETUP = r"""
 import json, sys
 sys.path.insert(0, {root!r})
+from mtl_jax.parallel import initialize_distributed
+if len(sys.argv) > 2:  # coordinator, process id: one of two processes
+    initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax, jax.numpy as jnp, numpy as np
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
 from mtl_jax.parallel import make_mesh, replicate, shard_batch
 from mtl_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
-assert jax.device_count() == 4, jax.devices()
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))
 params = init_params(model, enc.params, jax.random.PRNGKey(0))
@@ -43,7 +48,10 @@ def train(devices):
         state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params), state
+"""
 
+FOUR_DEVICES = SETUP + r"""
+assert jax.device_count() == 4, jax.devices()
 l4, p4, s4 = train(jax.devices())
 l1, p1, _ = train(jax.devices()[:1])
 diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)))
@@ -51,16 +59,47 @@ n_shards = len(s4.params["heads"]["a"]["kernel"].sharding.device_set)
 print(json.dumps({{"losses4": l4, "losses1": l1, "param_diff": diff, "devices": n_shards}}))
 """
 
+PROCESSES = SETUP + r"""
+losses, p, state = train(jax.devices())
+if jax.process_index() == 0:
+    np.savez({out!r}, losses=np.asarray(losses), processes=jax.process_count(), devices=jax.device_count(),
+             **{{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(p))}})
+"""
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
 
 def test_four_devices_match_one(tiny_bert):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    code = SCRIPT.format(root=str(ROOT), model=str(tiny_bert))
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    code = FOUR_DEVICES.format(root=str(ROOT), model=str(tiny_bert))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4  # parameters really live on all four devices
     assert out["losses4"] == pytest.approx(out["losses1"], abs=1e-5)
     assert out["param_diff"] <= 1e-5
+
+
+def test_two_processes_match_one(tmp_path, tiny_bert):
+    """Two processes on localhost (gloo collectives, one CPU device each) train like one process."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    def script(out):
+        return PROCESSES.format(root=str(ROOT), model=str(tiny_bert), out=str(out))
+    procs = [subprocess.Popen([sys.executable, "-c", script(tmp_path / "two.npz"), f"localhost:{port}", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    single = subprocess.run([sys.executable, "-c", script(tmp_path / "one.npz")], capture_output=True, text=True,
+                            env=ENV, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert int(two["processes"]) == 2 and int(two["devices"]) == 2 and int(one["devices"]) == 1
+    np.testing.assert_allclose(two["losses"], one["losses"], atol=1e-5)
+    leaves = [k for k in one.files if k.isdigit()]
+    assert len(leaves) > 10
+    assert max(float(np.abs(two[k] - one[k]).max()) for k in leaves) <= 1e-5
 
 
 def test_batch_size_must_divide_by_device_count():
@@ -71,3 +110,32 @@ def test_batch_size_must_divide_by_device_count():
     fake = type("FakeMesh", (), {"devices": __import__("numpy").zeros(4)})()
     with pytest.raises(MtlError, match=r"--batch-size 30 does not divide by the 4 devices; use 28 or 32"):
         check_batch_size(30, fake)
+
+
+def test_two_process_training_run_writes_once_and_matches_one_process(tmp_path, tiny_bert, tiny_data):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--epochs", "1", "--batch-size", "8",
+            "--lr", "1e-3", "--freeze", "none", "--no-progress", "--no-export"]
+    train = str(ROOT / "scripts" / "train.py")
+    procs = [subprocess.Popen([sys.executable, train, *args, "--out", str(tmp_path / "two"), "--coordinator",
+                               f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    one = subprocess.run([sys.executable, train, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        errs.append(err)
+    assert "backend cpu (2 device(s)" in errs[0] and errs[1].strip() == ""  # process 1 trains silently
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    ref = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for split in ("validation", "test"):
+        for t in ("topic", "sentiment"):
+            assert two[split][t]["confusion"] == ref[split][t]["confusion"]
+            assert abs(two[split][t]["loss"] - ref[split][t]["loss"]) < 1e-4
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
