@@ -5,6 +5,9 @@ Prints one JSON line: examples_per_s, step_s (median of --steps after --warmup),
 compile_s, trainable parameters and optimizer-state size. Shapes match the PyTorch
 peer (../shared/peer/torch_mtl_step.py): --size minilm is dim 384 x 6 layers,
 --size base is distilbert-base (768 x 6), --size tiny is 32 x 2.
+
+With --grad-diagnostics K it also times K steps with and without one task-gradient
+probe (as the trainer runs it every K steps) and reports the overhead as a ratio.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from transformers import DistilBertConfig  # noqa: E402
 
 from mtl_jax.freezing import frozen_groups, param_groups  # noqa: E402
 from mtl_jax.model import MultiTaskModel  # noqa: E402
-from mtl_jax.train import OptimConfig, TrainState, count_numbers, frozen_param_mask, make_optimizer, make_train_step  # noqa: E402
+from mtl_jax.train import (  # noqa: E402
+    OptimConfig,
+    TrainState,
+    count_numbers,
+    frozen_param_mask,
+    make_grad_probe,
+    make_optimizer,
+    make_train_step,
+)
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -42,10 +53,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout and attention dropout")
+    p.add_argument("--grad-diagnostics", type=int, default=0, metavar="K", help="also time the probe's overhead at every K steps")
     p.add_argument("--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)")
     args = p.parse_args()
 
-    config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=float(__import__("os").environ.get("DROP", 0.1)), attention_dropout=float(__import__("os").environ.get("DROP", 0.1)), **SIZES[args.size])
+    config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=args.dropout,
+                              attention_dropout=args.dropout, **SIZES[args.size])
     model = MultiTaskModel(config, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
@@ -74,6 +88,8 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     mfu = model_flops_utilization(config, args.batch, args.seq, step_s, args.peak_tflops)
+    if args.grad_diagnostics:
+        mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
     trainable = sum(int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen_param_mask(params, frozen))) if not f)
     print(json.dumps({
         "benchmark": "train_step",
@@ -88,6 +104,26 @@ def main() -> None:
         "optimizer_state_numbers": count_numbers(state.opt_state),
         "loss": float(m["loss"]),
     } | mfu))
+
+
+def probe_overhead(model, state, step, batch, key, k: int) -> dict:
+    """Seconds for k steps without and with one task-gradient probe (half the batch per task), and their ratio."""
+    half = len(batch["labels"]) // 2
+    stacked = {n: jnp.stack([v[:half], v[half : 2 * half]], axis=1) for n, v in batch.items()}
+    probe = make_grad_probe(model)
+    jax.block_until_ready(probe(state.params, stacked))  # compile
+    out = {}
+    for name, with_probe in (("plain", False), ("diagnostics", True), ("plain_again", False)):
+        t0 = time.perf_counter()
+        for i in range(k):
+            if with_probe and i == 0:
+                jax.block_until_ready(probe(state.params, stacked))  # the trainer reads it at once
+            state, m = step(state, batch, key)
+        jax.block_until_ready(m)
+        out[f"{name}_{k}_steps_s"] = round(time.perf_counter() - t0, 3)
+    plain = min(out[f"plain_{k}_steps_s"], out[f"plain_again_{k}_steps_s"])
+    out["diagnostics_overhead"] = round(out[f"diagnostics_{k}_steps_s"] / plain - 1, 4)
+    return out
 
 
 # bf16 dense peak (TFLOP/s) by device kind, for the MFU figure

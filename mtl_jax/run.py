@@ -456,9 +456,13 @@ def _report(cfg: TrainConfig, summary: dict, names, labels) -> str:
         f"# Run report: {cfg.out}",
         "",
         f"Encoder `{cfg.encoder}`, freeze `{cfg.freeze}`, {summary['steps']} steps, batch {cfg.batch_size}, "
-        f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, backend {summary['backend']}.",
+        f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, loss weighting {cfg.loss_weighting}, backend {summary['backend']}.",
         f"Best epoch {summary['best_epoch']} (mean validation macro-F1); wall time {summary['wall_s']:.0f} s, "
         f"{summary['examples_per_s']:.1f} training examples/s.",
+    ]
+    if "loss_weights" in summary:
+        lines.append("Learned loss weights exp(-s): " + ", ".join(f"{t} {w:.3f}" for t, w in summary["loss_weights"].items()) + ".")
+    lines += [
         "",
         "| task | split | accuracy | macro-F1 | examples |",
         "|---|---|---|---|---|",
