@@ -130,6 +130,8 @@ class TrainConfig:
     """Drop bad data rows (reported per reason) instead of stopping."""
     progress: bool = True
     """Show a progress bar."""
+    fsdp: bool = False
+    """Split parameters and optimizer state over the devices (FSDP-style) instead of replicating them."""
     coordinator: Optional[str] = None
     """Multi-process run: process 0's host:port (else $JAX_COORDINATOR_ADDRESS), or 'auto' (TPU VM slice, SLURM, Open MPI)."""
     num_processes: Optional[int] = None

@@ -73,12 +73,42 @@ def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "--batch-size") ->
         raise MtlError(f"{flag} {batch_size} does not divide by the {n} devices; use {options}")
 
 
-def replicate(tree, mesh: Mesh):
-    """Every device holds the whole ``tree`` (parameters, optimizer state)."""
-    sharding = NamedSharding(mesh, P())
+def _put(tree, sharding_of):
+    """Place each leaf with ``sharding_of(leaf)``, in one process or several."""
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]), tree)
+        return jax.tree.map(lambda x: jax.device_put(x, sharding_of(x)), tree)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding_of(x), lambda i: np.asarray(x)[i]), tree)
+
+
+def replicate(tree, mesh: Mesh):
+    """Every device holds the whole ``tree``."""
+    sharding = NamedSharding(mesh, P())
+    return _put(tree, lambda _: sharding)
+
+
+def fsdp_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """FSDP-style: the largest axis that divides by the device count is split over ``data``.
+
+    Arrays with no such axis (biases of odd sizes, scalars) stay replicated.
+    """
+    n = mesh.devices.size
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] >= n and shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "data"
+            return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+def place_state(tree, mesh: Mesh, fsdp: bool = False):
+    """Parameters and optimizer state on the mesh: replicated, or (``fsdp``) split over ``data``.
+
+    With ``fsdp`` each device holds 1/n of every large array; XLA gathers what a step
+    needs, so the train step itself does not change.
+    """
+    if not fsdp:
+        return replicate(tree, mesh)
+    return _put(tree, lambda x: fsdp_sharding(np.shape(x), mesh))
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

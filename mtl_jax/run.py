@@ -27,7 +27,16 @@ from mtl_jax.data import SPLITS, epoch_plan, load_tasks, make_batch, make_task_b
 from mtl_jax.errors import Interrupted, MtlError
 from mtl_jax.freezing import encoder_frozen, frozen_groups, group_sizes, param_groups, parse_phases, phase_at
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
-from mtl_jax.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, replicate, shard_batch
+from mtl_jax.parallel import (
+    check_batch_size,
+    initialize_distributed,
+    is_primary,
+    make_mesh,
+    place_state,
+    replicate,
+    shard_batch,
+    to_host,
+)
 from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
 from mtl_jax.text import bucket_lengths
 from mtl_jax.train import (
@@ -235,8 +244,9 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 
     def checkpoint_target(meta: dict) -> dict:
         tx_ = make_optimizer(params, frozen_by_phase[meta["phase"]], optim, encoder.config.n_layers)
-        target = {"state": TrainState.create(params, tx_.init(params)), "metrics": _zero_metrics(names), "rng": rng}
-        return replicate(target, mesh)  # restored arrays take the target's (mesh) sharding
+        # restored arrays take the target's (mesh) shardings
+        return {"state": place_state(TrainState.create(params, tx_.init(params)), mesh, cfg.fsdp),
+                "metrics": replicate(_zero_metrics(names), mesh), "rng": replicate(rng, mesh)}
 
     # ---- inputs are valid: from here on the run directory is written
     if jax.process_count() > 1:  # no process writes before every process has checked
@@ -286,7 +296,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             _log(f"resumed from {ckpts.folder / str(ckpt_step)} (epoch {meta['epoch'] + 1}, step {int(state.step)})")
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         records = [json.loads(line) for line in lines[: meta["records"]]]
-    state = replicate(state, mesh)
+    state = place_state(state, mesh, cfg.fsdp)
     metrics_file = open(out / "metrics.jsonl" if primary else os.devnull, "w")
     for rec in records:
         metrics_file.write(json.dumps(rec) + "\n")
@@ -335,7 +345,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                     new_frozen = frozen_by_phase[new_phase]
                     new_tx, new_step = build(new_frozen)
                     opt_state = carry_opt_state(state.opt_state, new_tx.init(state.params), frozen, new_frozen)
-                    state = state.replace(opt_state=replicate(opt_state, mesh))
+                    state = state.replace(opt_state=place_state(opt_state, mesh, cfg.fsdp))
                     phase_i, frozen, tx, train_step = new_phase, new_frozen, new_tx, new_step
                     describe(frozen, phase_i)
                 if cache_phase != phase_i:  # (inside the epoch's clock: caching is part of its cost)
@@ -391,7 +401,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             )
             if rec["mean_macro_f1"] > meta["best_score"]:
                 meta.update(best_score=rec["mean_macro_f1"], best_epoch=epoch, best_step=step)
-                best_params = jax.device_get(state.params)
+                best_params = to_host(state.params)
             # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
             save(*((epoch + 1, 0) if position == len(plan) else (epoch, position)), 0, score=rec["mean_macro_f1"])
             if stop["signal"] is not None:

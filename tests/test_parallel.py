@@ -24,7 +24,7 @@ if len(sys.argv) > 2:  # coordinator, process id: one of two processes
     initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax, jax.numpy as jnp, numpy as np
 from mtl_jax.model import MultiTaskModel, init_params, load_encoder
-from mtl_jax.parallel import make_mesh, replicate, shard_batch
+from mtl_jax.parallel import make_mesh, place_state, shard_batch
 from mtl_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
 enc = load_encoder({model!r})
@@ -38,11 +38,11 @@ for i in range(3):
     batches.append({{"input_ids": rng.integers(1000, 30000, (8, 16)).astype(np.int32),
                     "attention_mask": np.ones((8, 16), np.int32), "labels": labels}})
 
-def train(devices):
+def train(devices, fsdp=False):
     mesh = make_mesh(devices)
     tx = make_optimizer(params, frozenset(), OptimConfig(lr=1e-3, head_lr=1e-3, total_steps=10, warmup_steps=0), 2)
     step = make_train_step(model, tx, {{"a": 1.0, "b": 1.0}})
-    state = replicate(TrainState.create(jax.tree.map(jnp.array, params), tx.init(params)), mesh)
+    state = place_state(TrainState.create(jax.tree.map(jnp.array, params), tx.init(params)), mesh, fsdp)
     losses = []
     for b in batches:
         state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
@@ -54,9 +54,14 @@ FOUR_DEVICES = SETUP + r"""
 assert jax.device_count() == 4, jax.devices()
 l4, p4, s4 = train(jax.devices())
 l1, p1, _ = train(jax.devices()[:1])
-diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)))
+lf, pf, sf = train(jax.devices(), fsdp=True)
+diff = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
 n_shards = len(s4.params["heads"]["a"]["kernel"].sharding.device_set)
-print(json.dumps({{"losses4": l4, "losses1": l1, "param_diff": diff, "devices": n_shards}}))
+mu = sf.opt_state[2].inner_states["layer_0"].inner_state[0].mu["encoder"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"]
+print(json.dumps({{"losses4": l4, "losses1": l1, "param_diff": diff(p4), "devices": n_shards,
+                  "losses_fsdp": lf, "param_diff_fsdp": diff(pf),
+                  "fsdp_shard_rows": [s.data.shape for s in mu.addressable_shards][0],
+                  "fsdp_full": list(mu.shape)}}))
 """
 
 PROCESSES = SETUP + r"""
@@ -77,6 +82,11 @@ def test_four_devices_match_one(tiny_bert):
     assert out["devices"] == 4  # parameters really live on all four devices
     assert out["losses4"] == pytest.approx(out["losses1"], abs=1e-5)
     assert out["param_diff"] <= 1e-5
+    # FSDP: each device holds a quarter of the large arrays (Adam moments too), same training
+    assert out["losses_fsdp"] == pytest.approx(out["losses1"], abs=1e-5)
+    assert out["param_diff_fsdp"] <= 1e-5
+    full, shard = out["fsdp_full"], out["fsdp_shard_rows"]
+    assert sorted(shard) != sorted(full) and np.prod(shard) * 4 == np.prod(full)
 
 
 def test_two_processes_match_one(tmp_path, tiny_bert):
