@@ -55,6 +55,7 @@ class CompareConfig(TrainConfig):
     max_steps: Optional[int] = 240
     """Steps per run (240 x 32 examples: about 0.7 of an epoch of the embedded default, so that 6 scenarios x 3 seeds fit in an hour on 2 CPU cores)."""
     out: str = "runs/compare"
+    """Folder for results.csv, results.md, results.png and each run's directory (runs/<scenario>-<weighting>-s<seed>)."""
     export: bool = False
     progress: bool = False
 
@@ -143,7 +144,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
         shutil.rmtree(Path(train_cfg.out) / "checkpoints", ignore_errors=True)  # only the metrics are needed
         durations.setdefault(key, []).append(summary["wall_s"])
         row = dict(run, wall_s=round(summary["wall_s"], 1), trainable_params=_trainable(summary, run["freeze"]),
-                   best_epoch=summary["best_epoch"])
+                   steps=summary["steps"], best_epoch=summary["best_epoch"])
         for t in names:
             for split, short in (("test", "test"), ("validation", "val")):
                 row[f"{t}_{short}_acc"] = round(summary[split][t]["accuracy"], 4)
@@ -182,10 +183,12 @@ def write_results(out: Path, rows: list[dict], pending: list[dict], names: list[
             writer.writeheader()
             writer.writerows(rows)
     summary = summarize(rows, names)
+    steps = sorted({r["steps"] for r in rows})
+    length = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps" if steps else "no runs yet"
     lines = [
         "# Freezing scenarios compared",
         "",
-        f"Encoder `{cfg.encoder}`, {cfg.epochs} epoch(s) per run, batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"Encoder `{cfg.encoder}`, {length} per run, batch {cfg.batch_size}, lr {cfg.lr}, "
         f"seeds {', '.join(map(str, cfg.seeds))}; test split of seed {cfg.split_seed}. Mean ± std over seeds; "
         f"wall time per run on {jax.default_backend()}.",
         "",

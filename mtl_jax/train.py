@@ -200,8 +200,11 @@ def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, wei
             return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
         (losses, per_task), task_grads = per_task_grads(loss_fn, params, batch, key)
         grads = jax.tree.map(lambda g: g.sum(0), task_grads)
-        if not encoder_frozen:  # (a frozen encoder's gradients are never computed)
-            grads["encoder"] = pcgrad(task_grads["encoder"], jax.random.fold_in(key, 1 << 20))
+        if not encoder_frozen:  # projections over the encoder's trainable part (frozen grads are never computed)
+            shared = task_grads["encoder"]
+            if frozen_mask is not None:
+                shared = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, shared, frozen_mask["encoder"])
+            grads["encoder"] = pcgrad(shared, jax.random.fold_in(key, 1 << 20))
         return (losses.sum(), jax.tree.map(lambda x: x.sum(0), per_task)), grads
 
     def train_step(state: TrainState, batch, rng):
