@@ -98,10 +98,10 @@ class TrainConfig:
     """Pooling (default: from the checkpoint, else mean)."""
     max_length: int = 128
     """Tokens per example; longer texts are truncated (and counted)."""
-    sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
-    """Examples per task and epoch: every example once, the same number per task, or by --temperature."""
-    temperature: float = 2.0
-    """For --sampling temperature: p(task) proportional to n^(1/T)."""
+    sampling: Literal["proportional", "uniform", "temperature"] = "temperature"
+    """Examples per task and epoch (an epoch has as many as all tasks together): p(task) proportional to n^(1/T) (temperature), every example once (proportional), or the same number per task (uniform)."""
+    temperature: float = 1.5
+    """For --sampling temperature: p(task) proportional to n^(1/T); 1 is proportional, large T uniform."""
     seed: int = 0
     """Seeds the batch order, the heads' initialisation, dropout and (without --split-seed) the data split."""
     split_seed: Optional[int] = None
