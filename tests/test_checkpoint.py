@@ -71,8 +71,12 @@ def faulty(args: list[str], fault: str, at: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=600)
 
 
+TIMINGS = ("epoch_s",)  # wall-clock seconds: the only values a repeated run may change
+
+
 def outputs(out: Path) -> tuple[list[dict], dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
     weights = load_file(str(out / "export" / "model.safetensors")) | load_file(str(out / "export" / "heads.safetensors"))
     return records, weights
 
