@@ -45,7 +45,7 @@ def main() -> None:
                       "epoch_s": [r["epoch_s"] for r in records if r["split"] == "validation"]}
 
     cfg = runs["cached"]["cfg"]
-    data = load_tasks(cfg.selected_tasks(), seed=cfg.seed)
+    data = load_tasks(cfg.selected_tasks(), seed=cfg.resolved_split_seed())
     texts = data.splits["test"].texts
     pooled = load_encoder(cfg.encoder).encode(texts, normalize=False, max_length=min(cfg.max_length, 512), progress=False)
     heads = {n: load_file(str(folder / n / "export" / "heads.safetensors")) for n in runs}

@@ -150,6 +150,10 @@ class TrainConfig:
             raise MtlError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return tuple(known[n] for n in names)
 
+    def resolved_split_seed(self) -> int:
+        """The seed of the train/validation/test split: --split-seed, else --seed."""
+        return self.seed if self.split_seed is None else self.split_seed
+
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 

@@ -433,13 +433,7 @@ def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sort_wind
     lengths = data.lengths
     per_task = []
     for m in members:
-        k = steps * rows
-        order = np.concatenate([m[rng.permutation(len(m))] for _ in range(math.ceil(k / len(m)))])[:k]
-        subs = []
-        for start in range(0, k, rows * sort_window):
-            chunk = order[start : start + rows * sort_window]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            subs.extend(chunk[i : i + rows] for i in range(0, len(chunk), rows))
+        subs = _length_sorted_batches(_draw(m, steps * rows, rng), lengths, rows, sort_window)
         subs.sort(key=lambda idx: int(lengths[idx].max()))
         per_task.append(subs)
     plan = [list(step) for step in zip(*per_task)]
@@ -468,19 +462,30 @@ def epoch_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sampling
     sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
     counts = sampling_counts(sizes, sampling, temperature)
     lengths = data.lengths
-    window = batch_size * sort_window
     batches = []
     for src, (n, k) in enumerate(zip(sizes, counts)):
         if n == 0 or k == 0:
             continue
-        members = np.flatnonzero(data.source == src)
-        reps = [members[rng.permutation(n)] for _ in range(math.ceil(k / n))]
-        order = np.concatenate(reps)[:k]
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        order = _draw(np.flatnonzero(data.source == src), k, rng)
+        batches += _length_sorted_batches(order, lengths, batch_size, sort_window)
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` of ``members``: shuffled passes over all of them, as many as needed, cut at ``k``."""
+    reps = [members[rng.permutation(len(members))] for _ in range(math.ceil(k / len(members)))]
+    return np.concatenate(reps)[:k]
+
+
+def _length_sorted_batches(order: np.ndarray, lengths: np.ndarray, rows: int, sort_window: int) -> list[np.ndarray]:
+    """Batches of ``rows`` from ``order``, sorted by length inside windows of ``sort_window`` batches."""
+    batches = []
+    window = rows * sort_window
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + rows] for i in range(0, len(chunk), rows))
+    return batches
 
 
 def eval_batches(data: Tokenized, batch_size: int, max_length: int, pad_id: int) -> Iterator[Batch]:

@@ -28,13 +28,7 @@ def plot_curves(records: list[dict], tasks: Sequence[str], path: Path) -> None:
                 ax_val.plot(*zip(*pts), style, color=color, label=f"{t} {key}")
     ax_loss.set(xlabel="step", ylabel="training loss (mean over log interval)", title="Training loss")
     ax_val.set(xlabel="step", ylabel="score", title="Validation", ylim=(0, 1))
-    for ax in (ax_loss, ax_val):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, (ax_loss, ax_val), path)
 
 
 def plot_confusion(confusion: list[list[int]], labels: Sequence[str], title: str, path: Path) -> None:
@@ -47,9 +41,7 @@ def plot_confusion(confusion: list[list[int]], labels: Sequence[str], title: str
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, (), path)
 
 
 def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> None:
@@ -64,13 +56,7 @@ def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> Non
     ax_cos.axhline(0.0, color="grey", lw=0.8)
     ax_norm.set(xlabel="step", ylabel="gradient norm on the encoder", title="Per-task gradient norm", yscale="log")
     ax_cos.set(xlabel="step", ylabel="cosine", title="Cosine between task gradients (< 0: conflict)", ylim=(-1, 1))
-    for ax in (ax_norm, ax_cos):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, (ax_norm, ax_cos), path)
 
 
 def plot_compare(summary: list[dict], tasks: Sequence[str], path: Path) -> None:
@@ -83,7 +69,16 @@ def plot_compare(summary: list[dict], tasks: Sequence[str], path: Path) -> None:
             ax.errorbar(s["wall_s"], mean, yerr=std, fmt="o", color=f"C{i % 10}", capsize=3, label=label)
         ax.set(xlabel="wall time per run (s)", ylabel="test accuracy", title=t)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes[0][-1].legend(fontsize=8, loc="best")  # one legend for all panels
+    _finish(fig, (), path)
+
+
+def _finish(fig, panels, path: Path) -> None:
+    """Grid and legend on each of ``panels``, then save ``fig`` to ``path`` and free it."""
+    for ax in panels:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -169,8 +169,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     phases = parse_phases(cfg.freeze)
     if cfg.batch_size < 1 or cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
         raise MtlError("--batch-size, --epochs and --max-steps must be positive")
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    data = load_tasks(tasks, seed=split_seed, skip_bad_rows=cfg.skip_bad_rows)
+    data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
     max_length = min(cfg.max_length, encoder.spec.max_length)
     tokenized = {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS}

@@ -172,16 +172,11 @@ def per_task_grads(loss_fn: Callable, params, stacked, key):
     return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
 
 
-def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, weights: dict[str, float],
-                    frozen_mask=None, weighting: str = "static", encoder_frozen: bool = False) -> Callable:
-    """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
+def make_loss_fn(model: MultiTaskModel, weights: dict[str, float], weighting: str = "static",
+                 encoder_frozen: bool = False) -> Callable:
+    """``loss_fn(params, batch, key) -> (loss, per-task sums)``; ``key=None``: no dropout.
 
-    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``, ``sum``
-    weight 1, ``uncertainty`` the learned ``params["loss_weights"]``, ``pcgrad`` needs a
-    task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token ids or cached
-    embeddings (``"embeddings"``); each kind compiles its own shapes.
-    ``frozen_mask`` (a tree of bools like the params) keeps frozen parameters as they
-    were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
+    For ``pcgrad`` this is each task's plain loss (the projection happens on the gradients).
     """
     if weighting not in METHODS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(METHODS)}")
@@ -194,6 +189,22 @@ def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, wei
         if weighting == "uncertainty":
             return uncertainty_loss(per_task, params["loss_weights"]), per_task
         return weighted_loss(per_task, weights), per_task
+
+    return loss_fn
+
+
+def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, weights: dict[str, float],
+                    frozen_mask=None, weighting: str = "static", encoder_frozen: bool = False) -> Callable:
+    """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
+
+    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``, ``sum``
+    weight 1, ``uncertainty`` the learned ``params["loss_weights"]``, ``pcgrad`` needs a
+    task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token ids or cached
+    embeddings (``"embeddings"``); each kind compiles its own shapes.
+    ``frozen_mask`` (a tree of bools like the params) keeps frozen parameters as they
+    were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
+    """
+    loss_fn = make_loss_fn(model, weights, weighting, encoder_frozen)
 
     def loss_and_grads(params, batch, key):
         if weighting != "pcgrad":
@@ -272,12 +283,7 @@ def make_grad_probe(model: MultiTaskModel) -> Callable:
     Each task's gradient of its mean loss over its own sub-batch of the task-stacked
     ``stacked`` (no dropout), measured on the shared encoder.
     """
-    tasks = [name for name, _ in model.tasks]
-    ones = {t: 1.0 for t in tasks}
-
-    def loss_fn(params, batch, key):
-        per_task = task_losses(forward(model, params, batch), batch["labels"], tasks)
-        return weighted_loss(per_task, ones), per_task
+    loss_fn = make_loss_fn(model, {}, "sum")
 
     @jax.jit
     def probe(params, stacked):
