@@ -14,6 +14,7 @@ safetensors, config.json, modules.json, 1_Pooling, tokenizer) plus the task head
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -217,7 +218,7 @@ class Predictor:
     def __init__(self, folder: Path):
         from safetensors.numpy import load_file
 
-        from mtl_jax.model import MultiTaskModel, load_encoder
+        from mtl_jax.model import MultiTaskModel, embed_packed, load_encoder
 
         meta = verify_export(folder)
         self.folder = Path(folder)
@@ -239,8 +240,9 @@ class Predictor:
         self.model = MultiTaskModel(self.encoder.config, tasks=tuple((n, len(l)) for n, l in self.tasks), pooling=meta["pooling"])
 
         @jax.jit
-        def probs(params, ids, mask):
-            logits, _ = self.model.apply({"params": params}, ids, mask)
+        def probs(params, ids, positions, segments):
+            pooled = embed_packed(self.encoder.config, params["encoder"], ids, positions, segments, self.model.pooling)
+            logits = self.model.apply({"params": params}, pooled, method=MultiTaskModel.classify)
             return {t: jax.nn.softmax(v, axis=-1) for t, v in logits.items()}
 
         self._probs = probs
@@ -251,7 +253,7 @@ class Predictor:
     def predict_proba(self, sentences, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
         """Per task ``[N, C]`` class probabilities, rows in input order."""
         empty = {name: np.zeros((0, len(labels)), np.float32) for name, labels in self.tasks}
-        out = self.encoder.map_batches(lambda ids, mask: self._probs(self.params, ids, mask), sentences,
+        out = self.encoder.map_packed(functools.partial(self._probs, self.params), sentences,
                                        batch_size=batch_size, progress=progress, empty=empty)
         return {name: out[name] for name, _ in self.tasks}
 

@@ -23,24 +23,33 @@ from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBe
 
 from mtl_jax.errors import MtlError
 from mtl_jax.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
-from mtl_jax.text import INFERENCE_BUCKETS, TextTokenizer, bucket_for, bucket_lengths, check_texts, pad_batch
+from mtl_jax.packing import MAX_SEGMENTS, packed_calls, packed_hidden
+from mtl_jax.text import TextTokenizer, check_texts
+
+
+def pool_segments(hidden: jax.Array, segments: jax.Array, starts: jax.Array, mode: str, num_segments: int) -> jax.Array:
+    """Sentence embeddings [B, S, D] (float32) from token states [B, L, D].
+
+    ``segments`` [B, L] numbers the sentences of a row 1..S (0 = padding) and ``starts``
+    [B, L] marks each sentence's first token. Padding never contributes: ``mean``
+    averages a sentence's own tokens (as sentence-transformers does), ``max`` ignores
+    every other position, ``cls`` takes the first token.
+    """
+    hidden = hidden.astype(jnp.float32)
+    member = (segments[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)  # [B, L, S]
+    if mode == "cls":
+        return jnp.einsum("bls,bld->bsd", member * starts[..., None].astype(jnp.float32), hidden)
+    if mode == "mean":
+        return jnp.einsum("bls,bld->bsd", member, hidden) / jnp.maximum(member.sum(axis=1)[..., None], 1e-9)
+    if mode == "max":
+        return jnp.where(member[..., None] > 0, hidden[:, :, None, :], -1e9).max(axis=1)
+    raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
 
 
 def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """Sentence embedding [B, D] (float32) from token states [B, L, D] and mask [B, L].
-
-    Padding never contributes: ``mean`` averages real tokens only (as
-    sentence-transformers does), ``max`` ignores padded positions, ``cls`` takes token 0.
-    """
-    hidden = hidden.astype(jnp.float32)
-    m = mask.astype(jnp.float32)[:, :, None]  # [B, L, 1]
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "mean":
-        return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
-    if mode == "max":
-        return jnp.where(m > 0, hidden, -1e9).max(axis=1)
-    raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
+    """Sentence embedding [B, D] (float32) from token states [B, L, D] and mask [B, L]: one sentence per row."""
+    starts = jnp.zeros(mask.shape, jnp.int32).at[:, 0].set(1)
+    return pool_segments(hidden, mask, starts, mode, 1)[:, 0]
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -137,9 +146,8 @@ class SentenceEncoder:
     @functools.cached_property
     def _embed_fn(self):
         @functools.partial(jax.jit, static_argnames=("pooling", "normalize"))
-        def embed(params, ids, mask, pooling, normalize):
-            model = MultiTaskModel(self.config, tasks=(), pooling=pooling)
-            _, pooled = model.apply({"params": {"encoder": params}}, ids, mask)
+        def embed(params, ids, positions, segments, pooling, normalize):
+            pooled = embed_packed(self.config, params, ids, positions, segments, pooling)
             return l2_normalize(pooled) if normalize else pooled
 
         return embed
@@ -156,22 +164,24 @@ class SentenceEncoder:
         """Embeddings ``[N, D]`` float32, rows in input order.
 
         Pooling, normalization and ``max_length`` default to the checkpoint's settings.
+        ``batch_size`` sets the work per compiled call: about ``batch_size`` sentences of
+        32 tokens (sentences are packed several to a row, see ``mtl_jax.packing``).
         """
         pooling = pooling or self.spec.pooling
         if pooling not in POOLING_MODES:
             raise MtlError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
         normalize = self.spec.normalize if normalize is None else normalize
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
-        out = self.map_batches(fn, sentences, batch_size=batch_size, max_length=max_length, progress=progress, empty=np.zeros((0, self.dim), np.float32))
+        out = self.map_packed(fn, sentences, batch_size=batch_size, max_length=max_length, progress=progress, empty=np.zeros((0, self.dim), np.float32))
         return out.astype(np.float32, copy=False)
 
-    def map_batches(self, fn, sentences: Sequence[str], batch_size: int = 64, max_length: int | None = None,
-                    progress: bool | None = None, empty=None):
-        """``fn(ids [B, L], mask [B, L]) -> pytree of [B, ...]`` over all sentences; rows in input order.
+    def map_packed(self, fn, sentences: Sequence[str], batch_size: int = 64, max_length: int | None = None,
+                   progress: bool | None = None, empty=None):
+        """``fn(ids, positions, segments) -> pytree of [R, MAX_SEGMENTS, ...]`` over all sentences,
+        packed several to a row (``mtl_jax.packing``); one output row per sentence, in input order.
 
-        Sentences are sorted by length and each batch is padded to a bucket length and
-        to ``batch_size`` rows, so at most ``len(bucket_lengths(max_length))`` shapes are
-        ever compiled. ``progress=None`` shows a bar only on a terminal for long inputs.
+        At most ``len(packing.row_lengths(max_length))`` shapes are ever compiled.
+        ``progress=None`` shows a bar only on a terminal for long inputs.
         """
         texts = check_texts(sentences)
         max_length = max_length or self.spec.max_length
@@ -182,33 +192,34 @@ class SentenceEncoder:
         if not texts and empty is not None:
             return empty
         ids, _ = self._tokenizer(texts, max_length)
-        order = np.argsort([len(s) for s in ids], kind="stable")
-        buckets = bucket_lengths(max_length, INFERENCE_BUCKETS)
-        rows = max(1, min(batch_size, len(texts)))
         if progress is None:
-            progress = sys.stderr.isatty() and len(texts) >= 10 * rows
+            progress = sys.stderr.isatty() and len(texts) >= 10 * batch_size
         out = None
         pending = []
 
-        def collect(idx, result):
+        def collect(call, result):
             nonlocal out
-            result = jax.tree.map(np.asarray, result)
+            result = jax.tree.map(lambda r: np.asarray(r).reshape((-1,) + r.shape[2:]), result)
             if out is None:
                 out = jax.tree.map(lambda r: np.zeros((len(texts),) + r.shape[1:], r.dtype), result)
-            jax.tree.map(lambda o, r: o.__setitem__(idx, r[: len(idx)]), out, result)
+            slots = np.flatnonzero(call.index >= 0)
+            jax.tree.map(lambda o, r: o.__setitem__(call.index[slots], r[slots]), out, result)
 
         with tqdm(total=len(texts), unit="sent", disable=not progress, desc="encode") as bar:
-            for start in range(0, len(texts), rows):
-                idx = order[start : start + rows]
-                length = bucket_for(max(len(ids[i]) for i in idx), buckets)
-                batch_ids, batch_mask = pad_batch([ids[i] for i in idx], length, rows, self._tokenizer.pad_id)
-                pending.append((idx, fn(batch_ids, batch_mask)))
-                if len(pending) > 2:  # keep the device busy while the host pads the next batch
+            for call in packed_calls(ids, max_length, batch_size, self._tokenizer.pad_id):
+                pending.append((call, fn(call.ids, call.positions, call.segments)))
+                if len(pending) > 2:  # keep the device busy while the host packs the next call
                     collect(*pending.pop(0))
-                bar.update(len(idx))
+                bar.update(call.sentences)
             for item in pending:
                 collect(*item)
         return out
+
+
+def embed_packed(config, params, ids, positions, segments, pooling: str) -> jax.Array:
+    """Pooled embeddings ``[R, MAX_SEGMENTS, D]`` float32 of packed rows (no normalization)."""
+    hidden = packed_hidden(config, params, ids, positions, segments)
+    return pool_segments(hidden, segments, positions == 0, pooling, MAX_SEGMENTS)
 
 
 def load_encoder(name_or_path: str | Path = "sentence-transformers/all-MiniLM-L6-v2", allow_pickle: bool = False) -> SentenceEncoder:

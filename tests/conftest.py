@@ -61,6 +61,14 @@ def write_tiny_bert(dst: Path, seed: int = 0, config: dict | None = None) -> tup
 
 
 @pytest.fixture(scope="session")
+def minilm():
+    """The embedded all-MiniLM-L6-v2, loaded once."""
+    from mtl_jax import load_encoder
+
+    return load_encoder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_bert")
     write_tiny_bert(path)

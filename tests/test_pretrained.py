@@ -17,11 +17,6 @@ from tests.conftest import ROOT, write_tiny_bert
 REFERENCE = json.loads((ROOT / "tests" / "all-MiniLM-L6-v2.reference.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    return load_encoder("sentence-transformers/all-MiniLM-L6-v2")
-
-
 def test_embedded_model_matches_sentence_transformers(minilm):
     got = minilm.encode(REFERENCE["sentences"])
     want = np.asarray(REFERENCE["embeddings"], np.float32)
@@ -163,7 +158,7 @@ def test_unknown_hub_name_says_no_hub(monkeypatch):
 
 
 def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
-    from mtl_jax.text import INFERENCE_BUCKETS, bucket_lengths
+    from mtl_jax.packing import row_lengths
 
     rng = np.random.default_rng(0)
     words = ["film", "plot", "great", "dull", "actor", "scene", "a", "the"]
@@ -172,7 +167,7 @@ def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
     # rows in input order: each equals the sentence encoded alone
     for i in (0, 57, 299):
         np.testing.assert_allclose(out[i], minilm.encode([texts[i]], max_length=128)[0], atol=1e-5)
-    assert minilm._embed_fn._cache_size() <= len(bucket_lengths(256, INFERENCE_BUCKETS)) + 2 * len(bucket_lengths(128, INFERENCE_BUCKETS))
+    assert minilm._embed_fn._cache_size() <= len(row_lengths(256)) + 2 * len(row_lengths(128))
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean", "max"])
