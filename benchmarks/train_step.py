@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from transformers import DistilBertConfig  # noqa: E402
 
-from mtl_jax.freezing import frozen_groups, param_groups  # noqa: E402
+from mtl_jax.freezing import encoder_frozen, frozen_groups, param_groups  # noqa: E402
 from mtl_jax.model import MultiTaskModel  # noqa: E402
 from mtl_jax.train import (  # noqa: E402
     OptimConfig,
@@ -67,9 +67,12 @@ def main() -> None:
     labels = np.stack([rng.integers(0, 3, args.batch), rng.integers(0, 2, args.batch)], 1).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": jnp.asarray(labels)}
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1], mask[:1])["params"]
-    frozen = frozen_groups(args.freeze, set(jax.tree.leaves(param_groups(params))))
+    groups = set(jax.tree.leaves(param_groups(params)))
+    frozen = frozen_groups(args.freeze, groups)
     tx = make_optimizer(params, frozen, OptimConfig(total_steps=10_000, warmup_steps=10), config.n_layers)
-    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
+    # built as the trainer builds it: a fully frozen encoder runs without dropout (mtl_jax/run.py)
+    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen),
+                           encoder_frozen=encoder_frozen(frozen, groups))
     state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
 
@@ -96,6 +99,7 @@ def main() -> None:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype,
+        "encoder_dropout": 0.0 if encoder_frozen(frozen, groups) else args.dropout,
         "examples_per_s": round(args.batch / step_s, 2),
         "step_s": round(step_s, 4),
         "step_s_min": round(min(times), 4),

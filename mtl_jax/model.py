@@ -86,9 +86,10 @@ class MultiTaskModel(nn.Module):
             self.heads = Heads(self.tasks)
 
     def embed(self, input_ids, attention_mask, deterministic: bool = True) -> jax.Array:
-        """Pooled sentence embedding [B, D] float32."""
-        out = self.encoder(input_ids, attention_mask, deterministic=deterministic)
-        return pool(out.last_hidden_state, attention_mask, self.pooling)
+        """Pooled sentence embedding [B, D] float32: one sentence per row, padded at the end."""
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        hidden = packed_hidden(self.encoder, input_ids, positions, attention_mask, deterministic)
+        return pool(hidden, attention_mask, self.pooling)
 
     def classify(self, pooled: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
         """{task: logits [B, C_task]} float32 from pooled embeddings."""
@@ -218,7 +219,7 @@ class SentenceEncoder:
 
 def embed_packed(config, params, ids, positions, segments, pooling: str) -> jax.Array:
     """Pooled embeddings ``[R, MAX_SEGMENTS, D]`` float32 of packed rows (no normalization)."""
-    hidden = packed_hidden(config, params, ids, positions, segments)
+    hidden = packed_hidden(FlaxDistilBertModule(config).bind({"params": params}), ids, positions, segments)
     return pool_segments(hidden, segments, positions == 0, pooling, MAX_SEGMENTS)
 
 

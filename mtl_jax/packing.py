@@ -120,15 +120,23 @@ def packed_calls(ids: Sequence[np.ndarray], max_length: int, batch_size: int, pa
             yield call
 
 
-def packed_hidden(config, params, ids: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
-    """Token states ``[R, P, D]`` of packed rows, through FlaxDistilBertModule's own layers (no dropout)."""
-    encoder = FlaxDistilBertModule(config).bind({"params": params})
+def packed_hidden(encoder: FlaxDistilBertModule, ids: jax.Array, positions: jax.Array, segments: jax.Array,
+                  deterministic: bool = True) -> jax.Array:
+    """Token states ``[R, P, D]`` of rows that may hold several sentences.
+
+    ``encoder`` is a bound FlaxDistilBertModule (inside a parent module, or
+    ``FlaxDistilBertModule(config).bind({"params": params})``); its own embedding, Dense,
+    LayerNorm, dropout and activation submodules do the work. A padded batch is the
+    special case ``segments = attention_mask``, ``positions = arange(L)``; a token of
+    segment 0 (padding) attends to nothing and its state is never read.
+    """
+    config = encoder.config
     emb = encoder.embeddings
     if config.sinusoidal_pos_embds:
-        where = emb.pos_encoding[0][positions]
+        where = emb.pos_encoding[0][positions].astype(encoder.dtype)
     else:
         where = emb.position_embeddings(positions)
-    x = emb.LayerNorm(emb.word_embeddings(ids) + where)
+    x = emb.dropout(emb.LayerNorm(emb.word_embeddings(ids) + where), deterministic=deterministic)
     rows, length, dim = x.shape
     heads = config.n_heads
     same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
@@ -143,10 +151,12 @@ def packed_hidden(config, params, ids: jax.Array, positions: jax.Array, segments
         k, v = split(att.k_lin(x)), split(att.v_lin(x))
         # softmax with the division after the weighted sum: [P, head dim] divisions instead of [P, P]
         scores = q @ k.transpose(0, 1, 3, 2) + blocked
-        unnormalized = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-        context = (unnormalized @ v) / unnormalized.sum(axis=-1, keepdims=True)
+        unnormalized = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        total = unnormalized.sum(axis=-1, keepdims=True)
+        context = (att.dropout(unnormalized, deterministic=deterministic) @ v) / total
         context = context.transpose(0, 2, 1, 3).reshape(rows, length, dim)
         x = layer.sa_layer_norm(att.out_lin(context) + x)
         ffn = layer.ffn
-        x = layer.output_layer_norm(ffn.lin2(ffn.activation(ffn.lin1(x))) + x)
+        out = ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(x))), deterministic=deterministic)
+        x = layer.output_layer_norm(out + x)
     return x

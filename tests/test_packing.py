@@ -65,7 +65,7 @@ def test_packed_rows_give_each_sentence_its_unpacked_states(sinusoidal):
         ids[r, start : start + len(sent)] = sent
         positions[r, start : start + len(sent)] = np.arange(len(sent))
         segments[r, start : start + len(sent)] = s + 1
-    hidden = np.asarray(packed_hidden(config, params, ids, positions, segments))
+    hidden = np.asarray(packed_hidden(module.bind({"params": params}), ids, positions, segments))
     for sent, (r, start) in zip(sentences, slots):
         alone = module.apply({"params": params}, sent[None], np.ones((1, len(sent)), np.int32)).last_hidden_state[0]
         np.testing.assert_allclose(hidden[r, start : start + len(sent)], alone, atol=1e-5)
