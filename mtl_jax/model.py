@@ -165,8 +165,8 @@ class SentenceEncoder:
         """Embeddings ``[N, D]`` float32, rows in input order.
 
         Pooling, normalization and ``max_length`` default to the checkpoint's settings.
-        ``batch_size`` sets the work per compiled call: about ``batch_size`` sentences of
-        32 tokens (sentences are packed several to a row, see ``mtl_jax.packing``).
+        ``batch_size`` sets the work per compiled call: about ``batch_size`` × 24 tokens
+        (sentences are packed several to a row, see ``mtl_jax.packing``).
         """
         pooling = pooling or self.spec.pooling
         if pooling not in POOLING_MODES:
