@@ -14,8 +14,8 @@ as with one padded sentence per row (benchmarks/encode.py, interleaved runs on 2
 311 and 318 vs 244 and 247 sentences/s).
 
 Shapes stay bounded: a row's length is one of the inference buckets (≥ ``PACK_LENGTH``)
-and each call holds a fixed number of rows for its row length, so at most one compiled
-shape per bucket.
+and, within one input, a call holds a fixed number of rows for its row length (fewer, a
+power of two, for an input of only a few rows), so one compiled shape per bucket.
 """
 
 from __future__ import annotations
@@ -88,11 +88,20 @@ def pack_rows(lengths: Sequence[int], lengths_allowed: Sequence[int], max_segmen
     return rows
 
 
+def rows_per_call(length: int, batch_size: int, total_rows: int) -> int:
+    """Rows in each call of ``length``-token rows when the input packs into ``total_rows`` rows:
+    about ``batch_size`` * TOKENS_PER_SENTENCE tokens, or the power of two at or above
+    ``total_rows`` when that is fewer (one short sentence costs one short row, not a call
+    of empty rows). Within one input, one shape per row length."""
+    full = max(1, batch_size * TOKENS_PER_SENTENCE // length)
+    return min(full, 1 << max(total_rows - 1, 0).bit_length())
+
+
 def packed_calls(ids: Sequence[np.ndarray], max_length: int, batch_size: int, pad_id: int) -> Iterator[PackedCall]:
     """Every sentence (token ids, at most ``max_length`` each) exactly once, in calls of packed rows.
 
-    Rows of one length go together, ``max(1, batch_size * TOKENS_PER_SENTENCE // length)`` per
-    call; the last call of a length is filled up with empty rows, so its shape is the same.
+    Rows of one length go together, ``rows_per_call(...)`` per call; the last call of a length
+    is filled up with empty rows, so its shape is the same.
     """
     rows = pack_rows([len(s) for s in ids], row_lengths(max_length))
     by_length: dict[int, list[list[int]]] = {}
@@ -100,7 +109,7 @@ def packed_calls(ids: Sequence[np.ndarray], max_length: int, batch_size: int, pa
         by_length.setdefault(length, []).append(members)
     for length in sorted(by_length):
         group = by_length[length]
-        per_call = max(1, batch_size * TOKENS_PER_SENTENCE // length)
+        per_call = rows_per_call(length, batch_size, len(rows))
         for start in range(0, len(group), per_call):
             call = PackedCall(
                 ids=np.full((per_call, length), pad_id, np.int32),

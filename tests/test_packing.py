@@ -37,7 +37,7 @@ def test_packed_calls_hold_each_sentence_with_positions_from_zero():
     seen = np.zeros(len(ids), int)
     for call in calls:
         rows, length = call.ids.shape
-        assert rows == max(1, 16 * 24 // length)  # one shape per row length, last call filled up
+        assert rows == max(1, 16 * 24 // length)  # rows of about 16 sentences' tokens; last call filled up
         for slot in np.flatnonzero(call.index >= 0):
             r, s = divmod(int(slot), MAX_SEGMENTS)
             where = call.segments[r] == s + 1
@@ -47,7 +47,11 @@ def test_packed_calls_hold_each_sentence_with_positions_from_zero():
             seen[i] += 1
         assert (call.ids[call.segments == 0] == 0).all()
     assert (seen == 1).all()
-    assert len({c.ids.shape for c in calls}) <= len(row_lengths(128))
+    assert len({c.ids.shape for c in calls}) <= len(row_lengths(128))  # one shape per row length
+    # a short input is a short call, not a whole call of empty rows
+    (single,) = packed_calls(ids[:1], max_length=128, batch_size=64, pad_id=0)
+    assert single.ids.shape[0] == 1
+    assert all(c.ids.shape[0] <= 4 for c in packed_calls(ids[:3], max_length=128, batch_size=64, pad_id=0))
 
 
 @pytest.mark.parametrize("sinusoidal", [False, True])

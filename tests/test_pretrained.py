@@ -168,7 +168,7 @@ def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
     # rows in input order: each equals the sentence encoded alone
     for i in (0, 57, 299):
         np.testing.assert_allclose(out[i], minilm.encode([texts[i]], max_length=128)[0], atol=1e-5)
-    # one shape per row length for the batch of 300 and for the single sentences
+    # one shape per row length for the 300 sentences; a single sentence is one row of its length
     assert minilm._embed_fn._cache_size() - compiled_before <= 2 * len(row_lengths(128))
 
 
