@@ -136,8 +136,8 @@ def packed_hidden(encoder: FlaxDistilBertModule, ids: jax.Array, positions: jax.
     ``encoder`` is a bound FlaxDistilBertModule (inside a parent module, or
     ``FlaxDistilBertModule(config).bind({"params": params})``); its own embedding, Dense,
     LayerNorm, dropout and activation submodules do the work. A padded batch is the
-    special case ``segments = attention_mask``, ``positions = arange(L)``; a token of
-    segment 0 (padding) attends to nothing and its state is never read.
+    special case ``segments = attention_mask``, ``positions = arange(L)``. A padding token
+    (segment 0) may attend to no key; its state is computed (finite) but never read.
     """
     config = encoder.config
     emb = encoder.embeddings
