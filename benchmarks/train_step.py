@@ -71,8 +71,9 @@ def main() -> None:
     frozen = frozen_groups(args.freeze, groups)
     tx = make_optimizer(params, frozen, OptimConfig(total_steps=10_000, warmup_steps=10), config.n_layers)
     # built as the trainer builds it: a fully frozen encoder runs without dropout (mtl_jax/run.py)
+    no_encoder_dropout = encoder_frozen(frozen, groups)
     step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen),
-                           encoder_frozen=encoder_frozen(frozen, groups))
+                           encoder_frozen=no_encoder_dropout)
     state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
 
@@ -99,7 +100,7 @@ def main() -> None:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype,
-        "encoder_dropout": 0.0 if encoder_frozen(frozen, groups) else args.dropout,
+        "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
         "examples_per_s": round(args.batch / step_s, 2),
         "step_s": round(step_s, 4),
         "step_s_min": round(min(times), 4),

@@ -181,7 +181,8 @@ class SentenceEncoder:
         """``fn(ids, positions, segments) -> pytree of [R, MAX_SEGMENTS, ...]`` over all sentences,
         packed several to a row (``mtl_jax.packing``); one output row per sentence, in input order.
 
-        At most ``len(packing.row_lengths(max_length))`` shapes are ever compiled.
+        One input compiles at most ``len(packing.row_lengths(max_length))`` shapes (inputs of
+        only a few rows use fewer rows per call, a power of two).
         ``progress=None`` shows a bar only on a terminal for long inputs.
         """
         texts = check_texts(sentences)

@@ -64,7 +64,7 @@ def test_packed_rows_give_each_sentence_its_unpacked_states(sinusoidal):
     ids = np.zeros((2, 32), np.int32)
     positions = np.zeros((2, 32), np.int32)
     segments = np.zeros((2, 32), np.int32)
-    slots = [(0, 0), (0, 7), (1, 5)]  # two sentences share row 0; row 1 starts with padding-free offset 5
+    slots = [(0, 0), (0, 7), (1, 5)]  # two sentences share row 0; row 1 has padding before its sentence
     for s, (sent, (r, start)) in enumerate(zip(sentences, slots)):
         ids[r, start : start + len(sent)] = sent
         positions[r, start : start + len(sent)] = np.arange(len(sent))
