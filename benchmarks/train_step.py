@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k>")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--pooling", choices=["cls", "mean", "max"], default="mean",
+                   help="the trainer's default is mean; the PyTorch peer pools cls")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout and attention dropout")
@@ -60,7 +62,7 @@ def main() -> None:
 
     config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=args.dropout,
                               attention_dropout=args.dropout, **SIZES[args.size])
-    model = MultiTaskModel(config, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    model = MultiTaskModel(config, pooling=args.pooling, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
     mask = jnp.ones((args.batch, args.seq), jnp.int32)
@@ -99,7 +101,7 @@ def main() -> None:
         "benchmark": "train_step",
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype,
+        "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype, "pooling": args.pooling,
         "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
         "examples_per_s": round(args.batch / step_s, 2),
         "step_s": round(step_s, 4),

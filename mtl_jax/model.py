@@ -27,29 +27,34 @@ from mtl_jax.packing import MAX_SEGMENTS, packed_calls, packed_hidden
 from mtl_jax.text import TextTokenizer, check_texts
 
 
-def pool_segments(hidden: jax.Array, segments: jax.Array, starts: jax.Array, mode: str, num_segments: int) -> jax.Array:
-    """Sentence embeddings [B, S, D] (float32) from token states [B, L, D].
+def pool_segments(hidden: jax.Array, segments: jax.Array, mode: str, num_segments: int) -> jax.Array:
+    """Sentence embeddings [B, S, D] (float32) from token states [B, L, D], for mean or max pooling.
 
-    ``segments`` [B, L] numbers the sentences of a row 1..S (0 = padding) and ``starts``
-    [B, L] marks each sentence's first token. Padding never contributes: ``mean``
-    averages a sentence's own tokens (as sentence-transformers does), ``max`` ignores
-    every other position, ``cls`` takes the first token.
+    ``segments`` [B, L] numbers the sentences of a row 1..S (0 = padding). Padding never
+    contributes: ``mean`` averages a sentence's own tokens (as sentence-transformers does),
+    ``max`` ignores every other position. (cls pooling never needs the other tokens' last
+    states: ``pooled_rows`` asks the encoder for the first tokens' alone.)
     """
     hidden = hidden.astype(jnp.float32)
     member = (segments[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)  # [B, L, S]
-    if mode == "cls":
-        return jnp.einsum("bls,bld->bsd", member * starts[..., None].astype(jnp.float32), hidden)
     if mode == "mean":
         return jnp.einsum("bls,bld->bsd", member, hidden) / jnp.maximum(member.sum(axis=1)[..., None], 1e-9)
     if mode == "max":
         return jnp.where(member[..., None] > 0, hidden[:, :, None, :], -1e9).max(axis=1)
-    raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
+    raise ValueError(f"unknown pooling {mode!r} for pool_segments; choose mean or max")
 
 
-def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """Sentence embedding [B, D] (float32) from token states [B, L, D] and mask [B, L]: one sentence per row."""
-    starts = jnp.zeros(mask.shape, jnp.int32).at[:, 0].set(1)
-    return pool_segments(hidden, mask, starts, mode, 1)[:, 0]
+def pooled_rows(encoder: FlaxDistilBertModule, ids: jax.Array, positions: jax.Array, segments: jax.Array, mode: str,
+                num_segments: int, deterministic: bool = True) -> jax.Array:
+    """Sentence embeddings [R, S, D] float32 of rows holding up to S sentences (``packing.packed_hidden``'s
+    inputs). ``cls`` takes each sentence's first token, whose state alone the last layer computes."""
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
+    if mode == "cls":
+        first = (positions == 0)[..., None] & (segments[..., None] == jnp.arange(1, num_segments + 1))  # [R, P, S]
+        queries = jnp.argmax(first, axis=1)  # a sentence's first token; 0 for an empty slot (never read)
+        return packed_hidden(encoder, ids, positions, segments, deterministic, queries).astype(jnp.float32)
+    return pool_segments(packed_hidden(encoder, ids, positions, segments, deterministic), segments, mode, num_segments)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -88,8 +93,7 @@ class MultiTaskModel(nn.Module):
     def embed(self, input_ids, attention_mask, deterministic: bool = True) -> jax.Array:
         """Pooled sentence embedding [B, D] float32: one sentence per row, padded at the end."""
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        hidden = packed_hidden(self.encoder, input_ids, positions, attention_mask, deterministic)
-        return pool(hidden, attention_mask, self.pooling)
+        return pooled_rows(self.encoder, input_ids, positions, attention_mask, self.pooling, 1, deterministic)[:, 0]
 
     def classify(self, pooled: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
         """{task: logits [B, C_task]} float32 from pooled embeddings."""
@@ -220,8 +224,7 @@ class SentenceEncoder:
 
 def embed_packed(config, params, ids, positions, segments, pooling: str) -> jax.Array:
     """Pooled embeddings ``[R, MAX_SEGMENTS, D]`` float32 of packed rows (no normalization)."""
-    hidden = packed_hidden(FlaxDistilBertModule(config).bind({"params": params}), ids, positions, segments)
-    return pool_segments(hidden, segments, positions == 0, pooling, MAX_SEGMENTS)
+    return pooled_rows(FlaxDistilBertModule(config).bind({"params": params}), ids, positions, segments, pooling, MAX_SEGMENTS)
 
 
 def load_encoder(name_or_path: str | Path = "sentence-transformers/all-MiniLM-L6-v2", allow_pickle: bool = False) -> SentenceEncoder:

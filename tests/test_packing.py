@@ -9,7 +9,7 @@ import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.packing import MAX_SEGMENTS, pack_rows, packed_calls, packed_hidden, row_lengths
+from mtl_jax.packing import MAX_SEGMENTS, keep_mask, pack_rows, packed_calls, packed_hidden, row_lengths
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
@@ -69,10 +69,17 @@ def test_packed_rows_give_each_sentence_its_unpacked_states(sinusoidal):
         ids[r, start : start + len(sent)] = sent
         positions[r, start : start + len(sent)] = np.arange(len(sent))
         segments[r, start : start + len(sent)] = s + 1
-    hidden = np.asarray(packed_hidden(module.bind({"params": params}), ids, positions, segments))
+    bound = module.bind({"params": params})
+    hidden = np.asarray(packed_hidden(bound, ids, positions, segments))
     for sent, (r, start) in zip(sentences, slots):
         alone = module.apply({"params": params}, sent[None], np.ones((1, len(sent)), np.int32)).last_hidden_state[0]
         np.testing.assert_allclose(hidden[r, start : start + len(sent)], alone, atol=1e-5)
+    # asked for a few tokens' states (each sentence's first, a middle one, a padding slot's 0),
+    # the shortened last layer gives exactly those
+    queries = np.array([[0, 7, 3], [5, 9, 0]], np.int32)
+    some = np.asarray(packed_hidden(bound, ids, positions, segments, queries=queries))
+    assert some.shape == (2, 3, 32)
+    np.testing.assert_allclose(some, np.take_along_axis(hidden, queries[..., None], axis=1), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean", "max"])
@@ -81,3 +88,21 @@ def test_encode_packed_equals_each_sentence_alone(minilm, mode):
     together = minilm.encode(texts, pooling=mode, normalize=False, batch_size=4)
     for i, text in enumerate(texts):
         np.testing.assert_allclose(together[i], minilm.encode([text], pooling=mode, normalize=False)[0], atol=2e-5)
+
+
+def test_keep_mask_drops_at_the_rate_with_independent_halves():
+    n = 1_000_001  # odd: the last word's second half is unused
+    keep, keep_prob = keep_mask(jax.random.PRNGKey(3), (n,), 0.1)
+    keep = np.asarray(keep)
+    assert keep_prob == 1 - 6554 / 65536
+    sigma = np.sqrt(0.1 * 0.9 / n)
+    assert abs((1 - keep.mean()) - 0.1) < 5 * sigma
+    # the two 16-bit halves of a word are independent draws: both dropped ~1% of pairs
+    pairs = keep[: n - 1].reshape(-1, 2)
+    both = (~pairs[:, 0] & ~pairs[:, 1]).mean()
+    assert abs(both - 0.01) < 5 * np.sqrt(0.01 * 0.99 / len(pairs))
+    other, _ = keep_mask(jax.random.PRNGKey(4), (n,), 0.1)
+    assert (np.asarray(other) != keep).mean() > 0.15  # another key, another mask
+    # a typed key works too; 0.25 is exact in 16 bits
+    typed, p = keep_mask(jax.random.key(3), (7, 5), 0.25)
+    assert typed.shape == (7, 5) and p == 0.75

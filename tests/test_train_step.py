@@ -12,7 +12,7 @@ from flax import traverse_util
 from mtl_jax import MtlError
 from mtl_jax.data import Tokenized
 from mtl_jax.freezing import frozen_groups, group_of, param_groups, parse_phases, phase_at, Phase
-from mtl_jax.model import MultiTaskModel, init_params, load_encoder, pool
+from mtl_jax.model import MultiTaskModel, init_params, load_encoder, pool_segments, pooled_rows
 from mtl_jax.train import (
     OptimConfig,
     TrainState,
@@ -72,9 +72,18 @@ def test_forward_gives_every_task_and_the_embedding(setup):
 def test_pooling_is_masked():
     h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)), jnp.float32)
     m = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1]])
-    np.testing.assert_allclose(pool(h, m, "mean")[0], h[0, :2].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(pool(h, m, "max")[0], h[0, :2].max(0))
-    np.testing.assert_allclose(pool(h, m, "cls"), h[:, 0])
+    np.testing.assert_allclose(pool_segments(h, m, "mean", 1)[0, 0], h[0, :2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(pool_segments(h, m, "max", 1)[0, 0], h[0, :2].max(0))
+
+
+def test_cls_pooling_is_the_first_tokens_full_state(setup):
+    model, params = setup
+    b = _batch()
+    encoder = model.bind({"params": params}).encoder
+    full = encoder(b["input_ids"], b["attention_mask"]).last_hidden_state
+    positions = jnp.broadcast_to(jnp.arange(b["input_ids"].shape[1]), b["input_ids"].shape)
+    cls = pooled_rows(encoder, b["input_ids"], positions, b["attention_mask"], "cls", 1)[:, 0]
+    np.testing.assert_allclose(cls, full[:, 0], atol=1e-5)
 
 
 def test_every_parameter_matches_exactly_one_rule(setup):
