@@ -9,8 +9,10 @@ main arena, no ``mmap`` and a trim threshold of 2 GiB, the freed block stays in 
 and the next step reuses it (no page faults; ``benchmarks/train_step.py`` reports both).
 
 The price: freed memory up to 2 GiB stays with the process (its resident size stays at its
-peak) and all threads share one malloc arena, which matters little to a process whose
-big allocations are XLA's. Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
+peak), and all threads share one malloc arena, so compiling a shape takes 1-2 s longer
+(XLA's compiler threads allocate a lot). The default ``scripts/train.py`` run: 680 s instead
+of 735 s, 16 M instead of 107 M page faults, peak resident memory 5.5 GB instead of 3.7 GB,
+the same metrics. Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
 """
 
 from __future__ import annotations
