@@ -41,6 +41,16 @@ def test_embed_arguments_stdin_and_npy(tmp_path, tiny_bert):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_embed_into_a_reader_that_stops_early_is_quiet(tiny_bert):
+    # `embed.py ... | head -c 100`: the reader closes the pipe after a few bytes
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "embed.py"), "--model", str(tiny_bert), *["word"] * 2000],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=600)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_embed_errors_are_one_line_with_status_2(tmp_path, tiny_bert):
     r = run("embed.py", "--model", str(tmp_path / "nope"), "x")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope: no such directory" in r.stderr
