@@ -27,6 +27,11 @@ from mtl_jax.packing import MAX_SEGMENTS, packed_calls, packed_hidden
 from mtl_jax.text import TextTokenizer, check_texts
 
 
+def segment_members(segments: jax.Array, num_segments: int) -> jax.Array:
+    """``[B, L, S]`` bool: token l of row b belongs to the row's sentence s (``segments`` numbers them 1..S)."""
+    return segments[..., None] == jnp.arange(1, num_segments + 1)
+
+
 def pool_segments(hidden: jax.Array, segments: jax.Array, mode: str, num_segments: int) -> jax.Array:
     """Sentence embeddings [B, S, D] (float32) from token states [B, L, D], for mean or max pooling.
 
@@ -36,7 +41,7 @@ def pool_segments(hidden: jax.Array, segments: jax.Array, mode: str, num_segment
     states: ``pooled_rows`` asks the encoder for the first tokens' alone.)
     """
     hidden = hidden.astype(jnp.float32)
-    member = (segments[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)  # [B, L, S]
+    member = segment_members(segments, num_segments).astype(jnp.float32)  # [B, L, S]
     if mode == "mean":
         return jnp.einsum("bls,bld->bsd", member, hidden) / jnp.maximum(member.sum(axis=1)[..., None], 1e-9)
     if mode == "max":
@@ -51,7 +56,7 @@ def pooled_rows(encoder: FlaxDistilBertModule, ids: jax.Array, positions: jax.Ar
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling {mode!r}; choose from {POOLING_MODES}")
     if mode == "cls":
-        first = (positions == 0)[..., None] & (segments[..., None] == jnp.arange(1, num_segments + 1))  # [R, P, S]
+        first = (positions == 0)[..., None] & segment_members(segments, num_segments)  # [R, P, S]
         queries = jnp.argmax(first, axis=1)  # a sentence's first token; 0 for an empty slot (never read)
         return packed_hidden(encoder, ids, positions, segments, deterministic, queries).astype(jnp.float32)
     return pool_segments(packed_hidden(encoder, ids, positions, segments, deterministic), segments, mode, num_segments)
