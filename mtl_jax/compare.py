@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ import numpy as np
 from mtl_jax.config import TrainConfig
 from mtl_jax.errors import Interrupted
 from mtl_jax.freezing import frozen_groups, parse_phases
-from mtl_jax.model import load_encoder
-from mtl_jax.run import check_out_dir, train_and_evaluate
+from mtl_jax.inference import load_encoder
+from mtl_jax.trainer import check_out_dir, log, train_and_evaluate
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
 
@@ -58,10 +57,6 @@ class CompareConfig(TrainConfig):
     """Folder for results.csv, results.md, results.png and each run's directory (runs/<scenario>-<weighting>-s<seed>)."""
     export: bool = False
     progress: bool = False
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def plan_runs(cfg: CompareConfig, task_names: list[str]) -> list[dict]:
@@ -126,11 +121,11 @@ def compare(cfg: CompareConfig) -> list[dict]:
         estimate = float(np.mean(seen)) if seen else 0.0
         elapsed = time.perf_counter() - t0
         if elapsed + estimate > budget:
-            _log(f"[{i + 1}/{len(runs)}] skip {_run_name(run)}: would end after ~{(elapsed + estimate) / 60:.0f} min "
+            log(f"[{i + 1}/{len(runs)}] skip {_run_name(run)}: would end after ~{(elapsed + estimate) / 60:.0f} min "
                  f"(budget {cfg.budget_minutes:g} min)")
             skipped.append(run)
             continue
-        _log(f"[{i + 1}/{len(runs)}] {_run_name(run)} (freeze {run['freeze']}, {elapsed / 60:.1f} min elapsed)")
+        log(f"[{i + 1}/{len(runs)}] {_run_name(run)} (freeze {run['freeze']}, {elapsed / 60:.1f} min elapsed)")
         run_cfg = dataclasses.replace(
             cfg, freeze=run["freeze"], seed=run["seed"], loss_weighting=run["weighting"],
             out=str(out / "runs" / _run_name(run)), overwrite=True, resume=False,
@@ -152,7 +147,7 @@ def compare(cfg: CompareConfig) -> list[dict]:
         rows.append(row)
         write_results(out, rows, skipped + runs[i + 1 :], names, cfg, final=False)
     write_results(out, rows, skipped, names, cfg, final=True)
-    _log(f"compare: {len(rows)} runs in {(time.perf_counter() - t0) / 60:.1f} min; results in {out}")
+    log(f"compare: {len(rows)} runs in {(time.perf_counter() - t0) / 60:.1f} min; results in {out}")
     return rows
 
 

@@ -34,6 +34,22 @@ class TaskConfig:
     weight: float = 1.0  # loss weight
 
 
+def fixed(default):
+    """A field that a ``--resume`` must not change: it changes the data, the model or the updates."""
+    return field(default=default, metadata={"on_resume": "fixed"})
+
+
+def adjustable(default):
+    """A field a ``--resume`` may change (outputs, logging, devices; ``--epochs`` / ``--max-steps``
+    lengthen or shorten the run, and the learning-rate schedule follows the new length)."""
+    return field(default=default, metadata={"on_resume": "adjustable"})
+
+
+def resume_fixed(cls=None) -> tuple[str, ...]:
+    """The fields of a config class that a resumed run must keep."""
+    return tuple(f.name for f in dataclasses.fields(cls or TrainConfig) if f.metadata.get("on_resume") == "fixed")
+
+
 DEFAULT_TASKS = (
     TaskConfig(
         name="task_a",
@@ -58,87 +74,114 @@ DEFAULT_TASKS = (
 class TrainConfig:
     """Every knob of a training run. Flags: ``--batch-size``, ``--lr``, ... (see ``--help``)."""
 
-    config: Optional[str] = None
+    config: Optional[str] = adjustable(None)
     """YAML or JSON file with tasks and any of these options (flags override it)."""
-    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    encoder: str = fixed("sentence-transformers/all-MiniLM-L6-v2")
     """Pretrained encoder: the embedded name, a local checkpoint directory, or a hub name."""
-    tasks: Optional[str] = None
+    tasks: Optional[str] = fixed(None)
     """Comma-separated task names to train (default: all tasks of the config)."""
-    freeze: str = "backbone,none@step:100"
+    freeze: str = fixed("backbone,none@step:100")
     """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
-    loss_weighting: Literal["sum", "static", "uncertainty", "pcgrad"] = "sum"
+    loss_weighting: Literal["sum", "static", "uncertainty", "pcgrad"] = fixed("sum")
     """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | pcgrad (conflicting task gradients projected, Yu et al. 2020; every step then holds every task)."""
-    grad_diagnostics: int = 0
+    grad_diagnostics: int = adjustable(0)
     """Every N steps log each task's gradient norm on the encoder and the cosine between tasks (0: off)."""
-    cache_embeddings: bool = True
+    cache_embeddings: bool = fixed(True)
     """While the whole encoder is frozen for an epoch or more, encode each example once and train the heads on the cached embeddings."""
-    epochs: int = 3
+    epochs: int = adjustable(3)
     """Passes over the training data."""
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = adjustable(None)
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
-    batch_size: int = 32
+    batch_size: int = fixed(32)
     """Examples per step (split over the devices; must divide by their number)."""
-    lr: float = 1e-4
+    lr: float = fixed(1e-4)
     """Peak learning rate of the encoder's top layer."""
-    head_lr: Optional[float] = None
+    head_lr: Optional[float] = fixed(None)
     """Peak learning rate of the heads (default: 10 x --lr)."""
-    warmup: float = 0.06
+    warmup: float = fixed(0.06)
     """Warm-up as a fraction of the total steps."""
-    decay: Literal["linear", "cosine"] = "linear"
+    decay: Literal["linear", "cosine"] = fixed("linear")
     """Learning-rate decay after the warm-up, to 0 at the last step."""
-    weight_decay: float = 0.01
+    weight_decay: float = fixed(0.01)
     """AdamW weight decay (never on biases and LayerNorm parameters)."""
-    clip_norm: float = 1.0
+    clip_norm: float = fixed(1.0)
     """Clip the global gradient norm of what trains to this."""
-    layer_decay: float = 1.0
+    layer_decay: float = fixed(1.0)
     """Layer-wise learning-rate decay for the encoder (1.0: off; 0.8: each lower layer x0.8)."""
-    head_dropout: float = 0.1
+    head_dropout: float = fixed(0.1)
     """Dropout on the pooled embedding before the heads."""
-    pooling: Optional[Literal["cls", "mean", "max"]] = None
+    pooling: Optional[Literal["cls", "mean", "max"]] = fixed(None)
     """Pooling (default: from the checkpoint, else mean)."""
-    max_length: int = 128
+    max_length: int = fixed(128)
     """Tokens per example; longer texts are truncated (and counted)."""
-    sampling: Literal["proportional", "uniform", "temperature"] = "temperature"
+    sampling: Literal["proportional", "uniform", "temperature"] = fixed("temperature")
     """Examples per task and epoch (an epoch has as many as all tasks together): p(task) proportional to n^(1/T) (temperature), every example once (proportional), or the same number per task (uniform)."""
-    temperature: float = 1.5
+    temperature: float = fixed(1.5)
     """For --sampling temperature: p(task) proportional to n^(1/T); 1 is proportional, large T uniform."""
-    seed: int = 0
+    seed: int = fixed(0)
     """Seeds the batch order, the heads' initialisation, dropout and (without --split-seed) the data split."""
-    split_seed: Optional[int] = None
+    split_seed: Optional[int] = fixed(None)
     """Seed of the train/validation/test split of tasks without their own files (default: --seed)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = fixed("float32")
     """Compute dtype; parameters, optimizer state, loss and its softmax stay float32."""
-    log_every: int = 20
+    log_every: int = adjustable(20)
     """Steps per training record in metrics.jsonl (and progress-bar update)."""
-    eval_batch_size: int = 128
+    eval_batch_size: int = adjustable(128)
     """Examples per evaluation batch."""
-    out: str = "runs/default"
+    out: str = adjustable("runs/default")
     """Run directory: config, metrics, plots, report, checkpoints, export."""
-    overwrite: bool = False
+    overwrite: bool = adjustable(False)
     """Replace the run in --out (else a directory holding files is refused)."""
-    resume: bool = False
+    resume: bool = adjustable(False)
     """Continue the run in --out from its newest intact checkpoint."""
-    save_every: int = 0
+    save_every: int = adjustable(0)
     """Also checkpoint every N steps (0: only at the end of each epoch)."""
-    keep: int = 2
+    keep: int = adjustable(2)
     """Checkpoints kept besides the best one."""
-    max_nonfinite: int = 10
+    max_nonfinite: int = adjustable(10)
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
-    export: bool = True
+    export: bool = adjustable(True)
     """Write the best model to <out>/export (sentence-transformers layout + heads)."""
-    skip_bad_rows: bool = False
+    skip_bad_rows: bool = fixed(False)
     """Drop bad data rows (reported per reason) instead of stopping."""
-    progress: bool = True
+    progress: bool = adjustable(True)
     """Show a progress bar."""
-    fsdp: bool = False
+    fsdp: bool = adjustable(False)
     """Split parameters and optimizer state over the devices (FSDP-style) instead of replicating them."""
-    coordinator: Optional[str] = None
+    coordinator: Optional[str] = adjustable(None)
     """Multi-process run: process 0's host:port (else $JAX_COORDINATOR_ADDRESS), or 'auto' (TPU VM slice, SLURM, Open MPI)."""
-    num_processes: Optional[int] = None
+    num_processes: Optional[int] = adjustable(None)
     """Multi-process run: number of processes (else $JAX_NUM_PROCESSES)."""
-    process_id: Optional[int] = None
+    process_id: Optional[int] = adjustable(None)
     """Multi-process run: this process's index, 0 writes the outputs (else $JAX_PROCESS_ID)."""
-    task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = field(default=DEFAULT_TASKS)
+    task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = fixed(DEFAULT_TASKS)
+
+    def check(self) -> None:
+        """Every numeric option in its range, or an error naming the flag."""
+        rules = [
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, "at least 1"),
+            ("--lr", self.lr, self.lr >= 0, "0 or more"),
+            ("--head-lr", self.head_lr, self.head_lr is None or self.head_lr >= 0, "0 or more"),
+            ("--warmup", self.warmup, 0 <= self.warmup <= 1, "between 0 and 1"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
+            ("--clip-norm", self.clip_norm, self.clip_norm > 0, "positive"),
+            ("--layer-decay", self.layer_decay, self.layer_decay > 0, "positive"),
+            ("--head-dropout", self.head_dropout, 0 <= self.head_dropout < 1, "in [0, 1)"),
+            ("--max-length", self.max_length, self.max_length >= 2, "at least 2"),
+            ("--temperature", self.temperature, self.temperature > 0, "positive"),
+            ("--grad-diagnostics", self.grad_diagnostics, self.grad_diagnostics >= 0, "0 or more"),
+            ("--log-every", self.log_every, self.log_every >= 1, "at least 1"),
+            ("--eval-batch-size", self.eval_batch_size, self.eval_batch_size >= 1, "at least 1"),
+            ("--save-every", self.save_every, self.save_every >= 0, "0 or more"),
+            ("--keep", self.keep, self.keep >= 1, "at least 1"),
+            ("--max-nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "at least 1"),
+        ]
+        rules += [(f"task {t.name}: weight", t.weight, t.weight >= 0, "0 or more") for t in self.task_list]
+        for flag, value, ok, want in rules:
+            if not ok:
+                raise MtlError(f"{flag} {value}: must be {want}")
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:
         if not self.tasks:

@@ -38,6 +38,11 @@ def group_of(path: str) -> str:
     return dict(GROUP_RULES)[rule].format(*m.groups())
 
 
+def layer_index(group: str) -> int | None:
+    """``layer_<i>`` -> i; None for any other group."""
+    return int(group.split("_")[1]) if group.startswith("layer_") else None
+
+
 def param_groups(params) -> dict:
     """A tree like ``params`` whose leaves are group names."""
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -57,7 +62,7 @@ def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
     spec = spec.strip()
     heads = {g for g in groups if g.startswith("head:")}
     backbone = {g for g in groups if g == "embeddings" or g.startswith("layer_")}
-    layers = sorted((int(g.split("_")[1]) for g in groups if g.startswith("layer_")))
+    layers = sorted(i for g in groups if (i := layer_index(g)) is not None)
     if spec == "none":
         return frozenset()
     if spec == "backbone":
@@ -77,7 +82,7 @@ def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
         if not 0 <= k <= len(layers):
             raise MtlError(f"--freeze {spec}: k must be between 0 and {len(layers)} (the encoder's layers)")
         keep = set(layers[len(layers) - k :])
-        return frozenset(g for g in backbone if not (g.startswith("layer_") and int(g.split("_")[1]) in keep))
+        return frozenset(g for g in backbone if layer_index(g) not in keep)
     raise MtlError(f"--freeze {spec!r}: expected none, backbone, all, head:<task>, top:<k> or phases")
 
 
@@ -107,13 +112,19 @@ def parse_phases(text: str) -> list[Phase]:
     return phases
 
 
-def phase_at(phases: list[Phase], step: int, epoch: int) -> int:
-    """Index of the phase in force at (step, epoch)."""
-    current = 0
-    for i, p in enumerate(phases):
-        if (p.unit == "epoch" and epoch >= p.start) or (p.unit == "step" and step >= p.start):
-            current = i
-    return current
+def phase_starts(phases: list[Phase], steps_per_epoch: int) -> list[int]:
+    """The step at which each phase starts (an epoch has ``steps_per_epoch`` steps)."""
+    return [p.start * (steps_per_epoch if p.unit == "epoch" else 1) for p in phases]
+
+
+def phase_at(starts: list[int], step: int) -> int:
+    """Index of the phase in force at ``step`` (``starts`` from :func:`phase_starts`; later phases win)."""
+    return max(i for i, s in enumerate(starts) if step >= s or i == 0)
+
+
+def phase_end(starts: list[int], step: int, total_steps: int) -> int:
+    """The step at which the phase in force at ``step`` ends: the next phase's start, or the run's end."""
+    return min([s for s in starts[1:] if s > step] + [total_steps])
 
 
 def encoder_frozen(frozen: frozenset[str], groups: set[str]) -> bool:

@@ -1,30 +1,7 @@
 #!/usr/bin/env python
-"""Measure the freezing scenarios (and, with --weighting, the loss-weighting methods) against each other.
+"""`python scripts/compare.py --help`, the same program as the `mtl-compare` command: mtl_jax/commands/compare.py."""
 
-    python scripts/compare.py                         # embedded default: 6 scenarios x 3 seeds, <= 60 min
-    python scripts/compare.py --config my.yaml --seeds 0 1 --budget-minutes 20 --weighting
-
-One run per (scenario, seed), each with the options of scripts/train.py (--epochs
-defaults to 1 here). Writes results.csv, results.md and results.png into --out.
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtl_jax.cli import run_cli  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mtl_jax.cli import parse_config
-    from mtl_jax.compare import CompareConfig, compare
-
-    compare(parse_config(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__))
-    return 0
-
+from mtl_jax.commands.compare import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    run()

@@ -1,32 +1,7 @@
 #!/usr/bin/env python
-"""Fine-tune the shared sentence encoder on every task at once.
+"""`python scripts/train.py --help`, the same program as the `mtl-train` command: mtl_jax/commands/train.py."""
 
-    python scripts/train.py                      # embedded default: 2 tasks, all-MiniLM-L6-v2
-    python scripts/train.py --config my.yaml --epochs 2 --freeze backbone
-
-Options come from mtl_jax.config.TrainConfig; a --config file sets defaults that
-other flags override. Exit status 2 on bad input, with one message per problem.
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtl_jax.cli import run_cli  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mtl_jax.cli import parse_config
-    from mtl_jax.config import TrainConfig
-    from mtl_jax.run import train_and_evaluate
-
-    cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
-    train_and_evaluate(cfg)
-    return 0
-
+from mtl_jax.commands.train import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    run()

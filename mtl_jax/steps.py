@@ -1,27 +1,24 @@
-"""Optimizer, train state, the jit-compiled train and eval steps, and ``evaluate``.
+"""The pure, jit-compiled steps: train, eval, embed and the task-gradient probe.
 
 The train state is a plain pytree; ``train_step`` is one ``jax.jit`` with the state
 donated. The loss is the weighted sum over tasks of the mean cross-entropy over the
 examples that carry that task's label (``-1``: no label). Metrics come back as
-device arrays and are only fetched by the host when logged.
+device arrays and are only fetched by the host when logged. :func:`build_train_step`
+is the one place an optimizer and its train step are made from a run's config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from mtl_jax.data import Tokenized, eval_batches
-from mtl_jax.freezing import labels_for, param_groups
-from mtl_jax.metrics import classification_report
+from mtl_jax.freezing import encoder_frozen, param_groups
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.parallel import shard_batch, to_host
+from mtl_jax.optim import OptimConfig, make_optimizer
 from mtl_jax.weighting import METHODS, cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
 
 
@@ -35,83 +32,6 @@ class TrainState:
     @classmethod
     def create(cls, params, opt_state) -> "TrainState":
         return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4  # peak LR of the encoder's top layer
-    head_lr: float = 1e-3
-    total_steps: int = 1000
-    warmup_steps: int = 60
-    decay: str = "linear"  # or "cosine"
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-    layer_decay: float = 1.0  # encoder LR multiplier per layer below the top
-
-
-def schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Learning-rate multiplier in [0, 1]: linear warm-up, then linear or cosine decay to 0."""
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
-    after = (
-        optax.cosine_decay_schedule(1.0, decay_steps)
-        if cfg.decay == "cosine"
-        else optax.linear_schedule(1.0, 0.0, decay_steps)
-    )
-    warm = optax.linear_schedule(0.0, 1.0, max(cfg.warmup_steps, 1))
-    return optax.join_schedules([warm, after], [cfg.warmup_steps])
-
-
-def _decays(path, _) -> bool:
-    """Weight decay on kernels and embeddings, not on biases, LayerNorm parameters or loss weights."""
-    names = [getattr(p, "key", str(p)) for p in path]
-    return names[0] != "loss_weights" and names[-1] not in ("bias", "scale")
-
-
-def group_lr(group: str, cfg: OptimConfig, n_layers: int) -> float:
-    if group.startswith("head:") or group == "loss_weights":
-        return cfg.head_lr
-    depth = n_layers - int(group.split("_")[1]) if group.startswith("layer_") else n_layers + 1
-    return cfg.lr * cfg.layer_decay ** (depth - 1)
-
-
-def make_optimizer(params, frozen: frozenset[str], cfg: OptimConfig, n_layers: int) -> optax.GradientTransformation:
-    """AdamW per trainable group (own LR), frozen groups zeroed, global-norm clipping over what trains.
-
-    Frozen gradients are zeroed *before* clipping, so nothing downstream reads them and
-    XLA never computes them. Each group keeps its own Adam moments and count, so a phase
-    change of gradual unfreezing leaves the other groups' state untouched.
-    """
-    labels = labels_for(params, frozen)
-    trainable = {g for g in jax.tree.leaves(param_groups(params)) if g not in frozen}
-    routes = {g: optax.identity() for g in trainable} | {"frozen": optax.set_to_zero()}
-    groups = {
-        g: optax.chain(
-            optax.scale_by_adam(),
-            optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p)),
-            optax.scale(-group_lr(g, cfg, n_layers)),
-        )
-        for g in trainable
-    } | {"frozen": optax.set_to_zero()}
-    return optax.chain(
-        optax.multi_transform(routes, labels),
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.multi_transform(groups, labels),
-        optax.scale_by_schedule(schedule(cfg)),
-    )
-
-
-def carry_opt_state(old_state, new_state, old_frozen: frozenset[str], new_frozen: frozenset[str]):
-    """Moves each group's Adam state, and the schedule's count, into a rebuilt optimizer's state."""
-    old_inner = old_state[2].inner_states
-    inner = dict(new_state[2].inner_states)
-    for g in inner:
-        if g != "frozen" and g in old_inner and g not in old_frozen and g not in new_frozen:
-            inner[g] = old_inner[g]
-    return (new_state[0], new_state[1], new_state[2]._replace(inner_states=inner), old_state[3])
-
-
-def count_numbers(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[str]) -> dict[str, jax.Array]:
@@ -294,68 +214,33 @@ def make_grad_probe(model: MultiTaskModel) -> Callable:
     return probe
 
 
-def over_examples(fn: Callable, params, data: Tokenized, batch_size: int, max_length: int, pad_id: int,
-                  mesh=None, bar=None) -> list:
-    """``[(example indices, fn(params, batch))]`` over every example of ``data`` once, length-sorted.
-
-    Results stay on the device until read; with a ``mesh`` each batch is split over its devices.
-    """
-    out = []
-    for batch in eval_batches(data, batch_size, max_length, pad_id):
-        arrays = batch.arrays() if mesh is None else shard_batch(batch.arrays(), mesh)
-        out.append((batch.index, fn(params, arrays)))
-        if bar is not None:
-            bar.update(len(batch.index))
-    return out
-
-
-def embed_examples(embed_step: Callable, params, data: Tokenized, batch_size: int, max_length: int, pad_id: int,
-                   mesh=None, bar=None) -> np.ndarray:
-    """Pooled embeddings ``[N, D]`` float32 of every example of ``data``, in its order."""
-    out = None
-    for index, pooled in over_examples(embed_step, params, data, batch_size, max_length, pad_id, mesh, bar):
-        pooled = to_host(pooled)
-        if out is None:
-            out = np.zeros((len(data), pooled.shape[1]), np.float32)
-        out[index] = pooled[: len(index)]
-    return out if out is not None else np.zeros((0, 0), np.float32)
-
-
-def evaluate(eval_step: Callable, params, data: Tokenized, label_names: dict[str, tuple[str, ...]],
-             batch_size: int, max_length: int, pad_id: int, mesh=None) -> dict:
-    """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
-
-    ``data`` may carry cached embeddings (then only the heads run). With a ``mesh``
-    each batch is split over its devices.
-    """
-    tasks = list(label_names)
-    preds = np.full((len(data), len(tasks)), -1, np.int64)
-    loss_sums = {t: 0.0 for t in tasks}
-    for index, result in over_examples(eval_step, params, data, batch_size, max_length, pad_id, mesh):
-        p, losses = to_host(result)
-        for ti, t in enumerate(tasks):
-            preds[index, ti] = np.asarray(p[t])[: len(index)]
-            loss_sums[t] += float(losses[t])
-    out = {}
-    for ti, t in enumerate(tasks):
-        has = data.labels[:, ti] >= 0
-        report = classification_report(data.labels[has, ti], preds[has, ti], label_names[t])
-        report["loss"] = loss_sums[t] / max(int(has.sum()), 1)
-        out[t] = report
-    return out
-
-
 def frozen_param_mask(params, frozen: frozenset[str]):
+    """A tree of bools like ``params``: True where the parameter's group is frozen."""
     return jax.tree.map(lambda g: g in frozen, param_groups(params))
 
 
+def build_train_step(model: MultiTaskModel, params, frozen: frozenset[str], optim: OptimConfig,
+                     weighting: str = "sum", weights: dict[str, float] | None = None):
+    """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
+
+    A fully frozen encoder runs without dropout (a fixed feature extractor, so its
+    embeddings can be cached). ``weights``: per-task loss weights for ``static`` (default 1).
+    """
+    groups = set(jax.tree.leaves(param_groups(params)))
+    tx = make_optimizer(params, frozen, optim, model.config.n_layers)
+    weights = {name: (weights or {}).get(name, 1.0) for name, _ in model.tasks}
+    step = make_train_step(model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups))
+    return tx, step
+
+
+def zero_metrics(tasks: Sequence[str]) -> dict:
+    """The running sums a train step's metrics add into (see :func:`accumulate`)."""
+    z = lambda dtype: jnp.zeros((), dtype)  # noqa: E731
+    return {"loss": z(jnp.float32), "steps": z(jnp.int32), "skipped": z(jnp.int32),
+            "tasks": {t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32)} for t in tasks}}
+
+
 @jax.jit
-def _add_metrics(total, metrics):
-    out = jax.tree.map(jnp.add, total, metrics)
-    out["streak"] = jnp.maximum(total["streak"], metrics["streak"])  # longest streak in the interval
-    return out
-
-
 def accumulate(total, metrics):
-    """Adds step metrics on the device (no host sync)."""
-    return metrics if total is None else _add_metrics(total, metrics)
+    """Adds a step's metrics into the running sums, on the device (no host sync)."""
+    return jax.tree.map(jnp.add, total, {k: v for k, v in metrics.items() if k != "streak"})

@@ -1,0 +1,201 @@
+"""The DistilBERT encoder as a Flax module over packed rows.
+
+A row of tokens may hold several sentences: every token carries its position inside its
+own sentence and a segment number (which sentence of the row it belongs to, 1..S; 0 is
+padding). Attention is block-diagonal over segments, so a token sees only its own
+sentence and a packed sentence gets the states it gets alone. A padded batch is the
+special case ``segments = attention_mask``, ``positions = arange(L)``.
+
+The parameter tree is exactly ``FlaxDistilBertModule``'s (``embeddings/...``,
+``transformer/layer/<i>/{attention,sa_layer_norm,ffn,output_layer_norm}``), so converted
+and exported checkpoints load unchanged; ``tests/test_encoder.py`` fails if it drifts.
+The arithmetic is that module's too (its initialisers, LayerNorm epsilon, activation,
+dtype handling), except that the softmax divides after the weighted sum, and dropout
+draws its masks with :func:`keep_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.extend.random import threefry_2x32
+from transformers.modeling_flax_utils import ACT2FN
+from transformers.models.distilbert.modeling_flax_distilbert import positional_encoding
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+    """Dropout's Bernoulli mask (True = keep) and its exact keep probability, from 16-bit draws.
+
+    Each draw is half of a Threefry-2x32 output word in counter mode (one hash gives two
+    words, so four draws), about a third of the random-bit cost of ``jax.random.bernoulli``
+    (one 64-bit hash per element). The drop probability is ``round(rate * 2**16) / 2**16``,
+    within 8e-6 of ``rate``; the returned keep probability is that exact value.
+    """
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    n = math.prod(shape)
+    words = threefry_2x32(key, jnp.arange((n + 1) // 2, dtype=jnp.uint32))
+    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n].reshape(shape)
+    threshold = round(rate * 65536)
+    return draws >= threshold, 1.0 - threshold / 65536
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with :func:`keep_mask`'s draws (rng stream ``dropout``)."""
+
+    rate: float
+
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep, keep_prob = keep_mask(self.make_rng("dropout"), x.shape, self.rate)
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dense(config, dtype, features: int) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=jax.nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-12, dtype=dtype)
+
+
+class Embeddings(nn.Module):
+    """Word + position embeddings, LayerNorm, dropout. Positions come from the caller (packed rows)."""
+
+    config: Any  # transformers.DistilBertConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        init = jax.nn.initializers.normal(self.config.initializer_range)
+        self.word_embeddings = nn.Embed(self.config.vocab_size, self.config.dim, embedding_init=init)
+        if not self.config.sinusoidal_pos_embds:
+            self.position_embeddings = nn.Embed(self.config.max_position_embeddings, self.config.dim, embedding_init=init)
+        self.LayerNorm = _layer_norm(self.dtype)
+        self.dropout = Dropout(self.config.dropout)
+
+    def __call__(self, ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        if self.config.sinusoidal_pos_embds:  # a constant, not a parameter
+            table = positional_encoding(self.config.max_position_embeddings, self.config.dim)[0]
+            where = table[positions].astype(self.dtype)
+        else:
+            where = self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + where), deterministic)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention under an additive mask ``bias`` ``[R, 1, Q, P]``."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        dim = self.config.dim
+        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (_dense(self.config, self.dtype, dim) for _ in range(4))
+        self.dropout = Dropout(self.config.attention_dropout)
+
+    def __call__(self, queries: jax.Array, keys: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+        """``queries`` ``[R, Q, D]`` attend to ``keys`` ``[R, P, D]`` (the states the keys and values come from)."""
+        rows, dim, heads = keys.shape[0], self.config.dim, self.config.n_heads
+
+        def split(t):  # [R, L, D] -> [R, H, L, D / H]
+            return t.reshape(rows, -1, heads, dim // heads).transpose(0, 2, 1, 3)
+
+        k, v = split(self.k_lin(keys)), split(self.v_lin(keys))
+        q = split(self.q_lin(queries)) / math.sqrt(dim // heads)
+        # softmax with the division after the weighted sum: [Q, head dim] divisions instead of [Q, P]
+        scores = q @ k.transpose(0, 1, 3, 2) + bias  # [R, H, Q, P]
+        unnormalized = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        total = unnormalized.sum(axis=-1, keepdims=True)
+        context = (self.dropout(unnormalized, deterministic) @ v) / total  # [R, H, Q, D / H]
+        return self.out_lin(context.transpose(0, 2, 1, 3).reshape(queries.shape))
+
+
+class FFN(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.lin1 = _dense(self.config, self.dtype, self.config.hidden_dim)
+        self.lin2 = _dense(self.config, self.dtype, self.config.dim)
+        self.dropout = Dropout(self.config.dropout)
+
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        return self.dropout(self.lin2(ACT2FN[self.config.activation](self.lin1(x))), deterministic)
+
+
+class Block(nn.Module):
+    """One post-LayerNorm transformer block."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.attention = Attention(self.config, self.dtype)
+        self.sa_layer_norm = _layer_norm(self.dtype)
+        self.ffn = FFN(self.config, self.dtype)
+        self.output_layer_norm = _layer_norm(self.dtype)
+
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool, queries: jax.Array | None = None):
+        """States ``[R, P, D]`` -> ``[R, P, D]``, or ``[R, Q, D]`` for the token indices ``queries`` ``[R, Q]``."""
+        states = x
+        if queries is not None:
+            x = jnp.take_along_axis(x, queries[..., None], axis=1)  # [R, Q, D]
+            bias = jnp.take_along_axis(bias, queries[:, None, :, None], axis=2)  # [R, 1, Q, P]
+        x = self.sa_layer_norm(self.attention(x, states, bias, deterministic) + x)
+        return self.output_layer_norm(self.ffn(x, deterministic) + x)
+
+
+class _Layers(nn.Module):
+    """``transformer/layer/<i>``: the blocks, named as FlaxDistilBertModule names them."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.blocks = [Block(self.config, self.dtype, name=str(i)) for i in range(self.config.n_layers)]
+
+    def __call__(self, x, bias, deterministic: bool, queries=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, deterministic, queries if i == len(self.blocks) - 1 else None)
+        return x
+
+
+class _Transformer(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.layer = _Layers(self.config, self.dtype)
+
+    def __call__(self, x, bias, deterministic: bool, queries=None):
+        return self.layer(x, bias, deterministic, queries)
+
+
+class Encoder(nn.Module):
+    """DistilBERT over packed rows: ``(ids, positions, segments) -> token states``.
+
+    With ``queries`` (``[R, Q]`` token indices) the result is ``[R, Q, D]``, those tokens'
+    states alone: the last layer computes only their queries, attention rows, output
+    projection, LayerNorms and feed-forward (every token still gives its keys and values).
+    For cls pooling that is the same function for a fraction of the last layer's cost.
+    A padding token (segment 0) attends to no key; its state is finite and never read.
+    """
+
+    config: Any  # transformers.DistilBertConfig
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+
+    def setup(self):
+        self.embeddings = Embeddings(self.config, self.dtype)
+        self.transformer = _Transformer(self.config, self.dtype)
+
+    def __call__(self, ids: jax.Array, positions: jax.Array, segments: jax.Array, deterministic: bool = True,
+                 queries: jax.Array | None = None) -> jax.Array:
+        x = self.embeddings(ids, positions, deterministic)  # [R, P, D]
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+        bias = jnp.where(same, 0.0, -1e30)[:, None].astype(x.dtype)  # [R, 1, P, P]
+        return self.transformer(x, bias, deterministic, queries)

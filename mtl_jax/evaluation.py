@@ -1,0 +1,55 @@
+"""Host-side loops over every example of a split: metrics per task, and pooled embeddings."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from mtl_jax.batching import InputPipeline, Tokenized
+from mtl_jax.metrics import classification_report
+from mtl_jax.parallel import to_host
+
+
+def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> list:
+    """``[(example indices, fn(params, batch))]``; results stay on the device until read."""
+    out = []
+    for index, arrays in pipeline.eval_batches(data):
+        out.append((index, fn(params, arrays)))
+        if bar is not None:
+            bar.update(len(index))
+    return out
+
+
+def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> np.ndarray:
+    """Pooled embeddings ``[N, D]`` float32 of every example of ``data``, in its order."""
+    out = None
+    for index, pooled in _over_examples(embed_step, params, pipeline, data, bar):
+        pooled = to_host(pooled)
+        if out is None:
+            out = np.zeros((len(data), pooled.shape[1]), np.float32)
+        out[index] = pooled[: len(index)]
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized,
+             label_names: dict[str, tuple[str, ...]]) -> dict:
+    """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
+
+    ``data`` may carry cached embeddings (then only the heads run).
+    """
+    tasks = list(label_names)
+    preds = np.full((len(data), len(tasks)), -1, np.int64)
+    loss_sums = {t: 0.0 for t in tasks}
+    for index, result in _over_examples(eval_step, params, pipeline, data):
+        p, losses = to_host(result)
+        for ti, t in enumerate(tasks):
+            preds[index, ti] = np.asarray(p[t])[: len(index)]
+            loss_sums[t] += float(losses[t])
+    out = {}
+    for ti, t in enumerate(tasks):
+        has = data.labels[:, ti] >= 0
+        report = classification_report(data.labels[has, ti], preds[has, ti], label_names[t])
+        report["loss"] = loss_sums[t] / max(int(has.sum()), 1)
+        out[t] = report
+    return out

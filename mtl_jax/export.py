@@ -1,0 +1,117 @@
+"""The exported model directory: what a trained run leaves for inference and for other tools.
+
+A sentence-transformers directory (PyTorch-named DistilBERT safetensors, config.json,
+modules.json, 1_Pooling, tokenizer) plus the task heads (``heads.safetensors``) and
+``mtl_jax.json`` (tasks, labels, pooling, file checksums). It loads in
+sentence-transformers and ``transformers.AutoModel`` as a plain DistilBERT encoder, and
+in :func:`mtl_jax.load` with its heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from mtl_jax.errors import MtlError
+
+EXPORT_FORMAT = 1
+META_FILE = "mtl_jax.json"
+# DistilBERT takes no token_type_ids: a BERT tokenizer's config would hand them to it
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_model(folder: Path, encoder_spec, encoder_params, head_params: dict, hf_tokenizer,
+                 tasks: Sequence[tuple[str, Sequence[str]]], pooling: str) -> Path:
+    """Write a self-contained model directory (see module docstring); returns it.
+
+    Written into a sibling temporary folder and renamed, so a crash never leaves a
+    half-written export behind.
+    """
+    from safetensors.numpy import save_file
+
+    from mtl_jax.pretrained import flax_to_torch_state
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = encoder_spec.config.to_dict()
+    config.update(model_type="distilbert", architectures=["DistilBertModel"])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    hf_tokenizer.save_pretrained(str(tmp))
+    tok_config = tmp / "tokenizer_config.json"
+    tok_config.write_text(json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if encoder_spec.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (tmp / "2_Normalize").mkdir()
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": encoder_spec.config.dim,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2))
+    (tmp / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase}))
+    heads = {f"{t}.{k}": np.asarray(v, np.float32) for t, p in jax.device_get(head_params).items() for k, v in p.items()}
+    save_file(heads, str(tmp / "heads.safetensors"))
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    meta = {
+        "format": EXPORT_FORMAT,
+        "tasks": [{"name": name, "labels": list(labels)} for name, labels in tasks],
+        "pooling": pooling,
+        "normalize": encoder_spec.normalize,
+        "max_length": encoder_spec.max_length,
+        "files": {f: _sha256(tmp / f) for f in files},
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def verify_export(folder: Path) -> dict:
+    """The export's metadata, after checking that every listed file is present and unaltered."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MtlError(f"{folder}: no such model directory")
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise MtlError(f"{meta_path}: missing: not an mtl_jax export (train with scripts/train.py to make one)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MtlError(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise MtlError(f"{meta_path}: export format {meta.get('format')!r} is not {EXPORT_FORMAT}")
+    for name, digest in meta["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise MtlError(f"{path}: missing from the exported model")
+        if _sha256(path) != digest:
+            raise MtlError(f"{path}: altered or corrupted (checksum differs from {META_FILE})")
+    return meta

@@ -1,0 +1,92 @@
+"""What a run writes for people: metrics.jsonl records, summary.json, plots, report.md, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+
+from mtl_jax.config import TrainConfig
+from mtl_jax.export import export_model
+from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
+
+
+def train_record(totals, step: int, epoch: int, tasks) -> dict:
+    """Mean loss and per-task loss / accuracy over the steps since the last record (fetches from device)."""
+    m = jax.device_get(totals)
+    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1),
+           "skipped": int(m["skipped"])}
+    for t in tasks:
+        c = int(m["tasks"][t]["count"])
+        rec[t] = {
+            "loss": float(m["tasks"][t]["loss_sum"]) / c if c else None,
+            "accuracy": float(m["tasks"][t]["correct"]) / c if c else None,
+            "examples": c,
+        }
+    return rec
+
+
+def eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
+    rec = {"step": step, "epoch": epoch, "split": split, "loss": sum(r["loss"] for r in results.values())}
+    for t, r in results.items():
+        rec[t] = {k: r[k] for k in ("loss", "accuracy", "macro_f1", "examples")}
+    rec["mean_macro_f1"] = float(np.mean([r["macro_f1"] for r in results.values()]))
+    return rec
+
+
+def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
+    """Task-gradient diagnostics on the probe batch: per-task loss and encoder gradient norm, pairwise cosines."""
+    m = jax.device_get(probe_out)
+    rec = {"step": step, "epoch": epoch, "split": "gradients", "loss": float(np.sum(m["loss"]))}
+    for i, t in enumerate(tasks):
+        rec[t] = {"loss": float(m["loss"][i]), "grad_norm": float(m["grad_norm"][i])}
+    rec["cosine"] = {f"{a}|{b}": float(m["cosine"][i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
+    return rec
+
+
+def finish_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
+    """The export (best parameters), summary.json, the plots and report.md of a finished run."""
+    out, names, labels = run.out, run.names, run.data.labels
+    if run.cfg.export:
+        spec = dataclasses.replace(run.encoder.spec, max_length=run.pipeline.max_length)
+        export_model(out / "export", spec, best_params["encoder"], best_params["heads"], run.encoder.hf_tokenizer,
+                     [(t, labels[t]) for t in names], run.model.pooling)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(records, names, out / "curves.png")
+    if any(r["split"] == "gradients" for r in records):
+        plot_gradients(records, names, out / "gradients.png")
+    for t in names:
+        plot_confusion(summary["test"][t]["confusion"], labels[t], f"{t} (test)", out / f"confusion_{t}.png")
+    (out / "report.md").write_text(report_text(run.cfg, summary, names, labels))
+
+
+def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
+    lines = [
+        f"# Run report: {cfg.out}",
+        "",
+        f"Encoder `{cfg.encoder}`, freeze `{cfg.freeze}`, {summary['steps']} steps, batch {cfg.batch_size}, "
+        f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, loss weighting {cfg.loss_weighting}, backend {summary['backend']}.",
+        f"Best epoch {summary['best_epoch']} (mean validation macro-F1); wall time {summary['wall_s']:.0f} s, "
+        f"{summary['examples_per_s']:.1f} training examples/s.",
+    ]
+    if "loss_weights" in summary:
+        lines.append("Learned loss weights exp(-s): " + ", ".join(f"{t} {w:.3f}" for t, w in summary["loss_weights"].items()) + ".")
+    lines += [
+        "",
+        "| task | split | accuracy | macro-F1 | examples |",
+        "|---|---|---|---|---|",
+    ]
+    for t in names:
+        for split in ("validation", "test"):
+            r = summary[split][t]
+            lines.append(f"| {t} | {split} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
+    for t in names:
+        r = summary["test"][t]
+        lines += ["", f"## {t} (test)", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name in labels[t]:
+            lines.append(f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |")
+        lines.append(f"\n![confusion](confusion_{t}.png)")
+    lines += ["", "![curves](curves.png)", ""]
+    return "\n".join(lines)
