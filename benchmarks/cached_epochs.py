@@ -19,13 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from mtl_jax.trainer import train_and_evaluate  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from mtl_jax.config import TrainConfig, load_config_file  # noqa: E402
 from mtl_jax.data import load_tasks  # noqa: E402
 from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
-from mtl_jax.model import load_encoder  # noqa: E402
-from mtl_jax.run import train_and_evaluate  # noqa: E402
+from mtl_jax.inference import load_encoder  # noqa: E402
 
 
 def main() -> None:
@@ -39,34 +39,60 @@ def main() -> None:
     folder = Path(args.out or tempfile.mkdtemp(prefix="cached_epochs_"))
     runs = {}
     for name, cache in (("uncached", False), ("cached", True)):
-        cfg = TrainConfig(**(base | dict(freeze="backbone", epochs=args.epochs, cache_embeddings=cache,
-                                         out=str(folder / name), overwrite=True, progress=False)))
+        cfg = TrainConfig(
+            **(
+                base
+                | dict(
+                    freeze="backbone",
+                    epochs=args.epochs,
+                    cache_embeddings=cache,
+                    out=str(folder / name),
+                    overwrite=True,
+                    progress=False,
+                )
+            )
+        )
         summary = train_and_evaluate(cfg)
         records = [json.loads(line) for line in (folder / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = {"cfg": cfg, "summary": summary,
-                      "epoch_s": [r["epoch_s"] for r in records if r["split"] == "validation"]}
+        runs[name] = {
+            "cfg": cfg,
+            "summary": summary,
+            "epoch_s": [r["epoch_s"] for r in records if r["split"] == "validation"],
+        }
 
     cfg = runs["cached"]["cfg"]
     data = load_tasks(cfg.selected_tasks(), seed=cfg.resolved_split_seed())
     texts = data.splits["test"].texts
-    pooled = load_encoder(cfg.encoder).encode(texts, normalize=False, max_length=min(cfg.max_length, 512), progress=False)
+    pooled = load_encoder(cfg.encoder).encode(
+        texts, normalize=False, max_length=min(cfg.max_length, 512), progress=False
+    )
     heads = {n: load_file(str(folder / n / "export" / "heads.safetensors")) for n in runs}
     diff = max(
-        float(np.abs((pooled @ heads["cached"][f"{t}.kernel"] + heads["cached"][f"{t}.bias"])
-                     - (pooled @ heads["uncached"][f"{t}.kernel"] + heads["uncached"][f"{t}.bias"])).max())
+        float(
+            np.abs(
+                (pooled @ heads["cached"][f"{t}.kernel"] + heads["cached"][f"{t}.bias"])
+                - (pooled @ heads["uncached"][f"{t}.kernel"] + heads["uncached"][f"{t}.bias"])
+            ).max()
+        )
         for t in data.names
     )
     uncached = float(np.mean(runs["uncached"]["epoch_s"]))
     later = runs["cached"]["epoch_s"][1:]
-    print(json.dumps({
-        "benchmark": "cached_epochs",
-        "epochs": args.epochs,
-        "uncached_epoch_s": [round(s, 3) for s in runs["uncached"]["epoch_s"]],
-        "cached_epoch_s": [round(s, 3) for s in runs["cached"]["epoch_s"]],
-        "speedup_after_first": round(uncached / float(np.mean(later)), 1) if later else None,
-        "max_test_logit_diff": diff,
-        "test_accuracy": {n: {t: round(r["summary"]["test"][t]["accuracy"], 4) for t in data.names} for n, r in runs.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cached_epochs",
+                "epochs": args.epochs,
+                "uncached_epoch_s": [round(s, 3) for s in runs["uncached"]["epoch_s"]],
+                "cached_epoch_s": [round(s, 3) for s in runs["cached"]["epoch_s"]],
+                "speedup_after_first": round(uncached / float(np.mean(later)), 1) if later else None,
+                "max_test_logit_diff": diff,
+                "test_accuracy": {
+                    n: {t: round(r["summary"]["test"][t]["accuracy"], 4) for t in data.names} for n, r in runs.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

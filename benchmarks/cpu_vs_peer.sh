@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Our train step and the PyTorch peer (../shared/peer/torch_mtl_step.py) at the same
+# Our train step and the PyTorch peer (benchmarks/torch_mtl_step.py) at the same
 # shapes, in one run on this machine, plus encode() against sentence-transformers.
-# The peer runs in its own venv (torch 2.13.0 CPU + transformers 4.57.6), made once.
-# Usage: bash benchmarks/cpu_vs_peer.sh [PEER_SCRIPT]
+# The peer runs in its own venv (`make peer`: torch CPU + transformers 4.57.6), made once.
+# Usage: bash benchmarks/cpu_vs_peer.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEER=${1:-../shared/peer/torch_mtl_step.py}
+PEER=benchmarks/torch_mtl_step.py
 TORCH_VENV=${TORCH_VENV:-.peer/venv}
-if [ ! -x "$TORCH_VENV/bin/python" ]; then
-  python3 -m venv "$TORCH_VENV"
-  "$TORCH_VENV/bin/pip" install -q torch==2.13.0 transformers==4.57.6 "huggingface_hub<1" sentence-transformers
-fi
+[ -x "$TORCH_VENV/bin/python" ] || make peer
 PY=.venv/bin/python
 # the peer pools cls; our trainer's default pooling (mean) runs too
 for freeze in none backbone; do

@@ -3,7 +3,6 @@
 # same GPU (distilbert-base, seq 128), JSON lines out, with MFU.
 # Needs, in git-ignored folders carried to the GPU machine (see ../shared/GPU.md):
 #   .whl/   transformers==4.57.6, tokenizers==0.22.2, huggingface_hub==0.36.0 wheels
-#   .peer/torch_mtl_step.py   a copy of ../shared/peer/torch_mtl_step.py
 # On a machine without a GPU it runs the same commands on the CPU at small sizes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +12,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ -z "${PY_FORCE:-}" ] && PY=.venv/bin/python
-PEER=${PEER:-.peer/torch_mtl_step.py}
+PEER=benchmarks/torch_mtl_step.py
 if $PY -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
   SIZE=base; SEQ=128; BATCHES="32 256"; DEV=cuda
 else

@@ -25,5 +25,14 @@ model.encode(texts, batch_size=a.batch_size)  # same warm-up as benchmarks/encod
 t0 = time.perf_counter()
 model.encode(texts, batch_size=a.batch_size)
 seconds = time.perf_counter() - t0
-print(json.dumps({"benchmark": "st_encode", "sentences": len(texts), "batch_size": a.batch_size,
-                  "seconds": round(seconds, 3), "sentences_per_s": round(len(texts) / seconds, 1)}))
+print(
+    json.dumps(
+        {
+            "benchmark": "st_encode",
+            "sentences": len(texts),
+            "batch_size": a.batch_size,
+            "seconds": round(seconds, 3),
+            "sentences_per_s": round(len(texts) / seconds, 1),
+        }
+    )
+)

@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import DistilBertConfig
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from transformers import DistilBertConfig  # noqa: E402
-
-from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
-from mtl_jax.freezing import encoder_frozen, frozen_groups, param_groups  # noqa: E402
-from mtl_jax.model import MultiTaskModel  # noqa: E402
-from mtl_jax.train import (  # noqa: E402
-    OptimConfig,
-    TrainState,
-    count_numbers,
-    frozen_param_mask,
-    make_grad_probe,
-    make_optimizer,
-    make_train_step,
-)
+from mtl_jax.config import TrainConfig
+from mtl_jax.flops import train_step_flops
+from mtl_jax.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
+from mtl_jax.hostmem import reuse_host_memory
+from mtl_jax.model import MultiTaskModel
+from mtl_jax.optim import OptimConfig, count_numbers
+from mtl_jax.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -52,20 +43,39 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k>")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--pooling", choices=["cls", "mean", "max"], default="mean",
-                   help="the trainer's default is mean; the PyTorch peer pools cls")
+    p.add_argument(
+        "--pooling",
+        choices=["cls", "mean", "max"],
+        default="mean",
+        help="the trainer's default is mean; the PyTorch peer pools cls",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.1, help="encoder dropout and attention dropout")
-    p.add_argument("--grad-diagnostics", type=int, default=0, metavar="K", help="also time the probe's overhead at every K steps")
-    p.add_argument("--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)")
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (no mtl_jax.hostmem.reuse_host_memory)")
+    p.add_argument(
+        "--grad-diagnostics", type=int, default=0, metavar="K", help="also time the probe's overhead at every K steps"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)"
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (no mtl_jax.hostmem.reuse_host_memory)",
+    )
     args = p.parse_args()
     host_memory_reused = False if args.default_malloc else reuse_host_memory()
 
-    config = DistilBertConfig(vocab_size=30522, max_position_embeddings=512, dropout=args.dropout,
-                              attention_dropout=args.dropout, **SIZES[args.size])
-    model = MultiTaskModel(config, pooling=args.pooling, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    config = DistilBertConfig(
+        vocab_size=30522,
+        max_position_embeddings=512,
+        dropout=args.dropout,
+        attention_dropout=args.dropout,
+        **SIZES[args.size],
+    )
+    model = MultiTaskModel(
+        config, pooling=args.pooling, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    )
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
     mask = jnp.ones((args.batch, args.seq), jnp.int32)
@@ -74,11 +84,9 @@ def main() -> None:
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1], mask[:1])["params"]
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen = frozen_groups(args.freeze, groups)
-    tx = make_optimizer(params, frozen, OptimConfig(total_steps=10_000, warmup_steps=10), config.n_layers)
-    # built as the trainer builds it: a fully frozen encoder runs without dropout (mtl_jax/run.py)
+    # built as the trainer builds it (a fully frozen encoder runs without dropout)
+    tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000))
     no_encoder_dropout = encoder_frozen(frozen, groups)
-    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen),
-                           encoder_frozen=no_encoder_dropout)
     state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
 
@@ -96,25 +104,41 @@ def main() -> None:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    mfu = model_flops_utilization(config, args.batch, args.seq, step_s, args.peak_tflops)
+    trainable_layers = {layer_index(g) for g in groups - frozen if layer_index(g) is not None}
+    flops = train_step_flops(config, args.batch, args.seq, trainable_layers, args.pooling == "cls")
+    mfu = model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
         mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
-    trainable = sum(int(np.prod(x.shape)) for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen_param_mask(params, frozen))) if not f)
-    print(json.dumps({
-        "benchmark": "train_step",
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "size": args.size, "batch": args.batch, "seq": args.seq, "freeze": args.freeze, "dtype": args.dtype, "pooling": args.pooling,
-        "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
-        "host_memory_reused": host_memory_reused,
-        "examples_per_s": round(args.batch / step_s, 2),
-        "step_s": round(step_s, 4),
-        "step_s_min": round(min(times), 4),
-        "compile_s": round(compile_s, 2),
-        "trainable_params": trainable,
-        "optimizer_state_numbers": count_numbers(state.opt_state),
-        "loss": float(m["loss"]),
-    } | mfu))
+    trainable = sum(
+        int(np.prod(x.shape))
+        for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen_param_mask(params, frozen)))
+        if not f
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "backend": jax.default_backend(),
+                "device": str(jax.devices()[0].device_kind),
+                "size": args.size,
+                "batch": args.batch,
+                "seq": args.seq,
+                "freeze": args.freeze,
+                "dtype": args.dtype,
+                "pooling": args.pooling,
+                "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
+                "host_memory_reused": host_memory_reused,
+                "examples_per_s": round(args.batch / step_s, 2),
+                "step_s": round(step_s, 4),
+                "step_s_min": round(min(times), 4),
+                "compile_s": round(compile_s, 2),
+                "trainable_params": trainable,
+                "optimizer_state_numbers": count_numbers(state.opt_state),
+                "loss": float(m["loss"]),
+            }
+            | mfu
+        )
+    )
 
 
 def probe_overhead(model, state, step, batch, key, k: int) -> dict:
@@ -138,17 +162,22 @@ def probe_overhead(model, state, step, batch, key, k: int) -> dict:
 
 
 # bf16 dense peak (TFLOP/s) by device kind, for the MFU figure
-PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0}
+PEAKS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0,
+}
 
 
-def model_flops_utilization(config, batch: int, seq: int, step_s: float, peak_tflops: float | None) -> dict:
-    """Training FLOPs per step: 6 x non-embedding params x tokens + attention (12 x layers x dim x seq per token)."""
-    n = config.n_layers * (4 * config.dim * config.dim + 2 * config.dim * config.hidden_dim)
-    tokens = batch * seq
-    flops = 6 * n * tokens + 12 * config.n_layers * config.dim * seq * tokens
+def model_flops_utilization(flops: float, step_s: float, peak_tflops: float | None) -> dict:
+    """Achieved TFLOP/s of the step's own matrix products (mtl_jax.flops) and, on known chips, the MFU."""
     kind = str(jax.devices()[0].device_kind)
     peak = peak_tflops or next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
-    out = {"model_tflops_per_s": round(flops / step_s / 1e12, 3)}
+    out = {"step_tflop": round(flops / 1e12, 4), "model_tflops_per_s": round(flops / step_s / 1e12, 3)}
     if peak:
         out["mfu"] = round(flops / step_s / (peak * 1e12), 4)
         out["peak_tflops"] = peak

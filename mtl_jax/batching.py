@@ -9,15 +9,14 @@ batch, and every process of a multi-process run plans the same global batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
 from mtl_jax.data import Examples
 from mtl_jax.errors import MtlError
 from mtl_jax.text import TextTokenizer, bucket_for, bucket_lengths, pad_batch
-
 
 
 @dataclass
@@ -76,8 +75,9 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
 
-def make_batch(data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[int], pad_id: int,
-               length: int | None = None) -> Batch:
+def make_batch(
+    data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[int], pad_id: int, length: int | None = None
+) -> Batch:
     """Rows ``idx`` padded to ``rows`` and to a bucket length (or ``length``); cached embeddings when ``data`` has them."""
     labels = np.full((rows, data.labels.shape[1]), -1, np.int32)
     labels[: len(idx)] = data.labels[idx]
@@ -90,8 +90,9 @@ def make_batch(data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[in
     return Batch(ids, mask, labels, np.asarray(idx))
 
 
-def make_task_batch(data: Tokenized, idxs: Sequence[np.ndarray], rows: int, buckets: Sequence[int],
-                    pad_id: int) -> dict[str, np.ndarray]:
+def make_task_batch(
+    data: Tokenized, idxs: Sequence[np.ndarray], rows: int, buckets: Sequence[int], pad_id: int
+) -> dict[str, np.ndarray]:
     """A task-stacked batch: arrays ``[rows, T, ...]``, sub-batch ``t`` = task ``t``'s rows ``idxs[t]``.
 
     Every sub-batch is padded to the same bucket length (the longest of them).
@@ -140,8 +141,15 @@ def probe_indices(data: Tokenized, batch_size: int, seed: int) -> list[np.ndarra
     return [np.sort(rng.choice(m, min(rows, len(m)), replace=False)) for m in members]
 
 
-def epoch_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sampling: str = "proportional",
-               temperature: float = 2.0, sort_window: int = 64) -> list[np.ndarray]:
+def epoch_plan(
+    data: Tokenized,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    sampling: str = "proportional",
+    temperature: float = 2.0,
+    sort_window: int = 64,
+) -> list[np.ndarray]:
     """The example indices of every batch of one epoch, a pure function of (seed, epoch).
 
     Sources are sampled per ``sampling``. Each batch holds examples of one source (one

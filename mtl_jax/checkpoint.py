@@ -33,11 +33,17 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
             create=True,
-            preservation_policy=policies.AnyPreservationPolicy([
-                policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=lambda m: m["mean_macro_f1"], reverse=False, n=1,
-                               keep_checkpoints_without_metrics=False),
-            ]),
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=keep),
+                    policies.BestN(
+                        get_metric_fn=lambda m: m["mean_macro_f1"],
+                        reverse=False,
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            ),
         )
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(self.folder, options=options)
@@ -59,7 +65,9 @@ class Checkpoints:
         except Exception as e:  # disk full, permissions, ...: the previous checkpoints are untouched
             previous = [s for s in self.steps() if s != step]
             kept = f"; the checkpoint at step {previous[-1]} is intact" if previous else ""
-            raise MtlError(f"{self.folder / str(step)}: could not save checkpoint ({type(e).__name__}: {e}){kept}") from None
+            raise MtlError(
+                f"{self.folder / str(step)}: could not save checkpoint ({type(e).__name__}: {e}){kept}"
+            ) from None
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         ocp = self._ocp
@@ -97,5 +105,7 @@ def restore_latest(ckpts: Checkpoints, make_target, log) -> tuple[Any, dict, int
             shutil.rmtree(aside, ignore_errors=True)
             where.rename(aside)  # kept for inspection, out of the manager's way
             ckpts.manager.reload()
-            log(f"{where}: checkpoint is damaged or unreadable ({reason[:200]}); moved to {aside.name}, trying an older one")
+            log(
+                f"{where}: checkpoint is damaged or unreadable ({reason[:200]}); moved to {aside.name}, trying an older one"
+            )
     return None

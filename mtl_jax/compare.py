@@ -75,11 +75,15 @@ def plan_runs(cfg: CompareConfig, task_names: list[str]) -> list[dict]:
     runs = []
     for seed in cfg.seeds:
         for s in scenarios:
-            runs.append({"scenario": s, "freeze": cfg.gradual if s == "gradual" else s, "weighting": "sum", "seed": seed})
+            runs.append(
+                {"scenario": s, "freeze": cfg.gradual if s == "gradual" else s, "weighting": "sum", "seed": seed}
+            )
         for m in methods:
             if m == "sum" and cfg.weighting_freeze in scenarios:
                 continue  # that run is already in the scenario grid
-            runs.append({"scenario": cfg.weighting_freeze, "freeze": cfg.weighting_freeze, "weighting": m, "seed": seed})
+            runs.append(
+                {"scenario": cfg.weighting_freeze, "freeze": cfg.weighting_freeze, "weighting": m, "seed": seed}
+            )
     return runs
 
 
@@ -107,9 +111,6 @@ def compare(cfg: CompareConfig) -> list[dict]:
         for phase in parse_phases(run["freeze"]):
             frozen_groups(phase.spec, groups)
     out.mkdir(parents=True, exist_ok=True)
-    # Runs of one scenario compile the same programs: keep them across runs (and invocations).
-    jax.config.update("jax_compilation_cache_dir", str(out / ".xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     budget = cfg.budget_minutes * 60
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -121,25 +122,40 @@ def compare(cfg: CompareConfig) -> list[dict]:
         estimate = float(np.mean(seen)) if seen else 0.0
         elapsed = time.perf_counter() - t0
         if elapsed + estimate > budget:
-            log(f"[{i + 1}/{len(runs)}] skip {_run_name(run)}: would end after ~{(elapsed + estimate) / 60:.0f} min "
-                 f"(budget {cfg.budget_minutes:g} min)")
+            log(
+                f"[{i + 1}/{len(runs)}] skip {_run_name(run)}: would end after ~{(elapsed + estimate) / 60:.0f} min "
+                f"(budget {cfg.budget_minutes:g} min)"
+            )
             skipped.append(run)
             continue
         log(f"[{i + 1}/{len(runs)}] {_run_name(run)} (freeze {run['freeze']}, {elapsed / 60:.1f} min elapsed)")
         run_cfg = dataclasses.replace(
-            cfg, freeze=run["freeze"], seed=run["seed"], loss_weighting=run["weighting"],
-            out=str(out / "runs" / _run_name(run)), overwrite=True, resume=False,
+            cfg,
+            freeze=run["freeze"],
+            seed=run["seed"],
+            loss_weighting=run["weighting"],
+            out=str(out / "runs" / _run_name(run)),
+            overwrite=True,
+            resume=False,
         )
         train_cfg = TrainConfig(**{f.name: getattr(run_cfg, f.name) for f in dataclasses.fields(TrainConfig)})
         try:
             summary = train_and_evaluate(train_cfg)
         except Interrupted as e:
-            raise Interrupted(f"compare interrupted during {_run_name(run)}; the {len(rows)} finished runs are in "
-                              f"{out / 'results.md'}", e.exit_code) from None
+            raise Interrupted(
+                f"compare interrupted during {_run_name(run)}; the {len(rows)} finished runs are in "
+                f"{out / 'results.md'}",
+                e.exit_code,
+            ) from None
         shutil.rmtree(Path(train_cfg.out) / "checkpoints", ignore_errors=True)  # only the metrics are needed
         durations.setdefault(key, []).append(summary["wall_s"])
-        row = dict(run, wall_s=round(summary["wall_s"], 1), trainable_params=_trainable(summary, run["freeze"]),
-                   steps=summary["steps"], best_epoch=summary["best_epoch"])
+        row = dict(
+            run,
+            wall_s=round(summary["wall_s"], 1),
+            trainable_params=_trainable(summary, run["freeze"]),
+            steps=summary["steps"],
+            best_epoch=summary["best_epoch"],
+        )
         for t in names:
             for split, short in (("test", "test"), ("validation", "val")):
                 row[f"{t}_{short}_acc"] = round(summary[split][t]["accuracy"], 4)
@@ -158,8 +174,13 @@ def summarize(rows: list[dict], names: list[str]) -> list[dict]:
         groups.setdefault((r["scenario"], r["weighting"]), []).append(r)
     out = []
     for (scenario, weighting), rs in groups.items():
-        s = {"scenario": scenario, "weighting": weighting, "seeds": len(rs),
-             "wall_s": float(np.mean([r["wall_s"] for r in rs])), "trainable_params": rs[0]["trainable_params"]}
+        s = {
+            "scenario": scenario,
+            "weighting": weighting,
+            "seeds": len(rs),
+            "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+            "trainable_params": rs[0]["trainable_params"],
+        }
         for t in names:
             for m in ("test_acc", "test_f1"):
                 v = np.array([r[f"{t}_{m}"] for r in rs])
@@ -168,8 +189,9 @@ def summarize(rows: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
-def write_results(out: Path, rows: list[dict], pending: list[dict], names: list[str], cfg: CompareConfig,
-                  final: bool) -> None:
+def write_results(
+    out: Path, rows: list[dict], pending: list[dict], names: list[str], cfg: CompareConfig, final: bool
+) -> None:
     from mtl_jax.plots import plot_compare
 
     if rows:
@@ -187,25 +209,33 @@ def write_results(out: Path, rows: list[dict], pending: list[dict], names: list[
         f"seeds {', '.join(map(str, cfg.seeds))}; test split of seed {cfg.split_seed}. Mean ± std over seeds; "
         f"wall time per run on {jax.default_backend()}.",
         "",
-        "| scenario | weighting | seeds | " + " | ".join(f"{t} acc | {t} macro-F1" for t in names)
+        "| scenario | weighting | seeds | "
+        + " | ".join(f"{t} acc | {t} macro-F1" for t in names)
         + " | wall s | trainable params |",
         "|---|---|---|" + "---|---|" * len(names) + "---|---|",
     ]
     for s in summary:
         cells = [f"{s[f'{t}_{m}'][0]:.3f} ± {s[f'{t}_{m}'][1]:.3f}" for t in names for m in ("test_acc", "test_f1")]
-        lines.append(f"| {s['scenario']} | {s['weighting']} | {s['seeds']} | " + " | ".join(cells)
-                     + f" | {s['wall_s']:.0f} | {s['trainable_params']:,} |")
+        lines.append(
+            f"| {s['scenario']} | {s['weighting']} | {s['seeds']} | "
+            + " | ".join(cells)
+            + f" | {s['wall_s']:.0f} | {s['trainable_params']:,} |"
+        )
     probe = next((s for s in summary if s["scenario"] == "backbone" and s["weighting"] == "sum"), None)
     if probe is not None and len(summary) > 1:
         lines.append("")
         for t in names:
             best = max(summary, key=lambda s: s[f"{t}_test_acc"][0])
             gain = 100 * (best[f"{t}_test_acc"][0] - probe[f"{t}_test_acc"][0])
-            lines.append(f"- {t}: best `{best['scenario']}` ({best['weighting']}), {gain:+.1f} points of test accuracy "
-                         f"over the frozen-backbone linear probe.")
+            lines.append(
+                f"- {t}: best `{best['scenario']}` ({best['weighting']}), {gain:+.1f} points of test accuracy "
+                f"over the frozen-backbone linear probe."
+            )
     if pending:
-        lines += ["", ("Not run (time budget): " if final else "Still to run: ")
-                  + ", ".join(_run_name(r) for r in pending) + "."]
+        lines += [
+            "",
+            ("Not run (time budget): " if final else "Still to run: ") + ", ".join(_run_name(r) for r in pending) + ".",
+        ]
     lines += ["", "![accuracy vs wall time](results.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"summary": summary, "pending": pending}, indent=2))

@@ -154,6 +154,8 @@ class TrainConfig:
     """Multi-process run: number of processes (else $JAX_NUM_PROCESSES)."""
     process_id: Optional[int] = adjustable(None)
     """Multi-process run: this process's index, 0 writes the outputs (else $JAX_PROCESS_ID)."""
+    compile_cache: str = adjustable("auto")
+    """Folder of the persistent compilation cache (a second run of the same shapes compiles almost nothing): auto ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/mtl_jax/xla), a folder, or off."""
     task_list: Annotated[tuple[TaskConfig, ...], tyro.conf.Suppress] = fixed(DEFAULT_TASKS)
 
     def check(self) -> None:

@@ -15,10 +15,10 @@ import gzip
 import io
 import json
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -141,11 +141,11 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def take(self, idx: np.ndarray) -> "Examples":
+    def take(self, idx: np.ndarray) -> Examples:
         return Examples([self.texts[i] for i in idx], self.labels[idx], self.source[idx])
 
     @staticmethod
-    def concat(parts: Sequence["Examples"], num_tasks: int) -> "Examples":
+    def concat(parts: Sequence[Examples], num_tasks: int) -> Examples:
         if not parts:
             return Examples([], np.zeros((0, num_tasks), np.int32), np.zeros((0,), np.int32))
         return Examples(
@@ -218,7 +218,9 @@ class FileRows:
     lines: list[int]
 
 
-def _row_problem(row: Row, text_col: str, raw_labels: list[str | None], label_cols: list[str]) -> tuple[Reason, str] | None:
+def _row_problem(
+    row: Row, text_col: str, raw_labels: list[str | None], label_cols: list[str]
+) -> tuple[Reason, str] | None:
     text = row.fields.get(text_col)
     if row.problem is not None:
         return Reason.MALFORMED, row.problem
@@ -268,8 +270,9 @@ def _vocabulary(task: TaskConfig, rows: FileRows, col: int) -> tuple[str, ...]:
     return tuple(sorted({mapping.get(r[col], r[col]) for r in rows.raw if r[col] != DROP}))
 
 
-def _label_ids(path: Path, rows: FileRows, group: list[tuple[int, TaskConfig]], vocab: dict, num_tasks: int,
-               problems: Problems) -> tuple[np.ndarray, np.ndarray]:
+def _label_ids(
+    path: Path, rows: FileRows, group: list[tuple[int, TaskConfig]], vocab: dict, num_tasks: int, problems: Problems
+) -> tuple[np.ndarray, np.ndarray]:
     """``[N, T]`` label ids (-1: none for that task) and which rows to keep (labels outside the vocabulary drop)."""
     keep = np.ones(len(rows.texts), bool)
     ids = np.full((len(rows.texts), num_tasks), -1, np.int32)
@@ -281,8 +284,11 @@ def _label_ids(path: Path, rows: FileRows, group: list[tuple[int, TaskConfig]], 
                 continue
             label = (t.label_map or {}).get(value, value)
             if label not in index:
-                problems.add(f"{path}:{rows.lines[r]}", Reason.UNKNOWN_LABEL,
-                             f"label {value!r} not in the labels of task {t.name} ({', '.join(vocab[t.name])})")
+                problems.add(
+                    f"{path}:{rows.lines[r]}",
+                    Reason.UNKNOWN_LABEL,
+                    f"label {value!r} not in the labels of task {t.name} ({', '.join(vocab[t.name])})",
+                )
                 keep[r] = False
                 continue
             ids[r, ti] = index[label]
@@ -304,7 +310,9 @@ def _split_indices(labels: np.ndarray, seed: int) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def _split_off(splits: dict[str, Examples], tasks: Sequence[TaskConfig], sources: list[str], seed: int) -> dict[str, Examples]:
+def _split_off(
+    splits: dict[str, Examples], tasks: Sequence[TaskConfig], sources: list[str], seed: int
+) -> dict[str, Examples]:
     """Seeded stratified validation / test splits for tasks without their own files."""
     T = len(tasks)
     for src_i, spec in enumerate(sources):
@@ -335,7 +343,9 @@ def _check_classes(train: Examples, tasks: Sequence[TaskConfig], vocab: dict) ->
         if counts.sum() == 0:
             raise MtlError(f"{t.train}: task {t.name} has no training examples")
         if (counts > 0).sum() < 2:
-            raise MtlError(f"{t.train}: task {t.name} needs at least two classes in its training data, found {(counts > 0).sum()}")
+            raise MtlError(
+                f"{t.train}: task {t.name} needs at least two classes in its training data, found {(counts > 0).sum()}"
+            )
 
 
 def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
@@ -351,15 +361,21 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
             if getattr(t, split):
                 files[(split, getattr(t, split))].append(ti)
     problems, notes = Problems(skip_bad_rows), []
-    rows = {key: _read_task_file(resolve_path(key[1]), [tasks[ti] for ti in ids], problems, notes)
-            for key, ids in files.items()}
-    vocab = {t.name: _vocabulary(t, rows[("train", t.train)], files[("train", t.train)].index(ti))
-             for ti, t in enumerate(tasks)}
+    rows = {
+        key: _read_task_file(resolve_path(key[1]), [tasks[ti] for ti in ids], problems, notes)
+        for key, ids in files.items()
+    }
+    vocab = {
+        t.name: _vocabulary(t, rows[("train", t.train)], files[("train", t.train)].index(ti))
+        for ti, t in enumerate(tasks)
+    }
     sources: list[str] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
     for (split, spec), task_ids in files.items():
         file_rows = rows[(split, spec)]
-        ids, keep = _label_ids(resolve_path(spec), file_rows, [(ti, tasks[ti]) for ti in task_ids], vocab, len(tasks), problems)
+        ids, keep = _label_ids(
+            resolve_path(spec), file_rows, [(ti, tasks[ti]) for ti in task_ids], vocab, len(tasks), problems
+        )
         sources.append(spec)
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
         by_split[split].append(Examples(list(file_rows.texts), ids, source).take(np.flatnonzero(keep)))

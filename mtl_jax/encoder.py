@@ -74,7 +74,9 @@ class Embeddings(nn.Module):
         init = jax.nn.initializers.normal(self.config.initializer_range)
         self.word_embeddings = nn.Embed(self.config.vocab_size, self.config.dim, embedding_init=init)
         if not self.config.sinusoidal_pos_embds:
-            self.position_embeddings = nn.Embed(self.config.max_position_embeddings, self.config.dim, embedding_init=init)
+            self.position_embeddings = nn.Embed(
+                self.config.max_position_embeddings, self.config.dim, embedding_init=init
+            )
         self.LayerNorm = _layer_norm(self.dtype)
         self.dropout = Dropout(self.config.dropout)
 
@@ -193,8 +195,14 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(self.config, self.dtype)
         self.transformer = _Transformer(self.config, self.dtype)
 
-    def __call__(self, ids: jax.Array, positions: jax.Array, segments: jax.Array, deterministic: bool = True,
-                 queries: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        ids: jax.Array,
+        positions: jax.Array,
+        segments: jax.Array,
+        deterministic: bool = True,
+        queries: jax.Array | None = None,
+    ) -> jax.Array:
         x = self.embeddings(ids, positions, deterministic)  # [R, P, D]
         same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
         bias = jnp.where(same, 0.0, -1e30)[:, None].astype(x.dtype)  # [R, 1, P, P]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,8 +32,9 @@ def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Token
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized,
-             label_names: dict[str, tuple[str, ...]]) -> dict:
+def evaluate(
+    eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, label_names: dict[str, tuple[str, ...]]
+) -> dict:
     """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
 
     ``data`` may carry cached embeddings (then only the heads run).

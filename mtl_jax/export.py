@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -26,7 +26,6 @@ META_FILE = "mtl_jax.json"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -35,8 +34,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_model(folder: Path, encoder_spec, encoder_params, head_params: dict, hf_tokenizer,
-                 tasks: Sequence[tuple[str, Sequence[str]]], pooling: str) -> Path:
+def export_model(
+    folder: Path,
+    encoder_spec,
+    encoder_params,
+    head_params: dict,
+    hf_tokenizer,
+    tasks: Sequence[tuple[str, Sequence[str]]],
+    pooling: str,
+) -> Path:
     """Write a self-contained model directory (see module docstring); returns it.
 
     Written into a sibling temporary folder and renamed, so a crash never leaves a
@@ -53,11 +59,15 @@ def export_model(folder: Path, encoder_spec, encoder_params, head_params: dict, 
     config = encoder_spec.config.to_dict()
     config.update(model_type="distilbert", architectures=["DistilBertModel"])
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    state = {k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()}
+    state = {
+        k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()
+    }
     save_file(state, str(tmp / "model.safetensors"))
     hf_tokenizer.save_pretrained(str(tmp))
     tok_config = tmp / "tokenizer_config.json"
-    tok_config.write_text(json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2))
+    tok_config.write_text(
+        json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2)
+    )
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -67,16 +77,24 @@ def export_model(folder: Path, encoder_spec, encoder_params, head_params: dict, 
         (tmp / "2_Normalize").mkdir()
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
     (tmp / "1_Pooling").mkdir()
-    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": encoder_spec.config.dim,
-        "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean",
-        "pooling_mode_max_tokens": pooling == "max",
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }, indent=2))
-    (tmp / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase}))
-    heads = {f"{t}.{k}": np.asarray(v, np.float32) for t, p in jax.device_get(head_params).items() for k, v in p.items()}
+    (tmp / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": encoder_spec.config.dim,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": pooling == "max",
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            },
+            indent=2,
+        )
+    )
+    (tmp / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase})
+    )
+    heads = {
+        f"{t}.{k}": np.asarray(v, np.float32) for t, p in jax.device_get(head_params).items() for k, v in p.items()
+    }
     save_file(heads, str(tmp / "heads.safetensors"))
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     meta = {

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,8 +57,14 @@ class SentenceEncoder:
         @functools.partial(jax.jit, static_argnames=("pooling", "normalize"))
         def embed(params, ids, positions, segments, pooling, normalize):
             model = MultiTaskModel(self.config, tasks=(), pooling=pooling)
-            pooled = model.apply({"params": {"encoder": params}}, ids, positions, segments, MAX_SEGMENTS,
-                                 method=MultiTaskModel.embed_packed)
+            pooled = model.apply(
+                {"params": {"encoder": params}},
+                ids,
+                positions,
+                segments,
+                MAX_SEGMENTS,
+                method=MultiTaskModel.embed_packed,
+            )
             return l2_normalize(pooled) if normalize else pooled
 
         return embed
@@ -82,11 +89,25 @@ class SentenceEncoder:
             raise MtlError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
         normalize = self.spec.normalize if normalize is None else normalize
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
-        out = self.map_packed(fn, sentences, batch_size=batch_size, max_length=max_length, progress=progress, empty=np.zeros((0, self.dim), np.float32))
+        out = self.map_packed(
+            fn,
+            sentences,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+            empty=np.zeros((0, self.dim), np.float32),
+        )
         return out.astype(np.float32, copy=False)
 
-    def map_packed(self, fn, sentences: Sequence[str], batch_size: int = 64, max_length: int | None = None,
-                   progress: bool | None = None, empty=None):
+    def map_packed(
+        self,
+        fn,
+        sentences: Sequence[str],
+        batch_size: int = 64,
+        max_length: int | None = None,
+        progress: bool | None = None,
+        empty=None,
+    ):
         """``fn(ids, positions, segments) -> pytree of [R, MAX_SEGMENTS, ...]`` over all sentences,
         packed several to a row (``mtl_jax.packing``); one output row per sentence, in input order.
 
@@ -127,11 +148,12 @@ class SentenceEncoder:
         return out
 
 
-def load_encoder(name_or_path: str | Path = "sentence-transformers/all-MiniLM-L6-v2", allow_pickle: bool = False) -> SentenceEncoder:
+def load_encoder(
+    name_or_path: str | Path = "sentence-transformers/all-MiniLM-L6-v2", allow_pickle: bool = False
+) -> SentenceEncoder:
     """A :class:`SentenceEncoder` for the embedded model, a local checkpoint directory, or a hub name."""
     spec, params, tokenizer, folder = load_pretrained(name_or_path, allow_pickle=allow_pickle)
     return SentenceEncoder(spec, params, tokenizer, source=folder)
-
 
 
 @dataclass
@@ -163,7 +185,9 @@ class Predictor:
                     raise MtlError(f"{self.folder / 'heads.safetensors'}: {name}.{k} has shape {got}, expected {shape}")
                 heads[name][k] = arr
         self.params = {"encoder": self.encoder.params, "heads": jax.tree.map(jax.numpy.asarray, heads)}
-        self.model = MultiTaskModel(self.encoder.config, tasks=tuple((n, len(l)) for n, l in self.tasks), pooling=meta["pooling"])
+        self.model = MultiTaskModel(
+            self.encoder.config, tasks=tuple((n, len(names)) for n, names in self.tasks), pooling=meta["pooling"]
+        )
 
         @jax.jit
         def probs(params, ids, positions, segments):
@@ -181,8 +205,13 @@ class Predictor:
     def predict_proba(self, sentences, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
         """Per task ``[N, C]`` class probabilities, rows in input order."""
         empty = {name: np.zeros((0, len(labels)), np.float32) for name, labels in self.tasks}
-        out = self.encoder.map_packed(functools.partial(self._probs, self.params), sentences,
-                                       batch_size=batch_size, progress=progress, empty=empty)
+        out = self.encoder.map_packed(
+            functools.partial(self._probs, self.params),
+            sentences,
+            batch_size=batch_size,
+            progress=progress,
+            empty=empty,
+        )
         return {name: out[name] for name, _ in self.tasks}
 
     def predict(self, sentences, batch_size: int = 64, progress: bool | None = None) -> list[dict[str, Prediction]]:
@@ -192,7 +221,7 @@ class Predictor:
             row = {}
             for name, labels in self.tasks:
                 p = probs[name][i]
-                row[name] = Prediction(labels[int(np.argmax(p))], {l: float(x) for l, x in zip(labels, p)})
+                row[name] = Prediction(labels[int(np.argmax(p))], {label: float(x) for label, x in zip(labels, p)})
             rows.append(row)
         return rows
 

@@ -97,7 +97,9 @@ class MultiTaskModel(nn.Module):
         """{task: logits [B, C_task]} float32 from pooled embeddings."""
         return self.heads(self.dropout(pooled, deterministic=deterministic))
 
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None):
+    def __call__(
+        self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None
+    ):
         """``(logits, pooled)``; ``encoder_deterministic`` turns the encoder's dropout off on its own
         (a frozen encoder runs as a fixed feature extractor)."""
         enc_det = deterministic if encoder_deterministic is None else encoder_deterministic

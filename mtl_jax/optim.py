@@ -30,7 +30,7 @@ class OptimConfig:
     layer_decay: float  # encoder LR multiplier per layer below the top
 
     @classmethod
-    def from_config(cls, cfg, total_steps: int) -> "OptimConfig":
+    def from_config(cls, cfg, total_steps: int) -> OptimConfig:
         """From a :class:`mtl_jax.config.TrainConfig` and the run's length."""
         return cls(
             lr=cfg.lr,

@@ -14,8 +14,8 @@ power of two, for an input of only a few rows), so one compiled shape per bucket
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +48,9 @@ def row_lengths(max_length: int) -> tuple[int, ...]:
     return tuple(b for b in buckets if b >= min(PACK_LENGTH, max_length))
 
 
-def pack_rows(lengths: Sequence[int], lengths_allowed: Sequence[int], max_segments: int = MAX_SEGMENTS) -> list[tuple[int, list[int]]]:
+def pack_rows(
+    lengths: Sequence[int], lengths_allowed: Sequence[int], max_segments: int = MAX_SEGMENTS
+) -> list[tuple[int, list[int]]]:
     """``(row length, sentence indices)`` per row, best fit decreasing.
 
     Longest sentences first; each joins the open row whose free space fits it most tightly,

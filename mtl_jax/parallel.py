@@ -13,13 +13,15 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtl_jax.errors import MtlError
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Join a multi-process run; returns whether one was joined.
 
     ``coordinator`` is process 0's ``host:port`` (else ``$JAX_COORDINATOR_ADDRESS``), with
@@ -39,8 +41,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     if num_processes is None or process_id is None:
-        raise MtlError(f"coordinator {coordinator}: also give --num-processes and --process-id "
-                       "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        raise MtlError(
+            f"coordinator {coordinator}: also give --num-processes and --process-id "
+            "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        )
     jax.distributed.initialize(coordinator, num_processes, process_id)
     return True
 
@@ -77,7 +81,9 @@ def _put(tree, sharding_of):
     """Place each leaf with ``sharding_of(leaf)``, in one process or several."""
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: jax.device_put(x, sharding_of(x)), tree)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding_of(x), lambda i: np.asarray(x)[i]), tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding_of(x), lambda i: np.asarray(x)[i]), tree
+    )
 
 
 def replicate(tree, mesh: Mesh):

@@ -104,9 +104,7 @@ def distilbert_config(raw: dict, config_path: Path) -> DistilBertConfig:
             raise MtlError(f"{config_path}: activation {cfg.activation!r} is unsupported (only 'gelu')")
         return cfg
     if model_type != "bert":
-        raise MtlError(
-            f"{config_path}: model_type {model_type!r} is unsupported (supported: 'bert', 'distilbert')"
-        )
+        raise MtlError(f"{config_path}: model_type {model_type!r} is unsupported (supported: 'bert', 'distilbert')")
     problems = []
     if raw.get("position_embedding_type", "absolute") != "absolute":
         problems.append(f"position_embedding_type {raw['position_embedding_type']!r} (only 'absolute')")
@@ -325,12 +323,18 @@ def _sentence_transformers_settings(folder: Path, spec: dict) -> tuple[Path, dic
             model_dir = sub
         elif kind == "Pooling":
             cfg = _read_json(sub / "config.json")
-            modes = [p for p in POOLING_MODES if cfg.get(f"pooling_mode_{p}_token" if p == "cls" else f"pooling_mode_{p}_tokens")]
+            modes = [
+                p
+                for p in POOLING_MODES
+                if cfg.get(f"pooling_mode_{p}_token" if p == "cls" else f"pooling_mode_{p}_tokens")
+            ]
             mode = cfg.get("pooling_mode")
             if mode in POOLING_MODES:
                 modes = [mode]
             if cfg.get("pooling_mode_mean_sqrt_len_tokens") or len(modes) != 1:
-                raise MtlError(f"{sub / 'config.json'}: unsupported pooling configuration (need exactly one of cls/mean/max)")
+                raise MtlError(
+                    f"{sub / 'config.json'}: unsupported pooling configuration (need exactly one of cls/mean/max)"
+                )
             spec["pooling"] = modes[0]
         elif kind == "Normalize":
             spec["normalize"] = True

@@ -16,8 +16,13 @@ from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
 def train_record(totals, step: int, epoch: int, tasks) -> dict:
     """Mean loss and per-task loss / accuracy over the steps since the last record (fetches from device)."""
     m = jax.device_get(totals)
-    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m["loss"]) / max(int(m["steps"]), 1),
-           "skipped": int(m["skipped"])}
+    rec = {
+        "step": step,
+        "epoch": epoch,
+        "split": "train",
+        "loss": float(m["loss"]) / max(int(m["steps"]), 1),
+        "skipped": int(m["skipped"]),
+    }
     for t in tasks:
         c = int(m["tasks"][t]["count"])
         rec[t] = {
@@ -42,7 +47,9 @@ def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
     rec = {"step": step, "epoch": epoch, "split": "gradients", "loss": float(np.sum(m["loss"]))}
     for i, t in enumerate(tasks):
         rec[t] = {"loss": float(m["loss"][i]), "grad_norm": float(m["grad_norm"][i])}
-    rec["cosine"] = {f"{a}|{b}": float(m["cosine"][i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
+    rec["cosine"] = {
+        f"{a}|{b}": float(m["cosine"][i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j
+    }
     return rec
 
 
@@ -51,8 +58,15 @@ def finish_outputs(run, summary: dict, best_params, records: list[dict]) -> None
     out, names, labels = run.out, run.names, run.data.labels
     if run.cfg.export:
         spec = dataclasses.replace(run.encoder.spec, max_length=run.pipeline.max_length)
-        export_model(out / "export", spec, best_params["encoder"], best_params["heads"], run.encoder.hf_tokenizer,
-                     [(t, labels[t]) for t in names], run.model.pooling)
+        export_model(
+            out / "export",
+            spec,
+            best_params["encoder"],
+            best_params["heads"],
+            run.encoder.hf_tokenizer,
+            [(t, labels[t]) for t in names],
+            run.model.pooling,
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(records, names, out / "curves.png")
     if any(r["split"] == "gradients" for r in records):
@@ -72,7 +86,11 @@ def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
         f"{summary['examples_per_s']:.1f} training examples/s.",
     ]
     if "loss_weights" in summary:
-        lines.append("Learned loss weights exp(-s): " + ", ".join(f"{t} {w:.3f}" for t, w in summary["loss_weights"].items()) + ".")
+        lines.append(
+            "Learned loss weights exp(-s): "
+            + ", ".join(f"{t} {w:.3f}" for t, w in summary["loss_weights"].items())
+            + "."
+        )
     lines += [
         "",
         "| task | split | accuracy | macro-F1 | examples |",
@@ -86,7 +104,9 @@ def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
         r = summary["test"][t]
         lines += ["", f"## {t} (test)", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for name in labels[t]:
-            lines.append(f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |")
+            lines.append(
+                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |"
+            )
         lines.append(f"\n![confusion](confusion_{t}.png)")
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)

@@ -9,7 +9,8 @@ is the one place an optimizer and its train step are made from a run's config.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -30,7 +31,7 @@ class TrainState:
     nonfinite: jax.Array = None  # int32 scalar: consecutive non-finite steps so far
 
     @classmethod
-    def create(cls, params, opt_state) -> "TrainState":
+    def create(cls, params, opt_state) -> TrainState:
         return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
 
 
@@ -64,10 +65,21 @@ def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool
     train = key is not None
     rngs = {"dropout": key} if train else {}
     if "embeddings" in batch:
-        return model.apply(model_variables(params), batch["embeddings"], deterministic=not train, rngs=rngs,
-                           method=MultiTaskModel.classify)
-    logits, _ = model.apply(model_variables(params), batch["input_ids"], batch["attention_mask"],
-                            deterministic=not train, encoder_deterministic=encoder_frozen or not train, rngs=rngs)
+        return model.apply(
+            model_variables(params),
+            batch["embeddings"],
+            deterministic=not train,
+            rngs=rngs,
+            method=MultiTaskModel.classify,
+        )
+    logits, _ = model.apply(
+        model_variables(params),
+        batch["input_ids"],
+        batch["attention_mask"],
+        deterministic=not train,
+        encoder_deterministic=encoder_frozen or not train,
+        rngs=rngs,
+    )
     return logits
 
 
@@ -92,8 +104,9 @@ def per_task_grads(loss_fn: Callable, params, stacked, key):
     return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
 
 
-def make_loss_fn(model: MultiTaskModel, weights: dict[str, float], weighting: str = "static",
-                 encoder_frozen: bool = False) -> Callable:
+def make_loss_fn(
+    model: MultiTaskModel, weights: dict[str, float], weighting: str = "static", encoder_frozen: bool = False
+) -> Callable:
     """``loss_fn(params, batch, key) -> (loss, per-task sums)``; ``key=None``: no dropout.
 
     For ``pcgrad`` this is each task's plain loss (the projection happens on the gradients).
@@ -113,8 +126,14 @@ def make_loss_fn(model: MultiTaskModel, weights: dict[str, float], weighting: st
     return loss_fn
 
 
-def make_train_step(model: MultiTaskModel, tx: optax.GradientTransformation, weights: dict[str, float],
-                    frozen_mask=None, weighting: str = "static", encoder_frozen: bool = False) -> Callable:
+def make_train_step(
+    model: MultiTaskModel,
+    tx: optax.GradientTransformation,
+    weights: dict[str, float],
+    frozen_mask=None,
+    weighting: str = "static",
+    encoder_frozen: bool = False,
+) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
     ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``, ``sum``
@@ -191,8 +210,9 @@ def make_embed_step(model: MultiTaskModel) -> Callable:
 
     @jax.jit
     def embed_step(params, batch):
-        return model.apply(model_variables(params), batch["input_ids"], batch["attention_mask"],
-                           method=MultiTaskModel.embed)
+        return model.apply(
+            model_variables(params), batch["input_ids"], batch["attention_mask"], method=MultiTaskModel.embed
+        )
 
     return embed_step
 
@@ -219,8 +239,14 @@ def frozen_param_mask(params, frozen: frozenset[str]):
     return jax.tree.map(lambda g: g in frozen, param_groups(params))
 
 
-def build_train_step(model: MultiTaskModel, params, frozen: frozenset[str], optim: OptimConfig,
-                     weighting: str = "sum", weights: dict[str, float] | None = None):
+def build_train_step(
+    model: MultiTaskModel,
+    params,
+    frozen: frozenset[str],
+    optim: OptimConfig,
+    weighting: str = "sum",
+    weights: dict[str, float] | None = None,
+):
     """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
 
     A fully frozen encoder runs without dropout (a fixed feature extractor, so its
@@ -229,15 +255,21 @@ def build_train_step(model: MultiTaskModel, params, frozen: frozenset[str], opti
     groups = set(jax.tree.leaves(param_groups(params)))
     tx = make_optimizer(params, frozen, optim, model.config.n_layers)
     weights = {name: (weights or {}).get(name, 1.0) for name, _ in model.tasks}
-    step = make_train_step(model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups))
+    step = make_train_step(
+        model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups)
+    )
     return tx, step
 
 
 def zero_metrics(tasks: Sequence[str]) -> dict:
     """The running sums a train step's metrics add into (see :func:`accumulate`)."""
     z = lambda dtype: jnp.zeros((), dtype)  # noqa: E731
-    return {"loss": z(jnp.float32), "steps": z(jnp.int32), "skipped": z(jnp.int32),
-            "tasks": {t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32)} for t in tasks}}
+    return {
+        "loss": z(jnp.float32),
+        "steps": z(jnp.int32),
+        "skipped": z(jnp.int32),
+        "tasks": {t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32)} for t in tasks},
+    }
 
 
 @jax.jit

@@ -7,8 +7,8 @@ number of buckets whatever the input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -59,7 +59,7 @@ class TextTokenizer:
     lowercase: bool = False
 
     @classmethod
-    def from_hf(cls, hf_tokenizer, lowercase: bool = False) -> "TextTokenizer":
+    def from_hf(cls, hf_tokenizer, lowercase: bool = False) -> TextTokenizer:
         backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
         backend.no_padding()
         return cls(backend, int(hf_tokenizer.pad_token_id or 0), lowercase)

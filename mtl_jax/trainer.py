@@ -17,9 +17,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mtl_jax.batching import InputPipeline, tokenize
 from mtl_jax.checkpoint import Checkpoints, restore_latest
+from mtl_jax.compile_cache import use_compile_cache
 from mtl_jax.config import TrainConfig, resume_fixed
 from mtl_jax.data import SPLITS, TaskData, load_tasks
 from mtl_jax.errors import Interrupted, MtlError
@@ -46,9 +48,25 @@ from mtl_jax.freezing import (
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model import MultiTaskModel, init_params
 from mtl_jax.optim import OptimConfig, carry_opt_state, count_numbers, make_optimizer
-from mtl_jax.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, place_state, replicate, to_host
+from mtl_jax.parallel import (
+    check_batch_size,
+    initialize_distributed,
+    is_primary,
+    make_mesh,
+    place_state,
+    replicate,
+    to_host,
+)
 from mtl_jax.report import eval_record, finish_outputs, gradient_record, train_record
-from mtl_jax.steps import TrainState, accumulate, build_train_step, make_embed_step, make_eval_step, make_grad_probe, zero_metrics
+from mtl_jax.steps import (
+    TrainState,
+    accumulate,
+    build_train_step,
+    make_embed_step,
+    make_eval_step,
+    make_grad_probe,
+    zero_metrics,
+)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 CHECKPOINT_FORMAT = 2  # 2: mtl_jax 0.2 (named optimizer state, typed loop state)
@@ -67,7 +85,9 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MtlError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MtlError(f"{out}: already holds files (another run?); pass --overwrite to replace it or choose another --out")
+        raise MtlError(
+            f"{out}: already holds files (another run?); pass --overwrite to replace it or choose another --out"
+        )
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MtlError(f"{parent}: not writable; choose another --out")
@@ -139,6 +159,7 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     """Check the options, the run directory, the data and the encoder; build the model and pipeline."""
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    use_compile_cache(cfg.compile_cache)
     out = Path(cfg.out)
     if cfg.resume:
         check_resumable(out, cfg)
@@ -163,9 +184,16 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.loss_weighting == "pcgrad":  # each task's sub-batch is split over the devices
         check_batch_size(cfg.batch_size // len(tasks), mesh, f"--batch-size / {len(tasks)} tasks")
     pipeline = InputPipeline(
-        {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS}, encoder.tokenizer.pad_id,
-        max_length, cfg.batch_size, cfg.eval_batch_size, cfg.seed, cfg.sampling, cfg.temperature,
-        task_stacked=cfg.loss_weighting == "pcgrad", mesh=mesh,
+        {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS},
+        encoder.tokenizer.pad_id,
+        max_length,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        cfg.seed,
+        cfg.sampling,
+        cfg.temperature,
+        task_stacked=cfg.loss_weighting == "pcgrad",
+        mesh=mesh,
     )
     rng = jax.random.PRNGKey(cfg.seed)
     params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
@@ -177,8 +205,21 @@ def setup(cfg: TrainConfig) -> Run:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    return Run(cfg, out, data, encoder, model, pipeline, params, rng, phases, frozen_by_phase, steps_per_epoch,
-               total_steps, OptimConfig.from_config(cfg, total_steps))
+    return Run(
+        cfg,
+        out,
+        data,
+        encoder,
+        model,
+        pipeline,
+        params,
+        rng,
+        phases,
+        frozen_by_phase,
+        steps_per_epoch,
+        total_steps,
+        OptimConfig.from_config(cfg, total_steps),
+    )
 
 
 def _write_run_start(run: Run) -> None:
@@ -198,8 +239,10 @@ def _write_run_start(run: Run) -> None:
         d = pipeline.splits[s]
         per_task = {t: int((d.labels[:, i] >= 0).sum()) for i, t in enumerate(run.names)}
         log(f"{s}: {len(d)} examples {per_task}, {d.truncated} truncated at {pipeline.max_length} tokens")
-    log(f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "
-        f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps")
+    log(
+        f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "
+        f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps"
+    )
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -222,10 +265,12 @@ class LoopState:
     format: int = CHECKPOINT_FORMAT
 
     @classmethod
-    def from_meta(cls, meta: dict, where: Path) -> "LoopState":
+    def from_meta(cls, meta: dict, where: Path) -> LoopState:
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise MtlError(f"{where}: checkpoint written by an older mtl_jax (before 0.2, format "
-                           f"{meta.get('format', 1)}); this version cannot resume it: start the run again")
+            raise MtlError(
+                f"{where}: checkpoint written by an older mtl_jax (before 0.2, format "
+                f"{meta.get('format', 1)}); this version cannot resume it: start the run again"
+            )
         return cls(**meta)
 
 
@@ -259,15 +304,23 @@ class Trainer:
 
     def build(self, phase: int):
         run = self.run
-        return build_train_step(run.model, run.params, run.frozen_by_phase[phase], run.optim, run.cfg.loss_weighting,
-                                {t.name: t.weight for t in run.cfg.selected_tasks()})
+        return build_train_step(
+            run.model,
+            run.params,
+            run.frozen_by_phase[phase],
+            run.optim,
+            run.cfg.loss_weighting,
+            {t.name: t.weight for t in run.cfg.selected_tasks()},
+        )
 
     def describe(self, phase: int) -> None:
         sizes, frozen = group_sizes(self.run.params), self.run.frozen_by_phase[phase]
         frozen_n = sum(sizes[g] for g in frozen)
         per_label = ", ".join(f"{g}={'frozen' if g in frozen else 'train'}:{n:,}" for g, n in sorted(sizes.items()))
-        log(f"phase {phase} ({self.run.phases[phase].spec}): {sum(sizes.values()) - frozen_n:,} trainable, "
-            f"{frozen_n:,} frozen [{per_label}]")
+        log(
+            f"phase {phase} ({self.run.phases[phase].spec}): {sum(sizes.values()) - frozen_n:,} trainable, "
+            f"{frozen_n:,} frozen [{per_label}]"
+        )
 
     def enter_phase(self, phase: int) -> None:
         """Rebuild the optimizer and step for a new freezing phase, carrying the Adam state over."""
@@ -286,13 +339,20 @@ class Trainer:
         run = self.run
         tx = make_optimizer(run.params, run.frozen_by_phase[meta["phase"]], run.optim, run.model.config.n_layers)
         # restored arrays take the target's (mesh) shardings
-        return {"state": place_state(TrainState.create(run.params, tx.init(run.params)), run.mesh, run.cfg.fsdp),
-                "metrics": replicate(zero_metrics(run.names), run.mesh), "rng": replicate(run.rng, run.mesh)}
+        return {
+            "state": place_state(TrainState.create(run.params, tx.init(run.params)), run.mesh, run.cfg.fsdp),
+            "metrics": replicate(zero_metrics(run.names), run.mesh),
+            "rng": replicate(run.rng, run.mesh),
+        }
 
     def save(self, score: float | None = None) -> None:
         self.loop.records = len(self.records)
         # (replicated over the mesh: orbax saves only global arrays in a multi-process run)
-        tree = {"state": self.state, "metrics": replicate(self.totals, self.run.mesh), "rng": replicate(self.run.rng, self.run.mesh)}
+        tree = {
+            "state": self.state,
+            "metrics": replicate(self.totals, self.run.mesh),
+            "rng": replicate(self.run.rng, self.run.mesh),
+        }
         self.ckpts.save(self.step, tree, dataclasses.asdict(self.loop), score)
 
     def restore(self) -> None:
@@ -332,19 +392,33 @@ class Trainer:
             return None  # each example would be seen at most once: encoding them all first saves nothing
         todo = {s: run.pipeline.splits[s] for s in ("train", "validation")}
         t0 = time.perf_counter()
-        with tqdm(total=sum(len(d) for d in todo.values()), disable=not run.cfg.progress, unit="ex",
-                  desc="caching embeddings", leave=False, file=sys.stderr) as bar:
-            out = {s: dataclasses.replace(d, embeddings=embed_all(self.embed_step, self.state.params, run.pipeline, d, bar))
-                   for s, d in todo.items()}
-        log(f"phase {phase}: encoder frozen; cached the embeddings of {sum(len(d) for d in todo.values())} "
-            f"examples in {time.perf_counter() - t0:.1f}s; the heads train on them")
+        with tqdm(
+            total=sum(len(d) for d in todo.values()),
+            disable=not run.cfg.progress,
+            unit="ex",
+            desc="caching embeddings",
+            leave=False,
+            file=sys.stderr,
+        ) as bar:
+            out = {
+                s: dataclasses.replace(
+                    d, embeddings=embed_all(self.embed_step, self.state.params, run.pipeline, d, bar)
+                )
+                for s, d in todo.items()
+            }
+        log(
+            f"phase {phase}: encoder frozen; cached the embeddings of {sum(len(d) for d in todo.values())} "
+            f"examples in {time.perf_counter() - t0:.1f}s; the heads train on them"
+        )
         return out
 
     def check_nonfinite(self, metrics) -> None:
         """Stop when the last ``--max-nonfinite`` steps all had a non-finite loss or gradient."""
         if metrics is not None and int(metrics["streak"]) >= self.run.cfg.max_nonfinite:
-            raise MtlError(f"step {self.step}: loss or gradients non-finite for {int(metrics['streak'])} consecutive "
-                           f"steps (each skipped); stopping without saving. Lower --lr or check the data")
+            raise MtlError(
+                f"step {self.step}: loss or gradients non-finite for {int(metrics['streak'])} consecutive "
+                f"steps (each skipped); stopping without saving. Lower --lr or check the data"
+            )
 
     # ---- one epoch
 
@@ -373,7 +447,9 @@ class Trainer:
             end_of_epoch = b == len(plan) - 1 or step + 1 == run.total_steps
             if (step + 1) % cfg.log_every == 0 or end_of_epoch:
                 t_log = self.log_training(epoch, t_log, bar)
-            if not end_of_epoch and (self.stop_signal is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            if not end_of_epoch and (
+                self.stop_signal is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0)
+            ):
                 self.save()
                 if self.stop_signal is not None:
                     raise self.interrupted()
@@ -399,8 +475,10 @@ class Trainer:
         results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.labels)
         rec = eval_record(results, self.step, epoch, "validation") | {"epoch_s": round(epoch_s, 3)}
         self.emit(rec)
-        log(f"epoch {epoch + 1}/{run.epochs} validation: "
-            + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in run.names))
+        log(
+            f"epoch {epoch + 1}/{run.epochs} validation: "
+            + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in run.names)
+        )
         if rec["mean_macro_f1"] > loop.best_score:
             loop.best_score, loop.best_epoch, loop.best_step = rec["mean_macro_f1"], epoch, self.step
             self.best_params = to_host(self.state.params)
@@ -419,8 +497,14 @@ class Trainer:
             self.stop_signal = signum
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=run.total_steps, initial=self.step, disable=not (run.cfg.progress and is_primary()),
-                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=run.total_steps,
+            initial=self.step,
+            disable=not (run.cfg.progress and is_primary()),
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         try:
             for epoch in range(self.loop.epoch, run.epochs):
                 if self.step >= run.total_steps:  # resuming a run that already finished
@@ -438,8 +522,11 @@ class Trainer:
     def interrupted(self) -> Interrupted:
         self.ckpts.close()
         name = signal.Signals(self.stop_signal).name
-        return Interrupted(f"{name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
-                           f"--out {self.run.out} --resume (plus the same options)", 128 + self.stop_signal)
+        return Interrupted(
+            f"{name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
+            f"--out {self.run.out} --resume (plus the same options)",
+            128 + self.stop_signal,
+        )
 
     # ---- the end
 
@@ -473,10 +560,14 @@ class Trainer:
             summary["loss_weights"] = {t: float(np.exp(-np.asarray(s))) for t, s in best["loss_weights"].items()}
         if is_primary():
             finish_outputs(run, summary, best, self.records)
-            log(f"best epoch {summary['best_epoch']}; test: "
-                + ", ".join(f"{t} acc {summary['test'][t]['accuracy']:.3f} F1 {summary['test'][t]['macro_f1']:.3f}"
-                            for t in run.names)
-                + f"; {summary['wall_s']:.0f}s; outputs in {run.out}")
+            log(
+                f"best epoch {summary['best_epoch']}; test: "
+                + ", ".join(
+                    f"{t} acc {summary['test'][t]['accuracy']:.3f} F1 {summary['test'][t]['macro_f1']:.3f}"
+                    for t in run.names
+                )
+                + f"; {summary['wall_s']:.0f}s; outputs in {run.out}"
+            )
         return summary
 
 

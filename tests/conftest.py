@@ -4,22 +4,28 @@ as real Hugging Face directories, and small labelled data files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from mtl_jax.hostmem import reuse_host_memory
+ROOT = Path(__file__).resolve().parents[1]
+# One persistent compilation cache for the session and every script the tests start (before
+# JAX is imported): each tiny model's steps compile once, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
 
 reuse_host_memory()  # as the scripts do, before JAX's first computation
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from safetensors.numpy import save_file
+from safetensors.numpy import save_file  # noqa: E402
 
-from mtl_jax.assets import embedded_model_dir
-from mtl_jax.pretrained import flax_to_torch_state
+from mtl_jax.assets import embedded_model_dir  # noqa: E402
+from mtl_jax.pretrained import flax_to_torch_state  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 TINY_BERT = {
@@ -64,6 +70,14 @@ def write_tiny_bert(dst: Path, seed: int = 0, config: dict | None = None) -> tup
     return config, params
 
 
+def optim(total_steps: int = 100, **options):
+    """An OptimConfig from TrainConfig's defaults (warm-up off) and ``options`` (TrainConfig fields)."""
+    from mtl_jax.config import TrainConfig
+    from mtl_jax.optim import OptimConfig
+
+    return OptimConfig.from_config(TrainConfig(**({"warmup": 0.0} | options)), total_steps)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The embedded all-MiniLM-L6-v2, loaded once."""
@@ -94,7 +108,12 @@ def tiny_data(tmp_path_factory) -> Path:
     with open(folder / "reviews.jsonl", "w", encoding="utf-8") as f:
         for i in range(80):
             good = i % 2 == 0
-            f.write(json.dumps({"review": ("great fun" if good else "dull mess") + f" #{i}", "stars": "pos" if good else "neg"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"review": ("great fun" if good else "dull mess") + f" #{i}", "stars": "pos" if good else "neg"}
+                )
+                + "\n"
+            )
     (folder / "tasks.yaml").write_text(
         "tasks:\n"
         "  - name: topic\n    train: topic.csv\n    text_column: text\n    label_column: label\n"

@@ -27,7 +27,7 @@ WRAPPER = """
 import os, signal, sys, runpy
 sys.path.insert(0, {root!r})
 fault, at = {fault!r}, {at!r}
-import mtl_jax.run as run_mod
+import mtl_jax.batching as batching
 import mtl_jax.checkpoint as ckpt_mod
 calls = {{"batches": 0, "armed": False}}
 if fault == "kill-after-save":
@@ -38,15 +38,15 @@ if fault == "kill-after-save":
             calls["armed"] = True
     ckpt_mod.Checkpoints.save = save
 if fault in ("kill-after-save", "term-at-batch"):
-    make_batch = run_mod.make_batch
+    train_batch = batching.InputPipeline.train_batch
     def counting(*a, **k):
         calls["batches"] += 1
         if fault == "kill-after-save" and calls["armed"] and calls["batches"] >= at + 3:
             os.kill(os.getpid(), signal.SIGKILL)  # steps after the checkpoint are lost
         if fault == "term-at-batch" and calls["batches"] == at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return make_batch(*a, **k)
-    run_mod.make_batch = counting
+        return train_batch(*a, **k)
+    batching.InputPipeline.train_batch = counting
 if fault == "kill-during-write":
     from orbax.checkpoint._src.path import atomicity
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
@@ -61,9 +61,30 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out),
-            "--batch-size", "8", "--max-steps", "12", "--save-every", "3", "--log-every", "1", "--lr", "1e-3",
-            "--freeze", "backbone,none@step:4", "--keep", "5", "--no-progress", *extra]
+    return [
+        "--config",
+        str(tiny_data / "tasks.yaml"),
+        "--encoder",
+        str(tiny_bert),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "12",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--freeze",
+        "backbone,none@step:4",
+        "--keep",
+        "5",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def faulty(args: list[str], fault: str, at: int) -> subprocess.CompletedProcess:
@@ -77,7 +98,9 @@ TIMINGS = ("epoch_s",)  # wall-clock seconds: the only values a repeated run may
 def outputs(out: Path) -> tuple[list[dict], dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
-    weights = load_file(str(out / "export" / "model.safetensors")) | load_file(str(out / "export" / "heads.safetensors"))
+    weights = load_file(str(out / "export" / "model.safetensors")) | load_file(
+        str(out / "export" / "heads.safetensors")
+    )
     return records, weights
 
 
@@ -149,15 +172,27 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, ti
     r = faulty(args, "term-at-batch", 8)
     assert r.returncode == 143, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("SIGTERM at step 8: checkpoint saved; resume with: python scripts/train.py --out") and "--resume" in last
+    assert (
+        last.startswith("SIGTERM at step 8: checkpoint saved; resume with: python scripts/train.py --out")
+        and "--resume" in last
+    )
     assert 8 in Checkpoints(out / "checkpoints").steps()
     assert_resume_matches(reference, out, args, 8)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
-    r = run("train.py", *train_args(tiny_bert, tiny_data, out)[:-1], "--no-progress", "--lr", "1e30",
-            "--freeze", "none", "--max-nonfinite", "3")
+    r = run(
+        "train.py",
+        *train_args(tiny_bert, tiny_data, out)[:-1],
+        "--no-progress",
+        "--lr",
+        "1e30",
+        "--freeze",
+        "none",
+        "--max-nonfinite",
+        "3",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "non-finite for 3 consecutive steps" in r.stderr and "Traceback" not in r.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -165,19 +200,23 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, ti
 
 
 def test_non_finite_step_leaves_state_unchanged(tiny_bert):
-    from mtl_jax.model import MultiTaskModel, init_params, load_encoder
-    from mtl_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+    from mtl_jax.inference import load_encoder
+    from mtl_jax.model import MultiTaskModel, init_params
+    from mtl_jax.steps import TrainState, build_train_step
+    from tests.conftest import optim
 
     enc = load_encoder(tiny_bert)
     model = MultiTaskModel(enc.config, tasks=(("a", 2),))
     params = init_params(model, enc.params, jax.random.PRNGKey(0))
     params["heads"]["a"]["bias"] = jnp.asarray([np.nan, 0.0])
-    tx = make_optimizer(params, frozenset(), OptimConfig(total_steps=10, warmup_steps=0), 2)
-    step = make_train_step(model, tx, {"a": 1.0})
+    tx, step = build_train_step(model, params, frozenset(), optim(10))
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     before = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
-    batch = {"input_ids": np.full((2, 8), 2000, np.int32), "attention_mask": np.ones((2, 8), np.int32),
-             "labels": np.asarray([[0], [1]], np.int32)}
+    batch = {
+        "input_ids": np.full((2, 8), 2000, np.int32),
+        "attention_mask": np.ones((2, 8), np.int32),
+        "labels": np.asarray([[0], [1]], np.int32),
+    }
     for i in range(2):
         state, m = step(state, batch, jax.random.PRNGKey(0))
         assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1
@@ -221,7 +260,7 @@ def test_export_round_trip_reproduces_test_metrics(reference):
     test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
     predictor = load(reference / "export")
     probs = predictor.predict_proba(test.texts, batch_size=5)
-    for ti, (name, labels) in enumerate(predictor.tasks):
+    for ti, (name, _labels) in enumerate(predictor.tasks):
         has = test.labels[:, ti] >= 0
         acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
         assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)

@@ -19,7 +19,12 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 def run(script: str, *args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args],
-        input=stdin, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ENV,
+        timeout=600,
     )
 
 
@@ -43,8 +48,13 @@ def test_embed_arguments_stdin_and_npy(tmp_path, tiny_bert):
 
 def test_embed_into_a_reader_that_stops_early_is_quiet(tiny_bert):
     # `embed.py ... | head -c 100`: the reader closes the pipe after a few bytes
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "embed.py"), "--model", str(tiny_bert), *["word"] * 2000],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "embed.py"), "--model", str(tiny_bert), *["word"] * 2000],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=ENV,
+    )
     assert proc.stdout.read(100)
     proc.stdout.close()
     stderr = proc.communicate(timeout=600)[1].decode()
@@ -71,12 +81,36 @@ def test_embed_help_lists_options():
 
 def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
-    r = run("train.py", "--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out),
-            "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--log-every", "2", "--no-progress",
-            "--freeze", "backbone,none@epoch:1")
+    r = run(
+        "train.py",
+        "--config",
+        str(tiny_data / "tasks.yaml"),
+        "--encoder",
+        str(tiny_bert),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "2",
+        "--no-progress",
+        "--freeze",
+        "backbone,none@epoch:1",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "report.md",
-                 "confusion_topic.png", "confusion_sentiment.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "report.md",
+        "confusion_topic.png",
+        "confusion_sentiment.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     for split in ("validation", "test"):
@@ -100,7 +134,9 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
 
 def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
     bad = tmp_path / "bad.csv"
-    bad.write_text("text,label\n" + "ok,a\n ,b\nfine,\n" + "".join(f"s{i},{'a' if i % 2 else 'b'}\n" for i in range(30)))
+    bad.write_text(
+        "text,label\n" + "ok,a\n ,b\nfine,\n" + "".join(f"s{i},{'a' if i % 2 else 'b'}\n" for i in range(30))
+    )
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"tasks": [{"name": "t", "train": str(bad)}]}))
     out = tmp_path / "run"
@@ -113,6 +149,20 @@ def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
 def test_train_help_lists_every_option():
     r = run("train.py", "--help")
     assert r.returncode == 0
-    for flag in ("--config", "--encoder", "--freeze", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
-                 "--dtype", "--log-every", "--tasks", "--out", "--overwrite", "--skip-bad-rows"):
+    for flag in (
+        "--config",
+        "--encoder",
+        "--freeze",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--dtype",
+        "--log-every",
+        "--tasks",
+        "--out",
+        "--overwrite",
+        "--skip-bad-rows",
+    ):
         assert flag in r.stdout, flag

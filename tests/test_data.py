@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mtl_jax import MtlError
+from mtl_jax.batching import Tokenized, epoch_plan, make_task_batch, sampling_counts, task_plan
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
-from mtl_jax.data import BadRows, Tokenized, epoch_plan, load_tasks, make_task_batch, read_rows, sampling_counts, task_plan
+from mtl_jax.data import BadRows, load_tasks, read_rows
 from mtl_jax.text import BUCKETS, bucket_for, bucket_lengths
 
 
@@ -36,14 +37,20 @@ def _rows(n=40, sep=","):
 def test_csv_quoting_bom_crlf(tmp_path):
     p = _write(tmp_path / "a.csv", b'\xef\xbb\xbftext,label\r\n"hello, ""world""\r\nsecond line",x\r\nplain,y\r\n')
     rows = read_rows(p, ["text", "label"])
-    assert [r.fields for r in rows] == [{"text": 'hello, "world"\r\nsecond line', "label": "x"}, {"text": "plain", "label": "y"}]
+    assert [r.fields for r in rows] == [
+        {"text": 'hello, "world"\r\nsecond line', "label": "x"},
+        {"text": "plain", "label": "y"},
+    ]
     assert [r.line for r in rows] == [2, 4]
 
 
 def test_tsv_and_jsonl(tmp_path):
     tsv = _write(tmp_path / "a.tsv", "label\ttext\nx\tfirst, with comma\n")
     assert read_rows(tsv, ["text", "label"])[0].fields == {"text": "first, with comma", "label": "x"}
-    jl = _write(tmp_path / "a.jsonl", json.dumps({"text": "é ünïcode", "label": 3}) + "\n\n" + json.dumps({"text": "b", "label": "y"}) + "\n")
+    jl = _write(
+        tmp_path / "a.jsonl",
+        json.dumps({"text": "é ünïcode", "label": 3}) + "\n\n" + json.dumps({"text": "b", "label": "y"}) + "\n",
+    )
     rows = read_rows(jl, ["text", "label"])
     assert [(r.line, r.fields["text"], r.fields["label"]) for r in rows] == [(1, "é ünïcode", "3"), (3, "b", "y")]
 
@@ -67,7 +74,10 @@ def test_embedded_default_data_counts_and_splits():
 
 
 def test_explicit_labels_map_and_shared_file(tmp_path):
-    p = _write(tmp_path / "both.csv", "text,label,topic\n" + "".join(f"s{i},{'a' if i % 2 else 'b'},{'u' if i % 3 else 'v'}\n" for i in range(60)))
+    p = _write(
+        tmp_path / "both.csv",
+        "text,label,topic\n" + "".join(f"s{i},{'a' if i % 2 else 'b'},{'u' if i % 3 else 'v'}\n" for i in range(60)),
+    )
     tasks = [
         _task(p, name="one", labels=("b", "a")),
         TaskConfig(name="two", train=str(p), text_column="text", label_column="topic", label_map={"u": "U", "v": "V"}),
@@ -224,8 +234,58 @@ def test_task_plan_puts_every_task_in_every_step():
         assert (labels[step[0], 0] >= 0).all() and (labels[step[1], 1] >= 0).all()
     small = np.concatenate([s[0] for s in plan])
     assert np.bincount(small, minlength=40)[:40].min() >= 3  # the small task cycles through all its examples
-    assert [[s.tolist() for s in step] for step in task_plan(data, 16, 0, 0)] == [[s.tolist() for s in step] for step in plan]
+    assert [[s.tolist() for s in step] for step in task_plan(data, 16, 0, 0)] == [
+        [s.tolist() for s in step] for step in plan
+    ]
     batch = make_task_batch(data, plan[0], 8, bucket_lengths(128), 0)
     assert batch["input_ids"].shape[:2] == (8, 2) and batch["labels"].shape == (8, 2, 2)
     with pytest.raises(MtlError, match="smaller than the number of tasks"):
         task_plan(data, 1, 0, 0)
+
+
+def test_every_option_says_whether_a_resume_may_change_it():
+    import dataclasses
+
+    from mtl_jax.config import TrainConfig, resume_fixed
+
+    kinds = {f.name: f.metadata.get("on_resume") for f in dataclasses.fields(TrainConfig)}
+    undeclared = [name for name, kind in kinds.items() if kind not in ("fixed", "adjustable")]
+    assert undeclared == []
+    # the options that change the data, the model or the updates are fixed
+    for name in (
+        "encoder",
+        "freeze",
+        "batch_size",
+        "lr",
+        "head_lr",
+        "clip_norm",
+        "head_dropout",
+        "seed",
+        "task_list",
+        "loss_weighting",
+        "max_length",
+        "dtype",
+        "skip_bad_rows",
+    ):
+        assert name in resume_fixed(), name
+    assert {"out", "resume", "progress", "epochs", "max_steps"}.isdisjoint(resume_fixed())
+
+
+@pytest.mark.parametrize(
+    "option, value, flag",
+    [
+        ("lr", -1.0, "--lr -1.0: must be 0 or more"),
+        ("clip_norm", 0.0, "--clip-norm 0.0: must be positive"),
+        ("temperature", 0.0, "--temperature 0.0: must be positive"),
+        ("batch_size", 0, "--batch-size 0: must be at least 1"),
+        ("warmup", 1.5, "--warmup 1.5: must be between 0 and 1"),
+    ],
+)
+def test_out_of_range_options_name_the_flag(option, value, flag):
+    from mtl_jax.config import TrainConfig
+
+    with pytest.raises(MtlError, match=flag):
+        TrainConfig(**{option: value}).check()
+    negative = (TaskConfig(name="a", train="x.csv", weight=-1.0),)
+    with pytest.raises(MtlError, match="task a: weight -1.0: must be 0 or more"):
+        TrainConfig(task_list=negative).check()

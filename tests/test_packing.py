@@ -9,7 +9,8 @@ import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.packing import MAX_SEGMENTS, keep_mask, pack_rows, packed_calls, packed_hidden, row_lengths
+from mtl_jax.encoder import Encoder, keep_mask
+from mtl_jax.packing import MAX_SEGMENTS, pack_rows, packed_calls, row_lengths
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
@@ -56,7 +57,9 @@ def test_packed_calls_hold_each_sentence_with_positions_from_zero():
 
 @pytest.mark.parametrize("sinusoidal", [False, True])
 def test_packed_rows_give_each_sentence_its_unpacked_states(sinusoidal):
-    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, sinusoidal_pos_embds=sinusoidal)
+    config = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, sinusoidal_pos_embds=sinusoidal
+    )
     module = FlaxDistilBertModule(config)
     params = module.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
     rng = np.random.default_rng(2)
@@ -69,22 +72,30 @@ def test_packed_rows_give_each_sentence_its_unpacked_states(sinusoidal):
         ids[r, start : start + len(sent)] = sent
         positions[r, start : start + len(sent)] = np.arange(len(sent))
         segments[r, start : start + len(sent)] = s + 1
-    bound = module.bind({"params": params})
-    hidden = np.asarray(packed_hidden(bound, ids, positions, segments))
+    encoder = Encoder(config)
+    hidden = np.asarray(encoder.apply({"params": params}, ids, positions, segments))
     for sent, (r, start) in zip(sentences, slots):
         alone = module.apply({"params": params}, sent[None], np.ones((1, len(sent)), np.int32)).last_hidden_state[0]
         np.testing.assert_allclose(hidden[r, start : start + len(sent)], alone, atol=1e-5)
     # asked for a few tokens' states (each sentence's first, a middle one, a padding slot's 0),
     # the shortened last layer gives exactly those
     queries = np.array([[0, 7, 3], [5, 9, 0]], np.int32)
-    some = np.asarray(packed_hidden(bound, ids, positions, segments, queries=queries))
+    some = np.asarray(encoder.apply({"params": params}, ids, positions, segments, queries=queries))
     assert some.shape == (2, 3, 32)
     np.testing.assert_allclose(some, np.take_along_axis(hidden, queries[..., None], axis=1), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean", "max"])
 def test_encode_packed_equals_each_sentence_alone(minilm, mode):
-    texts = ["", "short", "a somewhat longer sentence about a film", "naïve café — ünïcode", "x " * 300, "the plot", "ok"]
+    texts = [
+        "",
+        "short",
+        "a somewhat longer sentence about a film",
+        "naïve café — ünïcode",
+        "x " * 300,
+        "the plot",
+        "ok",
+    ]
     together = minilm.encode(texts, pooling=mode, normalize=False, batch_size=4)
     for i, text in enumerate(texts):
         np.testing.assert_allclose(together[i], minilm.encode([text], pooling=mode, normalize=False)[0], atol=2e-5)

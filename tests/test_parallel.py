@@ -23,9 +23,12 @@ from mtl_jax.parallel import initialize_distributed
 if len(sys.argv) > 2:  # coordinator, process id: one of two processes
     initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax, jax.numpy as jnp, numpy as np
-from mtl_jax.model import MultiTaskModel, init_params, load_encoder
+from mtl_jax.inference import load_encoder
+from mtl_jax.model import MultiTaskModel, init_params
 from mtl_jax.parallel import make_mesh, place_state, shard_batch
-from mtl_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+from mtl_jax.config import TrainConfig
+from mtl_jax.optim import OptimConfig
+from mtl_jax.steps import TrainState, build_train_step
 
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))
@@ -40,8 +43,7 @@ for i in range(3):
 
 def train(devices, fsdp=False):
     mesh = make_mesh(devices)
-    tx = make_optimizer(params, frozenset(), OptimConfig(lr=1e-3, head_lr=1e-3, total_steps=10, warmup_steps=0), 2)
-    step = make_train_step(model, tx, {{"a": 1.0, "b": 1.0}})
+    tx, step = build_train_step(model, params, frozenset(), OptimConfig.from_config(TrainConfig(lr=1e-3, head_lr=1e-3, warmup=0.0), 10))
     state = place_state(TrainState.create(jax.tree.map(jnp.array, params), tx.init(params)), mesh, fsdp)
     losses = []
     for b in batches:
@@ -50,26 +52,32 @@ def train(devices, fsdp=False):
     return losses, jax.device_get(state.params), state
 """
 
-FOUR_DEVICES = SETUP + r"""
+FOUR_DEVICES = (
+    SETUP
+    + r"""
 assert jax.device_count() == 4, jax.devices()
 l4, p4, s4 = train(jax.devices())
 l1, p1, _ = train(jax.devices()[:1])
 lf, pf, sf = train(jax.devices(), fsdp=True)
 diff = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
 n_shards = len(s4.params["heads"]["a"]["kernel"].sharding.device_set)
-mu = sf.opt_state[2].inner_states["layer_0"].inner_state[0].mu["encoder"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"]
+mu = sf.opt_state["groups"].inner_states["layer_0"].inner_state[0].mu["encoder"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"]
 print(json.dumps({{"losses4": l4, "losses1": l1, "param_diff": diff(p4), "devices": n_shards,
                   "losses_fsdp": lf, "param_diff_fsdp": diff(pf),
                   "fsdp_shard_rows": [s.data.shape for s in mu.addressable_shards][0],
                   "fsdp_full": list(mu.shape)}}))
 """
+)
 
-PROCESSES = SETUP + r"""
+PROCESSES = (
+    SETUP
+    + r"""
 losses, p, state = train(jax.devices())
 if jax.process_index() == 0:
     np.savez({out!r}, losses=np.asarray(losses), processes=jax.process_count(), devices=jax.device_count(),
              **{{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(p))}})
 """
+)
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
@@ -94,12 +102,23 @@ def test_two_processes_match_one(tmp_path, tiny_bert):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
+
     def script(out):
         return PROCESSES.format(root=str(ROOT), model=str(tiny_bert), out=str(out))
-    procs = [subprocess.Popen([sys.executable, "-c", script(tmp_path / "two.npz"), f"localhost:{port}", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
-    single = subprocess.run([sys.executable, "-c", script(tmp_path / "one.npz")], capture_output=True, text=True,
-                            env=ENV, timeout=600)
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script(tmp_path / "two.npz"), f"localhost:{port}", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for i in range(2)
+    ]
+    single = subprocess.run(
+        [sys.executable, "-c", script(tmp_path / "one.npz")], capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -126,14 +145,52 @@ def test_two_process_training_run_writes_once_and_matches_one_process(tmp_path, 
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    args = ["--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--epochs", "1", "--batch-size", "8",
-            "--lr", "1e-3", "--freeze", "none", "--no-progress", "--no-export"]
+    args = [
+        "--config",
+        str(tiny_data / "tasks.yaml"),
+        "--encoder",
+        str(tiny_bert),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--freeze",
+        "none",
+        "--no-progress",
+        "--no-export",
+    ]
     train = str(ROOT / "scripts" / "train.py")
-    procs = [subprocess.Popen([sys.executable, train, *args, "--out", str(tmp_path / "two"), "--coordinator",
-                               f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
-    one = subprocess.run([sys.executable, train, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                         env=ENV, timeout=600)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                train,
+                *args,
+                "--out",
+                str(tmp_path / "two"),
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for i in range(2)
+    ]
+    one = subprocess.run(
+        [sys.executable, train, *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     errs = []
     for p in procs:

@@ -60,8 +60,8 @@ def test_bert_conversion_is_exact(tmp_path):
 
 
 def test_distilbert_safetensors_and_msgpack_load_the_same(tmp_path, tiny_bert):
-    from flax.serialization import to_bytes
     from flax import traverse_util
+    from flax.serialization import to_bytes
 
     enc = load_encoder(tiny_bert)
     dist = tmp_path / "distil"
@@ -84,10 +84,14 @@ def test_distilbert_safetensors_and_msgpack_load_the_same(tmp_path, tiny_bert):
 def test_sentence_transformers_layout_sets_pooling(tmp_path, tiny_bert):
     d = tmp_path / "st"
     shutil.copytree(tiny_bert, d)
-    (d / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
+    (d / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (d / "1_Pooling").mkdir()
     (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
@@ -115,7 +119,10 @@ def test_pickle_is_refused_without_opt_in(tmp_path, tiny_bert):
     "change, message",
     [
         ({"model_type": "roberta"}, r"config\.json: model_type 'roberta' is unsupported"),
-        ({"position_embedding_type": "relative_key"}, r"config\.json: unsupported BERT variant: position_embedding_type"),
+        (
+            {"position_embedding_type": "relative_key"},
+            r"config\.json: unsupported BERT variant: position_embedding_type",
+        ),
         ({"hidden_act": "relu"}, r"config\.json: unsupported BERT variant: hidden_act 'relu'"),
         ({"hidden_size": 48, "num_attention_heads": 4}, r"model\.safetensors: weight .* has shape"),
     ],
@@ -178,7 +185,11 @@ def test_pooling_modes_match_numpy(minilm, mode):
 
     text = "pooling is checked against numpy"
     ids, _ = minilm.tokenizer([text], 256)
-    hidden = np.asarray(FlaxDistilBertModule(minilm.config).apply({"params": minilm.params}, ids[0][None], np.ones((1, len(ids[0])), np.int32)).last_hidden_state[0])
+    hidden = np.asarray(
+        FlaxDistilBertModule(minilm.config)
+        .apply({"params": minilm.params}, ids[0][None], np.ones((1, len(ids[0])), np.int32))
+        .last_hidden_state[0]
+    )
     want = {"cls": hidden[0], "mean": hidden.mean(0), "max": hidden.max(0)}[mode]
     got = minilm.encode([text], pooling=mode, normalize=False)[0]
     np.testing.assert_allclose(got, want, atol=1e-5)

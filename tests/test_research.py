@@ -8,7 +8,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from mtl_jax.config import TrainConfig, load_config_file
-from mtl_jax.run import train_and_evaluate
+from mtl_jax.trainer import train_and_evaluate
 
 
 def _run(tiny_bert, tiny_data, out, **options) -> tuple[dict, list[dict]]:
@@ -36,7 +36,9 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
             assert cached[split][t]["confusion"] == full[split][t]["confusion"]
     val = [r for r in rec_cached if r["split"] == "validation"]
     assert len(val) == 3 and all(r["epoch_s"] > 0 for r in val)
-    assert [r["loss"] for r in rec_cached if r["split"] == "train"] == [r["loss"] for r in rec_full if r["split"] == "train"]
+    assert [r["loss"] for r in rec_cached if r["split"] == "train"] == [
+        r["loss"] for r in rec_full if r["split"] == "train"
+    ]
 
 
 def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert, tiny_data, capsys):
@@ -47,8 +49,9 @@ def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert,
 
 def test_pcgrad_with_gradient_diagnostics(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "pcgrad"
-    summary, records = _run(tiny_bert, tiny_data, out, loss_weighting="pcgrad", grad_diagnostics=2, epochs=2,
-                            freeze="none", lr=1e-3)
+    summary, records = _run(
+        tiny_bert, tiny_data, out, loss_weighting="pcgrad", grad_diagnostics=2, epochs=2, freeze="none", lr=1e-3
+    )
     grads = [r for r in records if r["split"] == "gradients"]
     steps = summary["steps"]
     assert [r["step"] for r in grads] == list(range(0, steps, 2))
@@ -65,8 +68,9 @@ def test_pcgrad_with_gradient_diagnostics(tmp_path, tiny_bert, tiny_data):
 
 
 def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_data):
-    summary, _ = _run(tiny_bert, tiny_data, tmp_path / "unc", loss_weighting="uncertainty", epochs=3,
-                      freeze="backbone", head_lr=0.05)
+    summary, _ = _run(
+        tiny_bert, tiny_data, tmp_path / "unc", loss_weighting="uncertainty", epochs=3, freeze="backbone", head_lr=0.05
+    )
     w = summary["loss_weights"]
     assert set(w) == {"topic", "sentiment"}
     assert all(0 < v < 10 for v in w.values()) and all(abs(v - 1.0) > 1e-3 for v in w.values())
@@ -75,8 +79,9 @@ def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
     from mtl_jax.compare import CompareConfig
 
-    values = load_config_file(tiny_data / "tasks.yaml") | dict(encoder=str(tiny_bert), out=str(out), batch_size=8,
-                                                               lr=1e-3, log_every=4)
+    values = load_config_file(tiny_data / "tasks.yaml") | dict(
+        encoder=str(tiny_bert), out=str(out), batch_size=8, lr=1e-3, log_every=4
+    )
     return CompareConfig(**(values | options))
 
 
@@ -88,7 +93,13 @@ def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "cmp"
     rows = compare(_compare_cfg(tiny_bert, tiny_data, out, scenarios=("backbone", "head:*"), seeds=(0, 1)))
     assert [(r["scenario"], r["seed"]) for r in rows] == [
-        ("backbone", 0), ("head:topic", 0), ("head:sentiment", 0), ("backbone", 1), ("head:topic", 1), ("head:sentiment", 1)]
+        ("backbone", 0),
+        ("head:topic", 0),
+        ("head:sentiment", 0),
+        ("backbone", 1),
+        ("head:topic", 1),
+        ("head:sentiment", 1),
+    ]
     table = list(csv.DictReader(open(out / "results.csv")))
     assert len(table) == 6 and float(table[0]["topic_test_acc"]) == rows[0]["topic_test_acc"]
     backbone = [r for r in rows if r["scenario"] == "backbone"]
@@ -102,11 +113,18 @@ def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
 def test_compare_plan_expands_heads_gradual_and_weighting(tiny_bert, tiny_data, tmp_path):
     from mtl_jax.compare import plan_runs
 
-    cfg = _compare_cfg(tiny_bert, tiny_data, tmp_path, scenarios=("none", "head:*", "gradual"), seeds=(3,), weighting=True)
+    cfg = _compare_cfg(
+        tiny_bert, tiny_data, tmp_path, scenarios=("none", "head:*", "gradual"), seeds=(3,), weighting=True
+    )
     runs = plan_runs(cfg, ["topic", "sentiment"])
     assert [(r["scenario"], r["freeze"], r["weighting"]) for r in runs] == [
-        ("none", "none", "sum"), ("head:topic", "head:topic", "sum"), ("head:sentiment", "head:sentiment", "sum"),
-        ("gradual", cfg.gradual, "sum"), ("none", "none", "uncertainty"), ("none", "none", "pcgrad")]
+        ("none", "none", "sum"),
+        ("head:topic", "head:topic", "sum"),
+        ("head:sentiment", "head:sentiment", "sum"),
+        ("gradual", cfg.gradual, "sum"),
+        ("none", "none", "uncertainty"),
+        ("none", "none", "pcgrad"),
+    ]
     assert all(r["seed"] == 3 for r in runs)
 
 
@@ -119,7 +137,13 @@ def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_
     with pytest.raises(MtlError, match="no task 'nope'"):
         compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "bad", scenarios=("none", "head:nope")))
     assert not (tmp_path / "bad").exists()
-    rows = compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"),
-                                seeds=(0, 1), budget_minutes=0.02))
+    rows = compare(
+        _compare_cfg(
+            tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"), seeds=(0, 1), budget_minutes=0.02
+        )
+    )
     assert len(rows) == 1  # the first run takes longer than the 1.2 s budget: the others are not started
-    assert "Not run (time budget): backbone-sum-s0, none-sum-s1, backbone-sum-s1." in (tmp_path / "cmp" / "results.md").read_text()
+    assert (
+        "Not run (time budget): backbone-sum-s0, none-sum-s1, backbone-sum-s1."
+        in (tmp_path / "cmp" / "results.md").read_text()
+    )

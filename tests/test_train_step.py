@@ -8,24 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax import MtlError
-from mtl_jax.data import Tokenized
-from mtl_jax.freezing import frozen_groups, group_of, param_groups, parse_phases, phase_at, Phase
-from mtl_jax.model import MultiTaskModel, init_params, load_encoder, pool_segments, pooled_rows
-from mtl_jax.train import (
-    OptimConfig,
-    TrainState,
-    carry_opt_state,
-    count_numbers,
-    evaluate,
-    frozen_param_mask,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
-    task_losses,
-)
+from mtl_jax.batching import InputPipeline, Tokenized
+from mtl_jax.evaluation import evaluate
+from mtl_jax.freezing import Phase, frozen_groups, group_of, param_groups, parse_phases, phase_at, phase_starts
+from mtl_jax.inference import load_encoder
+from mtl_jax.model import MultiTaskModel, init_params, pool_segments
+from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
+from mtl_jax.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
 from mtl_jax.weighting import weighted_loss
+from tests.conftest import optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
 
@@ -51,9 +45,7 @@ def _batch(seed=0, B=8, L=16, labels=None):
 
 
 def _state(model, params, frozen, lr=1e-2):
-    cfg = OptimConfig(lr=lr, head_lr=lr, total_steps=100, warmup_steps=0)
-    tx = make_optimizer(params, frozen, cfg, model.config.n_layers)
-    step = make_train_step(model, tx, {"task_a": 1.0, "task_b": 1.0}, frozen_param_mask(params, frozen))
+    tx, step = build_train_step(model, params, frozen, optim(100, lr=lr, head_lr=lr))
     # copy: the step donates its state
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     return tx, step, state
@@ -79,10 +71,9 @@ def test_pooling_is_masked():
 def test_cls_pooling_is_the_first_tokens_full_state(setup):
     model, params = setup
     b = _batch()
-    encoder = model.bind({"params": params}).encoder
-    full = encoder(b["input_ids"], b["attention_mask"]).last_hidden_state
-    positions = jnp.broadcast_to(jnp.arange(b["input_ids"].shape[1]), b["input_ids"].shape)
-    cls = pooled_rows(encoder, b["input_ids"], positions, b["attention_mask"], "cls", 1)[:, 0]
+    hf = FlaxDistilBertModule(model.config)
+    full = hf.apply({"params": params["encoder"]}, b["input_ids"], b["attention_mask"]).last_hidden_state
+    cls = model.clone(pooling="cls").apply({"params": params}, b["input_ids"], b["attention_mask"], method="embed")
     np.testing.assert_allclose(cls, full[:, 0], atol=1e-5)
 
 
@@ -139,13 +130,18 @@ def test_top_k_freezes_embeddings_and_lower_layers():
 def test_phases_parse_and_switch():
     phases = parse_phases("backbone, top:2@epoch:1, none@step:500")
     assert phases == [Phase("backbone"), Phase("top:2", "epoch", 1), Phase("none", "step", 500)]
-    assert [phase_at(phases, s, e) for s, e in [(0, 0), (10, 1), (499, 1), (500, 1)]] == [0, 1, 1, 2]
+    starts = phase_starts(phases, steps_per_epoch=10)
+    assert starts == [0, 10, 500]
+    assert [phase_at(starts, s) for s in (0, 9, 10, 499, 500, 10_000)] == [0, 0, 1, 1, 2, 2]
     with pytest.raises(MtlError, match="needs @epoch:N or @step:N"):
         parse_phases("backbone,none@3")
 
 
 def test_masked_loss_matches_numpy():
-    logits = {"a": jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]), "b": jnp.asarray([[0.3, -0.3], [1.0, 2.0], [0.0, 0.0]])}
+    logits = {
+        "a": jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]),
+        "b": jnp.asarray([[0.3, -0.3], [1.0, 2.0], [0.0, 0.0]]),
+    }
     labels = jnp.asarray([[0, -1], [2, 1], [-1, -1]])
     per = task_losses(logits, labels, ["a", "b"])
 
@@ -183,28 +179,32 @@ def test_phase_change_keeps_head_state(setup):
     model, params = setup
     groups = set(jax.tree.leaves(param_groups(params)))
     f0, f1 = frozen_groups("backbone", groups), frozen_groups("none", groups)
-    cfg = OptimConfig(total_steps=10, warmup_steps=0)
+    cfg = optim(10)
     tx0 = make_optimizer(params, f0, cfg, 2)
     s0 = tx0.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     _, s0 = tx0.update(grads, s0, params)
     tx1 = make_optimizer(params, f1, cfg, 2)
     s1 = carry_opt_state(s0, tx1.init(params), f0, f1)
-    head_state = s1[2].inner_states["head:task_a"].inner_state[0]
+    head_state = s1["groups"].inner_states["head:task_a"].inner_state[0]
     assert int(head_state.count) == 1 and float(jnp.abs(head_state.mu["heads"]["task_a"]["kernel"]).sum()) > 0
-    assert int(s1[2].inner_states["layer_0"].inner_state[0].count) == 0
-    assert int(s1[3].count) == 1  # the global schedule keeps counting
+    assert int(s1["groups"].inner_states["layer_0"].inner_state[0].count) == 0
+    assert int(s1["schedule"].count) == 1  # the global schedule keeps counting
 
 
 def test_evaluate_counts_every_example_once(setup):
     model, params = setup
     rng = np.random.default_rng(0)
     n = 37  # not a multiple of the batch size
-    ids = [np.concatenate([[101], rng.integers(1000, 30000, rng.integers(1, 40)), [102]]).astype(np.int32) for _ in range(n)]
+    ids = [
+        np.concatenate([[101], rng.integers(1000, 30000, rng.integers(1, 40)), [102]]).astype(np.int32)
+        for _ in range(n)
+    ]
     labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], axis=1).astype(np.int32)
     labels[:10, 1] = -1
     data = Tokenized(ids, labels, np.zeros(n, np.int32), 0)
-    res = evaluate(make_eval_step(model), params, data, {"task_a": ("x", "y", "z"), "task_b": ("n", "p")}, 8, 64, 0)
+    pipeline = InputPipeline({"test": data}, pad_id=0, max_length=64, batch_size=8, eval_batch_size=8, seed=0)
+    res = evaluate(make_eval_step(model), params, pipeline, data, {"task_a": ("x", "y", "z"), "task_b": ("n", "p")})
     assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
     assert np.asarray(res["task_a"]["confusion"]).sum() == n
     # same predictions as one big forward pass on each example alone
@@ -226,3 +226,22 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     state, m = step(state, _batch(), jax.random.PRNGKey(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert np.isfinite(float(m["loss"]))
+
+
+def test_flop_count_follows_what_the_step_computes():
+    from types import SimpleNamespace
+
+    from mtl_jax.flops import train_step_flops
+
+    config = SimpleNamespace(n_layers=2, dim=32, hidden_dim=64)
+    B, L = 2, 8
+    n = B * L
+    # by hand, per layer: Q,K,V,out 4 x 2*n*d*d; FFN 2 x 2*n*d*h; scores + weighted sum 2 x 2*B*L*L*d
+    layer = 8 * n * 32 * 32 + 4 * n * 32 * 64 + 4 * B * L * L * 32
+    heads = 3 * 2 * B * 32 * 5
+    assert train_step_flops(config, B, L, {0, 1}, cls_pooling=False) == 3 * 2 * layer + heads
+    assert train_step_flops(config, B, L, set(), cls_pooling=False) == 2 * layer + heads  # frozen: forward only
+    assert train_step_flops(config, B, L, {1}, cls_pooling=False) == 2 * layer + 2 * layer + heads
+    # cls: the last layer runs one query per row; K and V still cover all tokens
+    last = 4 * n * 32 * 32 + 4 * B * 32 * 32 + 4 * B * 32 * 64 + 4 * B * L * 32
+    assert train_step_flops(config, B, L, set(), cls_pooling=True) == layer + last + heads

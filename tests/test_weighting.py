@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.train import own_task_labels, per_task_grads
+from mtl_jax.steps import own_task_labels, per_task_grads
 from mtl_jax.weighting import cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
 
 
 def _per_task(**loss_and_count):
-    return {t: {"loss_sum": jnp.float32(s), "count": jnp.int32(c), "correct": jnp.int32(0)} for t, (s, c) in loss_and_count.items()}
+    return {
+        t: {"loss_sum": jnp.float32(s), "count": jnp.int32(c), "correct": jnp.int32(0)}
+        for t, (s, c) in loss_and_count.items()
+    }
 
 
 def test_pcgrad_two_conflicting_tasks_by_hand():

@@ -22,13 +22,20 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sentences", nargs="*", help="sentences to embed (else --input, else stdin)")
     p.add_argument("--input", help="text file, one sentence per line (blank lines embed as empty strings)")
-    p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
-                   help="embedded model name, local checkpoint directory, or hub name (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        help="embedded model name, local checkpoint directory, or hub name (default: %(default)s)",
+    )
     p.add_argument("--out", help="write a float32 .npy [N, D] here instead of JSON lines on stdout")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
     p.add_argument("--pooling", choices=["cls", "mean", "max"], help="pooling (default: the checkpoint's, else mean)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="L2-normalize embeddings (default: the checkpoint's setting)")
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalize embeddings (default: the checkpoint's setting)",
+    )
     p.add_argument("--max-length", type=int, help="tokens per sentence (default: the checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
@@ -44,8 +51,14 @@ def main(argv=None) -> int:
     from mtl_jax import load_encoder
 
     encoder = load_encoder(args.model)
-    emb = encoder.encode(texts, batch_size=args.batch_size, pooling=args.pooling, normalize=args.normalize,
-                         max_length=args.max_length, progress=False if args.no_progress else None)
+    emb = encoder.encode(
+        texts,
+        batch_size=args.batch_size,
+        pooling=args.pooling,
+        normalize=args.normalize,
+        max_length=args.max_length,
+        progress=False if args.no_progress else None,
+    )
     if args.out:
         import numpy as np
 
