@@ -186,7 +186,9 @@ print(json.dumps(events))
 def test_a_second_run_loads_its_programs_from_the_compile_cache(tmp_path):
     def probe(setting: str) -> dict:
         env = {k: v for k, v in ENV.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-        r = subprocess.run([sys.executable, "-c", CACHE_PROBE, setting], capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", CACHE_PROBE, setting], capture_output=True, text=True, env=env, timeout=120
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
