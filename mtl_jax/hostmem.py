@@ -1,18 +1,15 @@
 """Host memory on the CPU backend: keep the scratch block a compiled step frees for the next step.
 
 XLA:CPU gives each call of a compiled function one block of scratch memory and frees it
-when the call ends: 630 MiB for a MiniLM train step at batch 32 x 64. glibc serves a block
-that large from the calling worker thread's own arena with ``mmap`` and returns it with
-``munmap``, so on every step the kernel faults in and zeroes 160,000 fresh pages: 0.3 s of
-system time per step on 2 cores, 15% of the step's wall time. With every thread in the
-main arena, no ``mmap`` and a trim threshold of 2 GiB, the freed block stays in the heap
-and the next step reuses it (no page faults; ``benchmarks/train_step.py`` reports both).
+when the call ends. glibc serves a block that large from the calling worker thread's own
+arena with ``mmap`` and returns it with ``munmap``, so on every step the kernel faults in
+and zeroes fresh pages. With every thread in the main arena, no ``mmap`` and a trim
+threshold of 2 GiB, the freed block stays in the heap and the next step reuses it.
 
-The price: freed memory up to 2 GiB stays with the process (its resident size stays at its
-peak), and all threads share one malloc arena, so compiling a shape takes 1-2 s longer
-(XLA's compiler threads allocate a lot). The default ``scripts/train.py`` run: 680 s instead
-of 735 s, 16 M instead of 107 M page faults, peak resident memory 5.5 GB instead of 3.7 GB,
-the same metrics. Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
+The price: freed memory up to 2 GiB stays with the process, and all threads share one
+malloc arena, so compiling a shape takes a little longer. What it buys on the default run
+and on one step is measured in the README (``benchmarks/train_step.py --default-malloc``
+is the A/B switch). Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
 """
 
 from __future__ import annotations
