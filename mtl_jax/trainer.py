@@ -10,6 +10,7 @@ saves and restores) and runs ``train_epoch`` then ``evaluate_and_checkpoint`` pe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from mtl_jax.freezing import (
 )
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model import MultiTaskModel, init_params
-from mtl_jax.optim import OptimConfig, carry_opt_state, count_numbers, make_optimizer
+from mtl_jax.optim import OptimConfig, carry_opt_state, count_numbers
 from mtl_jax.parallel import (
     check_batch_size,
     initialize_distributed,
@@ -144,8 +145,9 @@ class Run:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    @property
+    @functools.cached_property
     def starts(self) -> list[int]:
+        """The step each phase starts at (read on every step)."""
         return phase_starts(self.phases, self.steps_per_epoch)
 
     @property
@@ -337,7 +339,7 @@ class Trainer:
     def checkpoint_target(self, meta: dict) -> dict:
         """A tree shaped like a saved checkpoint of phase ``meta["phase"]``, placed on the mesh."""
         run = self.run
-        tx = make_optimizer(run.params, run.frozen_by_phase[meta["phase"]], run.optim, run.model.config.n_layers)
+        tx, _ = self.build(meta["phase"])
         # restored arrays take the target's (mesh) shardings
         return {
             "state": place_state(TrainState.create(run.params, tx.init(run.params)), run.mesh, run.cfg.fsdp),
