@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import DistilBertConfig
 
+from mtl_jax.batching import single_rows
 from mtl_jax.config import TrainConfig
 from mtl_jax.flops import train_step_flops
 from mtl_jax.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
 from mtl_jax.hostmem import reuse_host_memory
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.optim import OptimConfig, count_numbers
+from mtl_jax.packing import MAX_SEGMENTS
 from mtl_jax.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
 
 SIZES = {
@@ -40,7 +42,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", choices=list(SIZES), default="minilm")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seq", type=int, default=64, help="tokens per row")
+    p.add_argument(
+        "--per-row",
+        type=int,
+        default=1,
+        metavar="K",
+        help="sentences packed into each row (seq / K tokens each), as the trainer packs them; "
+        "examples per step = batch * K",
+    )
     p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k>")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
@@ -48,6 +58,9 @@ def main() -> None:
         choices=["cls", "mean", "max"],
         default="mean",
         help="the trainer's default is mean; the PyTorch peer pools cls",
+    )
+    p.add_argument(
+        "--attention", choices=["auto", "fused", "xla"], default="auto", help="see mtl_jax.encoder.Attention"
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -74,14 +87,15 @@ def main() -> None:
         **SIZES[args.size],
     )
     model = MultiTaskModel(
-        config, pooling=args.pooling, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        config,
+        pooling=args.pooling,
+        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        attention=args.attention,
     )
     rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1000, 30000, (args.batch, args.seq)), jnp.int32)
-    mask = jnp.ones((args.batch, args.seq), jnp.int32)
-    labels = np.stack([rng.integers(0, 3, args.batch), rng.integers(0, 2, args.batch)], 1).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": jnp.asarray(labels)}
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1], mask[:1])["params"]
+    batch = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, args.per_row))
+    examples = args.batch * args.per_row
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["ids"][:1], batch["segments"][:1])["params"]
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen = frozen_groups(args.freeze, groups)
     # built as the trainer builds it (a fully frozen encoder runs without dropout)
@@ -105,7 +119,9 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     trainable_layers = {layer_index(g) for g in groups - frozen if layer_index(g) is not None}
-    flops = train_step_flops(config, args.batch, args.seq, trainable_layers, args.pooling == "cls")
+    flops = train_step_flops(
+        config, args.batch, args.seq, trainable_layers, args.pooling == "cls", batch["labels"].shape[1]
+    )
     mfu = model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
         mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
@@ -123,12 +139,14 @@ def main() -> None:
                 "size": args.size,
                 "batch": args.batch,
                 "seq": args.seq,
+                "per_row": args.per_row,
                 "freeze": args.freeze,
                 "dtype": args.dtype,
                 "pooling": args.pooling,
+                "attention": args.attention,
                 "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
                 "host_memory_reused": host_memory_reused,
-                "examples_per_s": round(args.batch / step_s, 2),
+                "examples_per_s": round(examples / step_s, 2),
                 "step_s": round(step_s, 4),
                 "step_s_min": round(min(times), 4),
                 "compile_s": round(compile_s, 2),
@@ -141,9 +159,26 @@ def main() -> None:
     )
 
 
+def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) -> dict[str, np.ndarray]:
+    """A packed batch of random tokens: ``per_row`` sentences of ``seq // per_row`` tokens in each of ``rows`` rows
+    (one sentence per row: a padded batch without padding, as the PyTorch peer runs it)."""
+    n = rows * per_row
+    labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], 1).astype(np.int32)
+    ids = rng.integers(1000, 30000, (rows, seq)).astype(np.int32)
+    if per_row == 1:
+        return single_rows(ids, np.ones_like(ids), labels)
+    each = seq // per_row
+    token = np.arange(seq)
+    segments = np.broadcast_to(np.where(token < each * per_row, token // each + 1, 0), ids.shape).astype(np.int32)
+    slots = np.full((rows, MAX_SEGMENTS, 2), -1, np.int32)
+    slots[:, :per_row] = labels.reshape(rows, per_row, 2)
+    positions = np.broadcast_to(token % each, ids.shape).astype(np.int32)
+    return {"ids": ids, "positions": positions, "segments": segments, "labels": slots}
+
+
 def probe_overhead(model, state, step, batch, key, k: int) -> dict:
     """Seconds for k steps without and with one task-gradient probe (half the batch per task), and their ratio."""
-    half = len(batch["labels"]) // 2
+    half = len(batch["ids"]) // 2
     stacked = {n: jnp.stack([v[:half], v[half : 2 * half]], axis=1) for n, v in batch.items()}
     probe = make_grad_probe(model)
     jax.block_until_ready(probe(state.params, stacked))  # compile

@@ -1,13 +1,21 @@
-"""From tokenized examples to device batches: task sampling, epoch plans, padded batches,
+"""From tokenized examples to device batches: task sampling, epoch plans, packed batches,
 and :class:`InputPipeline`, which holds what every batch needs (the tokenized splits,
-pad id, length buckets, batch sizes, the device mesh).
+pad id, batch sizes, the grids, the device mesh).
 
 An epoch plan is a pure function of (seed, epoch), so a resumed run continues at the same
 batch, and every process of a multi-process run plans the same global batch.
+
+A training step's examples are packed several to a row (``mtl_jax.packing``) into a fixed
+grid ``[rows, length]``: ``length`` is one of two row lengths (``packing.row_lengths``: the
+short one unless the step holds a longer example) and ``rows`` the most any planned step of
+the run needs at that length, so a phase compiles two step shapes at most. A packed batch
+is ``ids``, ``positions``, ``segments`` ``[R, P]`` and ``labels`` ``[R, S, T]`` (slot ``s`` of
+row ``r``: the row's ``s``-th sentence; ``-1`` where a slot is empty or the task unlabelled).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +24,8 @@ import numpy as np
 
 from mtl_jax.data import Examples
 from mtl_jax.errors import MtlError
-from mtl_jax.text import TextTokenizer, bucket_for, bucket_lengths, pad_batch
+from mtl_jax.packing import MAX_SEGMENTS, bucket_for, fill_rows, pack_rows, packed_calls, row_lengths
+from mtl_jax.text import TextTokenizer
 
 
 @dataclass
@@ -30,7 +39,7 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(s) for s in self.ids), np.int64, len(self.ids))
 
@@ -61,47 +70,75 @@ def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0)
     return counts
 
 
-@dataclass
-class Batch:
-    input_ids: np.ndarray | None  # [B, L] int32 (None when the batch holds cached embeddings)
-    attention_mask: np.ndarray | None  # [B, L] int32
-    labels: np.ndarray  # [B, T] int32, -1 where absent (and for padding rows)
-    index: np.ndarray  # [n] example indices of the real rows (n <= B)
-    embeddings: np.ndarray | None = None  # [B, D] float32
+@dataclass(frozen=True)
+class Grid:
+    """A packed batch's shape: ``rows`` rows of ``length`` tokens."""
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self.embeddings is not None:
-            return {"embeddings": self.embeddings, "labels": self.labels}
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+    rows: int
+    length: int
 
 
-def make_batch(
-    data: Tokenized, idx: np.ndarray, rows: int, buckets: Sequence[int], pad_id: int, length: int | None = None
-) -> Batch:
-    """Rows ``idx`` padded to ``rows`` and to a bucket length (or ``length``); cached embeddings when ``data`` has them."""
-    labels = np.full((rows, data.labels.shape[1]), -1, np.int32)
-    labels[: len(idx)] = data.labels[idx]
-    if data.embeddings is not None:
-        emb = np.zeros((rows, data.embeddings.shape[1]), np.float32)
-        emb[: len(idx)] = data.embeddings[idx]
-        return Batch(None, None, labels, np.asarray(idx), emb)
-    length = length or bucket_for(max(len(data.ids[i]) for i in idx), buckets)
-    ids, mask = pad_batch([data.ids[i] for i in idx], length, rows, pad_id)
-    return Batch(ids, mask, labels, np.asarray(idx))
+def pack_examples(
+    data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Examples ``idx`` packed into ``grid``: ``(arrays, example index per slot [R * S], -1 = empty)``.
 
-
-def make_task_batch(
-    data: Tokenized, idxs: Sequence[np.ndarray], rows: int, buckets: Sequence[int], pad_id: int
-) -> dict[str, np.ndarray]:
-    """A task-stacked batch: arrays ``[rows, T, ...]``, sub-batch ``t`` = task ``t``'s rows ``idxs[t]``.
-
-    Every sub-batch is padded to the same bucket length (the longest of them).
+    With cached embeddings the arrays are ``embeddings`` ``[R * S, D]`` and ``labels``
+    ``[R * S, T]``: each example's embedding in the slot its tokens would have, so the heads
+    see the same rows (and dropout masks) as in a forward pass through the encoder.
     """
-    length = None
-    if data.embeddings is None:
-        length = bucket_for(max(len(data.ids[i]) for idx in idxs for i in idx), buckets)
-    parts = [make_batch(data, idx, rows, buckets, pad_id, length).arrays() for idx in idxs]
-    return {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
+    idx = np.asarray(idx)
+    rows = pack_rows(data.lengths[idx], (grid.length,))
+    if len(rows) > grid.rows:
+        raise ValueError(f"{len(idx)} examples need {len(rows)} rows of {grid.length} tokens; the grid has {grid.rows}")
+    call = fill_rows([data.ids[i] for i in idx], [members for _, members in rows], (grid.rows, grid.length), pad_id)
+    slot = np.where(call.index >= 0, idx[np.maximum(call.index, 0)], -1)
+    labels = slot_labels(data, slot)
+    if data.embeddings is not None:
+        emb = np.where(slot[:, None] >= 0, data.embeddings[np.maximum(slot, 0)], 0.0).astype(np.float32)
+        return {"embeddings": emb, "labels": labels}, slot
+    arrays = {"ids": call.ids, "positions": call.positions, "segments": call.segments}
+    return arrays | {"labels": labels.reshape(grid.rows, MAX_SEGMENTS, -1)}, slot
+
+
+def slot_labels(data: Tokenized, slot: np.ndarray) -> np.ndarray:
+    """``[len(slot), T]`` int32: the labels of the examples in ``slot`` (-1 for an empty slot)."""
+    return np.where(slot[:, None] >= 0, data.labels[np.maximum(slot, 0)], -1).astype(np.int32)
+
+
+def embedding_batch(data: Tokenized, idx: np.ndarray, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Cached embeddings of examples ``idx`` for evaluation, padded to ``rows``: ``(arrays, example
+    index per row, -1 = padding)``."""
+    slot = np.full(rows, -1, np.int64)
+    slot[: len(idx)] = idx
+    emb = np.zeros((rows, data.embeddings.shape[1]), np.float32)
+    emb[: len(idx)] = data.embeddings[idx]
+    return {"embeddings": emb, "labels": slot_labels(data, slot)}, slot
+
+
+def single_rows(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A padded batch (one sentence per row, ``ids``/``mask`` ``[B, L]``, ``labels`` ``[B, T]``) as a packed one."""
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+    return {"ids": ids, "positions": positions, "segments": mask, "labels": labels[:, None]}
+
+
+def step_length(data: Tokenized, parts: Sequence[np.ndarray]) -> int:
+    """The row length of a step holding ``parts``: the shortest of the training row lengths that fits."""
+    longest = max(int(data.lengths[p].max()) for p in parts if len(p))
+    return bucket_for(longest, row_lengths(int(data.lengths.max())))
+
+
+def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_multiple: int = 1) -> dict[int, Grid]:
+    """``{row length: Grid}`` holding every step of ``plans``, rows rounded up to ``row_multiple``."""
+    lengths = data.lengths
+    need: dict[int, int] = {}
+    for plan in plans:
+        for step in plan:
+            parts = step if task_stacked else [step]
+            length = step_length(data, parts)
+            rows = max(len(pack_rows(lengths[p], (length,))) for p in parts)
+            need[length] = max(need.get(length, 0), rows)
+    return {n: Grid(-(-r // row_multiple) * row_multiple, n) for n, r in need.items()}
 
 
 def task_members(data: Tokenized) -> list[np.ndarray]:
@@ -109,13 +146,14 @@ def task_members(data: Tokenized) -> list[np.ndarray]:
     return [np.flatnonzero(data.labels[:, t] >= 0) for t in range(data.labels.shape[1])]
 
 
-def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sort_window: int = 64) -> list[list[np.ndarray]]:
+def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[np.ndarray]]:
     """Steps for ``--loss-weighting pcgrad``: each holds ``batch_size // T`` examples of every task.
 
     An epoch has as many examples as the other plans (``len(data)``); each task cycles
     through its own shuffled examples (so every task weighs the same, whatever its size).
-    Per task, examples are length-sorted inside windows; the k-th shortest sub-batches
-    of all tasks form one step (similar lengths pad little), then the steps are shuffled.
+    Per task, sub-batches are balanced inside windows (``_balanced_batches``); the k-th
+    shortest sub-batches of all tasks form one step (those holding long examples go
+    together, so few steps need the long rows), then the steps are shuffled.
     """
     members = task_members(data)
     rows = batch_size // len(members)
@@ -126,7 +164,7 @@ def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, sort_wind
     lengths = data.lengths
     per_task = []
     for m in members:
-        subs = _length_sorted_batches(_draw(m, steps * rows, rng), lengths, rows, sort_window)
+        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, rows, window)
         subs.sort(key=lambda idx: int(lengths[idx].max()))
         per_task.append(subs)
     plan = [list(step) for step in zip(*per_task)]
@@ -148,15 +186,16 @@ def epoch_plan(
     epoch: int,
     sampling: str = "proportional",
     temperature: float = 2.0,
-    sort_window: int = 64,
+    window: int = 64,
 ) -> list[np.ndarray]:
     """The example indices of every batch of one epoch, a pure function of (seed, epoch).
 
     Sources are sampled per ``sampling``. Each batch holds examples of one source (one
     task's file), so a small task's few examples are not up-weighted by sharing a batch,
     and thus a per-task mean, with a large one. Inside a source the drawn examples are
-    shuffled, sorted by length inside windows of ``sort_window`` batches (a batch holds
-    similar lengths and pads little); then all batches are shuffled together.
+    shuffled and dealt into batches of nearly equal token counts inside windows of
+    ``window`` batches (``_balanced_batches``: every step fits a small packed grid); then
+    all batches are shuffled together.
     """
     rng = np.random.default_rng([seed, epoch])
     sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
@@ -167,7 +206,7 @@ def epoch_plan(
         if n == 0 or k == 0:
             continue
         order = _draw(np.flatnonzero(data.source == src), k, rng)
-        batches += _length_sorted_batches(order, lengths, batch_size, sort_window)
+        batches += _balanced_batches(order, lengths, batch_size, window)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -177,32 +216,44 @@ def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(reps)[:k]
 
 
-def _length_sorted_batches(order: np.ndarray, lengths: np.ndarray, rows: int, sort_window: int) -> list[np.ndarray]:
-    """Batches of ``rows`` from ``order``, sorted by length inside windows of ``sort_window`` batches."""
+def _balanced_batches(order: np.ndarray, lengths: np.ndarray, rows: int, window: int) -> list[np.ndarray]:
+    """Batches of about ``rows`` from ``order`` whose token counts are nearly equal (so every step
+    fits a small packed grid), inside windows of ``window`` batches.
+
+    In a window, the examples longer than the short row length (``packing.row_lengths``) go
+    into batches of their own (topped up with the next longest), which then pack into the long
+    rows; each group is dealt longest first in snake order (batch 1, 2, ..., n, n, ..., 1, ...).
+    """
+    short = row_lengths(int(lengths.max()) if len(lengths) else 1)[0]
     batches = []
-    window = rows * sort_window
-    for start in range(0, len(order), window):
-        chunk = order[start : start + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i : i + rows] for i in range(0, len(chunk), rows))
+    for start in range(0, len(order), rows * window):
+        chunk = order[start : start + rows * window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        head = math.ceil(int((lengths[chunk] > short).sum()) / rows) * rows
+        for group in (chunk[:head], chunk[head:]):
+            n = math.ceil(len(group) / rows)
+            k = np.arange(len(group))
+            turn, place = np.divmod(k, n) if n else (k, k)
+            batch_of = np.where(turn % 2 == 1, n - 1 - place, place)
+            batches.extend(group[batch_of == b] for b in range(n))
     return batches
 
 
-def eval_batches(data: Tokenized, batch_size: int, max_length: int, pad_id: int) -> Iterator[Batch]:
-    """Every example exactly once, length-sorted; the last batch is padded with unlabeled rows."""
-    order = np.argsort(data.lengths, kind="stable")
-    buckets = bucket_lengths(max_length)
-    for start in range(0, len(order), batch_size):
-        yield make_batch(data, order[start : start + batch_size], batch_size, buckets, pad_id)
+def _stack(built: list[dict], task_stacked: bool) -> dict:
+    """One step's arrays from its parts; task-stacked: part ``t`` at ``[:, t]``."""
+    if not task_stacked:
+        return built[0]
+    return {k: np.stack([b[k] for b in built], axis=1) for k in built[0]}
 
 
 @dataclass
 class InputPipeline:
-    """What every batch of a run needs, in one place: the tokenized splits, the pad id, the length
-    buckets, the batch sizes, the sampling, and the device mesh batches are split over.
+    """What every batch of a run needs, in one place: the tokenized splits, the pad id, the
+    batch sizes, the sampling, the epochs the grids are sized for, and the device mesh
+    batches are split over.
 
     ``plan(epoch)`` gives an epoch's batches (example indices), ``train_batch`` one step's
-    arrays on the devices, ``eval_batches`` every example of a split once.
+    packed arrays on the devices, ``eval_batches`` every example of a split once.
     """
 
     splits: dict[str, Tokenized]
@@ -211,14 +262,11 @@ class InputPipeline:
     batch_size: int
     eval_batch_size: int
     seed: int
+    epochs: int = 1  # the grids hold every step of epochs 0 .. epochs - 1
     sampling: str = "proportional"
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
     mesh: object = None  # jax.sharding.Mesh; None: arrays stay on the host
-
-    @property
-    def buckets(self) -> tuple[int, ...]:
-        return bucket_lengths(self.max_length)
 
     @property
     def train(self) -> Tokenized:
@@ -227,6 +275,16 @@ class InputPipeline:
     @property
     def num_tasks(self) -> int:
         return self.train.labels.shape[1]
+
+    @property
+    def devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.devices.size
+
+    @functools.cached_property
+    def grids(self) -> dict[int, Grid]:
+        """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
+        plans = (self.plan(epoch) for epoch in range(self.epochs))
+        return plan_grids(self.train, plans, self.task_stacked, self.devices)
 
     def plan(self, epoch: int) -> list:
         """The batches of one epoch: example indices per step (per task and step when task-stacked)."""
@@ -240,22 +298,29 @@ class InputPipeline:
     def train_batch(self, idx, data: Tokenized | None = None) -> dict:
         """One step's arrays (of ``data``, default the training split, e.g. with cached embeddings)."""
         data = self.train if data is None else data
-        if self.task_stacked:
-            arrays = make_task_batch(data, idx, self.batch_size // self.num_tasks, self.buckets, self.pad_id)
-        else:
-            arrays = make_batch(data, idx, self.batch_size, self.buckets, self.pad_id).arrays()
-        return self._place(arrays)
+        parts = idx if self.task_stacked else [idx]
+        grid = self.grids[step_length(data, parts)]
+        built = [pack_examples(data, p, grid, self.pad_id)[0] for p in parts]
+        return self._place(_stack(built, self.task_stacked))
 
     def probe_batch(self) -> dict:
-        """The fixed task-stacked batch of the task-gradient diagnostics."""
-        rows = max(1, self.batch_size // self.num_tasks)
-        idx = probe_indices(self.train, self.batch_size, self.seed)
-        return self._place(make_task_batch(self.train, idx, rows, self.buckets, self.pad_id))
+        """The fixed task-stacked batch of the task-gradient diagnostics (its own grid)."""
+        parts = probe_indices(self.train, self.batch_size, self.seed)
+        (grid,) = plan_grids(self.train, [[parts]], task_stacked=True, row_multiple=self.devices).values()
+        return self._place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
 
     def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, dict]]:
-        """``(example indices, arrays)`` covering every example of ``data`` once, length-sorted."""
-        for batch in eval_batches(data, self.eval_batch_size, self.max_length, self.pad_id):
-            yield batch.index, self._place(batch.arrays())
+        """``(example index per slot, -1 = empty; arrays)`` covering every example of ``data`` once."""
+        if data.embeddings is not None:
+            for start in range(0, len(data), self.eval_batch_size):
+                idx = np.arange(start, min(start + self.eval_batch_size, len(data)))
+                arrays, slot = embedding_batch(data, idx, self.eval_batch_size)
+                yield slot, self._place(arrays)
+            return
+        for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
+            labels = slot_labels(data, call.index).reshape(call.ids.shape[0], MAX_SEGMENTS, -1)
+            arrays = {"ids": call.ids, "positions": call.positions, "segments": call.segments, "labels": labels}
+            yield call.index, self._place(arrays)
 
     def _place(self, arrays: dict) -> dict:
         if self.mesh is None:

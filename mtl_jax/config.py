@@ -93,7 +93,7 @@ class TrainConfig:
     max_steps: Optional[int] = adjustable(None)
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     batch_size: int = fixed(32)
-    """Examples per step (split over the devices; must divide by their number)."""
+    """Examples per step (packed several to a row; split over the devices; must divide by their number)."""
     lr: float = fixed(1e-4)
     """Peak learning rate of the encoder's top layer."""
     head_lr: Optional[float] = fixed(None)
@@ -124,6 +124,8 @@ class TrainConfig:
     """Seed of the train/validation/test split of tasks without their own files (default: --seed)."""
     dtype: Literal["float32", "bfloat16"] = fixed("float32")
     """Compute dtype; parameters, optimizer state, loss and its softmax stay float32."""
+    attention: Literal["auto", "fused", "xla"] = fixed("auto")
+    """Attention kernel: fused (cuDNN's, through jax.nn.dot_product_attention; falls back to xla where rejected), xla, or auto (fused on a GPU in bfloat16 where no attention dropout runs: a frozen encoder, evaluation)."""
     log_every: int = adjustable(20)
     """Steps per training record in metrics.jsonl (and progress-bar update)."""
     eval_batch_size: int = adjustable(128)

@@ -89,11 +89,30 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(self.word_embeddings(ids) + where), deterministic)
 
 
+ATTENTION = ("auto", "fused", "xla")
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array | None:
+    """cuDNN's fused attention (``jax.nn.dot_product_attention``) of ``[R, L, H, D / H]`` heads, or
+    None where it does not apply (no GPU or cuDNN, a dtype, head size or shape it rejects)."""
+    try:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation="cudnn")
+    except Exception:  # noqa: BLE001 -- any rejection means: use the XLA path
+        return None
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention under an additive mask ``bias`` ``[R, 1, Q, P]``."""
+    """Multi-head self-attention under an additive mask ``bias`` ``[R, 1, Q, P]``.
+
+    ``impl``: ``xla`` is this module's own arithmetic (any backend, with attention
+    dropout); ``fused`` asks for cuDNN's fused kernel and falls back to ``xla`` where it is
+    rejected; ``auto`` is ``fused`` on a GPU in 16-bit when no attention dropout runs (the
+    fused kernel has none), else ``xla``.
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     def setup(self):
         dim = self.config.dim
@@ -104,17 +123,30 @@ class Attention(nn.Module):
         """``queries`` ``[R, Q, D]`` attend to ``keys`` ``[R, P, D]`` (the states the keys and values come from)."""
         rows, dim, heads = keys.shape[0], self.config.dim, self.config.n_heads
 
-        def split(t):  # [R, L, D] -> [R, H, L, D / H]
-            return t.reshape(rows, -1, heads, dim // heads).transpose(0, 2, 1, 3)
+        def split(t):  # [R, L, D] -> [R, L, H, D / H]
+            return t.reshape(rows, -1, heads, dim // heads)
 
-        k, v = split(self.k_lin(keys)), split(self.v_lin(keys))
-        q = split(self.q_lin(queries)) / math.sqrt(dim // heads)
-        # softmax with the division after the weighted sum: [Q, head dim] divisions instead of [Q, P]
-        scores = q @ k.transpose(0, 1, 3, 2) + bias  # [R, H, Q, P]
+        q, k, v = split(self.q_lin(queries)), split(self.k_lin(keys)), split(self.v_lin(keys))
+        context = fused_attention(q, k, v, bias) if self.use_fused(deterministic) else None
+        if context is None:
+            context = self.xla_attention(q, k, v, bias, deterministic)
+        return self.out_lin(context.reshape(queries.shape))
+
+    def use_fused(self, deterministic: bool) -> bool:
+        if self.impl == "auto":
+            no_dropout = deterministic or self.config.attention_dropout == 0.0
+            return jax.default_backend() == "gpu" and self.dtype != jnp.float32 and no_dropout
+        return self.impl == "fused"
+
+    def xla_attention(self, q, k, v, bias, deterministic: bool) -> jax.Array:
+        """Softmax attention with the division after the weighted sum ([Q, head dim] divisions
+        instead of [Q, P]), and dropout on the unnormalized weights. ``[R, L, H, D / H]`` heads."""
+        q = q / math.sqrt(q.shape[-1])
+        scores = jnp.einsum("rqhd,rphd->rhqp", q, k) + bias  # [R, H, Q, P]
         unnormalized = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
         total = unnormalized.sum(axis=-1, keepdims=True)
-        context = (self.dropout(unnormalized, deterministic) @ v) / total  # [R, H, Q, D / H]
-        return self.out_lin(context.transpose(0, 2, 1, 3).reshape(queries.shape))
+        context = jnp.einsum("rhqp,rphd->rhqd", self.dropout(unnormalized, deterministic), v) / total
+        return context.transpose(0, 2, 1, 3)  # [R, Q, H, D / H]
 
 
 class FFN(nn.Module):
@@ -135,9 +167,10 @@ class Block(nn.Module):
 
     config: Any
     dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # see Attention
 
     def setup(self):
-        self.attention = Attention(self.config, self.dtype)
+        self.attention = Attention(self.config, self.dtype, self.attention_impl)
         self.sa_layer_norm = _layer_norm(self.dtype)
         self.ffn = FFN(self.config, self.dtype)
         self.output_layer_norm = _layer_norm(self.dtype)
@@ -157,9 +190,12 @@ class _Layers(nn.Module):
 
     config: Any
     dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # see Attention
 
     def setup(self):
-        self.blocks = [Block(self.config, self.dtype, name=str(i)) for i in range(self.config.n_layers)]
+        self.blocks = [
+            Block(self.config, self.dtype, self.attention_impl, name=str(i)) for i in range(self.config.n_layers)
+        ]
 
     def __call__(self, x, bias, deterministic: bool, queries=None):
         for i, block in enumerate(self.blocks):
@@ -170,9 +206,10 @@ class _Layers(nn.Module):
 class _Transformer(nn.Module):
     config: Any
     dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # see Attention
 
     def setup(self):
-        self.layer = _Layers(self.config, self.dtype)
+        self.layer = _Layers(self.config, self.dtype, self.attention_impl)
 
     def __call__(self, x, bias, deterministic: bool, queries=None):
         return self.layer(x, bias, deterministic, queries)
@@ -190,10 +227,11 @@ class Encoder(nn.Module):
 
     config: Any  # transformers.DistilBertConfig
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    attention_impl: str = "auto"  # see Attention
 
     def setup(self):
         self.embeddings = Embeddings(self.config, self.dtype)
-        self.transformer = _Transformer(self.config, self.dtype)
+        self.transformer = _Transformer(self.config, self.dtype, self.attention_impl)
 
     def __call__(
         self,

@@ -12,12 +12,12 @@ from mtl_jax.parallel import to_host
 
 
 def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> list:
-    """``[(example indices, fn(params, batch))]``; results stay on the device until read."""
+    """``[(example index per slot (-1: empty), fn(params, batch))]``; results stay on the device until read."""
     out = []
     for index, arrays in pipeline.eval_batches(data):
         out.append((index, fn(params, arrays)))
         if bar is not None:
-            bar.update(len(index))
+            bar.update(int((index >= 0).sum()))
     return out
 
 
@@ -28,7 +28,8 @@ def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Token
         pooled = to_host(pooled)
         if out is None:
             out = np.zeros((len(data), pooled.shape[1]), np.float32)
-        out[index] = pooled[: len(index)]
+        keep = index >= 0
+        out[index[keep]] = pooled[keep]
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
@@ -44,8 +45,9 @@ def evaluate(
     loss_sums = {t: 0.0 for t in tasks}
     for index, result in _over_examples(eval_step, params, pipeline, data):
         p, losses = to_host(result)
+        keep = index >= 0
         for ti, t in enumerate(tasks):
-            preds[index, ti] = np.asarray(p[t])[: len(index)]
+            preds[index[keep], ti] = np.asarray(p[t])[keep]
             loss_sums[t] += float(losses[t])
     out = {}
     for ti, t in enumerate(tasks):

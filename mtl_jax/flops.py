@@ -22,14 +22,21 @@ def layer_forward_flops(dim: int, hidden: int, rows: int, length: int, queries: 
 
 
 def train_step_flops(
-    config, batch: int, length: int, trainable_layers: set[int], cls_pooling: bool, num_classes: int = 5
+    config,
+    batch: int,
+    length: int,
+    trainable_layers: set[int],
+    cls_pooling: bool,
+    slots: int = 1,
+    num_classes: int = 5,
 ) -> float:
-    """FLOPs of one train step: the encoder's forward, the backward through the layers gradients need,
-    and the heads (forward + backward)."""
+    """FLOPs of one train step over ``batch`` rows of ``length`` tokens with ``slots`` sentence slots per
+    row (1 padded, ``packing.MAX_SEGMENTS`` packed; cls computes a query per slot): the encoder's
+    forward, the backward through the layers gradients need, and the heads (forward + backward)."""
     n_layers = config.n_layers
     forward = [
         layer_forward_flops(
-            config.dim, config.hidden_dim, batch, length, 1 if cls_pooling and i == n_layers - 1 else None
+            config.dim, config.hidden_dim, batch, length, slots if cls_pooling and i == n_layers - 1 else None
         )
         for i in range(n_layers)
     ]
@@ -37,4 +44,4 @@ def train_step_flops(
     if trainable_layers:
         lowest = min(trainable_layers)
         total += sum((2 if i in trainable_layers else 1) * forward[i] for i in range(lowest, n_layers))
-    return total + 3 * 2 * batch * config.dim * num_classes
+    return total + 3 * 2 * batch * slots * config.dim * num_classes

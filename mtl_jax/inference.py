@@ -111,8 +111,8 @@ class SentenceEncoder:
         """``fn(ids, positions, segments) -> pytree of [R, MAX_SEGMENTS, ...]`` over all sentences,
         packed several to a row (``mtl_jax.packing``); one output row per sentence, in input order.
 
-        One input compiles at most ``len(packing.row_lengths(max_length))`` shapes (inputs of
-        only a few rows use fewer rows per call, a power of two).
+        One input compiles two shapes at most (``packing.row_lengths``; inputs of only a few
+        rows use fewer rows per call, a power of two).
         ``progress=None`` shows a bar only on a terminal for long inputs.
         """
         texts = check_texts(sentences)
@@ -138,7 +138,7 @@ class SentenceEncoder:
             jax.tree.map(lambda o, r: o.__setitem__(call.index[slots], r[slots]), out, result)
 
         with tqdm(total=len(texts), unit="sent", disable=not progress, desc="encode") as bar:
-            for call in packed_calls(ids, max_length, batch_size, self._tokenizer.pad_id):
+            for call in packed_calls(ids, batch_size, self._tokenizer.pad_id):
                 pending.append((call, fn(call.ids, call.positions, call.segments)))
                 if len(pending) > 2:  # keep the device busy while the host packs the next call
                     collect(*pending.pop(0))

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.encoder import Encoder
+from mtl_jax.encoder import ATTENTION, Encoder
 from mtl_jax.pretrained import POOLING_MODES
 
 
@@ -67,11 +67,14 @@ class MultiTaskModel(nn.Module):
     pooling: str = "mean"
     head_dropout: float = 0.1
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+    attention: str = "auto"  # auto | fused | xla: see mtl_jax.encoder.Attention
 
     def setup(self):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose from {POOLING_MODES}")
-        self.encoder = Encoder(self.config, dtype=self.dtype)
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION}")
+        self.encoder = Encoder(self.config, dtype=self.dtype, attention_impl=self.attention)
         if self.tasks:
             self.dropout = nn.Dropout(self.head_dropout)
             self.heads = Heads(self.tasks)
@@ -92,6 +95,15 @@ class MultiTaskModel(nn.Module):
         """Pooled sentence embedding [B, D] float32: one sentence per row, padded at the end."""
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         return self.embed_packed(input_ids, positions, attention_mask, 1, deterministic)[:, 0]
+
+    def classify_packed(
+        self, ids, positions, segments, num_segments: int, deterministic: bool = True, encoder_deterministic=None
+    ) -> dict[str, jax.Array]:
+        """{task: logits [R * S, C_task]}: every slot of packed rows (see ``embed_packed``); empty slots
+        give finite logits nobody reads. ``encoder_deterministic`` as in ``__call__``."""
+        enc_det = deterministic if encoder_deterministic is None else encoder_deterministic
+        pooled = self.embed_packed(ids, positions, segments, num_segments, enc_det)
+        return self.classify(pooled.reshape(-1, pooled.shape[-1]), deterministic)
 
     def classify(self, pooled: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
         """{task: logits [B, C_task]} float32 from pooled embeddings."""

@@ -7,9 +7,11 @@ over segments and the model pools per segment, so a packed sentence gets the vec
 gets alone, up to float rounding (tests/test_packing.py). Rows come out nearly full
 (what that buys is measured by ``benchmarks/encode.py``; see the README).
 
-Shapes stay bounded: a row's length is one of the inference buckets (>= ``PACK_LENGTH``)
-and, within one input, a call holds a fixed number of rows for its row length (fewer, a
-power of two, for an input of only a few rows), so one compiled shape per bucket.
+Shapes stay bounded: a row is PACK_LENGTH tokens long, or (for inputs with longer
+sentences) the inference bucket that holds the longest one (``row_lengths``); a call holds a
+fixed number of rows for its row length (fewer, a power of two, for an input of only a few
+rows). So an input compiles two shapes at most. Training batches (``mtl_jax.batching``)
+pack into the same row lengths.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl_jax.text import INFERENCE_BUCKETS, bucket_for, bucket_lengths
-
+# The row lengths a packed row may have: fine steps leave little free space behind a long sentence.
+ROW_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # Short sentences share rows of this many tokens: per token as fast as padded rows of 32 on
 # 2 cores (longer rows spend more on attention across the row).
 PACK_LENGTH = 64
@@ -42,10 +44,20 @@ class PackedCall:
         return int((self.index >= 0).sum())
 
 
-def row_lengths(max_length: int) -> tuple[int, ...]:
-    """The row lengths packing uses with ``max_length``: inference buckets from PACK_LENGTH on."""
-    buckets = bucket_lengths(max_length, INFERENCE_BUCKETS)
-    return tuple(b for b in buckets if b >= min(PACK_LENGTH, max_length))
+def row_lengths(longest: int) -> tuple[int, ...]:
+    """The row lengths for sentences of at most ``longest`` tokens, two at most (two compiled
+    shapes): PACK_LENGTH, which short sentences share, and the inference bucket that holds the
+    longest sentence when that is longer (a rare long sentence, short ones in its free space)."""
+    top = bucket_for(max(longest, 1), ROW_BUCKETS + (longest,))
+    return tuple(sorted({min(PACK_LENGTH, top), top}))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket that holds ``length`` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 def pack_rows(
@@ -89,33 +101,50 @@ def rows_per_call(length: int, batch_size: int, total_rows: int) -> int:
     return min(full, 1 << max(total_rows - 1, 0).bit_length())
 
 
-def packed_calls(ids: Sequence[np.ndarray], max_length: int, batch_size: int, pad_id: int) -> Iterator[PackedCall]:
-    """Every sentence (token ids, at most ``max_length`` each) exactly once, in calls of packed rows.
+def fill_rows(
+    ids: Sequence[np.ndarray],
+    rows: Sequence[Sequence[int]],
+    shape: tuple[int, int],
+    pad_id: int,
+    max_segments: int = MAX_SEGMENTS,
+) -> PackedCall:
+    """A ``shape`` = ``[R, P]`` call whose row ``r`` holds the sentences ``rows[r]`` (indices into
+    ``ids``) one after the other; rows past ``len(rows)`` stay empty."""
+    num_rows, length = shape
+    call = PackedCall(
+        ids=np.full(shape, pad_id, np.int32),
+        positions=np.zeros(shape, np.int32),
+        segments=np.zeros(shape, np.int32),
+        index=np.full(num_rows * max_segments, -1, np.int64),
+    )
+    for r, members in enumerate(rows):
+        offset = 0
+        for s, i in enumerate(members):
+            n = len(ids[i])
+            call.ids[r, offset : offset + n] = ids[i]
+            call.positions[r, offset : offset + n] = np.arange(n)
+            call.segments[r, offset : offset + n] = s + 1
+            call.index[r * max_segments + s] = i
+            offset += n
+    return call
 
-    Rows of one length go together, ``rows_per_call(...)`` per call; the last call of a length
-    is filled up with empty rows, so its shape is the same.
+
+def packed_calls(
+    ids: Sequence[np.ndarray], batch_size: int, pad_id: int, row_multiple: int = 1
+) -> Iterator[PackedCall]:
+    """Every sentence exactly once, in calls of packed rows.
+
+    Rows of one length go together, ``rows_per_call(...)`` per call (rounded up to a multiple
+    of ``row_multiple``: the devices a call is split over); the last call of a length is
+    filled up with empty rows, so its shape is the same.
     """
-    rows = pack_rows([len(s) for s in ids], row_lengths(max_length))
+    longest = max((len(s) for s in ids), default=1)
+    rows = pack_rows([len(s) for s in ids], row_lengths(longest))
     by_length: dict[int, list[list[int]]] = {}
     for length, members in rows:
         by_length.setdefault(length, []).append(members)
     for length in sorted(by_length):
         group = by_length[length]
-        per_call = rows_per_call(length, batch_size, len(rows))
+        per_call = -(-rows_per_call(length, batch_size, len(rows)) // row_multiple) * row_multiple
         for start in range(0, len(group), per_call):
-            call = PackedCall(
-                ids=np.full((per_call, length), pad_id, np.int32),
-                positions=np.zeros((per_call, length), np.int32),
-                segments=np.zeros((per_call, length), np.int32),
-                index=np.full(per_call * MAX_SEGMENTS, -1, np.int64),
-            )
-            for r, members in enumerate(group[start : start + per_call]):
-                offset = 0
-                for s, i in enumerate(members):
-                    n = len(ids[i])
-                    call.ids[r, offset : offset + n] = ids[i]
-                    call.positions[r, offset : offset + n] = np.arange(n)
-                    call.segments[r, offset : offset + n] = s + 1
-                    call.index[r * MAX_SEGMENTS + s] = i
-                    offset += n
-            yield call
+            yield fill_rows(ids, group[start : start + per_call], (per_call, length), pad_id)

@@ -53,8 +53,8 @@ def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
     return rec
 
 
-def finish_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
-    """The export (best parameters), summary.json, the plots and report.md of a finished run."""
+def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
+    """The export (best parameters) and the plots of a finished run."""
     out, names, labels = run.out, run.names, run.data.labels
     if run.cfg.export:
         spec = dataclasses.replace(run.encoder.spec, max_length=run.pipeline.max_length)
@@ -67,13 +67,17 @@ def finish_outputs(run, summary: dict, best_params, records: list[dict]) -> None
             [(t, labels[t]) for t in names],
             run.model.pooling,
         )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(records, names, out / "curves.png")
     if any(r["split"] == "gradients" for r in records):
         plot_gradients(records, names, out / "gradients.png")
     for t in names:
         plot_confusion(summary["test"][t]["confusion"], labels[t], f"{t} (test)", out / f"confusion_{t}.png")
-    (out / "report.md").write_text(report_text(run.cfg, summary, names, labels))
+
+
+def write_summary(run, summary: dict) -> None:
+    """summary.json and report.md."""
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run.out / "report.md").write_text(report_text(run.cfg, summary, run.names, run.data.labels))
 
 
 def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
@@ -84,6 +88,14 @@ def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
         f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, loss weighting {cfg.loss_weighting}, backend {summary['backend']}.",
         f"Best epoch {summary['best_epoch']} (mean validation macro-F1); wall time {summary['wall_s']:.0f} s, "
         f"{summary['examples_per_s']:.1f} training examples/s.",
+        "Wall time by part (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "wall")
+        + f"; {summary['compiled_programs']} programs compiled or loaded from the compile cache.",
+        "Compiled batch shapes: "
+        + "; ".join(
+            f"{k}: {', '.join('x'.join(map(str, s)) for s in v)}" for k, v in summary["compiled_shapes"].items()
+        )
+        + ".",
     ]
     if "loss_weights" in summary:
         lines.append(

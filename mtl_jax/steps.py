@@ -36,7 +36,8 @@ class TrainState:
 
 
 def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[str]) -> dict[str, jax.Array]:
-    """Per task: summed cross-entropy, correct count and example count over labelled rows."""
+    """Per task: summed cross-entropy, correct count and example count over labelled rows (slots)."""
+    labels = labels.reshape(-1, labels.shape[-1])  # packed [R, S, T]: one row per slot
     out = {}
     for t, name in enumerate(tasks):
         y = labels[:, t]  # [B], -1: no label
@@ -57,7 +58,8 @@ def model_variables(params) -> dict:
 
 
 def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool = False) -> dict[str, jax.Array]:
-    """Logits of a batch of token ids, or of cached pooled embeddings (``batch["embeddings"]``).
+    """Logits ``[R * S, C]`` of a packed batch (see :mod:`mtl_jax.batching`), or ``[B, C]`` of
+    cached pooled embeddings (``batch["embeddings"]``).
 
     With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
     as a fixed feature extractor: that is what makes its embeddings cacheable.
@@ -72,15 +74,17 @@ def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool
             rngs=rngs,
             method=MultiTaskModel.classify,
         )
-    logits, _ = model.apply(
+    return model.apply(
         model_variables(params),
-        batch["input_ids"],
-        batch["attention_mask"],
+        batch["ids"],
+        batch["positions"],
+        batch["segments"],
+        batch["labels"].shape[-2],
         deterministic=not train,
         encoder_deterministic=encoder_frozen or not train,
         rngs=rngs,
+        method=MultiTaskModel.classify_packed,
     )
-    return logits
 
 
 def own_task_labels(labels: jax.Array, t) -> jax.Array:
@@ -192,7 +196,7 @@ def make_train_step(
 
 
 def make_eval_step(model: MultiTaskModel) -> Callable:
-    """``eval_step(params, batch) -> {task: predicted class [B]}`` plus per-task loss sums."""
+    """``eval_step(params, batch) -> {task: predicted class per slot [R * S]}`` plus per-task loss sums."""
     tasks = [name for name, _ in model.tasks]
 
     @jax.jit
@@ -206,13 +210,19 @@ def make_eval_step(model: MultiTaskModel) -> Callable:
 
 
 def make_embed_step(model: MultiTaskModel) -> Callable:
-    """``embed_step(params, batch) -> pooled [B, D]``: the encoder alone, no dropout."""
+    """``embed_step(params, batch) -> pooled [R * S, D]`` of a packed batch: the encoder alone, no dropout."""
 
     @jax.jit
     def embed_step(params, batch):
-        return model.apply(
-            model_variables(params), batch["input_ids"], batch["attention_mask"], method=MultiTaskModel.embed
+        pooled = model.apply(
+            model_variables(params),
+            batch["ids"],
+            batch["positions"],
+            batch["segments"],
+            batch["labels"].shape[-2],
+            method=MultiTaskModel.embed_packed,
         )
+        return pooled.reshape(-1, pooled.shape[-1])
 
     return embed_step
 

@@ -1,9 +1,5 @@
-"""Tokenization and length buckets shared by encoding, training and prediction.
-
-Every batch is padded to one of a few fixed lengths (and, where the caller asks,
-to a fixed number of rows), so the number of compiled shapes is bounded by the
-number of buckets whatever the input.
-"""
+"""Tokenization shared by encoding, training and prediction: unpadded token ids per text
+(``mtl_jax.packing`` lays them out in rows)."""
 
 from __future__ import annotations
 
@@ -14,25 +10,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mtl_jax.errors import MtlError
-
-# Training: roughly geometric (x1.5), few shapes, since each costs a forward+backward compile.
-BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Inference (encode / predict): the row lengths of packed rows (mtl_jax.packing); a forward
-# compiles fast, so fine steps cost little and leave little free space behind a long sentence.
-INFERENCE_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-
-
-def bucket_lengths(max_length: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
-    """The bucket lengths usable with ``max_length`` (which is always the last one)."""
-    return tuple(b for b in buckets if b < max_length) + (max_length,)
-
-
-def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket that holds ``length`` tokens."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
 def check_texts(sentences, what: str = "sentences") -> list[str]:
@@ -72,13 +49,3 @@ class TextTokenizer:
         ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
         return ids, truncated
-
-
-def pad_batch(seqs: Sequence[np.ndarray], length: int, rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack ``seqs`` into ``ids [rows, length]`` and ``mask [rows, length]`` (int32); extra rows are all padding."""
-    ids = np.full((rows, length), pad_id, dtype=np.int32)
-    mask = np.zeros((rows, length), dtype=np.int32)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    return ids, mask

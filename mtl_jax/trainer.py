@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mtl_jax.batching import InputPipeline, tokenize
 from mtl_jax.checkpoint import Checkpoints, restore_latest
-from mtl_jax.compile_cache import use_compile_cache
+from mtl_jax.compile_cache import RunClock, use_compile_cache
 from mtl_jax.config import TrainConfig, resume_fixed
 from mtl_jax.data import SPLITS, TaskData, load_tasks
 from mtl_jax.errors import Interrupted, MtlError
@@ -58,7 +58,7 @@ from mtl_jax.parallel import (
     replicate,
     to_host,
 )
-from mtl_jax.report import eval_record, finish_outputs, gradient_record, train_record
+from mtl_jax.report import eval_record, gradient_record, train_record, write_outputs, write_summary
 from mtl_jax.steps import (
     TrainState,
     accumulate,
@@ -179,6 +179,7 @@ def setup(cfg: TrainConfig) -> Run:
         pooling=cfg.pooling or encoder.spec.pooling,
         head_dropout=cfg.head_dropout,
         dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        attention=cfg.attention,
     )
     mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
@@ -192,8 +193,9 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.batch_size,
         cfg.eval_batch_size,
         cfg.seed,
-        cfg.sampling,
-        cfg.temperature,
+        epochs=cfg.epochs,
+        sampling=cfg.sampling,
+        temperature=cfg.temperature,
         task_stacked=cfg.loss_weighting == "pcgrad",
         mesh=mesh,
     )
@@ -282,6 +284,7 @@ class Trainer:
 
     run: Run
     ckpts: Checkpoints
+    clock: RunClock = field(default_factory=RunClock)
     state: TrainState = None
     loop: LoopState = field(default_factory=LoopState)
     records: list = field(default_factory=list)
@@ -292,12 +295,15 @@ class Trainer:
     best_params: Any = None  # host copy of the best epoch's params, when trained in this process
     stop_signal: int | None = None
     step: int = 0  # steps taken: state.step, counted on the host (reading the device's would wait for it)
+    shapes: dict = field(default_factory=dict)  # {compiled function: batch shapes it was called with}
 
     def __post_init__(self):
         run = self.run
-        self.eval_step = make_eval_step(run.model)
-        self.embed_step = make_embed_step(run.model)
-        self.probe = make_grad_probe(run.model) if run.cfg.grad_diagnostics > 0 else None
+        self.eval_step = self.noting_shapes(make_eval_step(run.model), "evaluation")
+        self.embed_step = self.noting_shapes(make_embed_step(run.model), "embedding cache")
+        self.probe = None
+        if run.cfg.grad_diagnostics > 0:
+            self.probe = self.noting_shapes(make_grad_probe(run.model), "gradient probe")
         self.probe_batch = run.pipeline.probe_batch() if self.probe is not None else None
         self.loop.phase = phase_at(run.starts, 0)
         self.totals = zero_metrics(run.names)
@@ -306,7 +312,7 @@ class Trainer:
 
     def build(self, phase: int):
         run = self.run
-        return build_train_step(
+        tx, step = build_train_step(
             run.model,
             run.params,
             run.frozen_by_phase[phase],
@@ -314,6 +320,18 @@ class Trainer:
             run.cfg.loss_weighting,
             {t.name: t.weight for t in run.cfg.selected_tasks()},
         )
+        return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
+
+    def noting_shapes(self, fn: Callable, name: str) -> Callable:
+        """``fn(first, batch, ...)`` that also notes ``batch``'s shape under ``name`` (a new shape: a compile)."""
+        seen = self.shapes.setdefault(name, set())
+
+        def call(first, batch, *rest):
+            array = batch["ids"] if "ids" in batch else batch["embeddings"]
+            seen.add(tuple(array.shape))
+            return fn(first, batch, *rest)
+
+        return call
 
     def describe(self, phase: int) -> None:
         sizes, frozen = group_sizes(self.run.params), self.run.frozen_by_phase[phase]
@@ -355,7 +373,8 @@ class Trainer:
             "metrics": replicate(self.totals, self.run.mesh),
             "rng": replicate(self.run.rng, self.run.mesh),
         }
-        self.ckpts.save(self.step, tree, dataclasses.asdict(self.loop), score)
+        with self.clock.part("checkpoint"):
+            self.ckpts.save(self.step, tree, dataclasses.asdict(self.loop), score)
 
     def restore(self) -> None:
         """Continue from the newest intact checkpoint (and the metrics.jsonl records it had written)."""
@@ -474,7 +493,8 @@ class Trainer:
         """Validation metrics, the best epoch so far, and the end-of-epoch checkpoint."""
         run, loop = self.run, self.loop
         val = self.cache["validation"] if self.cache else run.pipeline.splits["validation"]
-        results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.labels)
+        with self.clock.part("evaluation"):
+            results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.labels)
         rec = eval_record(results, self.step, epoch, "validation") | {"epoch_s": round(epoch_s, 3)}
         self.emit(rec)
         log(
@@ -514,7 +534,8 @@ class Trainer:
                 if epoch != self.loop.epoch:
                     self.loop.epoch, self.loop.position, self.loop.n_log = epoch, 0, 0
                 t_epoch = time.perf_counter()
-                self.train_epoch(epoch, bar)
+                with self.clock.part("train"):
+                    self.train_epoch(epoch, bar)
                 self.evaluate_and_checkpoint(epoch, time.perf_counter() - t_epoch)
         finally:
             bar.close()
@@ -540,19 +561,20 @@ class Trainer:
         tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
         return tree["state"].params
 
-    def finish(self, wall0: float) -> dict:
+    def finish(self) -> dict:
         """Test the best parameters; write summary.json, the export, plots and report.md."""
         run, loop = self.run, self.loop
-        best = self.best()
-        self.ckpts.close()
-        summary = {"best_epoch": loop.best_epoch + 1, "steps": self.step}
-        for split in ("validation", "test"):
-            summary[split] = evaluate(self.eval_step, best, run.pipeline, run.pipeline.splits[split], run.data.labels)
+        with self.clock.part("evaluation"):
+            best = self.best()
+            self.ckpts.close()
+            summary = {"best_epoch": loop.best_epoch + 1, "steps": self.step}
+            for split in ("validation", "test"):
+                data = run.pipeline.splits[split]
+                summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.labels)
         self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test"))
         self.metrics_file.close()
         summary |= {
             "examples_per_s": loop.examples_seen / max(loop.train_seconds, 1e-9),
-            "wall_s": time.perf_counter() - wall0,
             "train_seconds": loop.train_seconds,
             "backend": jax.default_backend(),
             "truncated": {s: run.pipeline.splits[s].truncated for s in SPLITS},
@@ -561,7 +583,18 @@ class Trainer:
         if "loss_weights" in best:  # learned (uncertainty): the effective weight exp(-s) per task
             summary["loss_weights"] = {t: float(np.exp(-np.asarray(s))) for t, s in best["loss_weights"].items()}
         if is_primary():
-            finish_outputs(run, summary, best, self.records)
+            with self.clock.part("export"):
+                write_outputs(run, summary, best, self.records)
+        seconds = self.clock.breakdown()
+        summary |= {
+            "wall_s": seconds["wall"],
+            "seconds": seconds,
+            "compiled_programs": self.clock.programs,
+            "compiled_shapes": {k: sorted(v) for k, v in self.shapes.items() if v},
+        }
+        self.clock.close()
+        if is_primary():
+            write_summary(run, summary)
             log(
                 f"best epoch {summary['best_epoch']}; test: "
                 + ", ".join(
@@ -575,15 +608,16 @@ class Trainer:
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     """Train on ``cfg``'s tasks, keep the best epoch by mean validation macro-F1, test it, export it."""
-    wall0 = time.perf_counter()
-    run = setup(cfg)
-    _write_run_start(run)
-    trainer = Trainer(run, Checkpoints(run.out / "checkpoints", keep=cfg.keep))
-    if cfg.resume:
-        trainer.restore()
-    trainer.state = place_state(trainer.state, run.mesh, cfg.fsdp)
-    trainer.open_metrics()
+    clock = RunClock()
+    with clock.part("setup"):
+        run = setup(cfg)
+        _write_run_start(run)
+        trainer = Trainer(run, Checkpoints(run.out / "checkpoints", keep=cfg.keep), clock)
+        if cfg.resume:
+            trainer.restore()
+        trainer.state = place_state(trainer.state, run.mesh, cfg.fsdp)
+        trainer.open_metrics()
     trainer.describe(trainer.loop.phase)
     log(f"optimizer state: {count_numbers(trainer.state.opt_state):,} numbers")
     trainer.fit()
-    return trainer.finish(wall0)
+    return trainer.finish()

@@ -200,6 +200,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, ti
 
 
 def test_non_finite_step_leaves_state_unchanged(tiny_bert):
+    from mtl_jax.batching import single_rows
     from mtl_jax.inference import load_encoder
     from mtl_jax.model import MultiTaskModel, init_params
     from mtl_jax.steps import TrainState, build_train_step
@@ -212,11 +213,8 @@ def test_non_finite_step_leaves_state_unchanged(tiny_bert):
     tx, step = build_train_step(model, params, frozenset(), optim(10))
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     before = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
-    batch = {
-        "input_ids": np.full((2, 8), 2000, np.int32),
-        "attention_mask": np.ones((2, 8), np.int32),
-        "labels": np.asarray([[0], [1]], np.int32),
-    }
+    ids = np.full((2, 8), 2000, np.int32)
+    batch = single_rows(ids, np.ones_like(ids), np.asarray([[0], [1]], np.int32))
     for i in range(2):
         state, m = step(state, batch, jax.random.PRNGKey(0))
         assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1

@@ -119,6 +119,17 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
             assert set(rep["precision"]) == set(labels) and np.asarray(rep["confusion"]).shape == (len(labels),) * 2
             assert 0 <= rep["accuracy"] <= 1 and 0 <= rep["macro_f1"] <= 1
     assert summary["examples_per_s"] > 0 and summary["wall_s"] > 0
+    # the wall time split into its parts (compile seconds taken out of the part they happened in)
+    seconds = summary["seconds"]
+    assert {"setup", "compile", "train", "evaluation", "checkpoint", "export"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["compile"] > 0
+    assert abs(sum(v for k, v in seconds.items() if k != "wall") - seconds["wall"]) < 0.05
+    # packed training batches: at most two step shapes per phase
+    shapes = summary["compiled_shapes"]
+    trains = [k for k in shapes if k.startswith("train step")]
+    assert trains == ["train step, phase 0 (backbone)", "train step, phase 1 (none)"], shapes
+    assert all(1 <= len(shapes[k]) <= 2 for k in trains) and 1 <= len(shapes["evaluation"]) <= 4
+    assert "programs compiled" in (out / "report.md").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "validation", "test"}
     assert all("step" in r and "loss" in r for r in records)

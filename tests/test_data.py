@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mtl_jax import MtlError
-from mtl_jax.batching import Tokenized, epoch_plan, make_task_batch, sampling_counts, task_plan
+from mtl_jax.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
 from mtl_jax.data import BadRows, load_tasks, read_rows
-from mtl_jax.text import BUCKETS, bucket_for, bucket_lengths
+from mtl_jax.packing import MAX_SEGMENTS
 
 
 def _write(path: Path, content: str | bytes) -> Path:
@@ -157,16 +157,20 @@ def _tokenized(lengths, sources):
     return Tokenized(ids, np.zeros((len(ids), 1), np.int32), np.asarray(sources, np.int32), 0)
 
 
-def test_epoch_plan_covers_every_example_once_and_groups_lengths():
+def test_epoch_plan_covers_every_example_once_in_batches_of_equal_tokens():
     rng = np.random.default_rng(0)
-    lengths = rng.integers(3, 200, 1000)
+    lengths = rng.integers(3, 60, 1000)
+    lengths[rng.choice(1000, 20, replace=False)] = rng.integers(65, 200, 20)  # a few long ones
     data = _tokenized(lengths, rng.integers(0, 2, 1000))
     plan = epoch_plan(data, 32, seed=0, epoch=0)
     flat = np.concatenate(plan)
     assert sorted(flat.tolist()) == list(range(1000))
-    # batches pad little: length spread inside a batch is much smaller than overall
-    spread = np.mean([lengths[b].max() - lengths[b].min() for b in plan])
-    assert spread < 0.2 * (lengths.max() - lengths.min())
+    assert all(1 <= len(b) <= 32 for b in plan) and sum(len(b) < 31 for b in plan) <= 4
+    # the long examples share a few batches; the others' token counts are nearly equal
+    long_batches = [b for b in plan if lengths[b].max() > 64]
+    assert len(long_batches) <= 2 + 2  # at most one partial per source
+    tokens = [lengths[b].sum() for b in plan if lengths[b].max() <= 64 and len(b) >= 31]
+    assert max(tokens) - min(tokens) < 0.15 * np.mean(tokens), tokens
     assert [b.tolist() for b in epoch_plan(data, 32, 0, 0)] == [b.tolist() for b in plan]
     assert [b.tolist() for b in epoch_plan(data, 32, 0, 1)] != [b.tolist() for b in plan]
 
@@ -175,14 +179,6 @@ def test_uniform_sampling_draws_equally_per_source():
     data = _tokenized([5] * 1000, [0] * 100 + [1] * 900)
     flat = np.concatenate(epoch_plan(data, 16, 0, 0, sampling="uniform"))
     assert np.bincount(data.source[flat]).tolist() == [500, 500]
-
-
-def test_buckets_bound_the_number_of_shapes():
-    for max_length in (64, 128, 256):
-        buckets = bucket_lengths(max_length)
-        assert buckets[-1] == max_length and len(buckets) <= len(BUCKETS)
-        shapes = {bucket_for(n, buckets) for n in range(1, max_length + 1)}
-        assert shapes == set(buckets)
 
 
 def test_shipped_config_files_parse():
@@ -237,8 +233,12 @@ def test_task_plan_puts_every_task_in_every_step():
     assert [[s.tolist() for s in step] for step in task_plan(data, 16, 0, 0)] == [
         [s.tolist() for s in step] for step in plan
     ]
-    batch = make_task_batch(data, plan[0], 8, bucket_lengths(128), 0)
-    assert batch["input_ids"].shape[:2] == (8, 2) and batch["labels"].shape == (8, 2, 2)
+    pipeline = InputPipeline({"train": data}, 0, 128, 16, 16, seed=0, task_stacked=True)
+    batch = pipeline.train_batch(plan[0])
+    rows, length = pipeline.grids[max(pipeline.grids)].rows, max(pipeline.grids)
+    assert batch["ids"].shape[1] == 2 and batch["labels"].shape[1:] == (2, MAX_SEGMENTS, 2)
+    assert batch["ids"].shape in {(g.rows, 2, g.length) for g in pipeline.grids.values()}
+    assert len(pipeline.grids) <= 2 and rows <= 8 and length == 128
     with pytest.raises(MtlError, match="smaller than the number of tasks"):
         task_plan(data, 1, 0, 0)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.encoder import Encoder
+from mtl_jax.encoder import Attention, Encoder
 
 
 @pytest.mark.parametrize("sinusoidal", [False, True])
@@ -22,3 +23,25 @@ def test_parameter_tree_is_exactly_flax_distilbert_modules(sinusoidal):
     ours = jax.eval_shape(Encoder(config).init, jax.random.PRNGKey(0), ids, np.zeros_like(ids), ids)["params"]
     flat = lambda tree: {k: (v.shape, v.dtype) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}  # noqa: E731
     assert flat(ours) == flat(theirs)
+
+
+def test_attention_kernels_agree_and_fused_falls_back_where_rejected():
+    """jax.nn.dot_product_attention (XLA) computes what Attention's own arithmetic computes;
+    asking for the fused cuDNN kernel where it is rejected (here: no GPU) runs the XLA path."""
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, (3, 24)).astype(np.int32)
+    segments = np.repeat([[1] * 10 + [2] * 9 + [0] * 5], 3, axis=0).astype(np.int32)
+    positions = np.where(np.arange(24) < 10, np.arange(24), np.arange(24) - 10).astype(np.int32)
+    positions = np.broadcast_to(positions, ids.shape)
+    params = Encoder(config).init(jax.random.PRNGKey(0), ids, positions, segments)["params"]
+    xla = Encoder(config, attention_impl="xla").apply({"params": params}, ids, positions, segments)
+    fused = Encoder(config, attention_impl="fused").apply({"params": params}, ids, positions, segments)
+    np.testing.assert_array_equal(fused, xla)  # the fallback: the same program
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 24, 4, 8)), jnp.float32) for _ in range(3))
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    bias = jnp.where(same, 0.0, -1e30)[:, None]
+    ours = Attention(config).apply({}, q, k, v, bias, True, method="xla_attention")
+    theirs = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+    real = segments > 0  # padding tokens attend to nothing; their output is never read
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], atol=1e-5)

@@ -1,23 +1,30 @@
-"""Packed inference: the plan puts every sentence in exactly one slot, rows are nearly full,
-and a packed sentence gets the states and embedding it gets alone."""
+"""Packing: the plan puts every sentence in exactly one slot, rows are nearly full, a packed
+sentence gets the states and embedding it gets alone, and a packed training step is the
+one-example-per-row step."""
 
 from __future__ import annotations
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
+from mtl_jax.batching import Grid, InputPipeline, Tokenized, pack_examples, single_rows
 from mtl_jax.encoder import Encoder, keep_mask
+from mtl_jax.inference import load_encoder
+from mtl_jax.model import MultiTaskModel, init_params
 from mtl_jax.packing import MAX_SEGMENTS, pack_rows, packed_calls, row_lengths
+from mtl_jax.steps import TrainState, make_loss_fn, make_train_step
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
     rng = np.random.default_rng(0)
     lengths = list(rng.integers(3, 60, 3000)) + [0, 2, 64, 64, 100]
-    allowed = row_lengths(128)
-    assert allowed[0] == 64 and allowed[-1] == 128
+    allowed = row_lengths(100)
+    assert allowed == (64, 112) and row_lengths(20) == (24,) and row_lengths(600) == (64, 600)
     rows = pack_rows(lengths, allowed)
     placed = sorted(i for _, members in rows for i in members)
     assert placed == list(range(len(lengths)))
@@ -34,11 +41,11 @@ def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
 def test_packed_calls_hold_each_sentence_with_positions_from_zero():
     rng = np.random.default_rng(1)
     ids = [rng.integers(5, 1000, n).astype(np.int32) for n in rng.integers(1, 100, 500)]
-    calls = list(packed_calls(ids, max_length=128, batch_size=16, pad_id=0))
+    calls = list(packed_calls(ids, batch_size=16, pad_id=0))
     seen = np.zeros(len(ids), int)
     for call in calls:
         rows, length = call.ids.shape
-        assert rows == max(1, 16 * 24 // length)  # rows of about 16 sentences' tokens; last call filled up
+        assert rows == 16 * 24 // length  # rows of about 16 sentences' tokens; last call filled up
         for slot in np.flatnonzero(call.index >= 0):
             r, s = divmod(int(slot), MAX_SEGMENTS)
             where = call.segments[r] == s + 1
@@ -48,11 +55,12 @@ def test_packed_calls_hold_each_sentence_with_positions_from_zero():
             seen[i] += 1
         assert (call.ids[call.segments == 0] == 0).all()
     assert (seen == 1).all()
-    assert len({c.ids.shape for c in calls}) <= len(row_lengths(128))  # one shape per row length
+    assert {c.ids.shape for c in calls} == {(6, 64), (3, 112)}  # two shapes: one per row length
     # a short input is a short call, not a whole call of empty rows
-    (single,) = packed_calls(ids[:1], max_length=128, batch_size=64, pad_id=0)
+    (single,) = packed_calls(ids[:1], batch_size=64, pad_id=0)
     assert single.ids.shape[0] == 1
-    assert all(c.ids.shape[0] <= 4 for c in packed_calls(ids[:3], max_length=128, batch_size=64, pad_id=0))
+    assert all(c.ids.shape[0] <= 4 for c in packed_calls(ids[:3], batch_size=64, pad_id=0))
+    assert {c.ids.shape[0] for c in packed_calls(ids, batch_size=16, pad_id=0, row_multiple=4)} == {8, 4}
 
 
 @pytest.mark.parametrize("sinusoidal", [False, True])
@@ -117,3 +125,105 @@ def test_keep_mask_drops_at_the_rate_with_independent_halves():
     # a typed key works too; 0.25 is exact in 16 bits
     typed, p = keep_mask(jax.random.key(3), (7, 5), 0.25)
     assert typed.shape == (7, 5) and p == 0.75
+
+
+def _labelled(rng, n: int, long: int = 0) -> Tokenized:
+    """``n`` examples whose tokens all equal their index + 1 (a slot's tokens name its example),
+    two tasks with some labels missing, ``long`` of them longer than the short rows."""
+    lengths = rng.integers(3, 60, n)
+    lengths[rng.choice(n, long, replace=False)] = rng.integers(65, 150, long)
+    labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], 1).astype(np.int32)
+    labels[rng.random(n) < 0.4, 0] = -1
+    labels[labels[:, 0] >= 0, 1] = np.where(rng.random(int((labels[:, 0] >= 0).sum())) < 0.5, -1, 1)
+    ids = [np.full(k, i + 1, np.int32) for i, k in enumerate(lengths)]
+    return Tokenized(ids, labels, (labels[:, 0] < 0).astype(np.int32), 0)
+
+
+def _examples_in(arrays: dict, data: Tokenized) -> list[int]:
+    """The examples a packed batch holds, read back from its tokens; checks positions and labels."""
+    found = []
+    ids, positions, segments, labels = (arrays[k] for k in ("ids", "positions", "segments", "labels"))
+    for r in range(ids.shape[0]):
+        for s in range(MAX_SEGMENTS):
+            where = segments[r] == s + 1
+            if not where.any():
+                assert (labels[r, s] == -1).all()
+                continue
+            i = int(ids[r][where][0]) - 1
+            np.testing.assert_array_equal(ids[r][where], data.ids[i])
+            np.testing.assert_array_equal(positions[r][where], np.arange(len(data.ids[i])))
+            np.testing.assert_array_equal(labels[r, s], data.labels[i])
+            found.append(i)
+    assert (ids[segments == 0] == 0).all()
+    return found
+
+
+@pytest.mark.parametrize("task_stacked", [False, True])
+def test_training_batches_hold_every_planned_example_once_with_its_labels(task_stacked):
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        data = _labelled(rng, 700, long=12)
+        pipeline = InputPipeline({"train": data}, 0, 256, 32, 32, seed=seed, epochs=3, task_stacked=task_stacked)
+        shapes = set()
+        for epoch in range(3):
+            for step in pipeline.plan(epoch):
+                arrays = pipeline.train_batch(step)
+                shapes.add(arrays["ids"].shape)
+                parts = step if task_stacked else [step]
+                for t, part in enumerate(parts):
+                    sub = {k: v[:, t] for k, v in arrays.items()} if task_stacked else arrays
+                    assert sorted(_examples_in(sub, data)) == sorted(part.tolist())
+        assert len(shapes) <= 2 and len(pipeline.grids) <= 2
+        assert {g.length for g in pipeline.grids.values()} == {64, 160}
+
+
+def test_evaluation_batches_hold_every_example_once():
+    rng = np.random.default_rng(5)
+    data = _labelled(rng, 300, long=5)
+    pipeline = InputPipeline({"test": data}, 0, 256, 32, 32, seed=0)
+    seen = []
+    for slot, arrays in pipeline.eval_batches(data):
+        found = _examples_in(arrays, data)
+        assert sorted(found) == sorted(slot[slot >= 0].tolist())
+        seen += found
+    assert sorted(seen) == list(range(300))
+
+
+def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
+    """Same examples, packed several to a row or one per padded row: same losses, gradients and
+    updated parameters (dropout off)."""
+    import copy
+
+    import optax
+
+    enc = load_encoder(tiny_bert)
+    config = copy.deepcopy(enc.config)
+    config.dropout = config.attention_dropout = 0.0
+    rng = np.random.default_rng(7)
+    data = _labelled(rng, 24)
+    data.ids = [rng.integers(1000, 30000, len(s)).astype(np.int32) for s in data.ids]
+    idx = np.arange(24)
+    packed, _ = pack_examples(data, idx, Grid(rows=24, length=64), pad_id=0)
+    assert (packed["segments"].max(axis=1) > 1).sum() >= 3  # several rows really share
+    length = max(len(s) for s in data.ids)
+    padded_ids = np.zeros((24, length), np.int32)
+    mask = np.zeros((24, length), np.int32)
+    for i, s in enumerate(data.ids):
+        padded_ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    single = single_rows(padded_ids, mask, data.labels)
+    for pooling in ("mean", "cls"):
+        model = MultiTaskModel(config, tasks=(("task_a", 3), ("task_b", 2)), pooling=pooling, head_dropout=0.0)
+        params = init_params(model, enc.params, jax.random.PRNGKey(0))
+        loss_fn = make_loss_fn(model, {"task_a": 1.0, "task_b": 0.5})
+        (loss_p, _), grads_p = jax.value_and_grad(loss_fn, has_aux=True)(params, packed, None)
+        (loss_s, _), grads_s = jax.value_and_grad(loss_fn, has_aux=True)(params, single, None)
+        np.testing.assert_allclose(loss_p, loss_s, rtol=1e-6)
+        chex.assert_trees_all_close(grads_p, grads_s, atol=1e-5, rtol=1e-5)
+        step = make_train_step(model, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5})
+        after = []
+        for batch in (packed, single):
+            state = TrainState.create(jax.tree.map(jnp.array, params), optax.sgd(0.5).init(params))
+            state, m = step(state, batch, jax.random.PRNGKey(1))
+            after.append(state.params)
+            assert int(m["tasks"]["task_a"]["count"]) == int((data.labels[:, 0] >= 0).sum())
+        chex.assert_trees_all_close(after[0], after[1], atol=1e-5)

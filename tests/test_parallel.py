@@ -23,6 +23,7 @@ from mtl_jax.parallel import initialize_distributed
 if len(sys.argv) > 2:  # coordinator, process id: one of two processes
     initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax, jax.numpy as jnp, numpy as np
+from mtl_jax.batching import single_rows
 from mtl_jax.inference import load_encoder
 from mtl_jax.model import MultiTaskModel, init_params
 from mtl_jax.parallel import make_mesh, place_state, shard_batch
@@ -38,8 +39,8 @@ batches = []
 for i in range(3):
     labels = np.stack([rng.integers(0, 3, 8), rng.integers(0, 2, 8)], 1).astype(np.int32)
     labels[:4, 1] = -1
-    batches.append({{"input_ids": rng.integers(1000, 30000, (8, 16)).astype(np.int32),
-                    "attention_mask": np.ones((8, 16), np.int32), "labels": labels}})
+    ids = rng.integers(1000, 30000, (8, 16)).astype(np.int32)
+    batches.append(single_rows(ids, np.ones_like(ids), labels))
 
 def train(devices, fsdp=False):
     mesh = make_mesh(devices)

@@ -36,9 +36,12 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
             assert cached[split][t]["confusion"] == full[split][t]["confusion"]
     val = [r for r in rec_cached if r["split"] == "validation"]
     assert len(val) == 3 and all(r["epoch_s"] > 0 for r in val)
-    assert [r["loss"] for r in rec_cached if r["split"] == "train"] == [
-        r["loss"] for r in rec_full if r["split"] == "train"
-    ]
+    # (a sentence's embedding depends on its row neighbours by float rounding only)
+    np.testing.assert_allclose(
+        [r["loss"] for r in rec_cached if r["split"] == "train"],
+        [r["loss"] for r in rec_full if r["split"] == "train"],
+        rtol=1e-6,
+    )
 
 
 def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert, tiny_data, capsys):

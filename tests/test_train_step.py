@@ -11,7 +11,7 @@ from flax import traverse_util
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax import MtlError
-from mtl_jax.batching import InputPipeline, Tokenized
+from mtl_jax.batching import InputPipeline, Tokenized, single_rows
 from mtl_jax.evaluation import evaluate
 from mtl_jax.freezing import Phase, frozen_groups, group_of, param_groups, parse_phases, phase_at, phase_starts
 from mtl_jax.inference import load_encoder
@@ -41,7 +41,7 @@ def _batch(seed=0, B=8, L=16, labels=None):
         labels = np.stack([rng.integers(0, 3, B), rng.integers(0, 2, B)], axis=1).astype(np.int32)
         labels[: B // 2, 1] = -1  # first half: task_a examples only
         labels[B // 2 :, 0] = -1  # second half: task_b examples only
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return single_rows(ids, mask, labels)
 
 
 def _state(model, params, frozen, lr=1e-2):
@@ -54,7 +54,7 @@ def _state(model, params, frozen, lr=1e-2):
 def test_forward_gives_every_task_and_the_embedding(setup):
     model, params = setup
     b = _batch()
-    logits, pooled = model.apply({"params": params}, b["input_ids"], b["attention_mask"])
+    logits, pooled = model.apply({"params": params}, b["ids"], b["segments"])
     chex.assert_shape(logits["task_a"], (8, 3))
     chex.assert_shape(logits["task_b"], (8, 2))
     chex.assert_shape(pooled, (8, model.config.dim))
@@ -72,8 +72,8 @@ def test_cls_pooling_is_the_first_tokens_full_state(setup):
     model, params = setup
     b = _batch()
     hf = FlaxDistilBertModule(model.config)
-    full = hf.apply({"params": params["encoder"]}, b["input_ids"], b["attention_mask"]).last_hidden_state
-    cls = model.clone(pooling="cls").apply({"params": params}, b["input_ids"], b["attention_mask"], method="embed")
+    full = hf.apply({"params": params["encoder"]}, b["ids"], b["segments"]).last_hidden_state
+    cls = model.clone(pooling="cls").apply({"params": params}, b["ids"], b["segments"], method="embed")
     np.testing.assert_allclose(cls, full[:, 0], atol=1e-5)
 
 
@@ -217,11 +217,11 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     model, params = setup
     bf16 = model.clone(dtype=jnp.bfloat16)
     b = _batch()
-    logits16, _ = bf16.apply({"params": params}, b["input_ids"], b["attention_mask"])
-    logits32, _ = model.apply({"params": params}, b["input_ids"], b["attention_mask"])
+    logits16, _ = bf16.apply({"params": params}, b["ids"], b["segments"])
+    logits32, _ = model.apply({"params": params}, b["ids"], b["segments"])
     assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
     # the encoder's matrix products really run in bf16: Q, K, V, out, FFN x2 and attention x2 per layer
-    text = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["input_ids"], b["attention_mask"]))(params))
+    text = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["ids"], b["segments"]))(params))
     bf16_dots = [line for line in text.splitlines() if "dot_general" in line and "bf16[" in line.split("=")[0]]
     assert len(bf16_dots) >= 8 * model.config.n_layers, text
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
