@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark: our train step and the PyTorch peer side by side on the
-# same GPU (distilbert-base, seq 128), JSON lines out, with MFU.
-# Needs, in git-ignored folders carried to the GPU machine (see ../shared/GPU.md):
-#   .whl/   transformers==4.57.6, tokenizers==0.22.2, huggingface_hub==0.36.0 wheels
-# On a machine without a GPU it runs the same commands on the CPU at small sizes.
+# The GPU benchmark, unattended, one table at the end (about 6 minutes on one H100):
+#   our train step (bf16; batch 256 with mean and cls pooling, batch 32, frozen backbone) and
+#   the PyTorch peer (eager bf16, torch.compile bf16, frozen eager bf16) at the same shapes,
+#   in the same run; then the default `scripts/train.py` twice, with an empty and a warm
+#   compile cache (wall time by part and test metrics from its summary.json).
+# On a GPU machine (../shared/GPU.md): bash ../shared/gpu/pack.sh here, carry .gpu, then
+#   source .gpu/unpack.sh && bash benchmarks/gpu.sh
+# Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
 PY=${PY:-python3}
-[ -x .venv/bin/python ] && [ -z "${PY_FORCE:-}" ] && PY=.venv/bin/python
-PEER=benchmarks/torch_mtl_step.py
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+PEER_PY=${PEER_PY:-$PY}
+[ -x .peer/venv/bin/python ] && PEER_PY=.peer/venv/bin/python
+OUT=${OUT:-/tmp/mtl_gpu_bench}; rm -rf "$OUT"; mkdir -p "$OUT"
+J=$OUT/results.jsonl
 if $PY -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
-  SIZE=base; SEQ=128; BATCHES="32 256"; DEV=cuda
+  SIZE=base; SEQ=128; BIG=256; SMALL=32; DEV=cuda; STEPS=20; TRAIN=()
 else
-  SIZE=minilm; SEQ=32; BATCHES="8"; DEV=cpu
-  echo '{"note": "no GPU found: running the same benchmark on the CPU at small sizes"}'
+  SIZE=minilm; SEQ=16; BIG=8; SMALL=4; DEV=cpu; STEPS=3; TRAIN=(--max-steps 30)
+  echo "no GPU: a dry run on the CPU at tiny sizes" >&2
 fi
-for B in $BATCHES; do
-  $PY benchmarks/train_step.py --size $SIZE --batch $B --seq $SEQ --dtype float32 --steps 10
-  $PY benchmarks/train_step.py --size $SIZE --batch $B --seq $SEQ --dtype bfloat16 --steps 10
-  if [ -f "$PEER" ] && $PY -c "import torch" 2>/dev/null; then
-    $PY "$PEER" --size $SIZE --batch $B --seq $SEQ --device $DEV --amp || true
-    [ "$DEV" = cuda ] && { $PY "$PEER" --size $SIZE --batch $B --seq $SEQ --device $DEV --amp --compile || true; }
-  fi
+ours() { timeout 300 $PY benchmarks/train_step.py --size $SIZE --seq $SEQ --steps $STEPS --dtype bfloat16 "$@" >> "$J" \
+  || echo "{\"failed\": \"ours $*\"}" >> "$J"; }
+peer() { timeout 300 $PEER_PY benchmarks/torch_mtl_step.py --size $SIZE --seq $SEQ --steps $STEPS --device $DEV --amp "$@" >> "$J" \
+  || echo "{\"failed\": \"peer $*\"}" >> "$J"; }
+ours --batch $BIG --pooling mean
+ours --batch $BIG --pooling cls
+ours --batch $SMALL --pooling mean
+ours --batch $BIG --pooling mean --freeze backbone
+peer --batch $BIG
+peer --batch $BIG --compile
+peer --batch $SMALL
+peer --batch $BIG --freeze-backbone
+for cache in empty warm; do
+  timeout 600 $PY scripts/train.py --out "$OUT/run_$cache" --overwrite --no-progress --dtype bfloat16 \
+    --compile-cache "$OUT/xla" "${TRAIN[@]}" 2> "$OUT/run_$cache.log" >/dev/null
+  $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({'run': sys.argv[2], 'seconds': s['seconds'], \
+'test': {t: round(s['test'][t]['accuracy'], 4) for t in ('task_a', 'task_b')}, 'shapes': s['compiled_shapes']}))" \
+    "$OUT/run_$cache/summary.json" "$cache" >> "$J" 2>/dev/null || echo "{\"failed\": \"train $cache\"}" >> "$J"
 done
-$PY benchmarks/train_step.py --size $SIZE --batch ${BATCHES##* } --seq $SEQ --dtype bfloat16 --freeze backbone --steps 10
+$PY benchmarks/gpu_table.py "$J"

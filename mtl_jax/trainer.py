@@ -101,9 +101,13 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
         raise MtlError(f"{saved_path}: missing; --resume needs the --out of an earlier run")
     saved = json.loads(saved_path.read_text())
     now = cfg.to_json()
-    changed = [k for k in resume_fixed() if saved.get(k) != now.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {now.get(k)!r})"
+        for k in resume_fixed()
+        if saved.get(k) != now.get(k)
+    ]
     if changed:
-        raise MtlError(f"{saved_path}: --resume with different {', '.join(changed)}; use the original options")
+        raise MtlError(f"{saved_path}: --resume with a different {', '.join(changed)}; use the original options")
 
 
 def _prepare_out_dir(out: Path) -> None:

@@ -37,7 +37,7 @@ if fault == "kill-after-save":
         if step == at:
             calls["armed"] = True
     ckpt_mod.Checkpoints.save = save
-if fault in ("kill-after-save", "term-at-batch"):
+if fault in ("kill-after-save", "term-at-batch", "int-at-batch"):
     train_batch = batching.InputPipeline.train_batch
     def counting(*a, **k):
         calls["batches"] += 1
@@ -45,6 +45,8 @@ if fault in ("kill-after-save", "term-at-batch"):
             os.kill(os.getpid(), signal.SIGKILL)  # steps after the checkpoint are lost
         if fault == "term-at-batch" and calls["batches"] == at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if fault == "int-at-batch" and calls["batches"] == at:
+            os.kill(os.getpid(), signal.SIGINT)
         return train_batch(*a, **k)
     batching.InputPipeline.train_batch = counting
 if fault == "kill-during-write":
@@ -324,3 +326,36 @@ def test_sentence_transformers_loads_the_exported_encoder(reference):
     sentences = ["a vote in the senate", "great fun", ""]
     want = load(reference / "export").encode(sentences)
     np.testing.assert_allclose(model.encode(sentences), want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # into a phase whose embeddings are cached (the backbone frozen for the first epoch)
+        ["--freeze", "backbone,none@epoch:1", "--loss-weighting", "uncertainty"],
+        ["--loss-weighting", "pcgrad"],
+    ],
+    ids=["cached-phase-uncertainty", "pcgrad"],
+)
+def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data, options):
+    """Ctrl-C saves and exits 130; --resume ends where the uninterrupted run ends; a second
+    --resume of the finished run trains nothing; a changed fixed option is refused."""
+    steps = ["--max-steps", "22", "--save-every", "5", "--freeze", "backbone,none@step:4"]
+    base = lambda out: train_args(tiny_bert, tiny_data, out)[:-1] + steps + options + ["--no-progress"]  # noqa: E731
+    assert run("train.py", *base(tmp_path / "ref")).returncode == 0
+    total = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
+    validation = [r for r in outputs(tmp_path / "ref")[0] if r["split"] == "validation"]
+    assert len(validation) == 2, "the run must cross an epoch boundary"
+    out = tmp_path / "run"
+    r = faulty(base(out), "int-at-batch", validation[0]["step"] + 2)  # Ctrl-C in the second epoch
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("SIGINT at step")
+    r = run("train.py", *base(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(tmp_path / "ref", out)
+    before = (out / "metrics.jsonl").read_text()
+    r = run("train.py", *base(out), "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stderr and total == 22
+    assert (out / "metrics.jsonl").read_text() == before  # nothing trained, the same records
+    r = run("train.py", *base(out), "--resume", "--lr", "5e-4")
+    assert r.returncode == 2 and "--lr" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
