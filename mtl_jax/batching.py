@@ -24,7 +24,16 @@ import numpy as np
 
 from mtl_jax.data import Examples
 from mtl_jax.errors import MtlError
-from mtl_jax.packing import MAX_SEGMENTS, bucket_for, fill_rows, pack_rows, packed_calls, row_lengths
+from mtl_jax.packing import (
+    MAX_SEGMENTS,
+    PackedCall,
+    bucket_for,
+    fill_rows,
+    pack_rows,
+    packed_calls,
+    round_up,
+    row_lengths,
+)
 from mtl_jax.text import TextTokenizer
 
 
@@ -97,8 +106,13 @@ def pack_examples(
     if data.embeddings is not None:
         emb = np.where(slot[:, None] >= 0, data.embeddings[np.maximum(slot, 0)], 0.0).astype(np.float32)
         return {"embeddings": emb, "labels": labels}, slot
-    arrays = {"ids": call.ids, "positions": call.positions, "segments": call.segments}
-    return arrays | {"labels": labels.reshape(grid.rows, MAX_SEGMENTS, -1)}, slot
+    return call_arrays(call, labels), slot
+
+
+def call_arrays(call: PackedCall, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A packed call's arrays for a step, with its slots' ``labels`` ``[R * S, T]`` as ``[R, S, T]``."""
+    labels = labels.reshape(call.ids.shape[0], MAX_SEGMENTS, -1)
+    return {"ids": call.ids, "positions": call.positions, "segments": call.segments, "labels": labels}
 
 
 def slot_labels(data: Tokenized, slot: np.ndarray) -> np.ndarray:
@@ -138,7 +152,7 @@ def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_m
             length = step_length(data, parts)
             rows = max(len(pack_rows(lengths[p], (length,))) for p in parts)
             need[length] = max(need.get(length, 0), rows)
-    return {n: Grid(-(-r // row_multiple) * row_multiple, n) for n, r in need.items()}
+    return {n: Grid(round_up(r, row_multiple), n) for n, r in need.items()}
 
 
 def task_members(data: Tokenized) -> list[np.ndarray]:
@@ -318,9 +332,7 @@ class InputPipeline:
                 yield slot, self._place(arrays)
             return
         for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
-            labels = slot_labels(data, call.index).reshape(call.ids.shape[0], MAX_SEGMENTS, -1)
-            arrays = {"ids": call.ids, "positions": call.positions, "segments": call.segments, "labels": labels}
-            yield call.index, self._place(arrays)
+            yield call.index, self._place(call_arrays(call, slot_labels(data, call.index)))
 
     def _place(self, arrays: dict) -> dict:
         if self.mesh is None:

@@ -129,6 +129,11 @@ def fill_rows(
     return call
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (rows split evenly over the devices)."""
+    return -(-n // multiple) * multiple
+
+
 def packed_calls(
     ids: Sequence[np.ndarray], batch_size: int, pad_id: int, row_multiple: int = 1
 ) -> Iterator[PackedCall]:
@@ -145,6 +150,6 @@ def packed_calls(
         by_length.setdefault(length, []).append(members)
     for length in sorted(by_length):
         group = by_length[length]
-        per_call = -(-rows_per_call(length, batch_size, len(rows)) // row_multiple) * row_multiple
+        per_call = round_up(rows_per_call(length, batch_size, len(rows)), row_multiple)
         for start in range(0, len(group), per_call):
             yield fill_rows(ids, group[start : start + per_call], (per_call, length), pad_id)
