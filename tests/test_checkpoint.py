@@ -265,7 +265,9 @@ def test_export_round_trip_reproduces_test_metrics(reference):
         has = test.labels[:, ti] >= 0
         acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
         assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)
-        np.testing.assert_allclose(probs[name].sum(1), 1.0, atol=1e-5)
+        # the probabilities themselves: the exported heads give the run's own test loss
+        nll = float(-np.log(probs[name][has, test.labels[has, ti]]).mean())
+        assert nll == pytest.approx(summary["test"][name]["loss"], rel=1e-5, abs=0)
     # the exported encoder is a plain checkpoint directory too
     emb = predictor.encode(["a sports story"])
     assert emb.shape == (1, predictor.encoder.dim)
@@ -320,12 +322,28 @@ def test_predict_cli_input_forms(tmp_path, reference):
     assert r6.returncode == 2 and "none: no such model directory" in r6.stderr
 
 
-def test_sentence_transformers_loads_the_exported_encoder(reference):
-    st = pytest.importorskip("sentence_transformers")
-    model = st.SentenceTransformer(str(reference / "export"), device="cpu")
-    sentences = ["a vote in the senate", "great fun", ""]
+@pytest.mark.parametrize(
+    "venv",
+    [".peer/venv", ".peer/st6"],  # sentence-transformers 5 + transformers 4.57; 6 + transformers 5 (make peer)
+)
+def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
+    """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included)."""
+    python = ROOT / venv / "bin" / "python"
+    assert python.exists(), f"{python} missing: `make peer` builds the PyTorch venvs that make test uses"
+    sentences = ["a vote in the senate", "great fun", "", "café naïve — 東京 🙂", " ".join(["word"] * 300)]
+    r = subprocess.run(
+        [str(python), str(ROOT / "tests" / "torch_side.py"), str(reference / "export")],
+        input=json.dumps(sentences),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    assert got["inputs"] == ["attention_mask", "input_ids"]  # DistilBERT takes no token_type_ids
     want = load(reference / "export").encode(sentences)
-    np.testing.assert_allclose(model.encode(sentences), want, atol=1e-4)
+    for side in ("st", "auto"):
+        np.testing.assert_allclose(np.asarray(got[side]), want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
 
 
 @pytest.mark.parametrize(
