@@ -63,6 +63,8 @@ class Checkpoints:
             )
             self.manager.wait_until_finished()
         except Exception as e:  # disk full, permissions, ...: the previous checkpoints are untouched
+            for partial in self.folder.glob(f"{step}.orbax-checkpoint-tmp*"):  # frees what the failed write took
+                shutil.rmtree(partial, ignore_errors=True)
             previous = [s for s in self.steps() if s != step]
             kept = f"; the checkpoint at step {previous[-1]} is intact" if previous else ""
             raise MtlError(

@@ -3,9 +3,14 @@ as real Hugging Face directories, and small labelled data files."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +51,27 @@ TINY_BERT = {
     "pad_token_id": 0,
     "position_embedding_type": "absolute",
 }
+
+
+def cli(command: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """``mtl_jax.commands.<command>`` run in this process as its console script runs it (exit
+    status, stdout, stderr): no interpreter start or imports per call. Tests that need a real
+    process (signals, SIGKILL, several processes, the scripts/ entry points) start one instead."""
+    from mtl_jax.cli import run_cli
+
+    main = importlib.import_module(f"mtl_jax.commands.{command}").main
+    out, err = io.StringIO(), io.StringIO()
+    stdin_before = sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = run_cli(lambda: main(list(args)))
+            except SystemExit as e:  # argparse / tyro: --help, a malformed flag
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.stdin = stdin_before
+    return subprocess.CompletedProcess([command, *args], code, out.getvalue(), err.getvalue())
 
 
 def copy_tokenizer(dst: Path) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoints, exact resume, faults, export and predict.py (tiny encoder, real subprocesses)."""
+"""Checkpoints, exact resume, faults, export and predict.py (tiny encoder). Faults happen in
+real subprocesses (signals, SIGKILL); the runs around them run in this process (tests.conftest.cli)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.checkpoint import Checkpoints
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 from tests.test_cli import ENV, run
 
 pytestmark = pytest.mark.slow
@@ -49,14 +50,13 @@ if fault in ("kill-after-save", "term-at-batch", "int-at-batch"):
             os.kill(os.getpid(), signal.SIGINT)
         return train_batch(*a, **k)
     batching.InputPipeline.train_batch = counting
-if fault == "kill-during-write":
-    from orbax.checkpoint._src.path import atomicity
-    finalize = atomicity.AtomicRenameTemporaryPath.finalize
-    async def dying(self):
-        if self._final_path.name == str(at):
+if fault == "kill-during-write":  # orbax commits a checkpoint by renaming its temporary folder
+    rename = os.rename
+    def dying(src, dst, *a, **k):
+        if os.path.basename(os.fspath(dst)) == str(at):
             os.kill(os.getpid(), signal.SIGKILL)  # written, never committed
-        return await finalize(self)
-    atomicity.AtomicRenameTemporaryPath.finalize = dying
+        return rename(src, dst, *a, **k)
+    os.rename = dying
 sys.argv = ["train.py"] + {args!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -84,6 +84,8 @@ def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list
         "backbone,none@step:4",
         "--keep",
         "5",
+        "--loss-weighting",
+        "uncertainty",  # learned loss weights: state a resume must restore too
         "--no-progress",
         *extra,
     ]
@@ -119,53 +121,55 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_bert, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = run("train.py", *train_args(tiny_bert, tiny_data, out))
+    r = cli("train", *train_args(tiny_bert, tiny_data, out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def test_same_seed_same_run(tmp_path, reference, tiny_bert, tiny_data):
-    r = run("train.py", *train_args(tiny_bert, tiny_data, tmp_path / "again"))
+    r = cli("train", *train_args(tiny_bert, tiny_data, tmp_path / "again"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(reference, tmp_path / "again")
 
 
 def assert_resume_matches(reference: Path, out: Path, args: list[str], from_step: int) -> None:
     """--resume continues from ``from_step`` and ends exactly where the uninterrupted run did."""
-    r = run("train.py", *args, "--resume")
+    r = cli("train", *args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"checkpoints/{from_step} (epoch 1, step {from_step})" in r.stderr
     assert_same_run(reference, out)
 
 
-@pytest.mark.parametrize(
-    "fault, listed, from_step",
-    [
-        ("kill-after-save", [3, 6], 6),  # SIGKILL two steps after the step-6 checkpoint
-        ("kill-during-write", [3], 3),  # SIGKILL before step 6 is committed: never listed
-    ],
-)
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, tiny_bert, tiny_data, fault, listed, from_step):
+def test_sigkill_after_a_save_resumes_from_it_or_from_an_intact_one(tmp_path, reference, tiny_bert, tiny_data):
     out = tmp_path / "run"
     args = train_args(tiny_bert, tiny_data, out)
-    r = faulty(args, fault, 6)
+    r = faulty(args, "kill-after-save", 6)  # SIGKILL two steps after the step-6 checkpoint
     assert r.returncode == -signal.SIGKILL
-    assert Checkpoints(out / "checkpoints").steps() == listed
-    assert_resume_matches(reference, out, args, from_step)
-
-
-def test_corrupted_checkpoint_falls_back_to_an_intact_one(tmp_path, reference, tiny_bert, tiny_data):
-    out = tmp_path / "run"
-    args = train_args(tiny_bert, tiny_data, out)
-    assert faulty(args, "kill-after-save", 6).returncode == -signal.SIGKILL
-    for f in (out / "checkpoints" / "6" / "state").rglob("*"):
+    assert Checkpoints(out / "checkpoints").steps() == [3, 6]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    assert_resume_matches(reference, out, args, 6)
+    # the newest checkpoint damaged: the run says so and resumes from the one before
+    for f in (damaged / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated
-    r = run("train.py", *args, "--resume")
+    args = train_args(tiny_bert, tiny_data, damaged)
+    r = cli("train", *args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoints/6: checkpoint is damaged or unreadable" in r.stderr
     assert "checkpoints/3 (epoch 1, step 3)" in r.stderr
-    assert_same_run(reference, out)
+    assert_same_run(reference, damaged)
+
+
+def test_sigkill_while_writing_leaves_no_checkpoint_and_resumes_from_the_last(
+    tmp_path, reference, tiny_bert, tiny_data
+):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty(args, "kill-during-write", 6)  # SIGKILL before step 6 is committed: never listed
+    assert r.returncode == -signal.SIGKILL
+    assert Checkpoints(out / "checkpoints").steps() == [3]
+    assert_resume_matches(reference, out, args, 3)
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, tiny_data):
@@ -184,8 +188,8 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, ti
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
-    r = run(
-        "train.py",
+    r = cli(
+        "train",
         *train_args(tiny_bert, tiny_data, out)[:-1],
         "--no-progress",
         "--lr",
@@ -225,26 +229,34 @@ def test_non_finite_step_leaves_state_unchanged(tiny_bert):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import os
+
     ckpts = Checkpoints(tmp_path / "ckpt")
     tree = {"w": jnp.arange(4.0)}
     ckpts.save(1, tree, {"epoch": 0})
+    rename = os.rename
 
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
+    def full(src, dst, *a, **k):  # the disk fills up as step 2's files are committed: they are all written
+        if os.path.basename(os.fspath(dst)) == "2":
+            raise OSError(28, "No space left on device")
+        return rename(src, dst, *a, **k)
 
-    monkeypatch.setattr(ckpts.manager, "save", full)
+    monkeypatch.setattr(os, "rename", full)
     with pytest.raises(MtlError, match=r"ckpt/2: could not save checkpoint .*No space left.*step 1 is intact"):
-        ckpts.save(2, tree, {"epoch": 1})
+        ckpts.save(2, {"w": jnp.arange(4.0) + 1}, {"epoch": 1})
+    monkeypatch.undo()
     assert ckpts.steps() == [1]
     restored, meta = ckpts.restore(1, tree)
     np.testing.assert_array_equal(restored["w"], tree["w"])
     assert meta == {"epoch": 0}
+    assert Checkpoints(tmp_path / "ckpt").steps() == [1]  # as a resume would list them
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]  # the partial write removed
 
 
 def test_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, tiny_bert, tiny_data):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run("train.py", *train_args(tiny_bert, tiny_data, blocker / "run"))
+    r = cli("train", *train_args(tiny_bert, tiny_data, blocker / "run"))
     assert r.returncode == 2 and ("not a directory" in r.stderr or "not writable" in r.stderr)
 
 
@@ -300,26 +312,40 @@ def test_export_with_missing_or_altered_file_is_refused(tmp_path, reference):
         load(d)
 
 
-def test_predict_cli_input_forms(tmp_path, reference):
+def test_predict_cli_input_forms_and_errors(tmp_path, reference):
     model = str(reference / "export")
-    r = run("predict.py", "--model", model, "a vote in the senate", "great fun")
+    r = run("predict.py", "--model", model, "a vote in the senate", "great fun")  # the script itself, once
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["text"] for row in rows] == ["a vote in the senate", "great fun"]
     assert set(rows[0]["topic"]["probs"]) == {"politics", "sports", "tech"}
     assert rows[0]["topic"]["label"] == max(rows[0]["topic"]["probs"], key=rows[0]["topic"]["probs"].get)
+    probs = load(model).predict_proba(["a vote in the senate", "great fun"])
+    got = np.asarray([[row["topic"]["probs"][c] for c in ("politics", "sports", "tech")] for row in rows])
+    np.testing.assert_allclose(got, probs["topic"], rtol=1e-6)
     (tmp_path / "s.txt").write_text("a vote in the senate\ngreat fun\n")
-    r2 = run("predict.py", "--model", model, "--input", str(tmp_path / "s.txt"))
-    assert r2.stdout == r.stdout
+    assert cli("predict", "--model", model, "--input", str(tmp_path / "s.txt")).stdout == r.stdout
     (tmp_path / "s.csv").write_text('id,body\n1,"a vote in the senate"\n2,great fun\n')
-    r3 = run("predict.py", "--model", model, "--input", str(tmp_path / "s.csv"), "--text-column", "body")
+    r3 = cli("predict", "--model", model, "--input", str(tmp_path / "s.csv"), "--text-column", "body")
     assert r3.stdout == r.stdout
-    r4 = run("predict.py", "--model", model, stdin="a vote in the senate\ngreat fun\n")
-    assert r4.stdout == r.stdout
-    r5 = run("predict.py", "--model", model, "--format", "table", "great fun")
+    assert cli("predict", "--model", model, stdin="a vote in the senate\ngreat fun\n").stdout == r.stdout
+    r5 = cli("predict", "--model", model, "--format", "table", "great fun")
     assert r5.returncode == 0 and "topic" in r5.stdout.splitlines()[0] and "great fun" in r5.stdout
-    r6 = run("predict.py", "--model", str(tmp_path / "none"), "x")
-    assert r6.returncode == 2 and "none: no such model directory" in r6.stderr
+    # bad input: status 2, one line naming the file / line / flag, nothing on stdout
+    errors = {
+        "none: no such model directory": ["--model", str(tmp_path / "none"), "x"],
+        "give sentences as arguments or --input, not both": ["--model", model, "x", "--input", str(tmp_path / "s.txt")],
+        f"{tmp_path / 's.csv'}:1: no column 'text' (columns: id, body)": [
+            "--model",
+            model,
+            "--input",
+            str(tmp_path / "s.csv"),
+        ],
+        "missing.txt: file not found": ["--model", model, "--input", str(tmp_path / "missing.txt")],
+    }
+    for message, args in errors.items():
+        r = cli("predict", *args)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (args, r)
 
 
 @pytest.mark.parametrize(
@@ -346,34 +372,29 @@ def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
         np.testing.assert_allclose(np.asarray(got[side]), want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        # into a phase whose embeddings are cached (the backbone frozen for the first epoch)
-        ["--freeze", "backbone,none@epoch:1", "--loss-weighting", "uncertainty"],
-        ["--loss-weighting", "pcgrad"],
-    ],
-    ids=["cached-phase-uncertainty", "pcgrad"],
-)
-def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data, options):
-    """Ctrl-C saves and exits 130; --resume ends where the uninterrupted run ends; a second
-    --resume of the finished run trains nothing; a changed fixed option is refused."""
-    steps = ["--max-steps", "22", "--save-every", "5", "--freeze", "backbone,none@step:4"]
-    base = lambda out: train_args(tiny_bert, tiny_data, out)[:-1] + steps + options + ["--no-progress"]  # noqa: E731
-    assert run("train.py", *base(tmp_path / "ref")).returncode == 0
+def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data):
+    """Ctrl-C saves and exits 130; --resume ends where the uninterrupted run ends (crossing from a
+    phase whose embeddings are cached into the full forward, with PCGrad, the best epoch read
+    back from its checkpoint); a second --resume of the finished run trains nothing; a changed
+    fixed option is refused."""
+    options = ["--max-steps", "22", "--save-every", "5", "--freeze", "backbone,none@epoch:1"]
+    options += ["--loss-weighting", "pcgrad", "--no-progress"]
+    base = lambda out: train_args(tiny_bert, tiny_data, out)[:-1] + options  # noqa: E731
+    assert cli("train", *base(tmp_path / "ref")).returncode == 0
     total = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
     validation = [r for r in outputs(tmp_path / "ref")[0] if r["split"] == "validation"]
     assert len(validation) == 2, "the run must cross an epoch boundary"
+    assert json.loads((tmp_path / "ref" / "summary.json").read_text())["best_epoch"] == 1  # before the Ctrl-C
     out = tmp_path / "run"
     r = faulty(base(out), "int-at-batch", validation[0]["step"] + 2)  # Ctrl-C in the second epoch
     assert r.returncode == 130, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("SIGINT at step")
-    r = run("train.py", *base(out), "--resume")
+    r = cli("train", *base(out), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(tmp_path / "ref", out)
     before = (out / "metrics.jsonl").read_text()
-    r = run("train.py", *base(out), "--resume")
+    r = cli("train", *base(out), "--resume")
     assert r.returncode == 0 and "resumed from" in r.stderr and total == 22
     assert (out / "metrics.jsonl").read_text() == before  # nothing trained, the same records
-    r = run("train.py", *base(out), "--resume", "--lr", "5e-4")
+    r = cli("train", *base(out), "--resume", "--lr", "5e-4")
     assert r.returncode == 2 and "--lr" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

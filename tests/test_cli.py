@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_jax import load_encoder
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -33,14 +33,14 @@ def run(script: str, *args: str, stdin: str | None = None, cwd: Path = ROOT) -> 
 
 def test_embed_arguments_stdin_and_npy(tmp_path, tiny_bert):
     want = load_encoder(tiny_bert).encode(["one", "two words", ""])
-    r = run("embed.py", "--model", str(tiny_bert), "one", "two words", "")
+    r = run("embed.py", "--model", str(tiny_bert), "one", "two words", "")  # the script itself, once
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["text"] for row in rows] == ["one", "two words", ""]
     np.testing.assert_allclose(np.array([row["embedding"] for row in rows]), want, atol=1e-6)
     out = tmp_path / "e.npy"
-    r = run("embed.py", "--model", str(tiny_bert), "--out", str(out), stdin="one\ntwo words\n\n")
-    assert r.returncode == 0, r.stderr
+    r = cli("embed", "--model", str(tiny_bert), "--out", str(out), stdin="one\ntwo words\n\n")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
     got = np.load(out)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -62,15 +62,25 @@ def test_embed_into_a_reader_that_stops_early_is_quiet(tiny_bert):
 
 
 def test_embed_errors_are_one_line_with_status_2(tmp_path, tiny_bert):
-    r = run("embed.py", "--model", str(tmp_path / "nope"), "x")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "nope: no such directory" in r.stderr
-    r = run("embed.py", "--model", str(tiny_bert), "--input", str(tmp_path / "missing.txt"))
-    assert r.returncode == 2 and "missing.txt: file not found" in r.stderr
-    assert "Traceback" not in r.stderr
+    (tmp_path / "s.txt").write_text("one\n")
+    errors = {
+        "nope: no such directory": ["--model", str(tmp_path / "nope"), "x"],
+        "missing.txt: file not found": ["--input", str(tmp_path / "missing.txt")],
+        "give sentences as arguments or --input, not both": ["x", "--input", str(tmp_path / "s.txt")],
+        f"{tmp_path / 'no' / 'e.npy'}: folder {tmp_path / 'no'} does not exist": [
+            "--out",
+            str(tmp_path / "no" / "e.npy"),
+            "x",
+        ],
+    }
+    for message, args in errors.items():
+        r = cli("embed", "--model", str(tiny_bert), *args)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (args, r)
+    assert not (tmp_path / "no").exists()
 
 
 def test_embed_help_lists_options():
-    r = run("embed.py", "--help")
+    r = cli("embed", "--help")
     assert r.returncode == 0
     for flag in ("--input", "--model", "--out", "--batch-size", "--pooling", "--normalize", "--max-length"):
         assert flag in r.stdout
@@ -138,7 +148,7 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
     assert cfg["labels"] == {"topic": ["politics", "sports", "tech"], "sentiment": ["neg", "pos"]}
     # a second run into the same directory is refused, and changes nothing there
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    r = run("train.py", "--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out))
+    r = cli("train", "--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert), "--out", str(out))
     assert r.returncode == 2 and "already holds files" in r.stderr and "--overwrite" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -151,14 +161,14 @@ def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"tasks": [{"name": "t", "train": str(bad)}]}))
     out = tmp_path / "run"
-    r = run("train.py", "--config", str(cfg), "--encoder", str(tiny_bert), "--out", str(out))
+    r = cli("train", "--config", str(cfg), "--encoder", str(tiny_bert), "--out", str(out))
     assert r.returncode == 2
     assert f"{bad}:3: empty text" in r.stderr and f"{bad}:4: missing label in column 'label'" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_train_help_lists_every_option():
-    r = run("train.py", "--help")
+    r = cli("train", "--help")
     assert r.returncode == 0
     for flag in (
         "--config",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +36,20 @@ def _probe(mode: str) -> list[str]:
     return out.stdout.split()
 
 
+def fresh_block_faults() -> int:
+    """Page faults that mapping the 200 MiB block afresh costs: 4 KiB pages, or 2 MiB ones where
+    transparent huge pages are always on."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    huge = thp.exists() and "[always]" in thp.read_text()
+    return 200 * 2**20 // (2**21 if huge else 2**12)
+
+
 def test_scratch_memory_is_reused_across_calls():
-    applied, fewest, _ = _probe("reuse")
+    applied, fewest_reused, _ = _probe("reuse")
     assert applied == "True"
-    assert int(fewest) < 1000  # 200 MiB of fresh pages would be 51,200 faults
-    applied, fewest, late = _probe("default")
-    assert applied == "False" and int(fewest) > 40_000
+    applied, fewest_default, late = _probe("default")
+    assert applied == "False"
     assert late == "False"  # too late once JAX has computed: worker threads keep their arenas
+    # glibc's default maps the block afresh on every call; reused, the pages are already there
+    assert int(fewest_default) >= 0.75 * fresh_block_faults()
+    assert int(fewest_reused) * 50 < int(fewest_default)

@@ -76,7 +76,9 @@ def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_
     )
     w = summary["loss_weights"]
     assert set(w) == {"topic", "sentiment"}
-    assert all(0 < v < 10 for v in w.values()) and all(abs(v - 1.0) > 1e-3 for v in w.values())
+    # from 1.0 each: the hard task (topic, train loss ~1.0) is weighted down, the easy one
+    # (sentiment, ~0.13) up, as exp(-s) heads for 1 / loss
+    assert w["topic"] < 0.7 and w["sentiment"] > 1.05, w
 
 
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
@@ -94,17 +96,15 @@ def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
     from mtl_jax.compare import compare
 
     out = tmp_path / "cmp"
-    rows = compare(_compare_cfg(tiny_bert, tiny_data, out, scenarios=("backbone", "head:*"), seeds=(0, 1)))
+    rows = compare(_compare_cfg(tiny_bert, tiny_data, out, scenarios=("backbone", "head:topic"), seeds=(0, 1)))
     assert [(r["scenario"], r["seed"]) for r in rows] == [
         ("backbone", 0),
         ("head:topic", 0),
-        ("head:sentiment", 0),
         ("backbone", 1),
         ("head:topic", 1),
-        ("head:sentiment", 1),
     ]
     table = list(csv.DictReader(open(out / "results.csv")))
-    assert len(table) == 6 and float(table[0]["topic_test_acc"]) == rows[0]["topic_test_acc"]
+    assert len(table) == 4 and float(table[0]["topic_test_acc"]) == rows[0]["topic_test_acc"]
     backbone = [r for r in rows if r["scenario"] == "backbone"]
     assert backbone[0]["trainable_params"] == 99 + 66  # the two heads
     md = (out / "results.md").read_text()
@@ -131,7 +131,10 @@ def test_compare_plan_expands_heads_gradual_and_weighting(tiny_bert, tiny_data, 
     assert all(r["seed"] == 3 for r in runs)
 
 
-def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_bert, tiny_data):
+def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_bert, tiny_data, monkeypatch):
+    import itertools
+    import types
+
     import pytest
 
     from mtl_jax import MtlError
@@ -140,12 +143,15 @@ def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_
     with pytest.raises(MtlError, match="no task 'nope'"):
         compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "bad", scenarios=("none", "head:nope")))
     assert not (tmp_path / "bad").exists()
+    # compare's clock reads 100 s later at each look, whatever this machine's speed
+    clock = itertools.count(0, 100)
+    monkeypatch.setattr("mtl_jax.compare.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     rows = compare(
         _compare_cfg(
-            tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"), seeds=(0, 1), budget_minutes=0.02
+            tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"), seeds=(0, 1), budget_minutes=2
         )
     )
-    assert len(rows) == 1  # the first run takes longer than the 1.2 s budget: the others are not started
+    assert len(rows) == 1  # 100 s in at the first run, 200 s (past the 120 s budget) at the next
     assert (
         "Not run (time budget): backbone-sum-s0, none-sum-s1, backbone-sum-s1."
         in (tmp_path / "cmp" / "results.md").read_text()

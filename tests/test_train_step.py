@@ -207,10 +207,17 @@ def test_evaluate_counts_every_example_once(setup):
     res = evaluate(make_eval_step(model), params, pipeline, data, {"task_a": ("x", "y", "z"), "task_b": ("n", "p")})
     assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
     assert np.asarray(res["task_a"]["confusion"]).sum() == n
-    # same predictions as one big forward pass on each example alone
-    logits, _ = model.apply({"params": params}, ids[0][None], np.ones((1, len(ids[0])), np.int32))
-    first_pred = int(np.argmax(logits["task_a"][0]))
-    assert res["task_a"]["confusion"][labels[0, 0]][first_pred] >= 1
+    # the same confusion matrices as a forward pass of each example alone (padded, masked)
+    want = {"task_a": np.zeros((3, 3), int), "task_b": np.zeros((2, 2), int)}
+    alone = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask)[0])
+    for x, y in zip(ids, labels):
+        mask = (np.arange(64) < len(x)).astype(np.int32)[None]
+        logits = alone(np.pad(x, (0, 64 - len(x)))[None], mask)
+        for t, (task, matrix) in enumerate(want.items()):
+            if y[t] >= 0:
+                matrix[y[t], int(np.argmax(logits[task][0]))] += 1
+    for task, matrix in want.items():
+        np.testing.assert_array_equal(res[task]["confusion"], matrix, err_msg=task)
 
 
 def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
