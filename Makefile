@@ -32,7 +32,7 @@ train: $(STAMP)
 	$(PY) scripts/train.py --overwrite $(ARGS)
 
 test: lint $(PEER5) $(PEER6)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile tests $(ARGS)  # one worker per core, a test file per worker
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

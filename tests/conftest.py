@@ -74,6 +74,23 @@ def cli(command: str, *args: str, stdin: str | None = None) -> subprocess.Comple
     return subprocess.CompletedProcess([command, *args], code, out.getvalue(), err.getvalue())
 
 
+def torch_vectors(folder: Path, sentences: list[str], venv: str = ".peer/venv") -> dict:
+    """``tests/torch_side.py`` in a PyTorch venv (``make peer``): ``folder``'s sentence vectors from
+    sentence-transformers ("st") and from AutoModel pooled by hand ("auto"), and the versions."""
+    python = ROOT / venv / "bin" / "python"
+    assert python.exists(), f"{python} missing: `make peer` builds the PyTorch venvs that make test uses"
+    r = subprocess.run(
+        [str(python), str(ROOT / "tests" / "torch_side.py"), str(folder)],
+        input=json.dumps(sentences),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    return out | {k: np.asarray(out[k], np.float32) for k in ("st", "auto")}
+
+
 def copy_tokenizer(dst: Path) -> None:
     src = embedded_model_dir()
     for name in TOKENIZER_FILES:

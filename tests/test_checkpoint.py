@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.checkpoint import Checkpoints
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, torch_vectors
 from tests.test_cli import ENV, run
 
 pytestmark = pytest.mark.slow
@@ -354,22 +354,12 @@ def test_predict_cli_input_forms_and_errors(tmp_path, reference):
 )
 def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
     """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included)."""
-    python = ROOT / venv / "bin" / "python"
-    assert python.exists(), f"{python} missing: `make peer` builds the PyTorch venvs that make test uses"
     sentences = ["a vote in the senate", "great fun", "", "café naïve — 東京 🙂", " ".join(["word"] * 300)]
-    r = subprocess.run(
-        [str(python), str(ROOT / "tests" / "torch_side.py"), str(reference / "export")],
-        input=json.dumps(sentences),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout)
+    got = torch_vectors(reference / "export", sentences, venv)
     assert got["inputs"] == ["attention_mask", "input_ids"]  # DistilBERT takes no token_type_ids
     want = load(reference / "export").encode(sentences)
     for side in ("st", "auto"):
-        np.testing.assert_allclose(np.asarray(got[side]), want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
+        np.testing.assert_allclose(got[side], want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
 
 
 def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data):

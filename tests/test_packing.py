@@ -215,11 +215,12 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
         model = MultiTaskModel(config, tasks=(("task_a", 3), ("task_b", 2)), pooling=pooling, head_dropout=0.0)
         params = init_params(model, enc.params, jax.random.PRNGKey(0))
         loss_fn = make_loss_fn(model, {"task_a": 1.0, "task_b": 0.5})
-        (loss_p, _), grads_p = jax.value_and_grad(loss_fn, has_aux=True)(params, packed, None)
-        (loss_s, _), grads_s = jax.value_and_grad(loss_fn, has_aux=True)(params, single, None)
+        value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        (loss_p, _), grads_p = value_and_grad(params, packed, None)
+        (loss_s, _), grads_s = value_and_grad(params, single, None)
         np.testing.assert_allclose(loss_p, loss_s, rtol=1e-6)
         chex.assert_trees_all_close(grads_p, grads_s, atol=1e-5, rtol=1e-5)
-        step = make_train_step(model, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5})
+        step = jax.jit(make_train_step(model, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5}))
         after = []
         for batch in (packed, single):
             state = TrainState.create(jax.tree.map(jnp.array, params), optax.sgd(0.5).init(params))

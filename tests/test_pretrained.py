@@ -11,17 +11,27 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load_encoder
+from mtl_jax.assets import embedded_model_dir
 from mtl_jax.pretrained import flax_to_torch_state
-from tests.conftest import ROOT, write_tiny_bert
+from tests.conftest import torch_vectors, write_tiny_bert
 
-REFERENCE = json.loads((ROOT / "tests" / "all-MiniLM-L6-v2.reference.json").read_text())
+SENTENCES = [
+    "A three-hour cinema master class.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Tokenization handles UNICODE: café, naïve, 日本語 and emoji 🙂.",
+    "",
+    " ".join(["word"] * 300),  # past the 256-token limit
+]
 
 
 def test_embedded_model_matches_sentence_transformers(minilm):
-    got = minilm.encode(REFERENCE["sentences"])
-    want = np.asarray(REFERENCE["embeddings"], np.float32)
-    assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    """The embedded BERT checkpoint, converted to DistilBERT, gives the vectors sentence-transformers
+    (and plain AutoModel) compute from the same files in PyTorch."""
+    torch_side = torch_vectors(embedded_model_dir(), SENTENCES)
+    got = minilm.encode(SENTENCES)
+    assert got.shape == (len(SENTENCES), 384) and got.dtype == np.float32
+    for side in ("st", "auto"):
+        np.testing.assert_allclose(got, torch_side[side], atol=1e-5, rtol=0, err_msg=side)
     # checkpoint settings: mean pooling, normalized, 256 tokens
     assert (minilm.spec.pooling, minilm.spec.normalize, minilm.spec.max_length) == ("mean", True, 256)
 

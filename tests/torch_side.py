@@ -5,7 +5,7 @@ load an exported model directory the way a PyTorch user does and print its sente
 
 "st": sentence-transformers' SentenceTransformer(EXPORT_DIR).encode; "auto": transformers'
 AutoTokenizer + AutoModel, pooled and normalized by hand as the directory's 1_Pooling and
-2_Normalize say. Nothing here imports mtl_jax.
+modules.json say. Nothing here imports mtl_jax.
 """
 
 import json
@@ -38,7 +38,8 @@ elif pooling["pooling_mode_max_tokens"]:
     pooled = states.masked_fill(mask == 0, float("-inf")).max(1).values
 else:
     pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-if (folder / "2_Normalize").is_dir():
+modules = json.loads((folder / "modules.json").read_text())
+if any(m["type"].endswith(".Normalize") for m in modules):
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
 
 json.dump(
