@@ -115,7 +115,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ra == rb  # every logged loss and metric, bit for bit
     assert wa.keys() == wb.keys()
     for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, rtol=0, err_msg=k)
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)  # bit for bit
 
 
 @pytest.fixture(scope="module")
