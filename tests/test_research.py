@@ -53,7 +53,7 @@ def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert,
 def test_pcgrad_with_gradient_diagnostics(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "pcgrad"
     summary, records = _run(
-        tiny_bert, tiny_data, out, loss_weighting="pcgrad", grad_diagnostics=2, epochs=2, freeze="none", lr=1e-3
+        tiny_bert, tiny_data, out, loss_weighting="pcgrad", grad_diagnostics=2, epochs=1, freeze="none", lr=1e-3
     )
     grads = [r for r in records if r["split"] == "gradients"]
     steps = summary["steps"]
