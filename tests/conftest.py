@@ -74,6 +74,16 @@ def cli(command: str, *args: str, stdin: str | None = None) -> subprocess.Comple
     return subprocess.CompletedProcess([command, *args], code, out.getvalue(), err.getvalue())
 
 
+def tiny_train_args(tiny_bert: Path, tiny_data: Path, *options: str) -> list[str]:
+    """scripts/train.py's flags for the tiny encoder on the tiny tasks (batch 8, lr 1e-3, no
+    progress bar), then ``options``."""
+    return [
+        *("--config", str(tiny_data / "tasks.yaml"), "--encoder", str(tiny_bert)),
+        *("--batch-size", "8", "--lr", "1e-3", "--no-progress"),
+        *options,
+    ]
+
+
 def torch_vectors(folder: Path, sentences: list[str], venv: str = ".peer/venv") -> dict:
     """``tests/torch_side.py`` in a PyTorch venv (``make peer``): ``folder``'s sentence vectors from
     sentence-transformers ("st") and from AutoModel pooled by hand ("auto"), and the versions."""

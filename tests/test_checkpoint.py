@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.checkpoint import Checkpoints
-from tests.conftest import ROOT, cli, torch_vectors
+from tests.conftest import ROOT, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
 pytestmark = pytest.mark.slow
@@ -63,32 +63,14 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(tiny_data / "tasks.yaml"),
-        "--encoder",
-        str(tiny_bert),
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "12",
-        "--save-every",
-        "3",
-        "--log-every",
-        "1",
-        "--lr",
-        "1e-3",
-        "--freeze",
-        "backbone,none@step:4",
-        "--keep",
-        "5",
-        "--loss-weighting",
-        "uncertainty",  # learned loss weights: state a resume must restore too
-        "--no-progress",
+    return tiny_train_args(
+        tiny_bert,
+        tiny_data,
+        *("--out", str(out), "--max-steps", "12", "--save-every", "3", "--log-every", "1"),
+        *("--freeze", "backbone,none@step:4", "--keep", "5"),
+        *("--loss-weighting", "uncertainty"),  # learned loss weights: state a resume must restore too
         *extra,
-    ]
+    )
 
 
 def faulty(args: list[str], fault: str, at: int) -> subprocess.CompletedProcess:
@@ -190,8 +172,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, ti
     out = tmp_path / "run"
     r = cli(
         "train",
-        *train_args(tiny_bert, tiny_data, out)[:-1],
-        "--no-progress",
+        *train_args(tiny_bert, tiny_data, out),
         "--lr",
         "1e30",
         "--freeze",
@@ -368,8 +349,8 @@ def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_pa
     back from its checkpoint); a second --resume of the finished run trains nothing; a changed
     fixed option is refused."""
     options = ["--max-steps", "22", "--save-every", "5", "--freeze", "backbone,none@epoch:1"]
-    options += ["--loss-weighting", "pcgrad", "--no-progress"]
-    base = lambda out: train_args(tiny_bert, tiny_data, out)[:-1] + options  # noqa: E731
+    options += ["--loss-weighting", "pcgrad"]
+    base = lambda out: train_args(tiny_bert, tiny_data, out) + options  # noqa: E731
     assert cli("train", *base(tmp_path / "ref")).returncode == 0
     total = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
     validation = [r for r in outputs(tmp_path / "ref")[0] if r["split"] == "validation"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_jax import load_encoder
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, tiny_train_args
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -93,23 +93,8 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
     r = run(
         "train.py",
-        "--config",
-        str(tiny_data / "tasks.yaml"),
-        "--encoder",
-        str(tiny_bert),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "2",
-        "--no-progress",
-        "--freeze",
-        "backbone,none@epoch:1",
+        *tiny_train_args(tiny_bert, tiny_data, "--out", str(out), "--epochs", "2", "--log-every", "2"),
+        *("--freeze", "backbone,none@epoch:1"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for name in (

@@ -14,7 +14,7 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.parallel import check_batch_size, make_mesh
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_train_args
 
 # Three training steps of a tiny model on fixed batches, on the devices of ``make_mesh(devices)``.
 SETUP = r"""
@@ -100,24 +100,7 @@ def test_batch_size_must_divide_by_device_count():
 def test_two_process_training_run_writes_once_and_matches_one_process(tmp_path, tiny_bert, tiny_data):
     """Two processes on localhost (gloo collectives, one CPU device each) train like one process
     with its batch on one device; process 0 alone writes the outputs and the log."""
-    args = [
-        "--config",
-        str(tiny_data / "tasks.yaml"),
-        "--encoder",
-        str(tiny_bert),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-3",
-        "--freeze",
-        "none",
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--no-export",
-    ]
+    args = tiny_train_args(tiny_bert, tiny_data, "--epochs", "1", "--freeze", "none", "--log-every", "1", "--no-export")
     train = [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
     one = subprocess.Popen([*train, "--out", str(tmp_path / "one")], stderr=subprocess.PIPE, text=True, env=ENV)
     for attempt in range(3):  # the free port can be taken by another program before the coordinator binds it
