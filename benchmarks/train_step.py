@@ -30,6 +30,7 @@ from mtl_jax.model import MultiTaskModel
 from mtl_jax.optim import OptimConfig, count_numbers
 from mtl_jax.packing import MAX_SEGMENTS
 from mtl_jax.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
+from mtl_jax.weighting import METHODS, Weighting
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -72,6 +73,15 @@ def main() -> None:
         "--peak-tflops", type=float, help="chip peak for the MFU figure (default: known GPUs' bf16 dense peak)"
     )
     p.add_argument(
+        "--loss-weighting",
+        nargs="+",
+        choices=METHODS,
+        metavar="M",
+        help="time these loss-weighting methods against sum in one run, rounds interleaved: step time and "
+        "the compiled step's temporary memory, as ratios (famo and the gradient methods run the batch "
+        "as two task sub-batches of half its rows, as the trainer does)",
+    )
+    p.add_argument(
         "--default-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (no mtl_jax.hostmem.reuse_host_memory)",
@@ -99,6 +109,9 @@ def main() -> None:
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen = frozen_groups(args.freeze, groups)
     # built as the trainer builds it (a fully frozen encoder runs without dropout)
+    if args.loss_weighting:
+        print(json.dumps(compare_weighting(args, model, params, frozen, batch)))
+        return
     tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000))
     no_encoder_dropout = encoder_frozen(frozen, groups)
     state = TrainState.create(params, tx.init(params))
@@ -176,10 +189,62 @@ def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) ->
     return {"ids": ids, "positions": positions, "segments": segments, "labels": slots}
 
 
+def task_stacked(batch: dict) -> dict:
+    """The batch as two task sub-batches of half its rows each (arrays ``[rows / 2, 2, ...]``)."""
+    half = len(batch["ids"]) // 2
+    return {n: jnp.stack([v[:half], v[half : 2 * half]], axis=1) for n, v in batch.items()}
+
+
+def compare_weighting(args, model, params, frozen, batch) -> dict:
+    """Median step time and compiled temporary memory of each method against ``sum``, in one process."""
+    key = jax.random.PRNGKey(1)
+    methods = ["sum"] + [m for m in dict.fromkeys(args.loss_weighting) if m != "sum"]
+    runs = {}
+    for m in methods:
+        weighting = Weighting(m)
+        params = weighting.add_params(params, [t for t, _ in model.tasks])
+        tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000), weighting)
+        b = task_stacked(batch) if weighting.every_task else batch
+        state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params), weighting.init_state(2))
+        t0 = time.perf_counter()
+        memory = step.lower(state, b, key).compile().memory_analysis()
+        runs[m] = {"state": state, "step": step, "batch": b, "times": [], "compile_s": time.perf_counter() - t0}
+        runs[m]["temp_bytes"] = int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else None
+    for _ in range(args.warmup + args.steps):  # rounds: every method once per round
+        for r in runs.values():
+            t0 = time.perf_counter()
+            r["state"], out = r["step"](r["state"], r["batch"], key)
+            jax.block_until_ready(out)
+            r["times"].append(time.perf_counter() - t0)
+    base = runs["sum"]
+    base_s = float(np.median(base["times"][args.warmup :]))
+    result = {}
+    for m, r in runs.items():
+        step_s = float(np.median(r["times"][args.warmup :]))
+        result[m] = {
+            "step_s": round(step_s, 4),
+            "vs_sum": round(step_s / base_s, 3),
+            "compile_s": round(r["compile_s"], 2),
+            "temp_mib": None if r["temp_bytes"] is None else round(r["temp_bytes"] / 2**20, 1),
+        }
+        if r["temp_bytes"] and base["temp_bytes"]:
+            result[m]["temp_vs_sum"] = round(r["temp_bytes"] / base["temp_bytes"], 3)
+    return {
+        "benchmark": "loss_weighting",
+        "backend": jax.default_backend(),
+        "size": args.size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "freeze": args.freeze,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "methods": result,
+    }
+
+
 def probe_overhead(model, state, step, batch, key, k: int) -> dict:
     """Seconds for k steps without and with one task-gradient probe (half the batch per task), and their ratio."""
-    half = len(batch["ids"]) // 2
-    stacked = {n: jnp.stack([v[:half], v[half : 2 * half]], axis=1) for n, v in batch.items()}
+    stacked = task_stacked(batch)
     probe = make_grad_probe(model)
     jax.block_until_ready(probe(state.params, stacked))  # compile
     out = {}

@@ -82,8 +82,22 @@ class TrainConfig:
     """Comma-separated task names to train (default: all tasks of the config)."""
     freeze: str = fixed("backbone,none@step:100")
     """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
-    loss_weighting: Literal["sum", "static", "uncertainty", "pcgrad"] = fixed("sum")
-    """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | pcgrad (conflicting task gradients projected, Yu et al. 2020; every step then holds every task)."""
+    loss_weighting: Literal[
+        "sum", "static", "uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"
+    ] = fixed("sum")
+    """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | dwa (Dynamic Weight Average, Liu et al. 2019) | rlw (random weights, Lin et al. 2021) | famo (Liu et al. 2023) | pcgrad (Yu et al. 2020) | mgda (min-norm, Sener & Koltun 2018) | cagrad (Liu et al. 2021) | gradnorm (Chen et al. 2018). famo and the gradient methods (pcgrad, mgda, cagrad, gradnorm) make every step hold every task."""
+    gradnorm_alpha: float = fixed(1.5)
+    """--loss-weighting gradnorm: the restoring force alpha towards equal training rates."""
+    gradnorm_lr: float = fixed(0.025)
+    """--loss-weighting gradnorm: Adam learning rate of the task weights."""
+    dwa_temperature: float = fixed(2.0)
+    """--loss-weighting dwa: softmax temperature over the tasks' loss ratios."""
+    cagrad_c: float = fixed(0.5)
+    """--loss-weighting cagrad: c, the radius of the ball around the mean gradient, relative to its norm."""
+    famo_lr: float = fixed(0.025)
+    """--loss-weighting famo: Adam learning rate of the task logits."""
+    famo_decay: float = fixed(0.001)
+    """--loss-weighting famo: gamma, the L2 decay of the task logits."""
     grad_diagnostics: int = adjustable(0)
     """Every N steps log each task's gradient norm on the encoder and the cosine between tasks (0: off)."""
     cache_embeddings: bool = fixed(True)
@@ -175,6 +189,12 @@ class TrainConfig:
             ("--head-dropout", self.head_dropout, 0 <= self.head_dropout < 1, "in [0, 1)"),
             ("--max-length", self.max_length, self.max_length >= 2, "at least 2"),
             ("--temperature", self.temperature, self.temperature > 0, "positive"),
+            ("--gradnorm-alpha", self.gradnorm_alpha, self.gradnorm_alpha >= 0, "0 or more"),
+            ("--gradnorm-lr", self.gradnorm_lr, self.gradnorm_lr > 0, "positive"),
+            ("--dwa-temperature", self.dwa_temperature, self.dwa_temperature > 0, "positive"),
+            ("--cagrad-c", self.cagrad_c, self.cagrad_c >= 0, "0 or more"),
+            ("--famo-lr", self.famo_lr, self.famo_lr > 0, "positive"),
+            ("--famo-decay", self.famo_decay, self.famo_decay >= 0, "0 or more"),
             ("--grad-diagnostics", self.grad_diagnostics, self.grad_diagnostics >= 0, "0 or more"),
             ("--log-every", self.log_every, self.log_every >= 1, "at least 1"),
             ("--eval-batch-size", self.eval_batch_size, self.eval_batch_size >= 1, "at least 1"),

@@ -29,6 +29,7 @@ def train_record(totals, step: int, epoch: int, tasks) -> dict:
             "loss": float(m["tasks"][t]["loss_sum"]) / c if c else None,
             "accuracy": float(m["tasks"][t]["correct"]) / c if c else None,
             "examples": c,
+            "weight": float(m["tasks"][t]["weight"]) / max(int(m["steps"]), 1),  # mean loss weight (see weighting)
         }
     return rec
 

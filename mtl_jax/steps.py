@@ -20,7 +20,7 @@ import optax
 from mtl_jax.freezing import encoder_frozen, param_groups
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.optim import OptimConfig, make_optimizer
-from mtl_jax.weighting import METHODS, cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
+from mtl_jax.weighting import GRADIENT_METHODS, Weighting, cosine_matrix, mean_losses, uncertainty_terms
 
 
 @flax.struct.dataclass
@@ -29,10 +29,12 @@ class TrainState:
     params: Any
     opt_state: Any
     nonfinite: jax.Array = None  # int32 scalar: consecutive non-finite steps so far
+    weighting: Any = None  # the loss-weighting method's running state (see Weighting.init_state)
 
     @classmethod
-    def create(cls, params, opt_state) -> TrainState:
-        return cls(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+    def create(cls, params, opt_state, weighting: dict | None = None) -> TrainState:
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (two buffers: both are donated)
+        return cls(zero(), params, opt_state, zero(), {} if weighting is None else weighting)
 
 
 def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[str]) -> dict[str, jax.Array]:
@@ -108,26 +110,42 @@ def per_task_grads(loss_fn: Callable, params, stacked, key):
     return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
 
 
-def make_loss_fn(
-    model: MultiTaskModel, weights: dict[str, float], weighting: str = "static", encoder_frozen: bool = False
-) -> Callable:
-    """``loss_fn(params, batch, key) -> (loss, per-task sums)``; ``key=None``: no dropout.
+def task_stacked_flat(batch: dict) -> dict:
+    """A task-stacked batch (arrays ``[rows, T, ...]``) as one plain batch ``[rows * T, ...]``, each
+    sub-batch keeping only its own task's labels (as in :func:`per_task_grads`)."""
+    labels = batch["labels"]
+    n = labels.shape[1]
+    own = jnp.eye(n, dtype=bool).reshape((1, n) + (1,) * (labels.ndim - 3) + (n,))
+    flat = dict(batch, labels=jnp.where(own, labels, -1))
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in flat.items()}
 
-    For ``pcgrad`` this is each task's plain loss (the projection happens on the gradients).
+
+def make_loss_fn(model: MultiTaskModel, encoder_frozen: bool = False, uncertainty: bool = False) -> Callable:
+    """``loss_fn(params, batch, key) -> (terms [T], per-task sums)``; ``key=None``: no dropout.
+
+    ``terms``: each task's mean loss over its labelled rows (0 where it has none); with
+    ``uncertainty``, Kendall et al.'s ``exp(-s_t) L_t + s_t / 2`` (``s`` in ``params["loss_weights"]``).
     """
-    if weighting not in METHODS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; choose from {', '.join(METHODS)}")
     tasks = [name for name, _ in model.tasks]
-    if weighting in ("sum", "pcgrad"):
-        weights = {t: 1.0 for t in tasks}
 
     def loss_fn(params, batch, key):
         per_task = task_losses(forward(model, params, batch, key, encoder_frozen), batch["labels"], tasks)
-        if weighting == "uncertainty":
-            return uncertainty_loss(per_task, params["loss_weights"]), per_task
-        return weighted_loss(per_task, weights), per_task
+        means, present = mean_losses(per_task, tasks)
+        if uncertainty:
+            means = uncertainty_terms(means, present, jnp.stack([params["loss_weights"][t] for t in tasks]))
+        return means, per_task
 
     return loss_fn
+
+
+def summed(loss_fn: Callable) -> Callable:
+    """``loss_fn`` with its per-task terms summed: a scalar loss, the terms kept in the aux output."""
+
+    def scalar(params, batch, key):
+        terms, aux = loss_fn(params, batch, key)
+        return terms.sum(), aux
+
+    return scalar
 
 
 def make_train_step(
@@ -135,54 +153,69 @@ def make_train_step(
     tx: optax.GradientTransformation,
     weights: dict[str, float],
     frozen_mask=None,
-    weighting: str = "static",
+    weighting: str | Weighting = "static",
     encoder_frozen: bool = False,
 ) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
-    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``, ``sum``
-    weight 1, ``uncertainty`` the learned ``params["loss_weights"]``, ``pcgrad`` needs a
-    task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token ids or cached
-    embeddings (``"embeddings"``); each kind compiles its own shapes.
-    ``frozen_mask`` (a tree of bools like the params) keeps frozen parameters as they
-    were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
+    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``; the loss
+    methods weight each task's mean loss between one forward and one backward pass; the
+    gradient methods (and ``famo``) need a task-stacked batch (arrays ``[rows, T, ...]``).
+    A batch may hold token ids or cached embeddings (``"embeddings"``); each kind compiles
+    its own shapes. ``frozen_mask`` (a tree of bools like the params) keeps frozen
+    parameters as they were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
     """
-    loss_fn = make_loss_fn(model, weights, weighting, encoder_frozen)
+    method = weighting if isinstance(weighting, Weighting) else Weighting(weighting)
+    tasks = [name for name, _ in model.tasks]
+    static = jnp.asarray([weights[t] for t in tasks], jnp.float32) if method.method == "static" else None
+    loss_fn = make_loss_fn(model, encoder_frozen, uncertainty=method.method == "uncertainty")
 
-    def loss_and_grads(params, batch, key):
-        if weighting != "pcgrad":
-            return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-        (losses, per_task), task_grads = per_task_grads(loss_fn, params, batch, key)
-        grads = jax.tree.map(lambda g: g.sum(0), task_grads)
-        if not encoder_frozen:  # projections over the encoder's trainable part (frozen grads are never computed)
-            shared = task_grads["encoder"]
-            if frozen_mask is not None:
-                shared = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, shared, frozen_mask["encoder"])
-            grads["encoder"] = pcgrad(shared, jax.random.fold_in(key, 1 << 20))
-        return (losses.sum(), jax.tree.map(lambda x: x.sum(0), per_task)), grads
+    def loss_and_grads(params, wstate, batch, key):
+        """``(loss, per-task sums, task weights [T], new weighting state), grads``."""
+        wkey = jax.random.fold_in(key, 1 << 20)
+        if method.method in GRADIENT_METHODS:
+            (losses, per_task), task_grads = per_task_grads(summed(loss_fn), params, batch, key)
+            shared = None
+            if not encoder_frozen:  # combined over the encoder's trainable part (frozen grads are never computed)
+                shared = task_grads["encoder"]
+                if frozen_mask is not None:
+                    shared = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, shared, frozen_mask["encoder"])
+            grads, coef, loss, wstate = method.combine(wstate, losses, task_grads, shared, wkey)
+            return (loss, jax.tree.map(lambda x: x.sum(0), per_task), coef, wstate), grads
+        if method.every_task:
+            batch = task_stacked_flat(batch)
+        terms, pullback, per_task = jax.vjp(lambda p: loss_fn(p, batch, key), params, has_aux=True)
+        _, present = mean_losses(per_task, tasks)
+        w, loss, wstate = method.loss_weights(wstate, terms, present, static, wkey)
+        (grads,) = pullback(jax.lax.stop_gradient(w))
+        return (loss, per_task, w, wstate), grads
 
     def train_step(state: TrainState, batch, rng):
         key = jax.random.fold_in(rng, state.step)
-        (loss, per_task), grads = loss_and_grads(state.params, batch, key)
+        (loss, per_task, task_w, wstate), grads = loss_and_grads(state.params, state.weighting, batch, key)
         # Finite check over what trains only (reading frozen grads would keep their backward pass alive).
         mask = frozen_mask if frozen_mask is not None else jax.tree.map(lambda _: False, grads)
         trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(trained))
 
         def update(operands):
-            grads, params, opt_state = operands
+            grads, params, opt_state, _, wstate = operands
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             if frozen_mask is not None:
                 new_params = jax.tree.map(lambda f, old, new: old if f else new, frozen_mask, params, new_params)
-            return new_params, new_opt_state
+            return new_params, new_opt_state, wstate
 
-        # A non-finite loss or gradient skips the update: params and optimizer state stay as they were.
+        # A non-finite loss or gradient skips the update: params, optimizer and weighting state stay as they were.
         # (A cond, not a select: selecting after the update costs a full extra pass over the state.)
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda operands: operands[1:], (grads, state.params, state.opt_state)
+        params, opt_state, wstate = jax.lax.cond(
+            finite,
+            update,
+            lambda operands: operands[1:4],
+            (grads, state.params, state.opt_state, state.weighting, wstate),
         )
         streak = jnp.where(finite, 0, state.nonfinite + 1)
+        per_task = {t: m | {"weight": task_w[i]} for i, (t, m) in enumerate(per_task.items())}
         metrics = {
             "loss": jnp.where(finite, loss, 0.0),
             "steps": finite.astype(jnp.int32),
@@ -190,7 +223,7 @@ def make_train_step(
             "streak": streak,
             "tasks": jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
         }
-        return TrainState(state.step + 1, params, opt_state, streak), metrics
+        return TrainState(state.step + 1, params, opt_state, streak, wstate), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -233,7 +266,7 @@ def make_grad_probe(model: MultiTaskModel) -> Callable:
     Each task's gradient of its mean loss over its own sub-batch of the task-stacked
     ``stacked`` (no dropout), measured on the shared encoder.
     """
-    loss_fn = make_loss_fn(model, {}, "sum")
+    loss_fn = summed(make_loss_fn(model))
 
     @jax.jit
     def probe(params, stacked):
@@ -254,7 +287,7 @@ def build_train_step(
     params,
     frozen: frozenset[str],
     optim: OptimConfig,
-    weighting: str = "sum",
+    weighting: str | Weighting = "sum",
     weights: dict[str, float] | None = None,
 ):
     """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
@@ -278,7 +311,10 @@ def zero_metrics(tasks: Sequence[str]) -> dict:
         "loss": z(jnp.float32),
         "steps": z(jnp.int32),
         "skipped": z(jnp.int32),
-        "tasks": {t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32)} for t in tasks},
+        "tasks": {
+            t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32), "weight": z(jnp.float32)}
+            for t in tasks
+        },
     }
 
 

@@ -68,9 +68,10 @@ from mtl_jax.steps import (
     make_grad_probe,
     zero_metrics,
 )
+from mtl_jax.weighting import Weighting
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
-CHECKPOINT_FORMAT = 2  # 2: mtl_jax 0.2 (named optimizer state, typed loop state)
+CHECKPOINT_FORMAT = 3  # 2: mtl_jax 0.2 (named optimizer state, typed loop state); 3: loss-weighting state
 
 
 def log(msg: str) -> None:
@@ -140,6 +141,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     optim: OptimConfig
+    weighting: Weighting
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -188,7 +190,8 @@ def setup(cfg: TrainConfig) -> Run:
     mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
-    if cfg.loss_weighting == "pcgrad":  # each task's sub-batch is split over the devices
+    weighting = Weighting.from_config(cfg)
+    if weighting.every_task:  # each task's sub-batch is split over the devices
         check_batch_size(cfg.batch_size // len(tasks), mesh, f"--batch-size / {len(tasks)} tasks")
     pipeline = InputPipeline(
         {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS},
@@ -200,13 +203,11 @@ def setup(cfg: TrainConfig) -> Run:
         epochs=cfg.epochs,
         sampling=cfg.sampling,
         temperature=cfg.temperature,
-        task_stacked=cfg.loss_weighting == "pcgrad",
+        task_stacked=weighting.every_task,
         mesh=mesh,
     )
     rng = jax.random.PRNGKey(cfg.seed)
-    params = init_params(model, encoder.params, jax.random.fold_in(rng, 1))
-    if cfg.loss_weighting == "uncertainty":
-        params["loss_weights"] = {t: jnp.zeros((), jnp.float32) for t in data.names}  # log-variances: weight 1
+    params = weighting.add_params(init_params(model, encoder.params, jax.random.fold_in(rng, 1)), data.names)
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
     steps_per_epoch = len(pipeline.plan(0))
@@ -227,6 +228,7 @@ def setup(cfg: TrainConfig) -> Run:
         steps_per_epoch,
         total_steps,
         OptimConfig.from_config(cfg, total_steps),
+        weighting,
     )
 
 
@@ -276,8 +278,8 @@ class LoopState:
     def from_meta(cls, meta: dict, where: Path) -> LoopState:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise MtlError(
-                f"{where}: checkpoint written by an older mtl_jax (before 0.2, format "
-                f"{meta.get('format', 1)}); this version cannot resume it: start the run again"
+                f"{where}: checkpoint written by another mtl_jax version (checkpoint format "
+                f"{meta.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); it cannot resume it: start the run again"
             )
         return cls(**meta)
 
@@ -312,7 +314,7 @@ class Trainer:
         self.loop.phase = phase_at(run.starts, 0)
         self.totals = zero_metrics(run.names)
         tx, self.train_step = self.build(self.loop.phase)
-        self.state = TrainState.create(run.params, tx.init(run.params))
+        self.state = TrainState.create(run.params, tx.init(run.params), run.weighting.init_state(len(run.names)))
 
     def build(self, phase: int):
         run = self.run
@@ -321,7 +323,7 @@ class Trainer:
             run.params,
             run.frozen_by_phase[phase],
             run.optim,
-            run.cfg.loss_weighting,
+            run.weighting,
             {t.name: t.weight for t in run.cfg.selected_tasks()},
         )
         return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
@@ -364,7 +366,11 @@ class Trainer:
         tx, _ = self.build(meta["phase"])
         # restored arrays take the target's (mesh) shardings
         return {
-            "state": place_state(TrainState.create(run.params, tx.init(run.params)), run.mesh, run.cfg.fsdp),
+            "state": place_state(
+                TrainState.create(run.params, tx.init(run.params), run.weighting.init_state(len(run.names))),
+                run.mesh,
+                run.cfg.fsdp,
+            ),
             "metrics": replicate(zero_metrics(run.names), run.mesh),
             "rng": replicate(run.rng, run.mesh),
         }
@@ -511,6 +517,7 @@ class Trainer:
         # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
         if loop.position == run.steps_per_epoch:
             loop.epoch, loop.position = epoch + 1, 0
+            self.state = self.state.replace(weighting=run.weighting.end_epoch(self.state.weighting))
         self.save(score=rec["mean_macro_f1"])
         if self.stop_signal is not None:
             raise self.interrupted()

@@ -1,47 +1,278 @@
 """How the per-task losses become one update: ``--loss-weighting``.
 
-- ``sum``: every task's mean loss with weight 1 (the design card's summed loss);
+Loss methods put a weight on each task's mean loss ``L_t``; the weights are computed
+between the forward and the backward pass (one backward pass in all, as for a plain sum):
+
+- ``sum``: weight 1 per task (the design card's summed loss);
 - ``static``: the per-task ``weight`` of the config;
 - ``uncertainty``: Kendall, Gal & Cipolla (2018), classification form: a learned
   log-variance ``s_t`` per task, loss ``sum_t exp(-s_t) * L_t + s_t / 2``; the ``s_t``
   live in ``params["loss_weights"]`` and train with the heads;
-- ``pcgrad``: Yu et al. (2020): each task's gradient on the shared encoder is projected
-  off the normal plane of every other task's gradient it conflicts with (negative dot
-  product), then the projected gradients are summed. The heads get their own task's
-  gradient unchanged.
+- ``dwa``: Dynamic Weight Average, Liu, Johns & Davison (2019): ``w_t = T softmax_t(r_t / temp)``
+  with ``r_t = L_t(e-1) / L_t(e-2)``, the mean training losses of the last two epochs
+  (weight 1 in the first two epochs);
+- ``rlw``: Random Loss Weighting, Lin et al. (2021): ``w = softmax(eps)``, ``eps ~ N(0, I)``
+  drawn anew every step;
+- ``famo``: Fast Adaptive Multitask Optimization, Liu et al. (2023): task logits ``xi``,
+  ``z = softmax(xi)``, loss ``sum_t z_t log L_t / c`` with ``c = sum_t z_t / L_t`` held
+  constant; ``xi`` follows Adam (L2 decay ``gamma``) on the gradient of ``z`` against the
+  drop of each ``log L_t``. The drop is measured between consecutive steps (this step's
+  losses against the next step's, on its batch) rather than by a second forward pass
+  over the same batch as the authors' code does: that pass would cost a third of a step.
 
-Each is a pure function of arrays, unit-tested against hand-computed examples.
+Gradient methods need each task's gradient: one vmapped backward pass over the tasks'
+sub-batches (task-stacked batches, see :func:`mtl_jax.steps.per_task_grads`), never a
+Python loop of backward passes. They combine the gradients on the shared encoder:
+
+- ``pcgrad``: Yu et al. (2020): each task's gradient is projected off the normal plane of
+  every other task's gradient it conflicts with (negative dot product), then summed;
+- ``mgda``: Sener & Koltun (2018): the min-norm point ``sum_t a_t g_t`` of the convex hull
+  of the task gradients (the point their Frank-Wolfe solver seeks; solved here on the
+  ``T x T`` Gram matrix by accelerated projected gradient, exact for two tasks). Taken on
+  the encoder's parameter gradients: their cheaper upper bound ("MGDA-UB", gradients on the
+  shared representation) degenerates here, since tasks do not share examples, so those
+  gradients are orthogonal and the min-norm point is just inverse squared norms;
+- ``cagrad``: Liu et al. (2021): ``d = (g0 + sqrt(phi) g_w / |g_w|) / (1 + c^2)`` with ``g0``
+  the mean gradient, ``phi = c^2 |g0|^2`` and ``w`` minimising ``g_w . g0 + sqrt(phi) |g_w|``
+  over the simplex (the authors' code, rescale 1);
+- ``gradnorm``: Chen et al. (2018): learned weights ``w_t`` (sum ``T``) on the losses; ``w``
+  follows Adam on the gradient of ``sum_t |w_t |g_t| - mean(w|g|) r_t^alpha|`` (the target
+  held constant), ``r_t`` each task's loss ratio ``L_t / L_t(0)`` over their mean, ``|g_t|``
+  the norm of task t's gradient on the encoder's trainable parameters (all of them, not
+  only the last layer: the vmapped pass has them anyway).
+
+Task heads get their own task's gradient (``gradnorm``: weighted by ``w_t``). Every
+function here is pure; a method's running state (``init_state``) lives in the train state
+and is checkpointed with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
+import optax
+from optax.projections import projection_simplex
 
-METHODS = ("sum", "static", "uncertainty", "pcgrad")
+LOSS_METHODS = ("sum", "static", "uncertainty", "dwa", "rlw", "famo")
+GRADIENT_METHODS = ("pcgrad", "mgda", "cagrad", "gradnorm")
+METHODS = LOSS_METHODS + GRADIENT_METHODS
+EVERY_TASK = GRADIENT_METHODS + ("famo",)  # every step holds every task (task-stacked batches)
 
 
-def mean_losses(per_task: dict) -> tuple[dict, dict]:
-    """Per task: mean loss over its labelled rows (0 when none) and whether it had any."""
-    means = {t: m["loss_sum"] / jnp.maximum(m["count"], 1) for t, m in per_task.items()}
-    present = {t: (m["count"] > 0).astype(jnp.float32) for t, m in per_task.items()}
+@dataclass(frozen=True)
+class Weighting:
+    """A loss-weighting method and its hyperparameters (the published defaults)."""
+
+    method: str = "sum"
+    gradnorm_alpha: float = 1.5  # restoring force towards equal training rates
+    gradnorm_lr: float = 0.025  # Adam learning rate of the GradNorm weights
+    dwa_temperature: float = 2.0
+    cagrad_c: float = 0.5  # radius of CAGrad's ball around the mean gradient, relative to its norm
+    famo_lr: float = 0.025  # Adam learning rate of the FAMO task logits
+    famo_decay: float = 0.001  # FAMO's gamma: L2 decay of the task logits
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown loss weighting {self.method!r}; choose from {', '.join(METHODS)}")
+
+    @classmethod
+    def from_config(cls, cfg) -> Weighting:
+        """From a :class:`mtl_jax.config.TrainConfig` (``--loss-weighting`` and its ``--gradnorm-alpha``, ...)."""
+        return cls(
+            method=cfg.loss_weighting,
+            gradnorm_alpha=cfg.gradnorm_alpha,
+            gradnorm_lr=cfg.gradnorm_lr,
+            dwa_temperature=cfg.dwa_temperature,
+            cagrad_c=cfg.cagrad_c,
+            famo_lr=cfg.famo_lr,
+            famo_decay=cfg.famo_decay,
+        )
+
+    @property
+    def every_task(self) -> bool:
+        return self.method in EVERY_TASK
+
+    def famo_tx(self) -> optax.GradientTransformation:
+        # torch's Adam(weight_decay=gamma): L2 added to the gradient before the moments
+        return optax.chain(optax.add_decayed_weights(self.famo_decay), optax.adam(self.famo_lr))
+
+    def gradnorm_tx(self) -> optax.GradientTransformation:
+        return optax.adam(self.gradnorm_lr)
+
+    def add_params(self, params: dict, tasks) -> dict:
+        """``params`` plus what the method learns with the model: ``uncertainty``'s log-variances (0: weight 1)."""
+        if self.method != "uncertainty":
+            return params
+        return params | {"loss_weights": {t: jnp.zeros((), jnp.float32) for t in tasks}}
+
+    def init_state(self, n_tasks: int) -> dict:
+        """The method's running state (``{}`` for the stateless ones)."""
+        # (a fresh array per entry: the train state is donated, and one buffer may not be donated twice)
+        zeros, started = lambda: jnp.zeros((n_tasks,), jnp.float32), jnp.zeros((), bool)  # noqa: E731
+        if self.method == "dwa":
+            # this epoch's loss sums and counts; the last two finished epochs' mean losses
+            history = jnp.ones((2, n_tasks), jnp.float32)
+            return {"sum": zeros(), "count": zeros(), "history": history, "epochs": jnp.zeros((), jnp.int32)}
+        if self.method == "famo":
+            return {"logits": zeros(), "opt": self.famo_tx().init(zeros()), "prev": zeros(), "started": started}
+        if self.method == "gradnorm":
+            w = jnp.ones((n_tasks,), jnp.float32)
+            return {"w": w, "opt": self.gradnorm_tx().init(w), "initial": zeros(), "started": started}
+        return {}
+
+    # ---- loss methods
+
+    def loss_weights(self, state: dict, losses, present, static, key) -> tuple[jax.Array, jax.Array, dict]:
+        """``(weights [T], loss, new state)``: the backward pass runs with ``d loss / d L_t = weights_t``.
+
+        ``losses`` are the tasks' mean losses ``[T]`` (0 where absent), ``present`` 1/0 per
+        task, ``static`` the config's weights (used by ``static``).
+        """
+        n = losses.shape[0]
+        if self.method == "static":
+            w = static
+        elif self.method == "dwa":
+            w = dwa_weights(state["history"], state["epochs"], self.dwa_temperature)
+            state = dict(state, sum=state["sum"] + losses * present, count=state["count"] + present)
+        elif self.method == "rlw":
+            w = jax.nn.softmax(jax.random.normal(key, (n,)))
+        elif self.method == "famo":
+            state = famo_update(state, losses, self.famo_tx())
+            z = jax.nn.softmax(state["logits"])
+            safe = losses + 1e-8
+            c = jnp.sum(z / safe)
+            return z / (c * safe), jnp.sum(z * jnp.log(safe)) / c, state
+        else:  # sum, uncertainty (its terms already hold exp(-s_t))
+            w = jnp.ones((n,), jnp.float32)
+        return w, jnp.sum(w * losses), state
+
+    def end_epoch(self, state: dict) -> dict:
+        """After each finished epoch: DWA moves its loss history on; other methods keep their state."""
+        if self.method != "dwa":
+            return state
+        mean = jnp.where(state["count"] > 0, state["sum"] / jnp.maximum(state["count"], 1), state["history"][1])
+        return {
+            "sum": jnp.zeros_like(state["sum"]),
+            "count": jnp.zeros_like(state["count"]),
+            "history": jnp.stack([state["history"][1], mean]),
+            "epochs": state["epochs"] + 1,
+        }
+
+    # ---- gradient methods
+
+    def combine(self, state: dict, losses, task_grads, shared, key) -> tuple[dict, jax.Array, jax.Array, dict]:
+        """``(grads, task coefficients [T], loss, new state)`` from per-task gradients and losses ``[T]``.
+
+        ``task_grads``: the whole gradient tree with a leading task axis ``T``; ``shared``:
+        its trainable encoder part (``None`` when the encoder is frozen: the heads then get
+        their own task's gradient and the state stays).
+        """
+        n = losses.shape[0]
+        total = lambda coef, tree: jax.tree.map(lambda g: jnp.tensordot(coef.astype(g.dtype), g, 1), tree)  # noqa: E731
+        ones = jnp.ones((n,), jnp.float32)
+        grads = total(ones, task_grads)
+        if self.method == "gradnorm":
+            coef = state["w"]
+            if shared is not None:
+                state = gradnorm_update(state, losses, gram_matrix(shared), self.gradnorm_alpha, self.gradnorm_tx())
+            return total(coef, task_grads), coef, jnp.sum(coef * losses), state
+        if shared is None:
+            return grads, ones, jnp.sum(losses), state
+        if self.method == "pcgrad":
+            grads["encoder"] = pcgrad(shared, key)
+            return grads, ones, jnp.sum(losses), state
+        gram = gram_matrix(shared)
+        coef = min_norm_weights(gram) if self.method == "mgda" else cagrad_coefficients(gram, self.cagrad_c)
+        grads["encoder"] = total(coef, shared)
+        return grads, coef, jnp.sum(losses), state
+
+
+def mean_losses(per_task: dict, tasks) -> tuple[jax.Array, jax.Array]:
+    """Per task (in ``tasks``' order): mean loss over its labelled rows (0 when none) ``[T]``, and 1/0 present ``[T]``."""
+    means = jnp.stack([per_task[t]["loss_sum"] / jnp.maximum(per_task[t]["count"], 1) for t in tasks])
+    present = jnp.stack([(per_task[t]["count"] > 0).astype(jnp.float32) for t in tasks])
     return means, present
 
 
-def weighted_loss(per_task: dict, weights: dict[str, float]) -> jax.Array:
-    """``sum_t w_t * L_t``; a task with no labels in the batch adds 0."""
-    means, _ = mean_losses(per_task)
-    return sum(weights[t] * means[t] for t in per_task)
+def uncertainty_terms(means, present, log_vars) -> jax.Array:
+    """``exp(-s_t) * L_t + s_t / 2`` per task ``[T]``; a task absent from the batch adds nothing,
+    not even its ``s_t / 2`` (else the regulariser alone would push ``s_t`` down on every batch
+    of the other tasks)."""
+    return present * (jnp.exp(-log_vars) * means + 0.5 * log_vars)
 
 
-def uncertainty_loss(per_task: dict, log_vars: dict[str, jax.Array]) -> jax.Array:
-    """``sum_t exp(-s_t) * L_t + s_t / 2`` over the tasks present in the batch.
+def dwa_weights(history, epochs, temperature: float) -> jax.Array:
+    """``T softmax(r / temperature)``, ``r = history[1] / history[0]``; ones before two epochs have finished."""
+    r = history[1] / jnp.maximum(history[0], 1e-20)
+    w = history.shape[1] * jax.nn.softmax(r / temperature)
+    return jnp.where(epochs >= 2, w, jnp.ones_like(w))
 
-    A task absent from the batch adds nothing, not even its ``s_t / 2`` (else the
-    regulariser alone would push ``s_t`` down on every batch of the other tasks).
-    """
-    means, present = mean_losses(per_task)
-    return sum(present[t] * (jnp.exp(-log_vars[t]) * means[t] + 0.5 * log_vars[t]) for t in per_task)
+
+def famo_update(state: dict, losses, tx: optax.GradientTransformation) -> dict:
+    """One FAMO step of the task logits from the drop of ``log L`` since the previous step (none at the first)."""
+    log_l = jnp.log(losses + 1e-8)
+    _, pullback = jax.vjp(jax.nn.softmax, state["logits"])
+    (grad,) = pullback(state["prev"] - log_l)
+    updates, opt = tx.update(grad, state["opt"], state["logits"])
+    moved = {"logits": optax.apply_updates(state["logits"], updates), "opt": opt}
+    kept = {"logits": state["logits"], "opt": state["opt"]}
+    new = jax.tree.map(lambda a, b: jnp.where(state["started"], a, b), moved, kept)
+    return new | {"prev": log_l, "started": jnp.ones((), bool)}
+
+
+def gradnorm_update(state: dict, losses, gram, alpha: float, tx: optax.GradientTransformation) -> dict:
+    """One GradNorm step of the weights: Adam on ``d L_grad / d w``, then clipped at 0 and renormalised to sum ``T``."""
+    n = losses.shape[0]
+    initial = jnp.where(state["started"], state["initial"], losses)  # L_t(0): the first step's losses
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))  # |g_t|
+    w = state["w"]
+    g_w = w * norms  # G_t = |grad of w_t L_t|
+    ratio = losses / jnp.maximum(initial, 1e-20)
+    target = jnp.mean(g_w) * (ratio / jnp.maximum(jnp.mean(ratio), 1e-20)) ** alpha
+    grad = jnp.sign(g_w - target) * norms
+    updates, opt = tx.update(grad, state["opt"], w)
+    w = jnp.maximum(optax.apply_updates(w, updates), 0.0)
+    w = n * w / jnp.maximum(jnp.sum(w), 1e-20)
+    return {"w": w, "opt": opt, "initial": initial, "started": jnp.ones((), bool)}
+
+
+def _normalised(gram) -> jax.Array:
+    """The Gram matrix scaled to mean diagonal 1 (the simplex problems below do not change)."""
+    return gram / jnp.maximum(jnp.trace(gram) / gram.shape[0], 1e-30)
+
+
+def _simplex_minimize(f, step, n: int, iters: int = 200) -> jax.Array:
+    """``argmin f`` over the probability simplex in ``R^n``: FISTA with ``step(w)``, projecting onto the simplex."""
+    grad = jax.grad(f)
+
+    def body(_, carry):
+        w, y, t = carry
+        nxt = projection_simplex(y - step(y) * grad(y))
+        t_next = (1 + jnp.sqrt(1 + 4 * t * t)) / 2
+        return nxt, nxt + (t - 1) / t_next * (nxt - w), t_next
+
+    start = jnp.full((n,), 1.0 / n, jnp.float32)
+    return jax.lax.fori_loop(0, iters, body, (start, start, jnp.float32(1.0)))[0]
+
+
+def min_norm_weights(gram) -> jax.Array:
+    """MGDA's ``a = argmin_{a in simplex} |sum_t a_t g_t|^2`` from the Gram matrix ``[T, T]`` of the task gradients."""
+    a = _normalised(gram)
+    return _simplex_minimize(lambda w: w @ a @ w, lambda w: 0.5 / jnp.trace(a), a.shape[0])
+
+
+def cagrad_coefficients(gram, c: float) -> jax.Array:
+    """CAGrad's direction as coefficients on the task gradients: ``d = sum_t coef_t g_t``."""
+    n = gram.shape[0]
+    a = _normalised(gram)
+    mean = jnp.full((n,), 1.0 / n, jnp.float32)
+    k = c * jnp.sqrt(jnp.maximum(jnp.mean(a), 0.0) + 1e-8)  # sqrt(phi), normalised
+    norm = lambda w: jnp.sqrt(w @ a @ w + 1e-8)  # noqa: E731
+    # f's curvature is at most k * trace(a) / |g_w|
+    w = _simplex_minimize(lambda w: w @ a @ mean + k * norm(w), lambda w: norm(w) / (k * jnp.trace(a) + 1e-20), n)
+    return (mean + k / norm(w) * w) / (1 + c * c)
 
 
 def _vdot(a, b) -> jax.Array:
@@ -70,9 +301,14 @@ def pcgrad(task_grads, key: jax.Array | None = None):
     return out
 
 
+def gram_matrix(task_grads) -> jax.Array:
+    """``G[i, j] = g_i . g_j`` ``[T, T]`` over a pytree whose leaves carry a leading task axis (float32)."""
+    flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in jax.tree.leaves(task_grads)]
+    return sum(f @ f.T for f in flat)
+
+
 def cosine_matrix(task_grads) -> tuple[jax.Array, jax.Array]:
     """Per-task gradient norms ``[T]`` and pairwise cosines ``[T, T]`` over a stacked pytree."""
-    flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in jax.tree.leaves(task_grads)]
-    gram = sum(f @ f.T for f in flat)  # [T, T]
+    gram = gram_matrix(task_grads)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
     return norms, gram / jnp.maximum(norms[:, None] * norms[None, :], 1e-20)

@@ -18,7 +18,7 @@ from mtl_jax.inference import load_encoder
 from mtl_jax.model import MultiTaskModel, init_params, pool_segments
 from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
-from mtl_jax.weighting import weighted_loss
+from mtl_jax.weighting import mean_losses
 from tests.conftest import optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
@@ -151,12 +151,14 @@ def test_masked_loss_matches_numpy():
 
     want_a = (ce([2.0, 0.5, -1.0], 0) + ce([0.1, 0.2, 0.3], 2)) / 2
     want_b = ce([1.0, 2.0], 1)
-    loss = weighted_loss(per, {"a": 1.0, "b": 0.5})
-    np.testing.assert_allclose(float(loss), want_a + 0.5 * want_b, rtol=1e-6)
+    means, present = mean_losses(per, ["a", "b"])
+    np.testing.assert_allclose(means, [want_a, want_b], rtol=1e-6)
+    np.testing.assert_array_equal(present, [1, 1])
     assert int(per["a"]["count"]) == 2 and int(per["a"]["correct"]) == 2
     # a batch with no labels for a task adds exactly 0, never NaN
-    none = task_losses(logits, jnp.full((3, 2), -1), ["a", "b"])
-    assert float(weighted_loss(none, {"a": 1.0, "b": 1.0})) == 0.0
+    means, present = mean_losses(task_losses(logits, jnp.full((3, 2), -1), ["a", "b"]), ["a", "b"])
+    np.testing.assert_array_equal(means, [0.0, 0.0])
+    np.testing.assert_array_equal(present, [0.0, 0.0])
 
 
 def test_jit_and_eager_steps_agree_and_second_call_does_not_recompile(setup):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mtl_jax.steps import own_task_labels, per_task_grads
-from mtl_jax.weighting import cosine_matrix, pcgrad, uncertainty_loss, weighted_loss
+from mtl_jax.weighting import cosine_matrix, mean_losses, pcgrad, uncertainty_terms
 
 
 def _per_task(**loss_and_count):
@@ -47,27 +47,24 @@ def test_pcgrad_leaves_agreeing_gradients_alone_and_matches_numpy_for_three_task
     np.testing.assert_allclose(pcgrad(two)["w"], [4 / 3 - 0.4, 4 / 3 + 0.8, 2 / 3 + 1.0], rtol=1e-6)
 
 
-def test_uncertainty_loss_by_hand_and_absent_tasks_add_nothing():
-    per = _per_task(a=(4.0, 2), b=(0.0, 0))  # task a: mean loss 2; task b: no labels in this batch
-    s = {"a": jnp.float32(0.5), "b": jnp.float32(1.0)}
-    np.testing.assert_allclose(float(uncertainty_loss(per, s)), np.exp(-0.5) * 2.0 + 0.25, rtol=1e-6)
-    grad_b = jax.grad(lambda s: uncertainty_loss(per, s))(s)["b"]
-    assert float(grad_b) == 0.0
+def test_uncertainty_terms_by_hand_and_absent_tasks_add_nothing():
+    means, present = mean_losses(_per_task(a=(4.0, 2), b=(0.0, 0)), ["a", "b"])  # b: no labels in this batch
+    np.testing.assert_allclose(means, [2.0, 0.0])
+    s = jnp.asarray([0.5, 1.0])
+    terms = uncertainty_terms(means, present, s)
+    np.testing.assert_allclose(terms, [np.exp(-0.5) * 2.0 + 0.25, 0.0], rtol=1e-6)
+    assert float(jax.grad(lambda s: uncertainty_terms(means, present, s).sum())(s)[1]) == 0.0
 
 
 def test_uncertainty_weight_settles_where_the_gradient_vanishes():
     # d/ds [exp(-s) L + s/2] = 0  at  s = log(2 L): a noisier (larger-loss) task is weighted down
-    per = _per_task(a=(3.0, 1), b=(0.25, 1))
-    s = {"a": jnp.float32(0.0), "b": jnp.float32(0.0)}
-    step = jax.jit(lambda s: jax.tree.map(lambda x, g: x - 0.5 * g, s, jax.grad(lambda s: uncertainty_loss(per, s))(s)))
+    means, present = jnp.asarray([3.0, 0.25]), jnp.ones(2)
+    grad = jax.grad(lambda s: uncertainty_terms(means, present, s).sum())
+    step = jax.jit(lambda s: s - 0.5 * grad(s))
+    s = jnp.zeros(2)
     for _ in range(200):
         s = step(s)
-    np.testing.assert_allclose([float(s["a"]), float(s["b"])], [np.log(6.0), np.log(0.5)], atol=1e-4)
-
-
-def test_static_weights_scale_each_task():
-    per = _per_task(a=(2.0, 1), b=(3.0, 3))
-    assert float(weighted_loss(per, {"a": 0.5, "b": 2.0})) == pytest.approx(0.5 * 2.0 + 2.0 * 1.0)
+    np.testing.assert_allclose(s, [np.log(6.0), np.log(0.5)], atol=1e-4)
 
 
 def test_cosine_matrix_by_hand():
