@@ -28,6 +28,7 @@ from mtl_jax.parallel import make_mesh, place_state, shard_batch
 from mtl_jax.config import TrainConfig
 from mtl_jax.optim import OptimConfig
 from mtl_jax.steps import TrainState, build_train_step
+from mtl_jax.weighting import Weighting
 
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mtl_jax.steps import own_task_labels, per_task_grads
-from mtl_jax.weighting import cosine_matrix, mean_losses, pcgrad, uncertainty_terms
+from mtl_jax.weighting import METHODS, Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
+from tests.conftest import ROOT
+from tests.test_parallel import ENV, SETUP
 
 
 def _per_task(**loss_and_count):
@@ -94,3 +101,247 @@ def test_per_task_grads_are_each_tasks_gradient_on_its_own_rows():
         want_loss, want_grad = jax.value_and_grad(lambda p: loss_fn(p, sub, None)[0])(w)
         np.testing.assert_allclose(losses[t], want_loss, rtol=1e-6)
         np.testing.assert_allclose(grads["w"][t], want_grad["w"], rtol=1e-6)
+
+
+# ---- the methods of mtl_jax.weighting against NumPy references of the published updates
+
+
+def _grads(n: int, seed: int, conflict: bool = True) -> np.ndarray:
+    g = np.random.default_rng(seed).normal(size=(n, 6))
+    if conflict:
+        g[1] = -0.7 * g[0] + 0.3 * g[1]  # tasks 0 and 1 pull against each other
+    return g
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _adam(x, g, m, v, t, lr, decay=0.0):
+    """torch.optim.Adam, L2 ``decay`` added to the gradient (as the authors' code runs it)."""
+    g = g + decay * x
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    return x - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8), m, v
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_dwa_weights_follow_the_last_two_epochs_loss_ratio(n):
+    w = Weighting("dwa", dwa_temperature=2.0)
+    state, rng = w.init_state(n), np.random.default_rng(n)
+    epoch_means = []
+    for epoch in range(4):
+        steps = [(rng.uniform(0.2, 2.0, n), rng.integers(0, 2, n).astype(np.float32)) for _ in range(5)]
+        steps[0][1][:] = 1  # every task seen in every epoch
+        for losses, present in steps:
+            weights, loss, state = w.loss_weights(state, jnp.asarray(losses), jnp.asarray(present), None, None)
+            if epoch < 2:
+                want = np.ones(n)
+            else:  # w_t = T softmax(r_t / T), r_t = L_t(e-1) / L_t(e-2), epoch means over the steps holding t
+                want = n * _softmax(epoch_means[-1] / epoch_means[-2] / 2.0)
+            np.testing.assert_allclose(weights, want, rtol=1e-5)
+            np.testing.assert_allclose(float(loss), want @ losses, rtol=1e-5)
+        epoch_means.append(sum(lo * p for lo, p in steps) / sum(p for _, p in steps))
+        state = w.end_epoch(state)
+
+
+def test_rlw_weights_are_a_softmax_of_normal_draws():
+    w = Weighting("rlw")
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = jax.vmap(lambda k: w.loss_weights({}, jnp.ones(3), jnp.ones(3), None, k)[0])(keys)
+    want = np.stack([_softmax(np.asarray(jax.random.normal(k, (3,)))) for k in keys[:5]])
+    np.testing.assert_allclose(draws[:5], want, rtol=1e-5)
+    np.testing.assert_allclose(draws.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(draws.mean(0), [1 / 3] * 3, atol=0.01)  # no task favoured on average
+    assert float(draws[:, 0].std()) > 0.1  # and really random from step to step
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_famo_matches_numpy(n):
+    w = Weighting("famo", famo_lr=0.1, famo_decay=0.01)
+    state, rng = w.init_state(n), np.random.default_rng(n)
+    xi, m, v, prev = np.zeros(n), np.zeros(n), np.zeros(n), None
+    for t in range(6):
+        losses = rng.uniform(0.3, 2.0, n)
+        weights, loss, state = w.loss_weights(state, jnp.asarray(losses), jnp.ones(n), None, None)
+        if prev is not None:  # the logits follow the drop of log L since the previous step
+            z = _softmax(xi)
+            delta = prev - np.log(losses + 1e-8)
+            xi, m, v = _adam(xi, z * (delta - z @ delta), m, v, t, 0.1, 0.01)  # softmax's Jacobian^T delta
+        prev = np.log(losses + 1e-8)
+        z = _softmax(xi)
+        c = (z / losses).sum()
+        # loss sum_t z_t log L_t / c (c held constant): d loss / d L_t = z_t / (c L_t)
+        np.testing.assert_allclose(weights, z / (c * losses), rtol=2e-5)
+        np.testing.assert_allclose(float(loss), (z * np.log(losses)).sum() / c, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(state["logits"], xi, rtol=1e-4, atol=1e-6)
+    assert np.abs(xi).max() > 0.05  # the logits really moved
+
+
+def _frank_wolfe(g: np.ndarray, iters: int = 20000) -> np.ndarray:
+    """Sener & Koltun's min-norm solver: Frank-Wolfe over the simplex, exact line search."""
+    gram = g @ g.T
+    a = np.full(len(g), 1 / len(g))
+    for _ in range(iters):
+        t = int(np.argmin(gram @ a))
+        v1v1, v1v2, v2v2 = a @ gram @ a, a @ gram[:, t], gram[t, t]
+        gamma = np.clip((v2v2 - v1v2) / max(v1v1 + v2v2 - 2 * v1v2, 1e-20), 0.0, 1.0)
+        a = gamma * a
+        a[t] += 1 - gamma
+    return a
+
+
+def _combine(method, g: np.ndarray, heads: np.ndarray, **kw):
+    """``Weighting(method).combine`` on a tree with an encoder leaf ``g`` [T, 6] and a heads leaf [T, 2]."""
+    w = Weighting(method, **kw)
+    tree = {"encoder": {"w": jnp.asarray(g, jnp.float32)}, "heads": {"b": jnp.asarray(heads, jnp.float32)}}
+    losses = jnp.linspace(1.0, 2.0, len(g))
+    return w.combine(w.init_state(len(g)), losses, tree, tree["encoder"], jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("n,conflict", [(2, True), (2, False), (3, True), (3, False)])
+def test_mgda_is_the_min_norm_point_of_the_task_gradients(n, conflict):
+    g = _grads(n, seed=n, conflict=conflict)
+    heads = np.random.default_rng(9).normal(size=(n, 2))
+    grads, coef, _, _ = _combine("mgda", g, heads)
+    if n == 2:  # closed form: a_0 = (g1 - g0) . g1 / |g0 - g1|^2, clipped to [0, 1]
+        a0 = np.clip((g[1] - g[0]) @ g[1] / ((g[0] - g[1]) @ (g[0] - g[1])), 0, 1)
+        want = np.array([a0, 1 - a0])
+    else:
+        want = _frank_wolfe(g)
+    d = want @ g
+    np.testing.assert_allclose(grads["encoder"]["w"], d, rtol=1e-4, atol=1e-5 * np.abs(d).max())
+    np.testing.assert_allclose(coef.sum(), 1.0, rtol=1e-5)
+    # optimality: no task gradient has a smaller projection on d than |d|^2 (else moving towards it shortens d)
+    assert (g @ np.asarray(grads["encoder"]["w"])).min() >= d @ d * (1 - 1e-3) - 1e-6
+    np.testing.assert_allclose(grads["heads"]["b"], heads.sum(0), rtol=1e-6)  # heads: own task's gradient
+
+
+@pytest.mark.parametrize("n,conflict", [(2, True), (2, False), (3, True), (3, False)])
+def test_cagrad_matches_the_authors_solver(n, conflict):
+    from scipy.optimize import minimize
+
+    g = _grads(n, seed=10 + n, conflict=conflict)
+    c = 0.5
+    grads, coef, _, _ = _combine("cagrad", g, np.zeros((n, 2)), cagrad_c=c)
+    # the authors' code: w = argmin_{simplex} w.A.b + c |g0| sqrt(w.A.w), b uniform, A the Gram matrix
+    # (scaled to mean diagonal 1 for SLSQP's absolute tolerance; the minimiser does not change)
+    a = g @ g.T / np.trace(g @ g.T) * n
+    b = np.full(n, 1 / n)
+    k = c * np.sqrt(a.mean() + 1e-8)
+    res = minimize(
+        lambda x: x @ a @ b + k * np.sqrt(x @ a @ x + 1e-8),
+        b,
+        method="SLSQP",
+        bounds=[(0, 1)] * n,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        options={"ftol": 1e-12, "maxiter": 1000},
+    )
+    gw = res.x @ g
+    g0 = g.mean(0)
+    want = (g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw) / (1 + c * c)  # rescale 1
+    np.testing.assert_allclose(grads["encoder"]["w"], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(coef @ g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # CAGrad's guarantee: the worst task's improvement is no less than under the mean gradient g0
+    d = np.asarray(grads["encoder"]["w"]) * (1 + c * c)
+    assert (g @ d).min() >= (g @ g0).min() - 1e-6
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_gradnorm_matches_numpy(n):
+    alpha, lr = 1.5, 0.1
+    w = Weighting("gradnorm", gradnorm_alpha=alpha, gradnorm_lr=lr)
+    state = w.init_state(n)
+    rng = np.random.default_rng(n)
+    ws, m, v, initial = np.ones(n), np.zeros(n), np.zeros(n), None
+    base = rng.normal(size=(n, 6)) * np.arange(1, n + 1)[:, None]  # task t's gradient ~ (t + 1) x as long
+    for t in range(1, 7):
+        g, heads = base + 0.1 * rng.normal(size=(n, 6)), rng.normal(size=(n, 2))
+        losses = np.array([1.5, 1.0, 0.8][:n]) * (1 - 0.05 * t * np.arange(n))  # task 0 trains slowest
+        tree = {"encoder": {"w": jnp.asarray(g, jnp.float32)}, "heads": {"b": jnp.asarray(heads, jnp.float32)}}
+        grads, coef, loss, state = w.combine(state, jnp.asarray(losses, jnp.float32), tree, tree["encoder"], None)
+        # this step's update: sum_t w_t g_t over the whole tree with the weights before their own update
+        np.testing.assert_allclose(coef, ws, rtol=1e-5)
+        np.testing.assert_allclose(grads["encoder"]["w"], ws @ g, rtol=1e-5, atol=1e-5 * np.abs(g).max())
+        np.testing.assert_allclose(grads["heads"]["b"], ws @ heads, rtol=1e-5, atol=1e-5 * np.abs(heads).max())
+        np.testing.assert_allclose(float(loss), ws @ losses, rtol=1e-5)
+        # Chen et al.: G_t = w_t |g_t|, target mean(G) r_t^alpha held constant, d/dw_t sum |G - target|
+        initial = losses if initial is None else initial
+        norms = np.linalg.norm(g, axis=1)
+        ratio = losses / initial
+        target = (ws * norms).mean() * (ratio / ratio.mean()) ** alpha
+        ws, m, v = _adam(ws, np.sign(ws * norms - target) * norms, m, v, t, lr)
+        ws = n * np.maximum(ws, 0) / np.maximum(ws, 0).sum()
+        np.testing.assert_allclose(state["w"], ws, rtol=1e-5)
+    assert ws[0] > 1.1 and ws[-1] < 0.9  # weight moved to the slow task with the short gradient
+
+
+def test_methods_keep_their_state_when_the_encoder_is_frozen():
+    for method in ("gradnorm", "mgda", "cagrad", "pcgrad"):
+        w = Weighting(method)
+        tree = {"encoder": {"w": jnp.zeros((2, 3))}, "heads": {"b": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}}
+        grads, _, _, state = w.combine(w.init_state(2), jnp.ones(2), tree, None, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(grads["heads"]["b"], [1.0, 2.0])
+        chex.assert_trees_all_equal(state, w.init_state(2))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown loss weighting 'gradnrom'; choose from sum, static"):
+        Weighting("gradnrom")
+
+
+# Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 1 device in bf16.
+EVERY_METHOD = (
+    SETUP
+    + r"""
+import optax
+from mtl_jax.steps import make_train_step
+
+
+def sgd_steps(devices, method, fsdp=False, model=model):
+    mesh, w = make_mesh(devices), Weighting(method)
+    p0 = w.add_params(params, ["a", "b"])
+    step = make_train_step(model, optax.sgd(0.1), {{"a": 1.0, "b": 0.5}}, weighting=w)
+    state = place_state(TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.1).init(p0), w.init_state(2)), mesh, fsdp)
+    losses = []
+    for b in batches[:2]:
+        if w.every_task:  # two task sub-batches of 4 rows: [4, 2, ...]
+            b = {{k: np.stack([v[:4], v[4:]], axis=1) for k, v in b.items()}}
+        state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(state.params), state
+
+bf16 = model.clone(dtype=jnp.bfloat16)
+out = {{}}
+for method in {methods!r}:
+    l1, p1, _ = sgd_steps(jax.devices()[:1], method)
+    lf, pf, sf = sgd_steps(jax.devices(), method, fsdp=True)
+    lb, pb, _ = sgd_steps(jax.devices()[:1], method, model=bf16)
+    diff = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
+    out[method] = {{"losses1": l1, "losses_fsdp": lf, "losses_bf16": lb, "moved": moved, "diff_fsdp": diff(pf),
+                   "devices": len(sf.params["encoder"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"].sharding.device_set),
+                   "bf16_params": sorted({{str(x.dtype) for x in jax.tree.leaves(pb)}})}}
+print(json.dumps(out))
+"""
+)
+
+
+def test_loss_weightings_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tiny_bert):
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # sum is test_parallel.test_four_devices_match_one's; static and dwa (in its first two epochs) differ
+    # from it only in constant weights
+    methods = [m for m in METHODS if m not in ("sum", "static", "dwa")]
+    code = EVERY_METHOD.format(root=str(ROOT), model=str(tiny_bert), methods=methods)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == set(methods) == {"uncertainty", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"}
+    for method, o in out.items():
+        assert o["moved"] > 1e-3, method  # two real updates
+        assert o["devices"] == 4, method
+        assert o["losses_fsdp"] == pytest.approx(o["losses1"], abs=1e-5), method
+        assert o["diff_fsdp"] <= 1e-5, (method, o)
+        # bf16 compute, float32 parameters and losses, the same losses to bf16's precision
+        assert o["bf16_params"] == ["float32"], method
+        assert o["losses_bf16"] == pytest.approx(o["losses1"], rel=0.02), method
