@@ -68,7 +68,7 @@ def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list
         tiny_data,
         *("--out", str(out), "--max-steps", "12", "--save-every", "3", "--log-every", "1"),
         *("--freeze", "backbone,none@step:4", "--keep", "5"),
-        *("--loss-weighting", "uncertainty"),  # learned loss weights: state a resume must restore too
+        *("--loss-weighting", "famo"),  # task logits and their Adam state: state a resume must restore too
         *extra,
     )
 
@@ -345,11 +345,11 @@ def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
 
 def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data):
     """Ctrl-C saves and exits 130; --resume ends where the uninterrupted run ends (crossing from a
-    phase whose embeddings are cached into the full forward, with PCGrad, the best epoch read
+    phase whose embeddings are cached into the full forward, with GradNorm's weights, the best epoch read
     back from its checkpoint); a second --resume of the finished run trains nothing; a changed
     fixed option is refused."""
     options = ["--max-steps", "22", "--save-every", "5", "--freeze", "backbone,none@epoch:1"]
-    options += ["--loss-weighting", "pcgrad"]
+    options += ["--loss-weighting", "gradnorm"]
     base = lambda out: train_args(tiny_bert, tiny_data, out) + options  # noqa: E731
     assert cli("train", *base(tmp_path / "ref")).returncode == 0
     total = json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from mtl_jax.config import TrainConfig, load_config_file
@@ -79,6 +80,24 @@ def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_
     # from 1.0 each: the hard task (topic, train loss ~1.0) is weighted down, the easy one
     # (sentiment, ~0.13) up, as exp(-s) heads for 1 / loss
     assert w["topic"] < 0.7 and w["sentiment"] > 1.05, w
+
+
+def test_dwa_weights_follow_the_epoch_losses_in_a_run(tmp_path, tiny_bert, tiny_data):
+    summary, records = _run(
+        tiny_bert, tiny_data, tmp_path / "dwa", loss_weighting="dwa", epochs=3, freeze="backbone", head_lr=0.05
+    )
+    train = [r for r in records if r["split"] == "train"]
+    by_epoch = {
+        e: [(r["topic"]["weight"], r["sentiment"]["weight"]) for r in train if r["epoch"] == e] for e in range(3)
+    }
+    assert all(w == (1.0, 1.0) for e in (0, 1) for w in by_epoch[e])  # weight 1 until two epochs have finished
+    # then T softmax(r / 2) of the last two epochs' loss ratios: constant through the epoch, summing to T = 2
+    assert len(set(by_epoch[2])) == 1
+    ((topic, sentiment),) = set(by_epoch[2])
+    assert topic + sentiment == pytest.approx(2.0, abs=1e-5) and abs(topic - 1.0) > 1e-4
+    mean = lambda e, t: np.mean([r[t]["loss"] for r in train if r["epoch"] == e and r[t]["loss"] is not None])  # noqa: E731
+    # the task whose loss fell less (higher ratio) gets the larger weight
+    assert (topic > sentiment) == (mean(1, "topic") / mean(0, "topic") > mean(1, "sentiment") / mean(0, "sentiment"))
 
 
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
