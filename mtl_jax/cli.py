@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -36,12 +39,30 @@ def parse_config(cls, argv: list[str], description: str):
     import tyro
 
     from mtl_jax.config import load_config_file
+    from mtl_jax.errors import MtlError
 
     defaults = cls()
     config_file = _config_arg(argv)
     if config_file:
         defaults = dataclasses.replace(defaults, config=config_file, **load_config_file(config_file))
-    return tyro.cli(cls, default=defaults, args=argv, description=description)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = tyro.cli(cls, default=defaults, args=argv, description=description)
+    except SystemExit as e:
+        if e.code:  # tyro's framed error box becomes one line naming the flag
+            raise MtlError(_one_line(captured.getvalue())) from None
+        sys.stderr.write(captured.getvalue())
+        raise
+    sys.stderr.write(captured.getvalue())
+    return cfg
+
+
+def _one_line(box: str) -> str:
+    """A framed terminal message on one line: without the frame, the flag's help text and the pointer to --help."""
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", box).split())  # box-drawing characters out
+    text = re.split(r"\s*(?:Argument helptext:|For full helptext,)", text)[0]
+    return re.sub(r"^(?:Invalid choice|Parsing error|Value error|Required options|Unrecognized options?)\s+", "", text)
 
 
 def _config_arg(argv: list[str]) -> str | None:

@@ -25,6 +25,7 @@ from mtl_jax.errors import Interrupted
 from mtl_jax.freezing import frozen_groups, parse_phases
 from mtl_jax.inference import load_encoder
 from mtl_jax.trainer import check_out_dir, log, train_and_evaluate
+from mtl_jax.weighting import METHODS
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
 
@@ -45,7 +46,7 @@ class CompareConfig(TrainConfig):
     split_seed: Optional[int] = 0
     """Seed of the train/validation/test split: the same for every run, so all are tested on the same examples."""
     weighting: bool = False
-    """Also compare the loss-weighting methods (sum, uncertainty, pcgrad; static when task weights differ)."""
+    """Also compare every loss-weighting method (static only when the task weights differ)."""
     weighting_freeze: str = "none"
     """The freezing scenario the loss-weighting runs use."""
     budget_minutes: float = 60.0
@@ -69,9 +70,7 @@ def plan_runs(cfg: CompareConfig, task_names: list[str]) -> list[dict]:
             scenarios.append(s)
     methods = []
     if cfg.weighting:
-        methods = ["sum", "uncertainty", "pcgrad"]
-        if len({t.weight for t in cfg.selected_tasks()}) > 1:
-            methods.insert(1, "static")
+        methods = [m for m in METHODS if m != "static" or len({t.weight for t in cfg.selected_tasks()}) > 1]
     runs = []
     for seed in cfg.seeds:
         for s in scenarios:

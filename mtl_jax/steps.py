@@ -215,7 +215,9 @@ def make_train_step(
             (grads, state.params, state.opt_state, state.weighting, wstate),
         )
         streak = jnp.where(finite, 0, state.nonfinite + 1)
-        per_task = {t: per_task[t] | {"weight": task_w[i]} for i, t in enumerate(tasks)}  # (a pytree's keys come sorted)
+        per_task = {
+            t: per_task[t] | {"weight": task_w[i]} for i, t in enumerate(tasks)
+        }  # (a pytree's keys come sorted)
         metrics = {
             "loss": jnp.where(finite, loss, 0.0),
             "steps": finite.astype(jnp.int32),

@@ -144,9 +144,7 @@ def test_compare_plan_expands_heads_gradual_and_weighting(tiny_bert, tiny_data, 
         ("head:topic", "head:topic", "sum"),
         ("head:sentiment", "head:sentiment", "sum"),
         ("gradual", cfg.gradual, "sum"),
-        ("none", "none", "uncertainty"),
-        ("none", "none", "pcgrad"),
-    ]
+    ] + [("none", "none", m) for m in ("uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm")]
     assert all(r["seed"] == 3 for r in runs)
 
 
