@@ -92,6 +92,8 @@ class TrainConfig:
     """--loss-weighting gradnorm: Adam learning rate of the task weights."""
     dwa_temperature: float = fixed(2.0)
     """--loss-weighting dwa: softmax temperature over the tasks' loss ratios."""
+    dwa_period: Optional[int] = fixed(None)
+    """--loss-weighting dwa: steps over which each task's training loss is averaged (default: one epoch, as in the paper)."""
     cagrad_c: float = fixed(0.5)
     """--loss-weighting cagrad: c, the radius of the ball around the mean gradient, relative to its norm."""
     famo_lr: float = fixed(0.025)
@@ -192,6 +194,7 @@ class TrainConfig:
             ("--gradnorm-alpha", self.gradnorm_alpha, self.gradnorm_alpha >= 0, "0 or more"),
             ("--gradnorm-lr", self.gradnorm_lr, self.gradnorm_lr > 0, "positive"),
             ("--dwa-temperature", self.dwa_temperature, self.dwa_temperature > 0, "positive"),
+            ("--dwa-period", self.dwa_period, self.dwa_period is None or self.dwa_period >= 1, "at least 1"),
             ("--cagrad-c", self.cagrad_c, self.cagrad_c >= 0, "0 or more"),
             ("--famo-lr", self.famo_lr, self.famo_lr > 0, "positive"),
             ("--famo-decay", self.famo_decay, self.famo_decay >= 0, "0 or more"),

@@ -211,6 +211,7 @@ def setup(cfg: TrainConfig) -> Run:
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
     steps_per_epoch = len(pipeline.plan(0))
+    weighting = dataclasses.replace(weighting, dwa_period=cfg.dwa_period or steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -517,7 +518,6 @@ class Trainer:
         # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
         if loop.position == run.steps_per_epoch:
             loop.epoch, loop.position = epoch + 1, 0
-            self.state = self.state.replace(weighting=run.weighting.end_epoch(self.state.weighting))
         self.save(score=rec["mean_macro_f1"])
         if self.stop_signal is not None:
             raise self.interrupted()

@@ -9,8 +9,8 @@ between the forward and the backward pass (one backward pass in all, as for a pl
   log-variance ``s_t`` per task, loss ``sum_t exp(-s_t) * L_t + s_t / 2``; the ``s_t``
   live in ``params["loss_weights"]`` and train with the heads;
 - ``dwa``: Dynamic Weight Average, Liu, Johns & Davison (2019): ``w_t = T softmax_t(r_t / temp)``
-  with ``r_t = L_t(e-1) / L_t(e-2)``, the mean training losses of the last two epochs
-  (weight 1 in the first two epochs);
+  with ``r_t = L_t(e-1) / L_t(e-2)``, the mean training losses of the last two periods
+  (weight 1 in the first two); a period is an epoch as in the paper, or ``dwa_period`` steps;
 - ``rlw``: Random Loss Weighting, Lin et al. (2021): ``w = softmax(eps)``, ``eps ~ N(0, I)``
   drawn anew every step;
 - ``famo``: Fast Adaptive Multitask Optimization, Liu et al. (2023): task logits ``xi``,
@@ -69,6 +69,7 @@ class Weighting:
     gradnorm_alpha: float = 1.5  # restoring force towards equal training rates
     gradnorm_lr: float = 0.025  # Adam learning rate of the GradNorm weights
     dwa_temperature: float = 2.0
+    dwa_period: int = 1  # steps over which DWA averages each task's loss (the trainer's default: an epoch)
     cagrad_c: float = 0.5  # radius of CAGrad's ball around the mean gradient, relative to its norm
     famo_lr: float = 0.025  # Adam learning rate of the FAMO task logits
     famo_decay: float = 0.001  # FAMO's gamma: L2 decay of the task logits
@@ -85,6 +86,7 @@ class Weighting:
             gradnorm_alpha=cfg.gradnorm_alpha,
             gradnorm_lr=cfg.gradnorm_lr,
             dwa_temperature=cfg.dwa_temperature,
+            dwa_period=cfg.dwa_period or 1,
             cagrad_c=cfg.cagrad_c,
             famo_lr=cfg.famo_lr,
             famo_decay=cfg.famo_decay,
@@ -112,9 +114,10 @@ class Weighting:
         # (a fresh array per entry: the train state is donated, and one buffer may not be donated twice)
         zeros, started = lambda: jnp.zeros((n_tasks,), jnp.float32), jnp.zeros((), bool)  # noqa: E731
         if self.method == "dwa":
-            # this epoch's loss sums and counts; the last two finished epochs' mean losses
+            # this period's loss sums and counts, its steps so far; the last two finished periods' mean losses
             history = jnp.ones((2, n_tasks), jnp.float32)
-            return {"sum": zeros(), "count": zeros(), "history": history, "epochs": jnp.zeros((), jnp.int32)}
+            count = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+            return {"sum": zeros(), "count": zeros(), "history": history, "periods": count(), "steps": count()}
         if self.method == "famo":
             return {"logits": zeros(), "opt": self.famo_tx().init(zeros()), "prev": zeros(), "started": started}
         if self.method == "gradnorm":
@@ -134,8 +137,8 @@ class Weighting:
         if self.method == "static":
             w = static
         elif self.method == "dwa":
-            w = dwa_weights(state["history"], state["epochs"], self.dwa_temperature)
-            state = dict(state, sum=state["sum"] + losses * present, count=state["count"] + present)
+            w = dwa_weights(state["history"], state["periods"], self.dwa_temperature)
+            state = dwa_update(state, losses, present, self.dwa_period)
         elif self.method == "rlw":
             w = jax.nn.softmax(jax.random.normal(key, (n,)))
         elif self.method == "famo":
@@ -147,18 +150,6 @@ class Weighting:
         else:  # sum, uncertainty (its terms already hold exp(-s_t))
             w = jnp.ones((n,), jnp.float32)
         return w, jnp.sum(w * losses), state
-
-    def end_epoch(self, state: dict) -> dict:
-        """After each finished epoch: DWA moves its loss history on; other methods keep their state."""
-        if self.method != "dwa":
-            return state
-        mean = jnp.where(state["count"] > 0, state["sum"] / jnp.maximum(state["count"], 1), state["history"][1])
-        return {
-            "sum": jnp.zeros_like(state["sum"]),
-            "count": jnp.zeros_like(state["count"]),
-            "history": jnp.stack([state["history"][1], mean]),
-            "epochs": state["epochs"] + 1,
-        }
 
     # ---- gradient methods
 
@@ -203,11 +194,26 @@ def uncertainty_terms(means, present, log_vars) -> jax.Array:
     return present * (jnp.exp(-log_vars) * means + 0.5 * log_vars)
 
 
-def dwa_weights(history, epochs, temperature: float) -> jax.Array:
-    """``T softmax(r / temperature)``, ``r = history[1] / history[0]``; ones before two epochs have finished."""
+def dwa_weights(history, periods, temperature: float) -> jax.Array:
+    """``T softmax(r / temperature)``, ``r = history[1] / history[0]``; ones before two periods have finished."""
     r = history[1] / jnp.maximum(history[0], 1e-20)
     w = history.shape[1] * jax.nn.softmax(r / temperature)
-    return jnp.where(epochs >= 2, w, jnp.ones_like(w))
+    return jnp.where(periods >= 2, w, jnp.ones_like(w))
+
+
+def dwa_update(state: dict, losses, present, period: int) -> dict:
+    """Adds a step's losses to the period's sums; the period's last step moves the history on."""
+    total, count, steps = state["sum"] + losses * present, state["count"] + present, state["steps"] + 1
+    mean = jnp.where(count > 0, total / jnp.maximum(count, 1), state["history"][1])  # (an absent task keeps its last)
+    rolled = {
+        "sum": jnp.zeros_like(total),
+        "count": jnp.zeros_like(count),
+        "history": jnp.stack([state["history"][1], mean]),
+        "periods": state["periods"] + 1,
+        "steps": jnp.zeros_like(steps),
+    }
+    going = {"sum": total, "count": count, "history": state["history"], "periods": state["periods"], "steps": steps}
+    return jax.tree.map(lambda a, b: jnp.where(steps >= period, a, b), rolled, going)
 
 
 def famo_update(state: dict, losses, tx: optax.GradientTransformation) -> dict:

@@ -126,23 +126,22 @@ def _adam(x, g, m, v, t, lr, decay=0.0):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_dwa_weights_follow_the_last_two_epochs_loss_ratio(n):
-    w = Weighting("dwa", dwa_temperature=2.0)
+def test_dwa_weights_follow_the_last_two_periods_loss_ratio(n):
+    w = Weighting("dwa", dwa_temperature=2.0, dwa_period=5)
     state, rng = w.init_state(n), np.random.default_rng(n)
-    epoch_means = []
-    for epoch in range(4):
+    period_means = []
+    for period in range(4):
         steps = [(rng.uniform(0.2, 2.0, n), rng.integers(0, 2, n).astype(np.float32)) for _ in range(5)]
-        steps[0][1][:] = 1  # every task seen in every epoch
+        steps[0][1][:] = 1  # every task seen in every period
         for losses, present in steps:
             weights, loss, state = w.loss_weights(state, jnp.asarray(losses), jnp.asarray(present), None, None)
-            if epoch < 2:
+            if period < 2:
                 want = np.ones(n)
-            else:  # w_t = T softmax(r_t / T), r_t = L_t(e-1) / L_t(e-2), epoch means over the steps holding t
-                want = n * _softmax(epoch_means[-1] / epoch_means[-2] / 2.0)
+            else:  # w_t = T softmax(r_t / 2), r_t = L_t(e-1) / L_t(e-2), period means over the steps holding t
+                want = n * _softmax(period_means[-1] / period_means[-2] / 2.0)
             np.testing.assert_allclose(weights, want, rtol=1e-5)
             np.testing.assert_allclose(float(loss), want @ losses, rtol=1e-5)
-        epoch_means.append(sum(lo * p for lo, p in steps) / sum(p for _, p in steps))
-        state = w.end_epoch(state)
+        period_means.append(sum(lo * p for lo, p in steps) / sum(p for _, p in steps))
 
 
 def test_rlw_weights_are_a_softmax_of_normal_draws():
