@@ -142,6 +142,10 @@ class TrainConfig:
     """Compute dtype; parameters, optimizer state, loss and its softmax stay float32."""
     attention: Literal["auto", "fused", "xla"] = fixed("auto")
     """Attention kernel: fused (cuDNN's, through jax.nn.dot_product_attention; falls back to xla where rejected), xla, or auto (fused on a GPU in bfloat16 where no attention dropout runs: a frozen encoder, evaluation)."""
+    eval_every: int = adjustable(0)
+    """Also evaluate on the validation data (and checkpoint) every N steps (0: only at the end of each epoch)."""
+    patience: int = adjustable(0)
+    """Stop when the mean validation macro-F1 has not improved for N evaluations; the best is kept (0: off)."""
     log_every: int = adjustable(20)
     """Steps per training record in metrics.jsonl (and progress-bar update)."""
     eval_batch_size: int = adjustable(128)
@@ -200,6 +204,8 @@ class TrainConfig:
             ("--famo-decay", self.famo_decay, self.famo_decay >= 0, "0 or more"),
             ("--grad-diagnostics", self.grad_diagnostics, self.grad_diagnostics >= 0, "0 or more"),
             ("--log-every", self.log_every, self.log_every >= 1, "at least 1"),
+            ("--eval-every", self.eval_every, self.eval_every >= 0, "0 or more"),
+            ("--patience", self.patience, self.patience >= 0, "0 or more"),
             ("--eval-batch-size", self.eval_batch_size, self.eval_batch_size >= 1, "at least 1"),
             ("--save-every", self.save_every, self.save_every >= 0, "0 or more"),
             ("--keep", self.keep, self.keep >= 1, "at least 1"),

@@ -34,6 +34,18 @@ def train_record(totals, step: int, epoch: int, tasks) -> dict:
     return rec
 
 
+def scalar_series(rec: dict, prefix: str | None = None):
+    """``(tag, value)`` for every number in a metrics record (``train/task_a/loss``, ...): what TensorBoard plots."""
+    prefix = rec["split"] if prefix is None else prefix
+    for key, value in rec.items():
+        if key in ("step", "epoch", "split") or isinstance(value, bool):
+            continue
+        if isinstance(value, dict):
+            yield from scalar_series(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)):
+            yield f"{prefix}/{key}", value
+
+
 def eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
     rec = {"step": step, "epoch": epoch, "split": split, "loss": sum(r["loss"] for r in results.values())}
     for t, r in results.items():

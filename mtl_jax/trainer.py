@@ -58,7 +58,14 @@ from mtl_jax.parallel import (
     replicate,
     to_host,
 )
-from mtl_jax.report import eval_record, gradient_record, train_record, write_outputs, write_summary
+from mtl_jax.report import (
+    eval_record,
+    gradient_record,
+    scalar_series,
+    train_record,
+    write_outputs,
+    write_summary,
+)
 from mtl_jax.steps import (
     TrainState,
     accumulate,
@@ -117,7 +124,7 @@ def _prepare_out_dir(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for png in out.glob("confusion_*.png"):
         png.unlink()
-    for sub in ("checkpoints", "export"):
+    for sub in ("checkpoints", "export", "tensorboard"):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
@@ -210,6 +217,8 @@ def setup(cfg: TrainConfig) -> Run:
     params = weighting.add_params(init_params(model, encoder.params, jax.random.fold_in(rng, 1)), data.names)
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
+    if cfg.patience and len(pipeline.splits["validation"]) == 0:
+        raise MtlError(f"--patience {cfg.patience}: there is no validation data to stop on")
     steps_per_epoch = len(pipeline.plan(0))
     weighting = dataclasses.replace(weighting, dwa_period=cfg.dwa_period or steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
@@ -271,6 +280,8 @@ class LoopState:
     best_score: float = -1.0  # mean validation macro-F1 of the best epoch
     best_epoch: int = -1
     best_step: int = -1
+    since_best: int = 0  # evaluations since the best one (--patience)
+    stopped_early: bool = False
     train_seconds: float = 0.0
     examples_seen: int = 0
     format: int = CHECKPOINT_FORMAT
@@ -409,11 +420,26 @@ class Trainer:
         for rec in self.records:
             self.metrics_file.write(json.dumps(rec) + "\n")
         self.metrics_file.flush()
+        self.tensorboard = None
+        if is_primary():
+            from tensorboardX import SummaryWriter
+
+            # a resumed run: TensorBoard drops the earlier files' events from the first re-logged step on
+            resumed = self.records[-1]["step"] + 1 if self.records else None
+            self.tensorboard = SummaryWriter(str(self.run.out / "tensorboard"), purge_step=resumed, flush_secs=10)
 
     def emit(self, rec: dict) -> None:
         self.records.append(rec)
         self.metrics_file.write(json.dumps(rec) + "\n")
         self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for tag, value in scalar_series(rec):
+                self.tensorboard.add_scalar(tag, value, rec["step"])
+
+    def close_metrics(self) -> None:
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def cached_data(self, step: int) -> dict | None:
         """Train / validation with cached embeddings when the whole encoder stays frozen for an epoch or more."""
@@ -479,6 +505,11 @@ class Trainer:
             end_of_epoch = b == len(plan) - 1 or step + 1 == run.total_steps
             if (step + 1) % cfg.log_every == 0 or end_of_epoch:
                 t_log = self.log_training(epoch, t_log, bar)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not end_of_epoch:
+                self.evaluate_and_checkpoint(epoch)
+                if loop.stopped_early:
+                    return
+                continue
             if not end_of_epoch and (
                 self.stop_signal is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0)
             ):
@@ -500,21 +531,34 @@ class Trainer:
         self.totals, self.loop.n_log = zero_metrics(self.run.names), 0
         return time.perf_counter()
 
-    def evaluate_and_checkpoint(self, epoch: int, epoch_s: float) -> None:
-        """Validation metrics, the best epoch so far, and the end-of-epoch checkpoint."""
+    def evaluate_and_checkpoint(self, epoch: int, epoch_s: float | None = None) -> None:
+        """Validation metrics, the best evaluation so far, early stopping, and a checkpoint (the end of an
+        epoch, or every ``--eval-every`` steps; ``epoch_s`` only at the end of an epoch)."""
         run, loop = self.run, self.loop
         val = self.cache["validation"] if self.cache else run.pipeline.splits["validation"]
         with self.clock.part("evaluation"):
             results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.labels)
-        rec = eval_record(results, self.step, epoch, "validation") | {"epoch_s": round(epoch_s, 3)}
+        rec = eval_record(results, self.step, epoch, "validation")
+        if epoch_s is not None:
+            rec["epoch_s"] = round(epoch_s, 3)
         self.emit(rec)
         log(
-            f"epoch {epoch + 1}/{run.epochs} validation: "
+            (f"epoch {epoch + 1}/{run.epochs}" if epoch_s is not None else f"step {self.step}")
+            + " validation: "
             + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in run.names)
         )
         if rec["mean_macro_f1"] > loop.best_score:
             loop.best_score, loop.best_epoch, loop.best_step = rec["mean_macro_f1"], epoch, self.step
+            loop.since_best = 0
             self.best_params = to_host(self.state.params)
+        else:
+            loop.since_best += 1
+        if run.cfg.patience and loop.since_best >= run.cfg.patience and self.step < run.total_steps:
+            loop.stopped_early = True
+            log(
+                f"step {self.step}: no better mean validation macro-F1 in {loop.since_best} evaluations "
+                f"(--patience {run.cfg.patience}); stopping, the best was step {loop.best_step}"
+            )
         # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
         if loop.position == run.steps_per_epoch:
             loop.epoch, loop.position = epoch + 1, 0
@@ -540,13 +584,15 @@ class Trainer:
         )
         try:
             for epoch in range(self.loop.epoch, run.epochs):
-                if self.step >= run.total_steps:  # resuming a run that already finished
+                if self.step >= run.total_steps or self.loop.stopped_early:  # resuming a run that already finished
                     break
                 if epoch != self.loop.epoch:
                     self.loop.epoch, self.loop.position, self.loop.n_log = epoch, 0, 0
                 t_epoch = time.perf_counter()
                 with self.clock.part("train"):
                     self.train_epoch(epoch, bar)
+                if self.loop.stopped_early:
+                    break
                 self.evaluate_and_checkpoint(epoch, time.perf_counter() - t_epoch)
         finally:
             bar.close()
@@ -555,6 +601,7 @@ class Trainer:
 
     def interrupted(self) -> Interrupted:
         self.ckpts.close()
+        self.close_metrics()
         name = signal.Signals(self.stop_signal).name
         return Interrupted(
             f"{name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
@@ -578,12 +625,17 @@ class Trainer:
         with self.clock.part("evaluation"):
             best = self.best()
             self.ckpts.close()
-            summary = {"best_epoch": loop.best_epoch + 1, "steps": self.step}
+            summary = {
+                "best_epoch": loop.best_epoch + 1,
+                "best_step": loop.best_step,
+                "steps": self.step,
+                "stopped_early": loop.stopped_early,
+            }
             for split in ("validation", "test"):
                 data = run.pipeline.splits[split]
                 summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.labels)
         self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test"))
-        self.metrics_file.close()
+        self.close_metrics()
         summary |= {
             "examples_per_s": loop.examples_seen / max(loop.train_seconds, 1e-9),
             "train_seconds": loop.train_seconds,

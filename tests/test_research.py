@@ -173,3 +173,44 @@ def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_
         "Not run (time budget): backbone-sum-s0, none-sum-s1, backbone-sum-s1."
         in (tmp_path / "cmp" / "results.md").read_text()
     )
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a folder's TensorBoard event files: {tag: [(step, value), ...]} (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    series: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for v in event.summary.value:
+                series.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return series
+
+
+def test_eval_every_patience_and_tensorboard(tmp_path, tiny_bert, tiny_data):
+    # nothing learns (--lr 0): every evaluation ties the first, so --patience 2 stops at the third
+    out = tmp_path / "run"
+    summary, records = _run(
+        tiny_bert, tiny_data, out, epochs=5, eval_every=3, patience=2, lr=0.0, head_lr=0.0, freeze="none"
+    )
+    val = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in val] == [3, 6, 9]
+    assert summary["stopped_early"] and summary["steps"] == 9 and summary["best_step"] == 3
+    assert summary["test"]["topic"]["examples"] == 9  # tested (the best evaluation's parameters) and exported
+    assert (out / "export" / "heads.safetensors").exists()
+    # TensorBoard holds the same series as metrics.jsonl
+    tb = _tensorboard_scalars(out / "tensorboard")
+    for split, key in (("train", "loss"), ("validation", "mean_macro_f1")):
+        want = [(r["step"], r[key]) for r in records if r["split"] == split]
+        got = tb[f"{split}/{key}"]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    want = [(r["step"], r["topic"]["accuracy"]) for r in val]
+    assert tb["validation/topic/accuracy"] == [(s, pytest.approx(v)) for s, v in want]
+    assert "train/sentiment/weight" in tb
