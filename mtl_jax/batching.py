@@ -280,6 +280,7 @@ class InputPipeline:
     sampling: str = "proportional"
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
+    grad_accum: int = 1  # training rows come in multiples of devices x micro-batches
     mesh: object = None  # jax.sharding.Mesh; None: arrays stay on the host
 
     @property
@@ -298,7 +299,7 @@ class InputPipeline:
     def grids(self) -> dict[int, Grid]:
         """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
         plans = (self.plan(epoch) for epoch in range(self.epochs))
-        return plan_grids(self.train, plans, self.task_stacked, self.devices)
+        return plan_grids(self.train, plans, self.task_stacked, self.devices * self.grad_accum)
 
     def plan(self, epoch: int) -> list:
         """The batches of one epoch: example indices per step (per task and step when task-stacked)."""

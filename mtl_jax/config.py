@@ -110,6 +110,8 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides --epochs when smaller)."""
     batch_size: int = fixed(32)
     """Examples per step (packed several to a row; split over the devices; must divide by their number)."""
+    grad_accum: int = fixed(1)
+    """Split each batch into K micro-batches whose gradients add up to the batch's (the memory of one micro-batch); --batch-size must divide by K."""
     lr: float = fixed(1e-4)
     """Peak learning rate of the encoder's top layer."""
     head_lr: Optional[float] = fixed(None)
@@ -185,6 +187,7 @@ class TrainConfig:
         rules = [
             ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--grad-accum", self.grad_accum, self.grad_accum >= 1, "at least 1"),
             ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, "at least 1"),
             ("--lr", self.lr, self.lr >= 0, "0 or more"),
             ("--head-lr", self.head_lr, self.head_lr is None or self.head_lr >= 0, "0 or more"),
@@ -215,6 +218,8 @@ class TrainConfig:
         for flag, value, ok, want in rules:
             if not ok:
                 raise MtlError(f"{flag} {value}: must be {want}")
+        if self.batch_size % self.grad_accum:
+            raise MtlError(f"--grad-accum {self.grad_accum}: does not divide --batch-size {self.batch_size}")
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:
         if not self.tasks:

@@ -121,21 +121,60 @@ def task_stacked_flat(batch: dict) -> dict:
 
 
 def make_loss_fn(model: MultiTaskModel, encoder_frozen: bool = False, uncertainty: bool = False) -> Callable:
-    """``loss_fn(params, batch, key) -> (terms [T], per-task sums)``; ``key=None``: no dropout.
+    """``loss_fn(params, batch, key, counts=None, share=1.0) -> (terms [T], per-task sums)``; ``key=None``: no dropout.
 
     ``terms``: each task's mean loss over its labelled rows (0 where it has none); with
     ``uncertainty``, Kendall et al.'s ``exp(-s_t) L_t + s_t / 2`` (``s`` in ``params["loss_weights"]``).
+    A micro-batch of gradient accumulation passes the whole batch's label ``counts`` [T] as the
+    means' denominators and its ``share`` of the per-batch terms, so that the micro-batches' terms
+    add up to the batch's.
     """
     tasks = [name for name, _ in model.tasks]
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, counts=None, share=1.0):
         per_task = task_losses(forward(model, params, batch, key, encoder_frozen), batch["labels"], tasks)
-        means, present = mean_losses(per_task, tasks)
+        means, present = mean_losses(per_task, tasks, counts)
         if uncertainty:
-            means = uncertainty_terms(means, present, jnp.stack([params["loss_weights"][t] for t in tasks]))
+            log_vars = jnp.stack([params["loss_weights"][t] for t in tasks])
+            means = uncertainty_terms(means, present, log_vars, share)
         return means, per_task
 
     return loss_fn
+
+
+def label_counts(labels: jax.Array) -> jax.Array:
+    """Labelled rows per task ``[T]`` (float32) of a batch's labels ``[..., T]``."""
+    return jnp.sum(labels.reshape(-1, labels.shape[-1]) >= 0, axis=0).astype(jnp.float32)
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """The batch as ``k`` micro-batches (arrays ``[k, rows / k, ...]``): row ``r`` goes to micro-batch
+    ``r % k``, so each device's rows split evenly over the micro-batches. Cached embeddings
+    (``[rows * S, ...]``) follow their rows."""
+    rows = batch["labels"].shape[0]
+
+    def split(x):
+        per_row = x.reshape((rows, -1) + x.shape[1:]) if x.shape[0] != rows else x
+        y = jnp.moveaxis(per_row.reshape((rows // k, k) + per_row.shape[1:]), 1, 0)
+        return y.reshape((k, -1) + x.shape[1:]) if x.shape[0] != rows else y
+
+    return {name: split(x) for name, x in batch.items()}
+
+
+def accumulated(fn: Callable, batch: dict, key, k: int):
+    """``fn(batch, key)``'s pytree of sums, over ``k`` micro-batches of ``batch`` (one ``lax.scan``; ``k = 1``: one call)."""
+    if k == 1:
+        return fn(batch, key)
+    micro = micro_batches(batch, k)
+    first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+
+    def body(total, xs):
+        mb, i = xs
+        sub_key = None if key is None else jax.random.fold_in(key, i)
+        return jax.tree.map(jnp.add, total, fn(mb, sub_key)), None
+
+    return jax.lax.scan(body, zeros, (micro, jnp.arange(k)))[0]
 
 
 def summed(loss_fn: Callable) -> Callable:
@@ -155,6 +194,7 @@ def make_train_step(
     frozen_mask=None,
     weighting: str | Weighting = "static",
     encoder_frozen: bool = False,
+    grad_accum: int = 1,
 ) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
@@ -164,17 +204,30 @@ def make_train_step(
     A batch may hold token ids or cached embeddings (``"embeddings"``); each kind compiles
     its own shapes. ``frozen_mask`` (a tree of bools like the params) keeps frozen
     parameters as they were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
+    ``grad_accum`` K: the gradient is summed over K micro-batches of the batch's rows (its
+    memory is one micro-batch's), equal to the whole batch's; ``famo``, whose weights need the
+    batch's losses first, then runs a forward pass over the micro-batches before them.
     """
     method = weighting if isinstance(weighting, Weighting) else Weighting(weighting)
     tasks = [name for name, _ in model.tasks]
     static = jnp.asarray([weights[t] for t in tasks], jnp.float32) if method.method == "static" else None
     loss_fn = make_loss_fn(model, encoder_frozen, uncertainty=method.method == "uncertainty")
 
+    k = grad_accum
+    share = 1.0 / k
+
     def loss_and_grads(params, wstate, batch, key):
         """``(loss, per-task sums, task weights [T], new weighting state), grads``."""
         wkey = jax.random.fold_in(key, 1 << 20)
         if method.method in GRADIENT_METHODS:
-            (losses, per_task), task_grads = per_task_grads(summed(loss_fn), params, batch, key)
+            counts = label_counts(task_stacked_flat(batch)["labels"]) if k > 1 else None
+            micro_loss = summed(lambda p, b, key: loss_fn(p, b, key, counts, share))
+
+            def task_grads_of(mb, key):
+                (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key)
+                return losses, per_task, task_grads
+
+            losses, per_task, task_grads = accumulated(task_grads_of, batch, key, k)
             shared = None
             if not encoder_frozen:  # combined over the encoder's trainable part (frozen grads are never computed)
                 shared = task_grads["encoder"]
@@ -184,11 +237,34 @@ def make_train_step(
             return (loss, jax.tree.map(lambda x: x.sum(0), per_task), coef, wstate), grads
         if method.every_task:
             batch = task_stacked_flat(batch)
-        terms, pullback, per_task = jax.vjp(lambda p: loss_fn(p, batch, key), params, has_aux=True)
-        _, present = mean_losses(per_task, tasks)
-        w, loss, wstate = method.loss_weights(wstate, terms, present, static, wkey)
-        (grads,) = pullback(jax.lax.stop_gradient(w))
-        return (loss, per_task, w, wstate), grads
+        if k == 1:
+            terms, pullback, per_task = jax.vjp(lambda p: loss_fn(p, batch, key), params, has_aux=True)
+            _, present = mean_losses(per_task, tasks)
+            w, loss, wstate = method.loss_weights(wstate, terms, present, static, wkey)
+            (grads,) = pullback(jax.lax.stop_gradient(w))
+            return (loss, per_task, w, wstate), grads
+        counts = label_counts(batch["labels"])
+        present = (counts > 0).astype(jnp.float32)
+        micro_terms = lambda p, mb, key: loss_fn(p, mb, key, counts, share)  # noqa: E731
+        # the weights before the backward passes: from this batch's losses (famo: a forward pass), else
+        # from the state alone (their losses argument only updates the state, done after the passes)
+        known = (
+            accumulated(lambda mb, key: micro_terms(params, mb, key)[0], batch, key, k)
+            if method.method == "famo"
+            else None
+        )
+        w, loss, new_state = method.loss_weights(
+            wstate, jnp.zeros(len(tasks)) if known is None else known, present, static, wkey
+        )
+
+        def grads_of(mb, key):
+            terms, pullback, per_task = jax.vjp(lambda p: micro_terms(p, mb, key), params, has_aux=True)
+            return pullback(jax.lax.stop_gradient(w))[0], terms, per_task
+
+        grads, terms, per_task = accumulated(grads_of, batch, key, k)
+        if known is None:
+            _, loss, new_state = method.loss_weights(wstate, terms, present, static, wkey)
+        return (loss, per_task, w, new_state), grads
 
     def train_step(state: TrainState, batch, rng):
         key = jax.random.fold_in(rng, state.step)
@@ -291,6 +367,7 @@ def build_train_step(
     optim: OptimConfig,
     weighting: str | Weighting = "sum",
     weights: dict[str, float] | None = None,
+    grad_accum: int = 1,
 ):
     """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
 
@@ -301,7 +378,7 @@ def build_train_step(
     tx = make_optimizer(params, frozen, optim, model.config.n_layers)
     weights = {name: (weights or {}).get(name, 1.0) for name, _ in model.tasks}
     step = make_train_step(
-        model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups)
+        model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups), grad_accum
     )
     return tx, step
 

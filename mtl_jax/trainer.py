@@ -211,6 +211,7 @@ def setup(cfg: TrainConfig) -> Run:
         sampling=cfg.sampling,
         temperature=cfg.temperature,
         task_stacked=weighting.every_task,
+        grad_accum=cfg.grad_accum,
         mesh=mesh,
     )
     rng = jax.random.PRNGKey(cfg.seed)
@@ -337,6 +338,7 @@ class Trainer:
             run.optim,
             run.weighting,
             {t.name: t.weight for t in run.cfg.selected_tasks()},
+            run.cfg.grad_accum,
         )
         return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
 

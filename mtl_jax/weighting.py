@@ -180,18 +180,22 @@ class Weighting:
         return grads, coef, jnp.sum(losses), state
 
 
-def mean_losses(per_task: dict, tasks) -> tuple[jax.Array, jax.Array]:
-    """Per task (in ``tasks``' order): mean loss over its labelled rows (0 when none) ``[T]``, and 1/0 present ``[T]``."""
-    means = jnp.stack([per_task[t]["loss_sum"] / jnp.maximum(per_task[t]["count"], 1) for t in tasks])
-    present = jnp.stack([(per_task[t]["count"] > 0).astype(jnp.float32) for t in tasks])
-    return means, present
+def mean_losses(per_task: dict, tasks, counts=None) -> tuple[jax.Array, jax.Array]:
+    """Per task (in ``tasks``' order): mean loss over its labelled rows (0 when none) ``[T]``, and 1/0 present ``[T]``.
+
+    ``counts`` [T]: the denominators instead of the rows here (a micro-batch: the whole batch's).
+    """
+    if counts is None:
+        counts = jnp.stack([per_task[t]["count"] for t in tasks]).astype(jnp.float32)
+    means = jnp.stack([per_task[t]["loss_sum"] for t in tasks]) / jnp.maximum(counts, 1)
+    return means, (counts > 0).astype(jnp.float32)
 
 
-def uncertainty_terms(means, present, log_vars) -> jax.Array:
-    """``exp(-s_t) * L_t + s_t / 2`` per task ``[T]``; a task absent from the batch adds nothing,
-    not even its ``s_t / 2`` (else the regulariser alone would push ``s_t`` down on every batch
-    of the other tasks)."""
-    return present * (jnp.exp(-log_vars) * means + 0.5 * log_vars)
+def uncertainty_terms(means, present, log_vars, share: float = 1.0) -> jax.Array:
+    """``exp(-s_t) * L_t + share * s_t / 2`` per task ``[T]`` (``share``: a micro-batch's part of the
+    batch); a task absent from the batch adds nothing, not even its ``s_t / 2`` (else the
+    regulariser alone would push ``s_t`` down on every batch of the other tasks)."""
+    return present * (jnp.exp(-log_vars) * means + share * 0.5 * log_vars)
 
 
 def dwa_weights(history, periods, temperature: float) -> jax.Array:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mtl_jax import load_encoder
 from tests.conftest import ROOT, cli, tiny_train_args
@@ -150,6 +151,36 @@ def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
     assert r.returncode == 2
     assert f"{bad}:3: empty text" in r.stderr and f"{bad}:4: missing label in column 'label'" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--loss-weighting", "gradnrom"], "invalid choice 'gradnrom' for argument '--loss-weighting'"),
+        (["--grad-accum", "3"], "--grad-accum 3: does not divide --batch-size 8"),
+        (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+        (["--gradnorm-alpha", "-1"], "--gradnorm-alpha -1.0: must be 0 or more"),
+        (["--dwa-period", "0"], "--dwa-period 0: must be at least 1"),
+        (["--patience", "2", "--empty-validation"], "--patience 2: there is no validation data to stop on"),
+        (["--eval-every", "x"], "Error parsing --eval-every: invalid literal for int()"),
+    ],
+)
+def test_train_bad_options_exit_2_with_one_line_naming_the_flag(tmp_path, tiny_bert, tiny_data, options, message):
+    config = tiny_data / "tasks.yaml"
+    if "--empty-validation" in options:  # the topic task's validation file holds no rows
+        options = [o for o in options if o != "--empty-validation"]
+        (tmp_path / "empty.csv").write_text("text,label\n")
+        config = tmp_path / "tasks.yaml"
+        config.write_text(
+            f"tasks:\n  - name: topic\n    train: {tiny_data / 'topic.csv'}\n    validation: {tmp_path / 'empty.csv'}\n"
+        )
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_bert, tiny_data, "--out", str(out), *options)
+    args[args.index("--config") + 1] = str(config)
+    r = cli("train", *args)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not out.exists()  # nothing written
 
 
 def test_train_help_lists_every_option():

@@ -84,7 +84,14 @@ def test_uncertainty_weights_are_learned_and_reported(tmp_path, tiny_bert, tiny_
 
 def test_dwa_weights_follow_the_epoch_losses_in_a_run(tmp_path, tiny_bert, tiny_data):
     summary, records = _run(
-        tiny_bert, tiny_data, tmp_path / "dwa", loss_weighting="dwa", epochs=3, freeze="backbone", head_lr=0.05
+        tiny_bert,
+        tiny_data,
+        tmp_path / "dwa",
+        loss_weighting="dwa",
+        epochs=3,
+        freeze="backbone",
+        head_lr=0.05,
+        grad_accum=2,  # (cached embeddings in micro-batches)
     )
     train = [r for r in records if r["split"] == "train"]
     by_epoch = {
@@ -197,7 +204,7 @@ def test_eval_every_patience_and_tensorboard(tmp_path, tiny_bert, tiny_data):
     # nothing learns (--lr 0): every evaluation ties the first, so --patience 2 stops at the third
     out = tmp_path / "run"
     summary, records = _run(
-        tiny_bert, tiny_data, out, epochs=5, eval_every=3, patience=2, lr=0.0, head_lr=0.0, freeze="none"
+        tiny_bert, tiny_data, out, epochs=5, eval_every=3, patience=2, lr=0.0, head_lr=0.0, freeze="none", grad_accum=4
     )
     val = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in val] == [3, 6, 9]

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
@@ -18,7 +19,7 @@ from mtl_jax.inference import load_encoder
 from mtl_jax.model import MultiTaskModel, init_params, pool_segments
 from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
-from mtl_jax.weighting import mean_losses
+from mtl_jax.weighting import Weighting, mean_losses
 from tests.conftest import optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
@@ -258,3 +259,38 @@ def test_flop_count_follows_what_the_step_computes():
     # cls: the last layer runs one query per row; K and V still cover all tokens
     last = 4 * n * 32 * 32 + 4 * B * 32 * 32 + 4 * B * 32 * 64 + 4 * B * L * 32
     assert train_step_flops(config, B, L, set(), cls_pooling=True) == layer + last + heads
+
+
+@pytest.mark.parametrize("method", ["static", "uncertainty", "famo", "gradnorm"])
+def test_grad_accumulation_equals_the_whole_batch(setup, method):
+    """K micro-batches of batch / K rows give the whole batch's step (dropout off): loss, per-task sums,
+    parameters and the method's state, for loss methods (famo: weights from the batch's losses) and
+    gradient methods (per-task gradients accumulated, then combined)."""
+    import copy
+
+    model, params = setup
+    config = copy.deepcopy(model.config)
+    config.dropout = config.attention_dropout = 0.0
+    quiet = model.clone(config=config, head_dropout=0.0)
+    w = Weighting(method)
+    p0 = w.add_params(params, [t for t, _ in TASKS])
+    batch = _batch(3, B=16)
+    if w.every_task:  # two task sub-batches of 8 rows: arrays [8, 2, ...]
+        batch = {k: np.stack([v[:8], v[8:]], axis=1) for k, v in batch.items()}
+        batch["labels"][:, 0, :, 1] = batch["labels"][:, 1, :, 0] = -1
+        batch["labels"][::3, 0] = -1  # uneven labelled rows per micro-batch
+    results = []
+    for k in (1, 2, 4):
+        # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)
+        step = make_train_step(quiet, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5}, weighting=w, grad_accum=k)
+        state = TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.5).init(p0), w.init_state(2))
+        for _ in range(2):  # famo and gradnorm move their state at the second step
+            state, m = step(state, batch, jax.random.PRNGKey(0))
+        results.append((state, m))
+    (s1, m1) = results[0]
+    for s, m in results[1:]:
+        np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
+        chex.assert_trees_all_close(m["tasks"], m1["tasks"], rtol=1e-5)
+        chex.assert_trees_all_close(s.params, s1.params, atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(s.weighting, s1.weighting, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(s1.params["heads"]["task_a"]["kernel"], params["heads"]["task_a"]["kernel"])
