@@ -81,7 +81,15 @@ class TrainConfig:
     tasks: Optional[str] = fixed(None)
     """Comma-separated task names to train (default: all tasks of the config)."""
     freeze: str = fixed("backbone,none@step:100")
-    """Freezing: none | backbone | all | head:<task> | top:<k>, or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
+    """Freezing: none | backbone | all | head:<task> | top:<k> | lora (LoRA adapters train, the encoder frozen), or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
+    lora_rank: int = fixed(8)
+    """--freeze lora: rank r of each adapter."""
+    lora_alpha: float = fixed(16.0)
+    """--freeze lora: the adapters' output is scaled by alpha / r."""
+    lora_targets: str = fixed("q,k,v,out,ffn")
+    """--freeze lora: which dense layers of every block get adapters (q, k, v, out: attention; ffn: both feed-forward layers)."""
+    lora_lr: Optional[float] = fixed(None)
+    """Peak learning rate of the LoRA adapters (default: 10 x --lr)."""
     loss_weighting: Literal[
         "sum", "static", "uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"
     ] = fixed("sum")
@@ -190,6 +198,9 @@ class TrainConfig:
             ("--grad-accum", self.grad_accum, self.grad_accum >= 1, "at least 1"),
             ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, "at least 1"),
             ("--lr", self.lr, self.lr >= 0, "0 or more"),
+            ("--lora-rank", self.lora_rank, self.lora_rank >= 1, "at least 1"),
+            ("--lora-alpha", self.lora_alpha, self.lora_alpha > 0, "positive"),
+            ("--lora-lr", self.lora_lr, self.lora_lr is None or self.lora_lr >= 0, "0 or more"),
             ("--head-lr", self.head_lr, self.head_lr is None or self.head_lr >= 0, "0 or more"),
             ("--warmup", self.warmup, 0 <= self.warmup <= 1, "between 0 and 1"),
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

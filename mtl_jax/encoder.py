@@ -26,6 +26,8 @@ from jax.extend.random import threefry_2x32
 from transformers.modeling_flax_utils import ACT2FN
 from transformers.models.distilbert.modeling_flax_distilbert import positional_encoding
 
+from mtl_jax.lora import LoRADense, lora_of
+
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
     """Dropout's Bernoulli mask (True = keep) and its exact keep probability, from 16-bit draws.
@@ -56,8 +58,13 @@ class Dropout(nn.Module):
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _dense(config, dtype, features: int) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=jax.nn.initializers.normal(config.initializer_range))
+def _dense(config, dtype, features: int, target: str | None = None) -> nn.Module:
+    """A dense layer; with a LoRA ``target`` (q, k, v, out, ffn) of the config's adapters (see mtl_jax.lora), adapted."""
+    init = jax.nn.initializers.normal(config.initializer_range)
+    lora = lora_of(config)
+    if lora is not None and target in lora.targets:
+        return LoRADense(features, lora, dtype, kernel_init=init)
+    return nn.Dense(features, dtype=dtype, kernel_init=init)
 
 
 def _layer_norm(dtype) -> nn.LayerNorm:
@@ -116,7 +123,9 @@ class Attention(nn.Module):
 
     def setup(self):
         dim = self.config.dim
-        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (_dense(self.config, self.dtype, dim) for _ in range(4))
+        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (
+            _dense(self.config, self.dtype, dim, target) for target in ("q", "k", "v", "out")
+        )
         self.dropout = Dropout(self.config.attention_dropout)
 
     def __call__(self, queries: jax.Array, keys: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
@@ -154,8 +163,8 @@ class FFN(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.lin1 = _dense(self.config, self.dtype, self.config.hidden_dim)
-        self.lin2 = _dense(self.config, self.dtype, self.config.dim)
+        self.lin1 = _dense(self.config, self.dtype, self.config.hidden_dim, "ffn")
+        self.lin2 = _dense(self.config, self.dtype, self.config.dim, "ffn")
         self.dropout = Dropout(self.config.dropout)
 
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:

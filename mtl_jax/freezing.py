@@ -23,7 +23,8 @@ from mtl_jax.errors import MtlError
 # (pattern over the "/"-joined parameter path, group name template)
 GROUP_RULES = (
     (re.compile(r"^encoder/embeddings/"), "embeddings"),
-    (re.compile(r"^encoder/transformer/layer/(\d+)/"), "layer_{0}"),
+    (re.compile(r"^encoder/transformer/layer/(\d+)/(?!.*/lora_[ab]$)"), "layer_{0}"),
+    (re.compile(r"^encoder/.*/lora_[ab]$"), "lora"),  # --freeze lora: the adapters (mtl_jax.lora)
     (re.compile(r"^heads/([^/]+)/"), "head:{0}"),
     (re.compile(r"^loss_weights/"), "loss_weights"),  # --loss-weighting uncertainty: trains with the heads
 )
@@ -58,15 +59,17 @@ def group_sizes(params) -> dict[str, int]:
 
 
 def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
-    """The frozen groups of one scenario: none | backbone | all | head:<task> | top:<k>."""
+    """The frozen groups of one scenario: none | backbone | all | head:<task> | top:<k> | lora."""
     spec = spec.strip()
     heads = {g for g in groups if g.startswith("head:")}
-    backbone = {g for g in groups if g == "embeddings" or g.startswith("layer_")}
+    backbone = {g for g in groups if g in ("embeddings", "lora") or g.startswith("layer_")}
     layers = sorted(i for g in groups if (i := layer_index(g)) is not None)
     if spec == "none":
         return frozenset()
     if spec == "backbone":
         return frozenset(backbone)
+    if spec == "lora":  # the encoder frozen but its adapters
+        return frozenset(backbone - {"lora"})
     if spec == "all":
         return frozenset(groups)
     if spec.startswith("head:"):
@@ -83,7 +86,7 @@ def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
             raise MtlError(f"--freeze {spec}: k must be between 0 and {len(layers)} (the encoder's layers)")
         keep = set(layers[len(layers) - k :])
         return frozenset(g for g in backbone if layer_index(g) not in keep)
-    raise MtlError(f"--freeze {spec!r}: expected none, backbone, all, head:<task>, top:<k> or phases")
+    raise MtlError(f"--freeze {spec!r}: expected none, backbone, all, head:<task>, top:<k>, lora or phases")
 
 
 @dataclass(frozen=True)

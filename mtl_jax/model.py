@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.encoder import ATTENTION, Encoder
+from mtl_jax.lora import add_adapters
 from mtl_jax.pretrained import POOLING_MODES
 
 
@@ -125,7 +126,7 @@ def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_lengt
     """Fresh heads, and the given pretrained encoder parameters under ``"encoder"``."""
     ids = jnp.zeros((1, max_length), jnp.int32)
     shapes = jax.eval_shape(model.init, rng, ids, ids)["params"]
-    params = {"encoder": encoder_params}
+    params = {"encoder": add_adapters(encoder_params, shapes["encoder"], jax.random.fold_in(rng, 7))}
     if "heads" in shapes:
         heads = Heads(model.tasks)
         params["heads"] = jax.jit(heads.init)(rng, jnp.zeros((1, model.config.dim), jnp.float32))["params"]

@@ -22,6 +22,7 @@ class OptimConfig:
 
     lr: float  # peak LR of the encoder's top layer
     head_lr: float  # peak LR of the heads (and learned loss weights)
+    lora_lr: float  # peak LR of the LoRA adapters
     total_steps: int
     warmup_steps: int
     decay: str  # "linear" or "cosine"
@@ -35,6 +36,7 @@ class OptimConfig:
         return cls(
             lr=cfg.lr,
             head_lr=cfg.head_lr if cfg.head_lr is not None else 10 * cfg.lr,
+            lora_lr=cfg.lora_lr if cfg.lora_lr is not None else 10 * cfg.lr,
             total_steps=total_steps,
             warmup_steps=int(round(cfg.warmup * total_steps)),
             decay=cfg.decay,
@@ -67,6 +69,8 @@ def group_lr(group: str, cfg: OptimConfig, n_layers: int) -> float:
     encoder, ``d`` counting layers below the top (the embeddings sit below layer 0)."""
     if group.startswith("head:") or group == "loss_weights":
         return cfg.head_lr
+    if group == "lora":
+        return cfg.lora_lr
     layer = layer_index(group)
     depth = n_layers - layer if layer is not None else n_layers + 1
     return cfg.lr * cfg.layer_decay ** (depth - 1)

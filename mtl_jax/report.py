@@ -10,6 +10,7 @@ import numpy as np
 
 from mtl_jax.config import TrainConfig
 from mtl_jax.export import export_model
+from mtl_jax.lora import lora_of, merge_adapters
 from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
 
 
@@ -74,7 +75,7 @@ def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
         export_model(
             out / "export",
             spec,
-            best_params["encoder"],
+            merge_adapters(best_params["encoder"], lora_of(run.model.config)),
             best_params["heads"],
             run.encoder.hf_tokenizer,
             [(t, labels[t]) for t in names],

@@ -47,6 +47,7 @@ from mtl_jax.freezing import (
     phase_starts,
 )
 from mtl_jax.inference import SentenceEncoder, load_encoder
+from mtl_jax.lora import LoRA, with_lora
 from mtl_jax.model import MultiTaskModel, init_params
 from mtl_jax.optim import OptimConfig, carry_opt_state, count_numbers
 from mtl_jax.parallel import (
@@ -186,8 +187,9 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
     max_length = min(cfg.max_length, encoder.spec.max_length)
+    lora = LoRA.from_config(cfg) if any(p.spec.strip() == "lora" for p in phases) else None
     model = MultiTaskModel(
-        encoder.config,
+        with_lora(encoder.config, lora),
         tasks=tuple((t, len(data.labels[t])) for t in data.names),
         pooling=cfg.pooling or encoder.spec.pooling,
         head_dropout=cfg.head_dropout,

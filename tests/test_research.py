@@ -107,6 +107,17 @@ def test_dwa_weights_follow_the_epoch_losses_in_a_run(tmp_path, tiny_bert, tiny_
     assert (topic > sentiment) == (mean(1, "topic") / mean(0, "topic") > mean(1, "sentiment") / mean(0, "sentiment"))
 
 
+def test_lora_run_exports_a_plain_model(tmp_path, tiny_bert, tiny_data):
+    from mtl_jax import load
+
+    out = tmp_path / "lora"
+    summary, _ = _run(tiny_bert, tiny_data, out, freeze="backbone,lora@step:4", epochs=1, lora_rank=4, lora_lr=1e-2)
+    assert summary["parameters"]["lora"] == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64))
+    weights = load_file(out / "export" / "model.safetensors")
+    assert not any("lora" in k for k in weights) and len(weights) > 0
+    assert load(out / "export").encoder.encode(["a goal story"]).shape == (1, 32)
+
+
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
     from mtl_jax.compare import CompareConfig
 

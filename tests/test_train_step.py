@@ -14,7 +14,16 @@ from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBe
 from mtl_jax import MtlError
 from mtl_jax.batching import InputPipeline, Tokenized, single_rows
 from mtl_jax.evaluation import evaluate
-from mtl_jax.freezing import Phase, frozen_groups, group_of, param_groups, parse_phases, phase_at, phase_starts
+from mtl_jax.freezing import (
+    Phase,
+    frozen_groups,
+    group_of,
+    group_sizes,
+    param_groups,
+    parse_phases,
+    phase_at,
+    phase_starts,
+)
 from mtl_jax.inference import load_encoder
 from mtl_jax.model import MultiTaskModel, init_params, pool_segments
 from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
@@ -294,3 +303,60 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
         chex.assert_trees_all_close(s.params, s1.params, atol=1e-5, rtol=1e-5)
         chex.assert_trees_all_close(s.weighting, s1.weighting, atol=1e-5, rtol=1e-5)
     assert not np.allclose(s1.params["heads"]["task_a"]["kernel"], params["heads"]["task_a"]["kernel"])
+
+
+def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert):
+    from mtl_jax.lora import LoRA, merge_adapters, with_lora
+
+    model, base_params = setup
+    enc = load_encoder(tiny_bert)
+    lora = LoRA(rank=4, alpha=8.0)
+    adapted = model.clone(config=with_lora(model.config, lora))
+    params = init_params(adapted, enc.params, jax.random.PRNGKey(0))
+    groups = set(jax.tree.leaves(param_groups(params)))
+    assert "lora" in groups
+    n_adapters = 2 * (4 * (32 + 32) * 4 + (32 + 64) * 4 + (64 + 32) * 4)  # 2 layers: q,k,v,out + ffn lin1, lin2
+    assert group_sizes(params)["lora"] == n_adapters
+    b = _batch()
+    embed = lambda m, p: m.apply({"params": p}, b["ids"], b["segments"])[1]  # noqa: E731
+    # B = 0 at the start: the pretrained function
+    np.testing.assert_allclose(embed(adapted, params), embed(model, base_params), atol=1e-6)
+    frozen = frozen_groups("lora", groups)
+    assert frozen == {"embeddings", "layer_0", "layer_1"}
+    tx, step = build_train_step(adapted, params, frozen, optim(100, lr=1e-2, head_lr=1e-2, lora_lr=1e-2))
+    state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
+    # optimizer state for the adapters and heads only: Adam's two moments of each (and a few counts)
+    trainable = n_adapters + sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["heads"]))
+    assert 2 * trainable <= count_numbers(state.opt_state) <= 2 * trainable + 64
+    for i in range(3):
+        state, _ = step(state, _batch(i), jax.random.PRNGKey(1))
+    new = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    old = traverse_util.flatten_dict(params, sep="/")
+    for path, value in new.items():
+        if group_of(path) in frozen:
+            np.testing.assert_array_equal(value, old[path], err_msg=path)  # bit for bit
+        elif "lora_b" in path or path.startswith("heads/"):
+            assert not np.array_equal(value, old[path]), path
+    # the export's merged weights give the adapter forward
+    merged = dict(state.params, encoder=merge_adapters(state.params["encoder"], lora))
+    assert not any("lora" in k for k in traverse_util.flatten_dict(merged, sep="/"))
+    trained = embed(adapted, state.params)
+    assert not np.allclose(trained, embed(model, base_params), atol=1e-3)
+    np.testing.assert_allclose(embed(model, merged), trained, atol=1e-5)
+
+
+def test_lora_rank_16_trains_under_5_percent_of_minilm():
+    from transformers import DistilBertConfig
+
+    from mtl_jax.lora import LoRA, with_lora
+
+    config = DistilBertConfig(dim=384, n_layers=6, n_heads=12, hidden_dim=1536)
+    model = MultiTaskModel(with_lora(config, LoRA(rank=16, alpha=32.0)), tasks=TASKS)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)["params"]
+    sizes = {}
+    for path, leaf in traverse_util.flatten_dict(shapes, sep="/").items():
+        sizes[group_of(path)] = sizes.get(group_of(path), 0) + int(np.prod(leaf.shape))
+    encoder = sum(n for g, n in sizes.items() if not g.startswith("head:"))
+    assert sizes["lora"] == 6 * (4 * 16 * (384 + 384) + 2 * 16 * (384 + 1536))
+    assert sizes["lora"] / encoder < 0.05  # 2.9%
