@@ -37,7 +37,7 @@ class CompareConfig(TrainConfig):
     Each run's --freeze, --seed and --loss-weighting come from --scenarios, --seeds and --weighting.
     """
 
-    scenarios: tuple[str, ...] = ("none", "backbone", "head:*", "top:2", "gradual")
+    scenarios: tuple[str, ...] = ("none", "backbone", "head:*", "top:2", "gradual", "lora")
     """Freezing specs to compare; head:* is one scenario per task, gradual is --gradual."""
     gradual: str = GRADUAL
     """The gradual-unfreezing schedule of the 'gradual' scenario."""
@@ -53,7 +53,7 @@ class CompareConfig(TrainConfig):
     """Stop starting runs that would end past this budget (estimated from the runs so far); skipped runs are listed."""
     epochs: int = 1
     max_steps: Optional[int] = 240
-    """Steps per run (240 x 32 examples: about 0.7 of an epoch of the embedded default, so that 6 scenarios x 3 seeds fit in an hour on 2 CPU cores)."""
+    """Steps per run (240 x 32 examples: about 0.7 of an epoch of the embedded default, so that 7 scenarios x 3 seeds fit in an hour on 2 CPU cores)."""
     out: str = "runs/compare"
     """Folder for results.csv, results.md, results.png and each run's directory (runs/<scenario>-<weighting>-s<seed>)."""
     export: bool = False

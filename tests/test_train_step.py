@@ -270,7 +270,7 @@ def test_flop_count_follows_what_the_step_computes():
     assert train_step_flops(config, B, L, set(), cls_pooling=True) == layer + last + heads
 
 
-@pytest.mark.parametrize("method", ["static", "uncertainty", "famo", "gradnorm"])
+@pytest.mark.parametrize("method", ["uncertainty", "famo", "gradnorm"])
 def test_grad_accumulation_equals_the_whole_batch(setup, method):
     """K micro-batches of batch / K rows give the whole batch's step (dropout off): loss, per-task sums,
     parameters and the method's state, for loss methods (famo: weights from the batch's losses) and
@@ -289,7 +289,7 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
         batch["labels"][:, 0, :, 1] = batch["labels"][:, 1, :, 0] = -1
         batch["labels"][::3, 0] = -1  # uneven labelled rows per micro-batch
     results = []
-    for k in (1, 2, 4):
+    for k in (1, 4):
         # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)
         step = make_train_step(quiet, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5}, weighting=w, grad_accum=k)
         state = TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.5).init(p0), w.init_state(2))

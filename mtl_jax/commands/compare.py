@@ -1,6 +1,6 @@
 """Measure the freezing scenarios (and, with --weighting, the loss-weighting methods) against each other.
 
-    python scripts/compare.py                         # embedded default: 6 scenarios x 3 seeds, <= 60 min
+    python scripts/compare.py                         # embedded default: 7 scenarios x 3 seeds, <= 60 min
     python scripts/compare.py --config my.yaml --seeds 0 1 --budget-minutes 20 --weighting
 
 One run per (scenario, seed), each with the options of scripts/train.py (--epochs
