@@ -26,6 +26,7 @@ from mtl_jax.config import TrainConfig
 from mtl_jax.flops import train_step_flops
 from mtl_jax.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
 from mtl_jax.hostmem import reuse_host_memory
+from mtl_jax.lora import LoRA, with_lora
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.optim import OptimConfig, count_numbers
 from mtl_jax.packing import MAX_SEGMENTS
@@ -52,7 +53,10 @@ def main() -> None:
         help="sentences packed into each row (seq / K tokens each), as the trainer packs them; "
         "examples per step = batch * K",
     )
-    p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k>")
+    p.add_argument("--freeze", default="none", help="none | backbone | all | head:<task> | top:<k> | lora")
+    p.add_argument(
+        "--lora-rank", type=int, default=16, help="with --freeze lora: adapters of this rank on q,k,v,out,ffn"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--pooling",
@@ -96,6 +100,8 @@ def main() -> None:
         attention_dropout=args.dropout,
         **SIZES[args.size],
     )
+    if args.freeze == "lora":
+        config = with_lora(config, LoRA(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
     model = MultiTaskModel(
         config,
         pooling=args.pooling,
@@ -135,7 +141,8 @@ def main() -> None:
     flops = train_step_flops(
         config, args.batch, args.seq, trainable_layers, args.pooling == "cls", batch["labels"].shape[1]
     )
-    mfu = model_flops_utilization(flops, step_s, args.peak_tflops)
+    # (LoRA: the backward runs through every layer for the adapters; the FLOP count has no such case)
+    mfu = {} if args.freeze == "lora" else model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
         mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
     trainable = sum(
