@@ -107,17 +107,6 @@ def test_dwa_weights_follow_the_epoch_losses_in_a_run(tmp_path, tiny_bert, tiny_
     assert (topic > sentiment) == (mean(1, "topic") / mean(0, "topic") > mean(1, "sentiment") / mean(0, "sentiment"))
 
 
-def test_lora_run_exports_a_plain_model(tmp_path, tiny_bert, tiny_data):
-    from mtl_jax import load
-
-    out = tmp_path / "lora"
-    summary, _ = _run(tiny_bert, tiny_data, out, freeze="backbone,lora@step:4", epochs=1, lora_rank=4, lora_lr=1e-2)
-    assert summary["parameters"]["lora"] == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64))
-    weights = load_file(out / "export" / "model.safetensors")
-    assert not any("lora" in k for k in weights) and len(weights) > 0
-    assert load(out / "export").encoder.encode(["a goal story"]).shape == (1, 32)
-
-
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
     from mtl_jax.compare import CompareConfig
 
@@ -211,17 +200,34 @@ def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def test_eval_every_patience_and_tensorboard(tmp_path, tiny_bert, tiny_data):
-    # nothing learns (--lr 0): every evaluation ties the first, so --patience 2 stops at the third
+def test_eval_every_patience_tensorboard_and_a_lora_export(tmp_path, tiny_bert, tiny_data):
+    # nothing learns (every learning rate 0): each evaluation ties the first, so --patience 2 stops at the third
+    from mtl_jax import load
+
     out = tmp_path / "run"
     summary, records = _run(
-        tiny_bert, tiny_data, out, epochs=5, eval_every=3, patience=2, lr=0.0, head_lr=0.0, freeze="none", grad_accum=4
+        tiny_bert,
+        tiny_data,
+        out,
+        epochs=5,
+        eval_every=3,
+        patience=2,
+        lr=0.0,
+        head_lr=0.0,
+        lora_lr=0.0,
+        freeze="backbone,lora@step:4",
+        lora_rank=4,
+        grad_accum=4,
     )
     val = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in val] == [3, 6, 9]
     assert summary["stopped_early"] and summary["steps"] == 9 and summary["best_step"] == 3
     assert summary["test"]["topic"]["examples"] == 9  # tested (the best evaluation's parameters) and exported
-    assert (out / "export" / "heads.safetensors").exists()
+    # the LoRA phase's adapters are merged into a plain exported model
+    assert summary["parameters"]["lora"] == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64))
+    weights = load_file(out / "export" / "model.safetensors")
+    assert not any("lora" in k for k in weights) and len(weights) > 0
+    assert load(out / "export").encoder.encode(["a goal story"]).shape == (1, 32)
     # TensorBoard holds the same series as metrics.jsonl
     tb = _tensorboard_scalars(out / "tensorboard")
     for split, key in (("train", "loss"), ("validation", "mean_macro_f1")):

@@ -293,8 +293,15 @@ def test_unknown_method_is_refused():
 EVERY_METHOD = (
     SETUP
     + r"""
+import copy
 import optax
 from mtl_jax.steps import make_train_step
+
+# one layer: the weighting's arithmetic over sharded gradients is what is tested (and compiles take half the time)
+config = copy.deepcopy(enc.config)
+config.n_layers = 1
+model = MultiTaskModel(config, tasks=(("a", 3), ("b", 2)))
+params = model.init(jax.random.PRNGKey(0), batches[0]["ids"][:1], batches[0]["segments"][:1])["params"]
 
 
 def sgd_steps(devices, method, fsdp=False, model=model):
