@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,9 +9,7 @@ import numpy as np
 import pytest
 
 from mtl_jax.steps import own_task_labels, per_task_grads
-from mtl_jax.weighting import METHODS, Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
-from tests.conftest import ROOT
-from tests.test_parallel import ENV, SETUP
+from mtl_jax.weighting import Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
 
 
 def _per_task(**loss_and_count):
@@ -287,67 +281,3 @@ def test_methods_keep_their_state_when_the_encoder_is_frozen():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown loss weighting 'gradnrom'; choose from sum, static"):
         Weighting("gradnrom")
-
-
-# Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 1 device in bf16.
-EVERY_METHOD = (
-    SETUP
-    + r"""
-import copy
-import optax
-from mtl_jax.steps import make_train_step
-
-# one layer: the weighting's arithmetic over sharded gradients is what is tested (and compiles take half the time)
-config = copy.deepcopy(enc.config)
-config.n_layers = 1
-model = MultiTaskModel(config, tasks=(("a", 3), ("b", 2)))
-params = model.init(jax.random.PRNGKey(0), batches[0]["ids"][:1], batches[0]["segments"][:1])["params"]
-
-
-def sgd_steps(devices, method, fsdp=False, model=model):
-    mesh, w = make_mesh(devices), Weighting(method)
-    p0 = w.add_params(params, ["a", "b"])
-    step = make_train_step(model, optax.sgd(0.1), {{"a": 1.0, "b": 0.5}}, weighting=w)
-    state = place_state(TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.1).init(p0), w.init_state(2)), mesh, fsdp)
-    losses = []
-    for b in batches[:2]:
-        if w.every_task:  # two task sub-batches of 4 rows: [4, 2, ...]
-            b = {{k: np.stack([v[:4], v[4:]], axis=1) for k, v in b.items()}}
-        state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
-        losses.append(float(m["loss"]))
-    return losses, jax.device_get(state.params), state
-
-bf16 = model.clone(dtype=jnp.bfloat16)
-out = {{}}
-for method in {methods!r}:
-    l1, p1, _ = sgd_steps(jax.devices()[:1], method)
-    lf, pf, sf = sgd_steps(jax.devices(), method, fsdp=True)
-    lb, pb, _ = sgd_steps(jax.devices()[:1], method, model=bf16)
-    diff = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
-    out[method] = {{"losses1": l1, "losses_fsdp": lf, "losses_bf16": lb, "moved": moved, "diff_fsdp": diff(pf),
-                   "devices": len(sf.params["encoder"]["transformer"]["layer"]["0"]["ffn"]["lin1"]["kernel"].sharding.device_set),
-                   "bf16_params": sorted({{str(x.dtype) for x in jax.tree.leaves(pb)}})}}
-print(json.dumps(out))
-"""
-)
-
-
-def test_loss_weightings_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tiny_bert):
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    # sum is test_parallel.test_four_devices_match_one's; static and dwa (in its first two epochs) differ
-    # from it only in constant weights
-    methods = [m for m in METHODS if m not in ("sum", "static", "dwa")]
-    code = EVERY_METHOD.format(root=str(ROOT), model=str(tiny_bert), methods=methods)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == set(methods) == {"uncertainty", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"}
-    for method, o in out.items():
-        assert o["moved"] > 1e-3, method  # two real updates
-        assert o["devices"] == 4, method
-        assert o["losses_fsdp"] == pytest.approx(o["losses1"], abs=1e-5), method
-        assert o["diff_fsdp"] <= 1e-5, (method, o)
-        # bf16 compute, float32 parameters and losses, the same losses to bf16's precision
-        assert o["bf16_params"] == ["float32"], method
-        assert o["losses_bf16"] == pytest.approx(o["losses1"], rel=0.02), method
