@@ -113,11 +113,9 @@ def per_task_grads(loss_fn: Callable, params, stacked, key):
 def task_stacked_flat(batch: dict) -> dict:
     """A task-stacked batch (arrays ``[rows, T, ...]``) as one plain batch ``[rows * T, ...]``, each
     sub-batch keeping only its own task's labels (as in :func:`per_task_grads`)."""
-    labels = batch["labels"]
-    n = labels.shape[1]
-    own = jnp.eye(n, dtype=bool).reshape((1, n) + (1,) * (labels.ndim - 3) + (n,))
-    flat = dict(batch, labels=jnp.where(own, labels, -1))
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in flat.items()}
+    n = batch["labels"].shape[1]
+    labels = jax.vmap(own_task_labels, in_axes=(1, 0), out_axes=1)(batch["labels"], jnp.arange(n))
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in dict(batch, labels=labels).items()}
 
 
 def make_loss_fn(model: MultiTaskModel, encoder_frozen: bool = False, uncertainty: bool = False) -> Callable:

@@ -59,9 +59,10 @@ print(json.dumps(out))
 
 def test_loss_weightings_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tiny_bert):
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    # sum is test_parallel.test_four_devices_match_one's; static and dwa (in its first two epochs) differ
-    # from it only in constant weights
-    methods = [m for m in METHODS if m not in ("sum", "static", "dwa")]
+    # sum is test_parallel.test_four_devices_match_one's; static, dwa (in its first two periods) and rlw
+    # differ from it only in the weights' values; cagrad combines the sharded gradients as mgda does, with
+    # another solve on the (replicated) Gram matrix
+    methods = [m for m in METHODS if m not in ("sum", "static", "dwa", "rlw", "cagrad")]
     # bf16 compute changes the forward and backward, not a method's float32 arithmetic on the losses and
     # gradients: one method per path (learned params, loss weights on task-stacked batches, per-task gradients)
     bf16_methods = ["uncertainty", "famo", "gradnorm"]
@@ -69,7 +70,7 @@ def test_loss_weightings_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tin
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == set(methods) == {"uncertainty", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"}
+    assert set(out) == set(methods) == {"uncertainty", "famo", "pcgrad", "mgda", "gradnorm"}
     for method, o in out.items():
         assert o["moved"] > 1e-3, method  # two real updates
         assert o["devices"] == 4, method
