@@ -162,13 +162,13 @@ class Weighting:
         """
         n = losses.shape[0]
         total = lambda coef, tree: jax.tree.map(lambda g: jnp.tensordot(coef.astype(g.dtype), g, 1), tree)  # noqa: E731
-        ones = jnp.ones((n,), jnp.float32)
-        grads = total(ones, task_grads)
         if self.method == "gradnorm":
             coef = state["w"]
             if shared is not None:
                 state = gradnorm_update(state, losses, gram_matrix(shared), self.gradnorm_alpha, self.gradnorm_tx())
             return total(coef, task_grads), coef, jnp.sum(coef * losses), state
+        ones = jnp.ones((n,), jnp.float32)
+        grads = total(ones, task_grads)  # the heads' (and a frozen encoder's) own-task gradients
         if shared is None:
             return grads, ones, jnp.sum(losses), state
         if self.method == "pcgrad":
