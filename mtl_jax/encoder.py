@@ -26,6 +26,7 @@ from jax.extend.random import threefry_2x32
 from transformers.modeling_flax_utils import ACT2FN
 from transformers.models.distilbert.modeling_flax_distilbert import positional_encoding
 
+from mtl_jax.dense import Dense
 from mtl_jax.lora import LoRADense, lora_of
 
 
@@ -64,7 +65,7 @@ def _dense(config, dtype, features: int, target: str | None = None) -> nn.Module
     lora = lora_of(config)
     if lora is not None and target in lora.targets:
         return LoRADense(features, lora, dtype, kernel_init=init)
-    return nn.Dense(features, dtype=dtype, kernel_init=init)
+    return Dense(features, dtype, kernel_init=init)
 
 
 def _layer_norm(dtype) -> nn.LayerNorm:

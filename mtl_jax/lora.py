@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mtl_jax.dense import affine
 from mtl_jax.errors import MtlError
 
 TARGETS = ("q", "k", "v", "out", "ffn")
@@ -74,7 +75,7 @@ class LoRADense(nn.Module):
         a = self.param("lora_a", nn.initializers.normal(1 / math.sqrt(inputs)), (inputs, r))
         b = self.param("lora_b", nn.initializers.zeros, (r, self.features))
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        y = affine(x, kernel.astype(self.dtype), bias.astype(self.dtype))
         return y + self.lora.scale * ((x @ a.astype(self.dtype)) @ b.astype(self.dtype))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from flax import traverse_util
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
+from mtl_jax.dense import Dense, cpu_affine
 from mtl_jax.encoder import Attention, Encoder
 
 
@@ -45,3 +47,29 @@ def test_attention_kernels_agree_and_fused_falls_back_where_rejected():
     theirs = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
     real = segments > 0  # padding tokens attend to nothing; their output is never read
     np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_layer_value_and_gradients_are_the_plain_products(dtype):
+    """mtl_jax.dense.cpu_affine (every product of a bfloat16 dense layer laid out for
+    XLA:CPU's fast kernels, forward and backward) gives x @ W + b and its gradients: to
+    float32 rounding in float32, and in bfloat16 what the plain bfloat16 arithmetic gives; the
+    Dense module has nn.Dense's parameters."""
+    rng = np.random.default_rng(0)
+    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 20, 48), (48, 80), (80,)))
+    cot = jnp.asarray(rng.normal(size=(3, 20, 80)), jnp.float32)
+
+    def value_and_grads(fn):
+        y, vjp = jax.vjp(lambda x, w, b: fn(x.astype(dtype), w.astype(dtype), b.astype(dtype)), x, w, b)
+        return [t.astype(jnp.float32) for t in (y, *vjp(cot.astype(dtype)))]
+
+    ours = [np.asarray(t) for t in jax.jit(lambda: value_and_grads(cpu_affine))()]
+    plain = [np.asarray(t) for t in jax.jit(lambda: value_and_grads(lambda x, w, b: x @ w + b))()]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for name, a, p in zip(("y", "dx", "dw", "db"), ours, plain):
+        scale = np.abs(p).max()
+        np.testing.assert_allclose(a / scale, p / scale, atol=tol, err_msg=name)
+    dense = jax.eval_shape(Dense(80).init, jax.random.PRNGKey(0), x)
+    assert jax.tree.map(lambda a: a.shape, dense) == jax.tree.map(
+        lambda a: a.shape, jax.eval_shape(nn.Dense(80).init, jax.random.PRNGKey(0), x)
+    )

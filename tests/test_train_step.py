@@ -232,6 +232,17 @@ def test_evaluate_counts_every_example_once(setup):
         np.testing.assert_array_equal(res[task]["confusion"], matrix, err_msg=task)
 
 
+def dot_operand_dtypes(jaxpr):
+    """The operand dtypes of every matrix product in ``jaxpr`` and the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield tuple(v.aval.dtype for v in eqn.invars)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from dot_operand_dtypes(inner)
+
+
 def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     model, params = setup
     bf16 = model.clone(dtype=jnp.bfloat16)
@@ -239,10 +250,10 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     logits16, _ = bf16.apply({"params": params}, b["ids"], b["segments"])
     logits32, _ = model.apply({"params": params}, b["ids"], b["segments"])
     assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
-    # the encoder's matrix products really run in bf16: Q, K, V, out, FFN x2 and attention x2 per layer
-    text = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["ids"], b["segments"]))(params))
-    bf16_dots = [line for line in text.splitlines() if "dot_general" in line and "bf16[" in line.split("=")[0]]
-    assert len(bf16_dots) >= 8 * model.config.n_layers, text
+    # the encoder's matrix products really multiply bf16: Q, K, V, out, FFN x2 and attention x2 per layer
+    jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["ids"], b["segments"]))(params).jaxpr
+    bf16_dots = [d for d in dot_operand_dtypes(jaxpr) if d == (jnp.bfloat16, jnp.bfloat16)]
+    assert len(bf16_dots) >= 8 * model.config.n_layers, list(dot_operand_dtypes(jaxpr))
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
     tx, _, state = _state(model, params, frozenset())
     step = make_train_step(bf16, tx, {"task_a": 1.0, "task_b": 1.0})
