@@ -40,11 +40,11 @@ def cpu_affine(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def cpu_affine_fwd(x, kernel, bias):
+def _cpu_affine_fwd(x, kernel, bias):
     return cpu_affine(x, kernel, bias), (x, kernel, bias)
 
 
-def cpu_affine_bwd(saved, grad):
+def _cpu_affine_bwd(saved, grad):
     x, kernel, bias = saved
     k, n = kernel.shape
     x2, g2 = x.reshape(-1, k), grad.reshape(-1, n).astype(x.dtype)
@@ -54,7 +54,7 @@ def cpu_affine_bwd(saved, grad):
     return dx, dkernel, dbias
 
 
-cpu_affine.defvjp(cpu_affine_fwd, cpu_affine_bwd)
+cpu_affine.defvjp(_cpu_affine_fwd, _cpu_affine_bwd)
 
 
 def affine(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
