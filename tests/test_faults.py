@@ -16,8 +16,6 @@ from mtl_jax.checkpoint import Checkpoints
 from tests.conftest import cli
 from tests.test_checkpoint import assert_same_run, faulty, outputs, train_args
 
-pytestmark = pytest.mark.slow
-
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "run"
@@ -95,6 +93,7 @@ def test_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, 
 # ---------------------------------------------------------------------------- export and predict
 
 
+@pytest.mark.slow
 def test_sigint_across_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, tiny_bert, tiny_data):
     """Ctrl-C saves and exits 130; --resume ends where the uninterrupted run ends (crossing from a
     phase whose embeddings are cached into the full forward, with GradNorm's weights, the best epoch read

@@ -98,6 +98,7 @@ def test_batch_size_must_divide_by_device_count():
         check_batch_size(30, fake)
 
 
+@pytest.mark.slow
 def test_two_process_training_run_writes_once_and_matches_one_process(tmp_path, tiny_bert, tiny_data):
     """Two processes on localhost (gloo collectives, one CPU device each) train like one process
     with its batch on one device; process 0 alone writes the outputs and the log."""

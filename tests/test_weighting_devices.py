@@ -57,6 +57,7 @@ print(json.dumps(out))
 )
 
 
+@pytest.mark.slow
 def test_loss_weightings_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tiny_bert):
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     # sum is test_parallel.test_four_devices_match_one's; static, dwa (in its first two periods) and rlw
