@@ -37,11 +37,11 @@ LONGEST_FIRST = (
     "test_checkpoint.py",  # 80
     "test_research.py",  # 55
     "test_train_step.py",  # 50
-    "test_parallel.py",  # 20 (+ 25 slow)
-    "test_faults.py",  # 10 (+ 30 slow)
     "test_cli.py",  # 35
     "test_packing.py",  # 30
+    "test_parallel.py",  # 20 (+ 25 slow)
     "test_pretrained.py",  # 20
+    "test_faults.py",  # 10 (+ 30 slow)
 )
 
 

@@ -13,7 +13,8 @@ from mtl_jax.weighting import METHODS
 from tests.conftest import ROOT
 from tests.test_parallel import ENV, SETUP
 
-# Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 1 device in bf16.
+# Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 4 devices with FSDP in bf16
+# (the CPU's bf16 dense layers, mtl_jax.dense, under sharding).
 EVERY_METHOD = (
     SETUP
     + r"""
@@ -46,7 +47,7 @@ out = {{}}
 for method in {methods!r}:
     l1, p1, _ = sgd_steps(jax.devices()[:1], method)
     lf, pf, sf = sgd_steps(jax.devices(), method, fsdp=True)
-    lb = sgd_steps(jax.devices()[:1], method, model=bf16)[0] if method in {bf16_methods!r} else None
+    lb = sgd_steps(jax.devices(), method, fsdp=True, model=bf16)[0] if method in {bf16_methods!r} else None
     diff = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
     out[method] = {{"losses1": l1, "losses_fsdp": lf, "losses_bf16": lb, "moved": moved, "diff_fsdp": diff(pf),
