@@ -50,6 +50,7 @@ COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a program loaded instead of compiled
 
 
 class RunClock:
@@ -66,14 +67,19 @@ class RunClock:
         self.seconds: dict[str, float] = {}
         self.compiled = 0.0
         self.programs = 0  # programs compiled or loaded from the persistent cache
+        self.cache_hits = 0  # of those, loaded from the persistent cache
         self._stack: list[str] = []
         self._t0, self._c0 = self.start, 0.0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        jax.monitoring.register_event_listener(self._on_count)
 
     def _on_event(self, event: str, duration: float, **_) -> None:
         if event in COMPILE_EVENTS:
             self.compiled += duration
             self.programs += event == COMPILE_EVENTS[-1]
+
+    def _on_count(self, event: str, **_) -> None:
+        self.cache_hits += event == CACHE_HIT_EVENT
 
     @contextlib.contextmanager
     def part(self, name: str):
@@ -104,3 +110,4 @@ class RunClock:
 
     def close(self) -> None:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
+        jax.monitoring.unregister_event_listener(self._on_count)

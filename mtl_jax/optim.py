@@ -84,7 +84,9 @@ def make_optimizer(params, frozen: frozenset[str], cfg: OptimConfig, n_layers: i
     change of gradual unfreezing leaves the other groups' state untouched.
     """
     labels = labels_for(params, frozen)
-    trainable = {g for g in jax.tree.leaves(param_groups(params)) if g not in frozen}
+    # sorted: the traced update (and so the program and its compile-cache key) must not follow
+    # the set's order, which changes with every process's string-hash seed
+    trainable = sorted({g for g in jax.tree.leaves(param_groups(params)) if g not in frozen})
     routes = {g: optax.identity() for g in trainable} | {"frozen": optax.set_to_zero()}
     groups = {
         g: optax.chain(

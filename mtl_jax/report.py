@@ -104,7 +104,8 @@ def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
         f"{summary['examples_per_s']:.1f} training examples/s.",
         "Wall time by part (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "wall")
-        + f"; {summary['compiled_programs']} programs compiled or loaded from the compile cache.",
+        + f"; {summary['compiled_programs']} programs, {summary['programs_from_cache']} of them loaded from the "
+        "compile cache.",
         "Compiled batch shapes: "
         + "; ".join(
             f"{k}: {', '.join('x'.join(map(str, s)) for s in v)}" for k, v in summary["compiled_shapes"].items()

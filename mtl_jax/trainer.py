@@ -657,6 +657,7 @@ class Trainer:
             "wall_s": seconds["wall"],
             "seconds": seconds,
             "compiled_programs": self.clock.programs,
+            "programs_from_cache": self.clock.cache_hits,
             "compiled_shapes": {k: sorted(v) for k, v in self.shapes.items() if v},
         }
         self.clock.close()
