@@ -2,7 +2,7 @@
 # The GPU benchmark, unattended, one table at the end (about 6 minutes on one H100):
 #   our train step (bf16; batch 256 with mean and cls pooling, batch 32, frozen backbone) and
 #   the PyTorch peer (eager bf16, torch.compile bf16, frozen eager bf16) at the same shapes,
-#   in the same run; then the default `scripts/train.py` twice, with an empty and a warm
+#   in the same run; our batch-256 step once more with cuBLAS-only GEMMs (compile time probe); then the default `scripts/train.py` twice, with an empty and a warm
 #   compile cache (wall time by part and test metrics from its summary.json).
 # On a GPU machine (../shared/GPU.md): bash ../shared/gpu/pack.sh here, carry .gpu, then
 #   source .gpu/unpack.sh && bash benchmarks/gpu.sh
@@ -29,6 +29,8 @@ ours --batch $BIG --pooling mean
 ours --batch $BIG --pooling cls
 ours --batch $SMALL --pooling mean
 ours --batch $BIG --pooling mean --freeze backbone
+# a probe: GEMMs through cuBLAS only (no Triton GEMM fusions to autotune): compile seconds and speed
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" ours --batch $BIG --pooling mean
 peer --batch $BIG
 peer --batch $BIG --compile
 peer --batch $SMALL

@@ -20,6 +20,8 @@ def main(path: str) -> None:
         p = peer.get((impl, r["batch"], frozen))
         ratio = f"{r['examples_per_s'] / p['examples_per_s']:.2f}x" if p else "-"
         label = f"{r['dtype']} batch {r['batch']} x {r['seq']}, {r['pooling']}" + (", frozen" if frozen else "")
+        if r.get("xla_flags"):
+            label += f", XLA_FLAGS={r['xla_flags'].strip()}"
         print(
             f"| {label} | {r['examples_per_s']:,.0f} | {r['compile_s']} | {impl} | "
             f"{p['examples_per_s'] if p else '-'} | {ratio} |"

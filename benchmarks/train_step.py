@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -166,6 +167,7 @@ def main() -> None:
                 "attention": args.attention,
                 "encoder_dropout": 0.0 if no_encoder_dropout else args.dropout,
                 "host_memory_reused": host_memory_reused,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
                 "examples_per_s": round(examples / step_s, 2),
                 "step_s": round(step_s, 4),
                 "step_s_min": round(min(times), 4),
