@@ -616,12 +616,15 @@ class Trainer:
     # ---- the end
 
     def best(self):
-        """The best epoch's parameters (from its checkpoint when that epoch was trained before a resume)."""
+        """The best epoch's parameters (from its checkpoint when that epoch was trained before a resume),
+        placed as the training state is, so the test evaluation reuses the validation's programs."""
         if self.best_params is not None:
-            return self.best_params
-        step = self.loop.best_step
-        tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
-        return tree["state"].params
+            params = self.best_params
+        else:
+            step = self.loop.best_step
+            tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
+            params = tree["state"].params
+        return place_state(params, self.run.mesh, self.run.cfg.fsdp)
 
     def finish(self) -> dict:
         """Test the best parameters; write summary.json, the export, plots and report.md."""

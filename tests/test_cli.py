@@ -19,14 +19,14 @@ from tests.conftest import ROOT, cli, tiny_train_args
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def run(script: str, *args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(script: str, *args: str, stdin: str | None = None, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *args],
         input=stdin,
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=ENV,
+        env=ENV | env,
         timeout=600,
     )
 
@@ -98,6 +98,7 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
         "train.py",
         *tiny_train_args(tiny_bert, tiny_data, "--out", str(out), "--epochs", "2", "--log-every", "2"),
         *("--freeze", "backbone,none@epoch:1"),
+        JAX_LOG_COMPILES="1",  # JAX names every program it lowers on stderr
     )
     assert r.returncode == 0, r.stderr[-3000:]
     for name in (
@@ -127,6 +128,10 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
     trains = [k for k in shapes if k.startswith("train step")]
     assert trains == ["train step, phase 0 (backbone)", "train step, phase 1 (none)"], shapes
     assert all(1 <= len(shapes[k]) <= 2 for k in trains) and 1 <= len(shapes["evaluation"]) <= 4
+    # one program per shape: the test evaluation reuses the validation's (the best parameters are
+    # placed as the training state is), each phase one per training shape
+    assert r.stderr.count("Compiling jit(eval_step)") == len(shapes["evaluation"])
+    assert r.stderr.count("Compiling jit(train_step)") == sum(len(shapes[k]) for k in trains)
     n, cached = summary["compiled_programs"], summary["programs_from_cache"]
     assert f"; {n} programs, {cached} of them loaded from the compile cache." in (out / "report.md").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
