@@ -2,8 +2,9 @@
 # The GPU benchmark, unattended, one table at the end (about 6 minutes on one H100):
 #   our train step (bf16; batch 256 with mean and cls pooling, batch 32, frozen backbone) and
 #   the PyTorch peer (eager bf16, torch.compile bf16, frozen eager bf16) at the same shapes,
-#   in the same run; our batch-256 step once more with cuBLAS-only GEMMs (compile time probe); then the default `scripts/train.py` twice, with an empty and a warm
-#   compile cache (wall time by part and test metrics from its summary.json).
+#   in the same run; our batch-256 step once more with cuBLAS-only GEMMs (a compile-time
+#   probe); then the default `scripts/train.py` twice, with an empty and a warm compile cache
+#   (wall time by part and test metrics from its summary.json).
 # On a GPU machine (../shared/GPU.md): bash ../shared/gpu/pack.sh here, carry .gpu, then
 #   source .gpu/unpack.sh && bash benchmarks/gpu.sh
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).

@@ -618,13 +618,11 @@ class Trainer:
     def best(self):
         """The best epoch's parameters (from its checkpoint when that epoch was trained before a resume),
         placed as the training state is, so the test evaluation reuses the validation's programs."""
-        if self.best_params is not None:
-            params = self.best_params
-        else:
-            step = self.loop.best_step
-            tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
-            params = tree["state"].params
-        return place_state(params, self.run.mesh, self.run.cfg.fsdp)
+        if self.best_params is not None:  # the host copy
+            return place_state(self.best_params, self.run.mesh, self.run.cfg.fsdp)
+        step = self.loop.best_step  # restored into the checkpoint target, which is placed as the state
+        tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
+        return tree["state"].params
 
     def finish(self) -> dict:
         """Test the best parameters; write summary.json, the export, plots and report.md."""
