@@ -93,6 +93,17 @@ def cli(command: str, *args: str, stdin: str | None = None) -> subprocess.Comple
     return subprocess.CompletedProcess([command, *args], code, out.getvalue(), err.getvalue())
 
 
+def dot_products(jaxpr):
+    """The matrix products (``dot_general`` equations) in ``jaxpr`` and the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from dot_products(inner)
+
+
 def tiny_train_args(tiny_bert: Path, tiny_data: Path, *options: str) -> list[str]:
     """scripts/train.py's flags for the tiny encoder on the tiny tasks (batch 8, lr 1e-3, no
     progress bar), then ``options``."""

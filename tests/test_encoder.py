@@ -11,8 +11,9 @@ from flax import traverse_util
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.dense import Dense, cpu_affine
+from mtl_jax.dense import Dense, affine, cpu_affine
 from mtl_jax.encoder import Attention, Encoder
+from tests.conftest import dot_products
 
 
 @pytest.mark.parametrize("sinusoidal", [False, True])
@@ -73,3 +74,15 @@ def test_dense_layer_value_and_gradients_are_the_plain_products(dtype):
     assert jax.tree.map(lambda a: a.shape, dense) == jax.tree.map(
         lambda a: a.shape, jax.eval_shape(nn.Dense(80).init, jax.random.PRNGKey(0), x)
     )
+
+
+def test_float32_dense_products_each_contract_one_axis():
+    """A float32 dense layer over [rows, tokens, K] multiplies a 2-D view of x, so its kernel
+    gradient is one product contracting one axis: XLA:CPU computes the two-axis contraction that
+    autodiff writes for a 3-D x much more slowly (benchmarks/train_step.py, 128-token rows)."""
+    rng = np.random.default_rng(0)
+    x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 20, 48), (48, 80), (80,)))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w, b: affine(x, w, b).sum(), argnums=(0, 1, 2)))(x, w, b).jaxpr
+    contractions = [eqn.params["dimension_numbers"][0] for eqn in dot_products(jaxpr)]
+    assert len(contractions) == 3  # y, dx, dW
+    assert all(len(lhs) == len(rhs) == 1 for lhs, rhs in contractions), contractions

@@ -29,7 +29,7 @@ from mtl_jax.model import MultiTaskModel, init_params, pool_segments
 from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
 from mtl_jax.weighting import Weighting, mean_losses
-from tests.conftest import optim
+from tests.conftest import dot_products, optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
 
@@ -232,17 +232,6 @@ def test_evaluate_counts_every_example_once(setup):
         np.testing.assert_array_equal(res[task]["confusion"], matrix, err_msg=task)
 
 
-def dot_operand_dtypes(jaxpr):
-    """The operand dtypes of every matrix product in ``jaxpr`` and the jaxprs inside it."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield tuple(v.aval.dtype for v in eqn.invars)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from dot_operand_dtypes(inner)
-
-
 def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     model, params = setup
     bf16 = model.clone(dtype=jnp.bfloat16)
@@ -252,8 +241,9 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
     # the encoder's matrix products really multiply bf16: Q, K, V, out, FFN x2 and attention x2 per layer
     jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["ids"], b["segments"]))(params).jaxpr
-    bf16_dots = [d for d in dot_operand_dtypes(jaxpr) if d == (jnp.bfloat16, jnp.bfloat16)]
-    assert len(bf16_dots) >= 8 * model.config.n_layers, list(dot_operand_dtypes(jaxpr))
+    operands = [tuple(v.aval.dtype for v in eqn.invars) for eqn in dot_products(jaxpr)]
+    bf16_dots = [d for d in operands if d == (jnp.bfloat16, jnp.bfloat16)]
+    assert len(bf16_dots) >= 8 * model.config.n_layers, operands
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
     tx, _, state = _state(model, params, frozenset())
     step = make_train_step(bf16, tx, {"task_a": 1.0, "task_b": 1.0})
