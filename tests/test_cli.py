@@ -218,13 +218,11 @@ def test_a_second_training_run_loads_every_program_from_the_compile_cache(tmp_pa
     # and so their cache keys, must not depend on the order of a set (the optimizer's groups).
     def train(out: str, hash_seed: str) -> dict:
         args = tiny_train_args(tiny_bert, tiny_data, "--epochs", "1", "--freeze", "backbone,none@step:3")
-        r = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "train.py"), *args, "--out", str(tmp_path / out)]
-            + ["--compile-cache", str(tmp_path / "xla")],
-            capture_output=True,
-            text=True,
-            env=dict(ENV, PYTHONHASHSEED=hash_seed),
-            timeout=600,
+        r = run(
+            "train.py",
+            *args,
+            *("--out", str(tmp_path / out), "--compile-cache", str(tmp_path / "xla")),
+            PYTHONHASHSEED=hash_seed,
         )
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads((tmp_path / out / "summary.json").read_text())
