@@ -35,9 +35,8 @@ def _accumulated(a: jax.Array, b: jax.Array, contract: int) -> jax.Array:
 
 @jax.custom_vjp
 def cpu_affine(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    k, n = kernel.shape
-    y = _accumulated(x.reshape(-1, k), kernel, 0) + bias.astype(jnp.float32)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+    """``x [M, K] @ kernel [K, N] + bias`` in the dtype of ``x``, every product on the fast path."""
+    return (_accumulated(x, kernel, 0) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def _cpu_affine_fwd(x, kernel, bias):
@@ -46,11 +45,10 @@ def _cpu_affine_fwd(x, kernel, bias):
 
 def _cpu_affine_bwd(saved, grad):
     x, kernel, bias = saved
-    k, n = kernel.shape
-    x2, g2 = x.reshape(-1, k), grad.reshape(-1, n).astype(x.dtype)
-    dx = _accumulated(g2, kernel, 1).astype(x.dtype).reshape(x.shape)
-    dkernel = _accumulated(_row_major_transpose(x2), g2, 0).astype(kernel.dtype)
-    dbias = g2.astype(jnp.float32).sum(axis=0).astype(bias.dtype)
+    g = grad.astype(x.dtype)
+    dx = _accumulated(g, kernel, 1).astype(x.dtype)
+    dkernel = _accumulated(_row_major_transpose(x), g, 0).astype(kernel.dtype)
+    dbias = g.astype(jnp.float32).sum(axis=0).astype(bias.dtype)
     return dx, dkernel, dbias
 
 
@@ -60,18 +58,21 @@ cpu_affine.defvjp(_cpu_affine_fwd, _cpu_affine_bwd)
 def affine(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``x [..., K] @ kernel [K, N] + bias [N]`` in the dtype of ``x``, as ``nn.Dense`` computes it.
 
-    In 16 bits on the CPU (see the module's text) the products accumulate in float32, the
-    kernel gradient multiplies a row-major copy of ``x^T`` and the bias gradient is summed in
-    float32: the plain arithmetic, rounded to 16 bits at the same places, in another
+    Always on a 2-D view of ``x`` (a free reshape): XLA:CPU computes the kernel gradient of a
+    ``[rows, tokens, K]`` x as a product contracting two axes much more slowly (16% of a
+    float32 step with 128-token rows); other backends see the same product. In 16 bits on the
+    CPU (see the module's text) :func:`cpu_affine` accumulates the products in float32,
+    multiplies a row-major copy of ``x^T`` for the kernel gradient and sums the bias gradient
+    in float32: the plain arithmetic, rounded to 16 bits at the same places, in another
     summation order.
     """
+    k, n = kernel.shape
+    x2 = x.reshape(-1, k)
     if jax.default_backend() != "cpu" or x.dtype == jnp.float32:
-        # on a 2-D view of x (a free reshape): XLA:CPU computes the kernel gradient of a
-        # [rows, tokens, K] x as a product contracting two axes much more slowly (16% of a
-        # step with 128-token rows); other backends see the same product
-        k, n = kernel.shape
-        return (x.reshape(-1, k) @ kernel + bias).reshape(*x.shape[:-1], n)
-    return cpu_affine(x, kernel, bias)
+        y = x2 @ kernel + bias
+    else:
+        y = cpu_affine(x2, kernel, bias)
+    return y.reshape(*x.shape[:-1], n)
 
 
 class Dense(nn.Module):
