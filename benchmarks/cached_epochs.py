@@ -22,10 +22,10 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from mtl_jax.config import TrainConfig, load_config_file  # noqa: E402
-from mtl_jax.data import load_tasks  # noqa: E402
-from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
+from mtl_jax.data.load import load_tasks  # noqa: E402
 from mtl_jax.inference import load_encoder  # noqa: E402
-from mtl_jax.trainer import train_and_evaluate  # noqa: E402
+from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
+from mtl_jax.training.trainer import train_and_evaluate  # noqa: E402
 
 
 def main() -> None:

@@ -23,6 +23,6 @@ for pooling in cls mean; do
   $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --dtype bfloat16 --pooling $pooling
 done
 $PY benchmarks/encode.py --batch-size 64
-DATA=$($PY -c "from mtl_jax.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
-MODEL=$($PY -c "from mtl_jax.assets import embedded_model_dir as f; print(f())")
+DATA=$($PY -c "from mtl_jax.data.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
+MODEL=$($PY -c "from mtl_jax.data.assets import embedded_model_dir as f; print(f())")
 "$TORCH_VENV/bin/python" benchmarks/st_encode.py --data "$DATA" --model "$MODEL" --batch-size 64

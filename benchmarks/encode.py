@@ -19,7 +19,7 @@ import jax  # noqa: E402
 
 from mtl_jax import load_encoder  # noqa: E402
 from mtl_jax.config import DEFAULT_TASKS  # noqa: E402
-from mtl_jax.data import read_rows, resolve_path  # noqa: E402
+from mtl_jax.data.load import read_rows, resolve_path  # noqa: E402
 
 
 def rotten_tomatoes_texts() -> list[str]:

@@ -22,17 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import DistilBertConfig
 
-from mtl_jax.batching import single_rows
 from mtl_jax.config import TrainConfig
-from mtl_jax.flops import train_step_flops
-from mtl_jax.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
-from mtl_jax.hostmem import reuse_host_memory
-from mtl_jax.lora import LoRA, with_lora
-from mtl_jax.model import MultiTaskModel
-from mtl_jax.optim import OptimConfig, count_numbers
-from mtl_jax.packing import MAX_SEGMENTS
-from mtl_jax.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
-from mtl_jax.weighting import METHODS, Weighting
+from mtl_jax.data.batching import single_rows
+from mtl_jax.data.packing import MAX_SEGMENTS
+from mtl_jax.model.flops import train_step_flops
+from mtl_jax.model.lora import LoRA, with_lora
+from mtl_jax.model.multitask import MultiTaskModel
+from mtl_jax.training.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
+from mtl_jax.training.hostmem import reuse_host_memory
+from mtl_jax.training.optim import OptimConfig, count_numbers
+from mtl_jax.training.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
+from mtl_jax.training.weighting import METHODS, Weighting
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -66,7 +66,7 @@ def main() -> None:
         help="the trainer's default is mean; the PyTorch peer pools cls",
     )
     p.add_argument(
-        "--attention", choices=["auto", "fused", "xla"], default="auto", help="see mtl_jax.encoder.Attention"
+        "--attention", choices=["auto", "fused", "xla"], default="auto", help="see mtl_jax.model.encoder.Attention"
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument(
         "--default-malloc",
         action="store_true",
-        help="leave glibc's malloc as it is (no mtl_jax.hostmem.reuse_host_memory)",
+        help="leave glibc's malloc as it is (no mtl_jax.training.hostmem.reuse_host_memory)",
     )
     args = p.parse_args()
     host_memory_reused = False if args.default_malloc else reuse_host_memory()
@@ -283,7 +283,7 @@ PEAKS = {
 
 
 def model_flops_utilization(flops: float, step_s: float, peak_tflops: float | None) -> dict:
-    """Achieved TFLOP/s of the step's own matrix products (mtl_jax.flops) and, on known chips, the MFU."""
+    """Achieved TFLOP/s of the step's own matrix products (mtl_jax.model.flops) and, on known chips, the MFU."""
     kind = str(jax.devices()[0].device_kind)
     peak = peak_tflops or next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
     out = {"step_tflop": round(flops / 1e12, 4), "model_tflops_per_s": round(flops / step_s / 1e12, 3)}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main``; an :class:`MtlError` prints its message (no traceback) and returns 2."""
     from mtl_jax.errors import Interrupted, MtlError
-    from mtl_jax.hostmem import reuse_host_memory
+    from mtl_jax.training.hostmem import reuse_host_memory
 
     reuse_host_memory()  # before JAX's first computation
     try:

@@ -34,6 +34,33 @@ class TaskConfig:
     weight: float = 1.0  # loss weight
 
 
+@dataclass(frozen=True)
+class WeightingConfig:
+    """``--loss-weighting`` and its hyperparameters (the published defaults): builds the method
+    (:func:`mtl_jax.training.weighting.make`)."""
+
+    method: str = "sum"
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
+    dwa_temperature: float = 2.0
+    dwa_period: Optional[int] = None  # None: one epoch
+    cagrad_c: float = 0.5
+    famo_lr: float = 0.025
+    famo_decay: float = 0.001
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``--freeze lora``'s adapters: builds :class:`mtl_jax.model.lora.LoRA`."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,out,ffn"
+
+
+_W, _L = WeightingConfig(), LoraConfig()
+
+
 def fixed(default):
     """A field that a ``--resume`` must not change: it changes the data, the model or the updates."""
     return field(default=default, metadata={"on_resume": "fixed"})
@@ -82,31 +109,31 @@ class TrainConfig:
     """Comma-separated task names to train (default: all tasks of the config)."""
     freeze: str = fixed("backbone,none@step:100")
     """Freezing: none | backbone | all | head:<task> | top:<k> | lora (LoRA adapters train, the encoder frozen), or phases 'SPEC,SPEC@epoch:N,SPEC@step:N'."""
-    lora_rank: int = fixed(8)
+    lora_rank: int = fixed(_L.lora_rank)
     """--freeze lora: rank r of each adapter."""
-    lora_alpha: float = fixed(16.0)
+    lora_alpha: float = fixed(_L.lora_alpha)
     """--freeze lora: the adapters' output is scaled by alpha / r."""
-    lora_targets: str = fixed("q,k,v,out,ffn")
+    lora_targets: str = fixed(_L.lora_targets)
     """--freeze lora: which dense layers of every block get adapters (q, k, v, out: attention; ffn: both feed-forward layers)."""
     lora_lr: Optional[float] = fixed(None)
     """Peak learning rate of the LoRA adapters (default: 10 x --lr)."""
     loss_weighting: Literal[
         "sum", "static", "uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"
-    ] = fixed("sum")
+    ] = fixed(_W.method)
     """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | dwa (Dynamic Weight Average, Liu et al. 2019) | rlw (random weights, Lin et al. 2021) | famo (Liu et al. 2023) | pcgrad (Yu et al. 2020) | mgda (min-norm, Sener & Koltun 2018) | cagrad (Liu et al. 2021) | gradnorm (Chen et al. 2018). famo and the gradient methods (pcgrad, mgda, cagrad, gradnorm) make every step hold every task."""
-    gradnorm_alpha: float = fixed(1.5)
+    gradnorm_alpha: float = fixed(_W.gradnorm_alpha)
     """--loss-weighting gradnorm: the restoring force alpha towards equal training rates."""
-    gradnorm_lr: float = fixed(0.025)
+    gradnorm_lr: float = fixed(_W.gradnorm_lr)
     """--loss-weighting gradnorm: Adam learning rate of the task weights."""
-    dwa_temperature: float = fixed(2.0)
+    dwa_temperature: float = fixed(_W.dwa_temperature)
     """--loss-weighting dwa: softmax temperature over the tasks' loss ratios."""
-    dwa_period: Optional[int] = fixed(None)
+    dwa_period: Optional[int] = fixed(_W.dwa_period)
     """--loss-weighting dwa: steps over which each task's training loss is averaged (default: one epoch, as in the paper)."""
-    cagrad_c: float = fixed(0.5)
+    cagrad_c: float = fixed(_W.cagrad_c)
     """--loss-weighting cagrad: c, the radius of the ball around the mean gradient, relative to its norm."""
-    famo_lr: float = fixed(0.025)
+    famo_lr: float = fixed(_W.famo_lr)
     """--loss-weighting famo: Adam learning rate of the task logits."""
-    famo_decay: float = fixed(0.001)
+    famo_decay: float = fixed(_W.famo_decay)
     """--loss-weighting famo: gamma, the L2 decay of the task logits."""
     grad_diagnostics: int = adjustable(0)
     """Every N steps log each task's gradient norm on the encoder and the cosine between tasks (0: off)."""
@@ -241,6 +268,13 @@ class TrainConfig:
         if unknown:
             raise MtlError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return tuple(known[n] for n in names)
+
+    def weighting_config(self) -> WeightingConfig:
+        """``--loss-weighting`` and its hyperparameters."""
+        return WeightingConfig(**{f.name: getattr(self, "loss_weighting" if f.name == "method" else f.name) for f in dataclasses.fields(WeightingConfig)})
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})
 
     def resolved_split_seed(self) -> int:
         """The seed of the train/validation/test split: --split-seed, else --seed."""

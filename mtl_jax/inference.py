@@ -2,7 +2,7 @@
 encoder, ``load`` -> :class:`Predictor` (``predict``, ``predict_proba``, ``encode``) for a
 trained model exported by the trainer.
 
-Sentences are packed several to a row (``mtl_jax.packing``) and each compiled call holds
+Sentences are packed several to a row (``mtl_jax.data.packing``) and each compiled call holds
 about ``batch_size`` sentences' tokens, so one input compiles a handful of shapes at most.
 """
 
@@ -19,12 +19,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from mtl_jax.data.packing import MAX_SEGMENTS, packed_calls
+from mtl_jax.data.text import TextTokenizer, check_texts
 from mtl_jax.errors import MtlError
-from mtl_jax.export import verify_export
-from mtl_jax.model import MultiTaskModel, l2_normalize
-from mtl_jax.packing import MAX_SEGMENTS, packed_calls
-from mtl_jax.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
-from mtl_jax.text import TextTokenizer, check_texts
+from mtl_jax.model.multitask import MultiTaskModel, l2_normalize
+from mtl_jax.model.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
+from mtl_jax.outputs.export import verify_export
 
 
 @dataclass
@@ -82,7 +82,7 @@ class SentenceEncoder:
 
         Pooling, normalization and ``max_length`` default to the checkpoint's settings.
         ``batch_size`` sets the work per compiled call: about ``batch_size`` × 24 tokens
-        (sentences are packed several to a row, see ``mtl_jax.packing``).
+        (sentences are packed several to a row, see ``mtl_jax.data.packing``).
         """
         pooling = pooling or self.spec.pooling
         if pooling not in POOLING_MODES:
@@ -109,7 +109,7 @@ class SentenceEncoder:
         empty=None,
     ):
         """``fn(ids, positions, segments) -> pytree of [R, MAX_SEGMENTS, ...]`` over all sentences,
-        packed several to a row (``mtl_jax.packing``); one output row per sentence, in input order.
+        packed several to a row (``mtl_jax.data.packing``); one output row per sentence, in input order.
 
         One input compiles two shapes at most (``packing.row_lengths``; inputs of only a few
         rows use fewer rows per call, a power of two).

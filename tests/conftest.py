@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from mtl_jax.hostmem import reuse_host_memory  # noqa: E402
+from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 
 reuse_host_memory()  # as the scripts do, before JAX's first computation
 
@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from mtl_jax.assets import embedded_model_dir  # noqa: E402
-from mtl_jax.pretrained import flax_to_torch_state  # noqa: E402
+from mtl_jax.data.assets import embedded_model_dir  # noqa: E402
+from mtl_jax.model.pretrained import flax_to_torch_state  # noqa: E402
 
 # Test files, longest first (seconds on 2 cores, cold): make test hands whole files to its two
 # workers in collection order, so the long ones start first and the short ones fill the gaps.
@@ -156,7 +156,7 @@ def write_tiny_bert(dst: Path, seed: int = 0, config: dict | None = None) -> tup
 def optim(total_steps: int = 100, **options):
     """An OptimConfig from TrainConfig's defaults (warm-up off) and ``options`` (TrainConfig fields)."""
     from mtl_jax.config import TrainConfig
-    from mtl_jax.optim import OptimConfig
+    from mtl_jax.training.optim import OptimConfig
 
     return OptimConfig.from_config(TrainConfig(**({"warmup": 0.0} | options)), total_steps)
 

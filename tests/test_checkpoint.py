@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
-from mtl_jax.checkpoint import Checkpoints
+from mtl_jax.training.checkpoint import Checkpoints
 from tests.conftest import ROOT, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
@@ -24,8 +24,8 @@ WRAPPER = """
 import os, signal, sys, runpy
 sys.path.insert(0, {root!r})
 fault, at = {fault!r}, {at!r}
-import mtl_jax.batching as batching
-import mtl_jax.checkpoint as ckpt_mod
+import mtl_jax.data.batching as batching
+import mtl_jax.training.checkpoint as ckpt_mod
 calls = {{"batches": 0, "armed": False}}
 if fault == "kill-after-save":
     original = ckpt_mod.Checkpoints.save
@@ -166,7 +166,7 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, ti
 
 def test_export_round_trip_reproduces_test_metrics(reference):
     from mtl_jax.config import load_config_file
-    from mtl_jax.data import load_tasks
+    from mtl_jax.data.load import load_tasks
 
     summary = json.loads((reference / "summary.json").read_text())
     cfg = json.loads((reference / "config.json").read_text())

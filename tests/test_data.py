@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mtl_jax import MtlError
-from mtl_jax.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
-from mtl_jax.data import BadRows, load_tasks, read_rows
-from mtl_jax.packing import MAX_SEGMENTS
+from mtl_jax.data.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
+from mtl_jax.data.load import BadRows, load_tasks, read_rows
+from mtl_jax.data.packing import MAX_SEGMENTS
 
 
 def _write(path: Path, content: str | bytes) -> Path:

@@ -11,8 +11,8 @@ from flax import traverse_util
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.dense import Dense, affine, cpu_affine
-from mtl_jax.encoder import Attention, Encoder
+from mtl_jax.model.dense import Dense, affine, cpu_affine
+from mtl_jax.model.encoder import Attention, Encoder
 from tests.conftest import dot_products
 
 
@@ -52,7 +52,7 @@ def test_attention_kernels_agree_and_fused_falls_back_where_rejected():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_layer_value_and_gradients_are_the_plain_products(dtype):
-    """mtl_jax.dense.cpu_affine (every product of a bfloat16 dense layer laid out for
+    """mtl_jax.model.dense.cpu_affine (every product of a bfloat16 dense layer laid out for
     XLA:CPU's fast kernels, forward and backward) gives x @ W + b and its gradients: to
     float32 rounding in float32, and in bfloat16 what the plain bfloat16 arithmetic gives; the
     Dense module has nn.Dense's parameters."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtl_jax import MtlError
-from mtl_jax.checkpoint import Checkpoints
+from mtl_jax.training.checkpoint import Checkpoints
 from tests.conftest import cli
 from tests.test_checkpoint import assert_same_run, faulty, outputs, train_args
 
@@ -36,10 +36,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, ti
 
 
 def test_non_finite_step_leaves_state_unchanged(tiny_bert):
-    from mtl_jax.batching import single_rows
+    from mtl_jax.data.batching import single_rows
     from mtl_jax.inference import load_encoder
-    from mtl_jax.model import MultiTaskModel, init_params
-    from mtl_jax.steps import TrainState, build_train_step
+    from mtl_jax.model.multitask import MultiTaskModel, init_params
+    from mtl_jax.training.steps import TrainState, build_train_step
     from tests.conftest import optim
 
     enc = load_encoder(tiny_bert)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes
 # fewest page faults among 10 calls after the first
 PROBE = """
 import resource, sys
-from mtl_jax.hostmem import reuse_host_memory
+from mtl_jax.training.hostmem import reuse_host_memory
 applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.cumsum(x, 0) * jnp.cumsum(x, 1)).sum())

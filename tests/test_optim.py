@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from mtl_jax.freezing import group_of
-from mtl_jax.optim import make_optimizer, schedule
+from mtl_jax.training.freezing import group_of
+from mtl_jax.training.optim import make_optimizer, schedule
 from tests.conftest import optim
 
 # a tree with every kind of parameter the groups and the decay mask tell apart

@@ -12,12 +12,12 @@ import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.batching import Grid, InputPipeline, Tokenized, pack_examples, single_rows
-from mtl_jax.encoder import Encoder, keep_mask
+from mtl_jax.data.batching import Grid, InputPipeline, Tokenized, pack_examples, single_rows
+from mtl_jax.data.packing import MAX_SEGMENTS, pack_rows, packed_calls, row_lengths
 from mtl_jax.inference import load_encoder
-from mtl_jax.model import MultiTaskModel, init_params
-from mtl_jax.packing import MAX_SEGMENTS, pack_rows, packed_calls, row_lengths
-from mtl_jax.steps import TrainState, make_loss_fn, make_train_step
+from mtl_jax.model.encoder import Encoder, keep_mask
+from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.training.steps import TrainState, make_loss_fn, make_train_step
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():

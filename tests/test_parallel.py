@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mtl_jax import MtlError
-from mtl_jax.parallel import check_batch_size, make_mesh
+from mtl_jax.training.parallel import check_batch_size, make_mesh
 from tests.conftest import ROOT, tiny_train_args
 
 # Three training steps of a tiny model on fixed batches, on the devices of ``make_mesh(devices)``.
@@ -21,14 +21,14 @@ SETUP = r"""
 import json, sys
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
-from mtl_jax.batching import single_rows
+from mtl_jax.data.batching import single_rows
 from mtl_jax.inference import load_encoder
-from mtl_jax.model import MultiTaskModel, init_params
-from mtl_jax.parallel import make_mesh, place_state, shard_batch
+from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.training.parallel import make_mesh, place_state, shard_batch
 from mtl_jax.config import TrainConfig
-from mtl_jax.optim import OptimConfig
-from mtl_jax.steps import TrainState, build_train_step
-from mtl_jax.weighting import Weighting
+from mtl_jax.training.optim import OptimConfig
+from mtl_jax.training.steps import TrainState, build_train_step
+from mtl_jax.training.weighting import Weighting
 
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load_encoder
-from mtl_jax.assets import embedded_model_dir
-from mtl_jax.pretrained import flax_to_torch_state
+from mtl_jax.data.assets import embedded_model_dir
+from mtl_jax.model.pretrained import flax_to_torch_state
 from tests.conftest import torch_vectors, write_tiny_bert
 
 SENTENCES = [
@@ -175,7 +175,7 @@ def test_unknown_hub_name_says_no_hub(monkeypatch):
 
 
 def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
-    from mtl_jax.packing import row_lengths
+    from mtl_jax.data.packing import row_lengths
 
     rng = np.random.default_rng(0)
     words = ["film", "plot", "great", "dull", "actor", "scene", "a", "the"]

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from mtl_jax.config import TrainConfig, load_config_file
-from mtl_jax.trainer import train_and_evaluate
+from mtl_jax.training.trainer import train_and_evaluate
 
 
 def _run(tiny_bert, tiny_data, out, **options) -> tuple[dict, list[dict]]:
@@ -108,7 +108,7 @@ def test_dwa_weights_follow_the_epoch_losses_in_a_run(tmp_path, tiny_bert, tiny_
 
 
 def _compare_cfg(tiny_bert, tiny_data, out, **options):
-    from mtl_jax.compare import CompareConfig
+    from mtl_jax.outputs.compare import CompareConfig
 
     values = load_config_file(tiny_data / "tasks.yaml") | dict(
         encoder=str(tiny_bert), out=str(out), batch_size=8, lr=1e-3, log_every=4
@@ -119,7 +119,7 @@ def _compare_cfg(tiny_bert, tiny_data, out, **options):
 def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
     import csv
 
-    from mtl_jax.compare import compare
+    from mtl_jax.outputs.compare import compare
 
     out = tmp_path / "cmp"
     rows = compare(_compare_cfg(tiny_bert, tiny_data, out, scenarios=("backbone", "head:topic"), seeds=(0, 1)))
@@ -140,7 +140,7 @@ def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
 
 
 def test_compare_plan_expands_heads_gradual_and_weighting(tiny_bert, tiny_data, tmp_path):
-    from mtl_jax.compare import plan_runs
+    from mtl_jax.outputs.compare import plan_runs
 
     cfg = _compare_cfg(
         tiny_bert, tiny_data, tmp_path, scenarios=("none", "head:*", "gradual"), seeds=(3,), weighting=True
@@ -162,14 +162,14 @@ def test_compare_respects_the_time_budget_and_checks_specs_first(tmp_path, tiny_
     import pytest
 
     from mtl_jax import MtlError
-    from mtl_jax.compare import compare
+    from mtl_jax.outputs.compare import compare
 
     with pytest.raises(MtlError, match="no task 'nope'"):
         compare(_compare_cfg(tiny_bert, tiny_data, tmp_path / "bad", scenarios=("none", "head:nope")))
     assert not (tmp_path / "bad").exists()
     # compare's clock reads 100 s later at each look, whatever this machine's speed
     clock = itertools.count(0, 100)
-    monkeypatch.setattr("mtl_jax.compare.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr("mtl_jax.outputs.compare.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     rows = compare(
         _compare_cfg(
             tiny_bert, tiny_data, tmp_path / "cmp", scenarios=("none", "backbone"), seeds=(0, 1), budget_minutes=2

@@ -12,9 +12,11 @@ from flax import traverse_util
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax import MtlError
-from mtl_jax.batching import InputPipeline, Tokenized, single_rows
-from mtl_jax.evaluation import evaluate
-from mtl_jax.freezing import (
+from mtl_jax.data.batching import InputPipeline, Tokenized, single_rows
+from mtl_jax.inference import load_encoder
+from mtl_jax.model.multitask import MultiTaskModel, init_params, pool_segments
+from mtl_jax.training.evaluation import evaluate
+from mtl_jax.training.freezing import (
     Phase,
     frozen_groups,
     group_of,
@@ -24,11 +26,9 @@ from mtl_jax.freezing import (
     phase_at,
     phase_starts,
 )
-from mtl_jax.inference import load_encoder
-from mtl_jax.model import MultiTaskModel, init_params, pool_segments
-from mtl_jax.optim import carry_opt_state, count_numbers, make_optimizer
-from mtl_jax.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
-from mtl_jax.weighting import Weighting, mean_losses
+from mtl_jax.training.optim import carry_opt_state, count_numbers, make_optimizer
+from mtl_jax.training.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
+from mtl_jax.training.weighting import Weighting, mean_losses
 from tests.conftest import dot_products, optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
@@ -255,7 +255,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
 def test_flop_count_follows_what_the_step_computes():
     from types import SimpleNamespace
 
-    from mtl_jax.flops import train_step_flops
+    from mtl_jax.model.flops import train_step_flops
 
     config = SimpleNamespace(n_layers=2, dim=32, hidden_dim=64)
     B, L = 2, 8
@@ -307,7 +307,7 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
 
 
 def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert):
-    from mtl_jax.lora import LoRA, merge_adapters, with_lora
+    from mtl_jax.model.lora import LoRA, merge_adapters, with_lora
 
     model, base_params = setup
     enc = load_encoder(tiny_bert)
@@ -349,7 +349,7 @@ def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert
 def test_lora_rank_16_trains_under_5_percent_of_minilm():
     from transformers import DistilBertConfig
 
-    from mtl_jax.lora import LoRA, with_lora
+    from mtl_jax.model.lora import LoRA, with_lora
 
     config = DistilBertConfig(dim=384, n_layers=6, n_heads=12, hidden_dim=1536)
     model = MultiTaskModel(with_lora(config, LoRA(rank=16, alpha=32.0)), tasks=TASKS)

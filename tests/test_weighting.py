@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.steps import own_task_labels, per_task_grads
-from mtl_jax.weighting import Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
+from mtl_jax.training.steps import own_task_labels, per_task_grads
+from mtl_jax.training.weighting import Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
 
 
 def _per_task(**loss_and_count):
@@ -97,7 +97,7 @@ def test_per_task_grads_are_each_tasks_gradient_on_its_own_rows():
         np.testing.assert_allclose(grads["w"][t], want_grad["w"], rtol=1e-6)
 
 
-# ---- the methods of mtl_jax.weighting against NumPy references of the published updates
+# ---- the methods of mtl_jax.training.weighting against NumPy references of the published updates
 
 
 def _grads(n: int, seed: int, conflict: bool = True) -> np.ndarray:

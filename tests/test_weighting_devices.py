@@ -9,18 +9,18 @@ import sys
 
 import pytest
 
-from mtl_jax.weighting import METHODS
+from mtl_jax.training.weighting import METHODS
 from tests.conftest import ROOT
 from tests.test_parallel import ENV, SETUP
 
 # Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 4 devices with FSDP in bf16
-# (the CPU's bf16 dense layers, mtl_jax.dense, under sharding).
+# (the CPU's bf16 dense layers, mtl_jax.model.dense, under sharding).
 EVERY_METHOD = (
     SETUP
     + r"""
 import copy
 import optax
-from mtl_jax.steps import make_train_step
+from mtl_jax.training.steps import make_train_step
 
 # one layer: the weighting's arithmetic over sharded gradients is what is tested (and compiles take half the time)
 config = copy.deepcopy(enc.config)

@@ -16,7 +16,7 @@ from mtl_jax.cli import run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from mtl_jax.cli import parse_config
-    from mtl_jax.compare import CompareConfig, compare
+    from mtl_jax.outputs.compare import CompareConfig, compare
 
     compare(parse_config(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__))
     return 0

@@ -38,7 +38,7 @@ def read_input(path: str | None, text_column: str) -> list[str]:
         return read_lines(None)
     p = Path(path)
     if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json", ".gz", ".bz2"):
-        from mtl_jax.data import read_rows
+        from mtl_jax.data.load import read_rows
 
         rows = read_rows(p, [text_column])
         bad = [r for r in rows if r.problem or r.fields.get(text_column) is None]

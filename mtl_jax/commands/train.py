@@ -17,7 +17,7 @@ from mtl_jax.cli import run_cli
 def main(argv: list[str] | None = None) -> int:
     from mtl_jax.cli import parse_config
     from mtl_jax.config import TrainConfig
-    from mtl_jax.trainer import train_and_evaluate
+    from mtl_jax.training.trainer import train_and_evaluate
 
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
     train_and_evaluate(cfg)

@@ -2,7 +2,7 @@
 
 Sentences are packed, best fit decreasing, into rows of at least ``PACK_LENGTH`` tokens.
 Every token carries its position inside its own sentence and a segment number (which
-sentence of the row it belongs to); ``mtl_jax.encoder.Encoder`` attends block-diagonally
+sentence of the row it belongs to); ``mtl_jax.model.encoder.Encoder`` attends block-diagonally
 over segments and the model pools per segment, so a packed sentence gets the vector it
 gets alone, up to float rounding (tests/test_packing.py). Rows come out nearly full
 (what that buys is measured by ``benchmarks/encode.py``; see the README).
@@ -10,7 +10,7 @@ gets alone, up to float rounding (tests/test_packing.py). Rows come out nearly f
 Shapes stay bounded: a row is PACK_LENGTH tokens long, or (for inputs with longer
 sentences) the inference bucket that holds the longest one (``row_lengths``); a call holds a
 fixed number of rows for its row length (fewer, a power of two, for an input of only a few
-rows). So an input compiles two shapes at most. Training batches (``mtl_jax.batching``)
+rows). So an input compiles two shapes at most. Training batches (``mtl_jax.data.batching``)
 pack into the same row lengths.
 """
 

@@ -1,6 +1,6 @@
 """Data: readers (csv / tsv / jsonl, optionally .gz / .bz2, and the embedded corpora),
 validation with ``file:line: reason`` errors, label vocabularies and seeded stratified
-splits. (Tokens, sampling and batches: ``mtl_jax.batching``.)
+splits. (Tokens, sampling and batches: ``mtl_jax.data.batching``.)
 
 An example carries one label per task; ``-1`` means "no label for this task" (the
 default case: each task has its own dataset). Tasks that read the same file share
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.assets import embedded_data_file
 from mtl_jax.config import TaskConfig
+from mtl_jax.data.assets import embedded_data_file
 from mtl_jax.errors import MtlError
 
 SPLITS = ("train", "validation", "test")

@@ -22,10 +22,10 @@ import numpy as np
 
 from mtl_jax.config import TrainConfig
 from mtl_jax.errors import Interrupted
-from mtl_jax.freezing import frozen_groups, parse_phases
 from mtl_jax.inference import load_encoder
-from mtl_jax.trainer import check_out_dir, log, train_and_evaluate
-from mtl_jax.weighting import METHODS
+from mtl_jax.training.freezing import frozen_groups, parse_phases
+from mtl_jax.training.trainer import check_out_dir, log, train_and_evaluate
+from mtl_jax.training.weighting import METHODS
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
 
@@ -191,7 +191,7 @@ def summarize(rows: list[dict], names: list[str]) -> list[dict]:
 def write_results(
     out: Path, rows: list[dict], pending: list[dict], names: list[str], cfg: CompareConfig, final: bool
 ) -> None:
-    from mtl_jax.plots import plot_compare
+    from mtl_jax.outputs.plots import plot_compare
 
     if rows:
         with open(out / "results.csv", "w", newline="") as f:

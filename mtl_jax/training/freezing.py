@@ -24,7 +24,7 @@ from mtl_jax.errors import MtlError
 GROUP_RULES = (
     (re.compile(r"^encoder/embeddings/"), "embeddings"),
     (re.compile(r"^encoder/transformer/layer/(\d+)/(?!.*/lora_[ab]$)"), "layer_{0}"),
-    (re.compile(r"^encoder/.*/lora_[ab]$"), "lora"),  # --freeze lora: the adapters (mtl_jax.lora)
+    (re.compile(r"^encoder/.*/lora_[ab]$"), "lora"),  # --freeze lora: the adapters (mtl_jax.model.lora)
     (re.compile(r"^heads/([^/]+)/"), "head:{0}"),
     (re.compile(r"^loss_weights/"), "loss_weights"),  # --loss-weighting uncertainty: trains with the heads
 )

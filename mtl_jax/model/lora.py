@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mtl_jax.dense import affine
 from mtl_jax.errors import MtlError
+from mtl_jax.model.dense import affine
 
 TARGETS = ("q", "k", "v", "out", "ffn")
 

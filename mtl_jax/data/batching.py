@@ -5,7 +5,7 @@ pad id, batch sizes, the grids, the device mesh).
 An epoch plan is a pure function of (seed, epoch), so a resumed run continues at the same
 batch, and every process of a multi-process run plans the same global batch.
 
-A training step's examples are packed several to a row (``mtl_jax.packing``) into a fixed
+A training step's examples are packed several to a row (``mtl_jax.data.packing``) into a fixed
 grid ``[rows, length]``: ``length`` is one of two row lengths (``packing.row_lengths``: the
 short one unless the step holds a longer example) and ``rows`` the most any planned step of
 the run needs at that length, so a phase compiles two step shapes at most. A packed batch
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl_jax.data import Examples
-from mtl_jax.errors import MtlError
-from mtl_jax.packing import (
+from mtl_jax.data.load import Examples
+from mtl_jax.data.packing import (
     MAX_SEGMENTS,
     PackedCall,
     bucket_for,
@@ -34,7 +33,8 @@ from mtl_jax.packing import (
     round_up,
     row_lengths,
 )
-from mtl_jax.text import TextTokenizer
+from mtl_jax.data.text import TextTokenizer
+from mtl_jax.errors import MtlError
 
 
 @dataclass
@@ -338,6 +338,6 @@ class InputPipeline:
     def _place(self, arrays: dict) -> dict:
         if self.mesh is None:
             return arrays
-        from mtl_jax.parallel import shard_batch
+        from mtl_jax.training.parallel import shard_batch
 
         return shard_batch(arrays, self.mesh)

@@ -22,7 +22,7 @@ from flax import traverse_util
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.assets import EMBEDDED_MODEL_NAMES, embedded_model_dir
+from mtl_jax.data.assets import EMBEDDED_MODEL_NAMES, embedded_model_dir
 from mtl_jax.errors import MtlError
 
 POOLING_MODES = ("cls", "mean", "max")

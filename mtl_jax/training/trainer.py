@@ -28,14 +28,25 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtl_jax.batching import InputPipeline, tokenize
-from mtl_jax.checkpoint import Checkpoints, restore_latest
-from mtl_jax.compile_cache import RunClock, use_compile_cache
 from mtl_jax.config import TrainConfig, resume_fixed
-from mtl_jax.data import SPLITS, TaskData, load_tasks
+from mtl_jax.data.batching import InputPipeline, tokenize
+from mtl_jax.data.load import SPLITS, TaskData, load_tasks
 from mtl_jax.errors import Interrupted, MtlError
-from mtl_jax.evaluation import embed_all, evaluate
-from mtl_jax.freezing import (
+from mtl_jax.inference import SentenceEncoder, load_encoder
+from mtl_jax.model.lora import LoRA, with_lora
+from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.outputs.report import (
+    eval_record,
+    gradient_record,
+    scalar_series,
+    train_record,
+    write_outputs,
+    write_summary,
+)
+from mtl_jax.training.checkpoint import Checkpoints, restore_latest
+from mtl_jax.training.compile_cache import RunClock, use_compile_cache
+from mtl_jax.training.evaluation import embed_all, evaluate
+from mtl_jax.training.freezing import (
     Phase,
     encoder_frozen,
     frozen_groups,
@@ -46,11 +57,8 @@ from mtl_jax.freezing import (
     phase_end,
     phase_starts,
 )
-from mtl_jax.inference import SentenceEncoder, load_encoder
-from mtl_jax.lora import LoRA, with_lora
-from mtl_jax.model import MultiTaskModel, init_params
-from mtl_jax.optim import OptimConfig, carry_opt_state, count_numbers
-from mtl_jax.parallel import (
+from mtl_jax.training.optim import OptimConfig, carry_opt_state, count_numbers
+from mtl_jax.training.parallel import (
     check_batch_size,
     initialize_distributed,
     is_primary,
@@ -59,15 +67,7 @@ from mtl_jax.parallel import (
     replicate,
     to_host,
 )
-from mtl_jax.report import (
-    eval_record,
-    gradient_record,
-    scalar_series,
-    train_record,
-    write_outputs,
-    write_summary,
-)
-from mtl_jax.steps import (
+from mtl_jax.training.steps import (
     TrainState,
     accumulate,
     build_train_step,
@@ -76,7 +76,7 @@ from mtl_jax.steps import (
     make_grad_probe,
     zero_metrics,
 )
-from mtl_jax.weighting import Weighting
+from mtl_jax.training.weighting import Weighting
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 CHECKPOINT_FORMAT = 3  # 2: mtl_jax 0.2 (named optimizer state, typed loop state); 3: loss-weighting state

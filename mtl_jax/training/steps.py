@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax.freezing import encoder_frozen, param_groups
-from mtl_jax.model import MultiTaskModel
-from mtl_jax.optim import OptimConfig, make_optimizer
-from mtl_jax.weighting import GRADIENT_METHODS, Weighting, cosine_matrix, mean_losses, uncertainty_terms
+from mtl_jax.model.multitask import MultiTaskModel
+from mtl_jax.training.freezing import encoder_frozen, param_groups
+from mtl_jax.training.optim import OptimConfig, make_optimizer
+from mtl_jax.training.weighting import GRADIENT_METHODS, Weighting, cosine_matrix, mean_losses, uncertainty_terms
 
 
 @flax.struct.dataclass
@@ -60,7 +60,7 @@ def model_variables(params) -> dict:
 
 
 def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool = False) -> dict[str, jax.Array]:
-    """Logits ``[R * S, C]`` of a packed batch (see :mod:`mtl_jax.batching`), or ``[B, C]`` of
+    """Logits ``[R * S, C]`` of a packed batch (see :mod:`mtl_jax.data.batching`), or ``[B, C]`` of
     cached pooled embeddings (``batch["embeddings"]``).
 
     With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
@@ -196,7 +196,7 @@ def make_train_step(
 ) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
-    ``weighting`` (see :mod:`mtl_jax.weighting`): ``static`` uses ``weights``; the loss
+    ``weighting`` (see :mod:`mtl_jax.training.weighting`): ``static`` uses ``weights``; the loss
     methods weight each task's mean loss between one forward and one backward pass; the
     gradient methods (and ``famo``) need a task-stacked batch (arrays ``[rows, T, ...]``).
     A batch may hold token ids or cached embeddings (``"embeddings"``); each kind compiles

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.encoder import ATTENTION, Encoder
-from mtl_jax.lora import add_adapters
-from mtl_jax.pretrained import POOLING_MODES
+from mtl_jax.model.encoder import ATTENTION, Encoder
+from mtl_jax.model.lora import add_adapters
+from mtl_jax.model.pretrained import POOLING_MODES
 
 
 def segment_members(segments: jax.Array, num_segments: int) -> jax.Array:
@@ -68,7 +68,7 @@ class MultiTaskModel(nn.Module):
     pooling: str = "mean"
     head_dropout: float = 0.1
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
-    attention: str = "auto"  # auto | fused | xla: see mtl_jax.encoder.Attention
+    attention: str = "auto"  # auto | fused | xla: see mtl_jax.model.encoder.Attention
 
     def setup(self):
         if self.pooling not in POOLING_MODES:
@@ -81,7 +81,7 @@ class MultiTaskModel(nn.Module):
             self.heads = Heads(self.tasks)
 
     def embed_packed(self, ids, positions, segments, num_segments: int, deterministic: bool = True) -> jax.Array:
-        """Sentence embeddings ``[R, S, D]`` float32 of rows holding up to S sentences (see ``mtl_jax.encoder``).
+        """Sentence embeddings ``[R, S, D]`` float32 of rows holding up to S sentences (see ``mtl_jax.model.encoder``).
 
         ``cls`` takes each sentence's first token, whose state alone the last layer computes.
         """

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from mtl_jax.freezing import labels_for, layer_index, param_groups
+from mtl_jax.training.freezing import labels_for, layer_index, param_groups
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from jax.extend.random import threefry_2x32
 from transformers.modeling_flax_utils import ACT2FN
 from transformers.models.distilbert.modeling_flax_distilbert import positional_encoding
 
-from mtl_jax.dense import Dense
-from mtl_jax.lora import LoRADense, lora_of
+from mtl_jax.model.dense import Dense
+from mtl_jax.model.lora import LoRADense, lora_of
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
@@ -60,7 +60,7 @@ class Dropout(nn.Module):
 
 
 def _dense(config, dtype, features: int, target: str | None = None) -> nn.Module:
-    """A dense layer; with a LoRA ``target`` (q, k, v, out, ffn) of the config's adapters (see mtl_jax.lora), adapted."""
+    """A dense layer; with a LoRA ``target`` (q, k, v, out, ffn) of the config's adapters (see mtl_jax.model.lora), adapted."""
     init = jax.nn.initializers.normal(config.initializer_range)
     lora = lora_of(config)
     if lora is not None and target in lora.targets:

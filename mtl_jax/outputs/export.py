@@ -50,7 +50,7 @@ def export_model(
     """
     from safetensors.numpy import save_file
 
-    from mtl_jax.pretrained import flax_to_torch_state
+    from mtl_jax.model.pretrained import flax_to_torch_state
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")

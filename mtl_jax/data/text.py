@@ -1,5 +1,5 @@
 """Tokenization shared by encoding, training and prediction: unpadded token ids per text
-(``mtl_jax.packing`` lays them out in rows)."""
+(``mtl_jax.data.packing`` lays them out in rows)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mtl_jax.batching import InputPipeline, Tokenized
-from mtl_jax.metrics import classification_report
-from mtl_jax.parallel import to_host
+from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.tasks.metrics import classification_report
+from mtl_jax.training.parallel import to_host
 
 
 def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> list:

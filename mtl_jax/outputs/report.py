@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from mtl_jax.config import TrainConfig
-from mtl_jax.export import export_model
-from mtl_jax.lora import lora_of, merge_adapters
-from mtl_jax.plots import plot_confusion, plot_curves, plot_gradients
+from mtl_jax.model.lora import lora_of, merge_adapters
+from mtl_jax.outputs.export import export_model
+from mtl_jax.outputs.plots import plot_confusion, plot_curves, plot_gradients
 
 
 def train_record(totals, step: int, epoch: int, tasks) -> dict:

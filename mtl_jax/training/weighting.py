@@ -21,7 +21,7 @@ between the forward and the backward pass (one backward pass in all, as for a pl
   over the same batch as the authors' code does: that pass would cost a third of a step.
 
 Gradient methods need each task's gradient: one vmapped backward pass over the tasks'
-sub-batches (task-stacked batches, see :func:`mtl_jax.steps.per_task_grads`), never a
+sub-batches (task-stacked batches, see :func:`mtl_jax.training.steps.per_task_grads`), never a
 Python loop of backward passes. They combine the gradients on the shared encoder:
 
 - ``pcgrad``: Yu et al. (2020): each task's gradient is projected off the normal plane of

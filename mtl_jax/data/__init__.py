@@ -1,0 +1,1 @@
+"""Reading and batching: files to validated examples, splits, sampling, packed rows."""
