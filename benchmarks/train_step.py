@@ -26,13 +26,13 @@ from mtl_jax.config import TrainConfig
 from mtl_jax.data.batching import single_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.model.flops import train_step_flops
-from mtl_jax.model.lora import LoRA, with_lora
+from mtl_jax.model.lora import TARGETS, LoRA, with_lora
 from mtl_jax.model.multitask import MultiTaskModel
 from mtl_jax.training.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
 from mtl_jax.training.hostmem import reuse_host_memory
 from mtl_jax.training.optim import OptimConfig, count_numbers
 from mtl_jax.training.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
-from mtl_jax.training.weighting import METHODS, Weighting
+from mtl_jax.training.weighting import METHODS, make
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -102,7 +102,7 @@ def main() -> None:
         **SIZES[args.size],
     )
     if args.freeze == "lora":
-        config = with_lora(config, LoRA(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
+        config = with_lora(config, LoRA(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=TARGETS))
     model = MultiTaskModel(
         config,
         pooling=args.pooling,
@@ -210,11 +210,11 @@ def compare_weighting(args, model, params, frozen, batch) -> dict:
     methods = ["sum"] + [m for m in dict.fromkeys(args.loss_weighting) if m != "sum"]
     runs = {}
     for m in methods:
-        weighting = Weighting(m)
+        weighting = make(m)
         params = weighting.add_params(params, [t for t, _ in model.tasks])
         tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000), weighting)
         b = task_stacked(batch) if weighting.every_task else batch
-        state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params), weighting.init_state(2))
+        state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params), weighting.init(2))
         t0 = time.perf_counter()
         memory = step.lower(state, b, key).compile().memory_analysis()
         runs[m] = {"state": state, "step": step, "batch": b, "times": [], "compile_s": time.perf_counter() - t0}

@@ -32,6 +32,7 @@ class TaskConfig:
     label_map: Optional[dict[str, str]] = None  # raw value -> label name (e.g. fresh -> positive)
     drop_labels: tuple[str, ...] = ()  # raw values deliberately left out (reported, not silent)
     weight: float = 1.0  # loss weight
+    type: str = "classification"  # the task type (mtl_jax.tasks.REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,12 @@ class TrainConfig:
 
     def weighting_config(self) -> WeightingConfig:
         """``--loss-weighting`` and its hyperparameters."""
-        return WeightingConfig(**{f.name: getattr(self, "loss_weighting" if f.name == "method" else f.name) for f in dataclasses.fields(WeightingConfig)})
+        return WeightingConfig(
+            **{
+                f.name: getattr(self, "loss_weighting" if f.name == "method" else f.name)
+                for f in dataclasses.fields(WeightingConfig)
+            }
+        )
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})

@@ -25,6 +25,7 @@ from mtl_jax.errors import MtlError
 from mtl_jax.model.multitask import MultiTaskModel, l2_normalize
 from mtl_jax.model.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
 from mtl_jax.outputs.export import verify_export
+from mtl_jax.tasks import from_export
 
 
 @dataclass
@@ -156,12 +157,6 @@ def load_encoder(
     return SentenceEncoder(spec, params, tokenizer, source=folder)
 
 
-@dataclass
-class Prediction:
-    label: str
-    probs: dict[str, float]
-
-
 class Predictor:
     """A trained multi-task model: ``predict()`` per task labels and probabilities, ``encode()`` embeddings."""
 
@@ -170,13 +165,15 @@ class Predictor:
 
         meta = verify_export(folder)
         self.folder = Path(folder)
-        self.tasks = [(t["name"], tuple(t["labels"])) for t in meta["tasks"]]
+        self.task_objects = tuple(from_export(t) for t in meta["tasks"])
+        self.tasks = [(t.name, t.labels) for t in self.task_objects]
         self.encoder = load_encoder(folder)
         dim = self.encoder.dim
         raw = load_file(str(self.folder / "heads.safetensors"))
         heads = {}
-        for name, labels in self.tasks:
-            want = {"kernel": (dim, len(labels)), "bias": (len(labels),)}
+        for task in self.task_objects:
+            name = task.name
+            want = {"kernel": (dim, task.outputs), "bias": (task.outputs,)}
             heads[name] = {}
             for k, shape in want.items():
                 arr = raw.get(f"{name}.{k}")
@@ -186,7 +183,7 @@ class Predictor:
                 heads[name][k] = arr
         self.params = {"encoder": self.encoder.params, "heads": jax.tree.map(jax.numpy.asarray, heads)}
         self.model = MultiTaskModel(
-            self.encoder.config, tasks=tuple((n, len(names)) for n, names in self.tasks), pooling=meta["pooling"]
+            self.encoder.config, tasks=tuple((t.name, t.outputs) for t in self.task_objects), pooling=meta["pooling"]
         )
 
         @jax.jit
@@ -195,7 +192,7 @@ class Predictor:
                 return model.classify(model.embed_packed(ids, positions, segments, MAX_SEGMENTS))
 
             logits = self.model.apply({"params": params}, method=run)
-            return {t: jax.nn.softmax(v, axis=-1) for t, v in logits.items()}
+            return {t.name: t.probabilities(logits[t.name]) for t in self.task_objects}
 
         self._probs = probs
 
@@ -203,8 +200,8 @@ class Predictor:
         return self.encoder.encode(sentences, **kw)
 
     def predict_proba(self, sentences, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
-        """Per task ``[N, C]`` class probabilities, rows in input order."""
-        empty = {name: np.zeros((0, len(labels)), np.float32) for name, labels in self.tasks}
+        """Per task ``[N, C]`` class probabilities (each task's :meth:`~mtl_jax.tasks.Task.probabilities`), rows in input order."""
+        empty = {t.name: np.zeros((0, t.outputs), np.float32) for t in self.task_objects}
         out = self.encoder.map_packed(
             functools.partial(self._probs, self.params),
             sentences,
@@ -214,16 +211,12 @@ class Predictor:
         )
         return {name: out[name] for name, _ in self.tasks}
 
-    def predict(self, sentences, batch_size: int = 64, progress: bool | None = None) -> list[dict[str, Prediction]]:
+    def predict(self, sentences, batch_size: int = 64, progress: bool | None = None) -> list[dict]:
+        """Per input, each task's output (:meth:`~mtl_jax.tasks.Task.output`; classification: a
+        ``Prediction`` with the label and the class probabilities)."""
         probs = self.predict_proba(sentences, batch_size=batch_size, progress=progress)
-        rows = []
-        for i in range(len(next(iter(probs.values()))) if probs else 0):
-            row = {}
-            for name, labels in self.tasks:
-                p = probs[name][i]
-                row[name] = Prediction(labels[int(np.argmax(p))], {label: float(x) for label, x in zip(labels, p)})
-            rows.append(row)
-        return rows
+        n = len(next(iter(probs.values()))) if probs else 0
+        return [{t.name: t.output(probs[t.name][i]) for t in self.task_objects} for i in range(n)]
 
 
 def load(path: str | Path) -> Predictor:

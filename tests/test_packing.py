@@ -18,6 +18,7 @@ from mtl_jax.inference import load_encoder
 from mtl_jax.model.encoder import Encoder, keep_mask
 from mtl_jax.model.multitask import MultiTaskModel, init_params
 from mtl_jax.training.steps import TrainState, make_loss_fn, make_train_step
+from mtl_jax.training.weighting import make
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
@@ -221,7 +222,7 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
         (loss_s, _), grads_s = value_and_grad(params, single, None)
         np.testing.assert_allclose(loss_p, loss_s, rtol=1e-6)
         chex.assert_trees_all_close(grads_p, grads_s, atol=1e-5, rtol=1e-5)
-        step = jax.jit(make_train_step(model, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5}))
+        step = jax.jit(make_train_step(model, optax.sgd(0.5), make("static", task_weights=(1.0, 0.5))))
         after = []
         for batch in (packed, single):
             state = TrainState.create(jax.tree.map(jnp.array, params), optax.sgd(0.5).init(params))

@@ -28,7 +28,7 @@ from mtl_jax.training.parallel import make_mesh, place_state, shard_batch
 from mtl_jax.config import TrainConfig
 from mtl_jax.training.optim import OptimConfig
 from mtl_jax.training.steps import TrainState, build_train_step
-from mtl_jax.training.weighting import Weighting
+from mtl_jax.training.weighting import make
 
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))

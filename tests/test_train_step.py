@@ -15,6 +15,7 @@ from mtl_jax import MtlError
 from mtl_jax.data.batching import InputPipeline, Tokenized, single_rows
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.multitask import MultiTaskModel, init_params, pool_segments
+from mtl_jax.tasks import of_heads
 from mtl_jax.training.evaluation import evaluate
 from mtl_jax.training.freezing import (
     Phase,
@@ -28,7 +29,7 @@ from mtl_jax.training.freezing import (
 )
 from mtl_jax.training.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.training.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
-from mtl_jax.training.weighting import Weighting, mean_losses
+from mtl_jax.training.weighting import make, mean_losses
 from tests.conftest import dot_products, optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
@@ -153,7 +154,7 @@ def test_masked_loss_matches_numpy():
         "b": jnp.asarray([[0.3, -0.3], [1.0, 2.0], [0.0, 0.0]]),
     }
     labels = jnp.asarray([[0, -1], [2, 1], [-1, -1]])
-    per = task_losses(logits, labels, ["a", "b"])
+    per = task_losses(logits, labels, of_heads((("a", 3), ("b", 2))))
 
     def ce(row, y):
         row = np.asarray(row, np.float64)
@@ -166,7 +167,7 @@ def test_masked_loss_matches_numpy():
     np.testing.assert_array_equal(present, [1, 1])
     assert int(per["a"]["count"]) == 2 and int(per["a"]["correct"]) == 2
     # a batch with no labels for a task adds exactly 0, never NaN
-    means, present = mean_losses(task_losses(logits, jnp.full((3, 2), -1), ["a", "b"]), ["a", "b"])
+    means, present = mean_losses(task_losses(logits, jnp.full((3, 2), -1), of_heads((("a", 3), ("b", 2)))), ["a", "b"])
     np.testing.assert_array_equal(means, [0.0, 0.0])
     np.testing.assert_array_equal(present, [0.0, 0.0])
 
@@ -216,7 +217,7 @@ def test_evaluate_counts_every_example_once(setup):
     labels[:10, 1] = -1
     data = Tokenized(ids, labels, np.zeros(n, np.int32), 0)
     pipeline = InputPipeline({"test": data}, pad_id=0, max_length=64, batch_size=8, eval_batch_size=8, seed=0)
-    res = evaluate(make_eval_step(model), params, pipeline, data, {"task_a": ("x", "y", "z"), "task_b": ("n", "p")})
+    res = evaluate(make_eval_step(model), params, pipeline, data, of_heads(model.tasks))
     assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
     assert np.asarray(res["task_a"]["confusion"]).sum() == n
     # the same confusion matrices as a forward pass of each example alone (padded, masked)
@@ -246,7 +247,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     assert len(bf16_dots) >= 8 * model.config.n_layers, operands
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
     tx, _, state = _state(model, params, frozenset())
-    step = make_train_step(bf16, tx, {"task_a": 1.0, "task_b": 1.0})
+    step = make_train_step(bf16, tx)
     state, m = step(state, _batch(), jax.random.PRNGKey(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert np.isfinite(float(m["loss"]))
@@ -282,7 +283,7 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
     config = copy.deepcopy(model.config)
     config.dropout = config.attention_dropout = 0.0
     quiet = model.clone(config=config, head_dropout=0.0)
-    w = Weighting(method)
+    w = make(method)
     p0 = w.add_params(params, [t for t, _ in TASKS])
     batch = _batch(3, B=16)
     if w.every_task:  # two task sub-batches of 8 rows: arrays [8, 2, ...]
@@ -292,8 +293,8 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
     results = []
     for k in (1, 4):
         # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)
-        step = make_train_step(quiet, optax.sgd(0.5), {"task_a": 1.0, "task_b": 0.5}, weighting=w, grad_accum=k)
-        state = TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.5).init(p0), w.init_state(2))
+        step = make_train_step(quiet, optax.sgd(0.5), w, grad_accum=k)
+        state = TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.5).init(p0), w.init(2))
         for _ in range(2):  # famo and gradnorm move their state at the second step
             state, m = step(state, batch, jax.random.PRNGKey(0))
         results.append((state, m))
@@ -307,11 +308,11 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
 
 
 def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert):
-    from mtl_jax.model.lora import LoRA, merge_adapters, with_lora
+    from mtl_jax.model.lora import TARGETS, LoRA, merge_adapters, with_lora
 
     model, base_params = setup
     enc = load_encoder(tiny_bert)
-    lora = LoRA(rank=4, alpha=8.0)
+    lora = LoRA(rank=4, alpha=8.0, targets=TARGETS)
     adapted = model.clone(config=with_lora(model.config, lora))
     params = init_params(adapted, enc.params, jax.random.PRNGKey(0))
     groups = set(jax.tree.leaves(param_groups(params)))
@@ -349,10 +350,10 @@ def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert
 def test_lora_rank_16_trains_under_5_percent_of_minilm():
     from transformers import DistilBertConfig
 
-    from mtl_jax.model.lora import LoRA, with_lora
+    from mtl_jax.model.lora import TARGETS, LoRA, with_lora
 
     config = DistilBertConfig(dim=384, n_layers=6, n_heads=12, hidden_dim=1536)
-    model = MultiTaskModel(with_lora(config, LoRA(rank=16, alpha=32.0)), tasks=TASKS)
+    model = MultiTaskModel(with_lora(config, LoRA(rank=16, alpha=32.0, targets=TARGETS)), tasks=TASKS)
     ids = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, ids)["params"]
     sizes = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mtl_jax.training.steps import own_task_labels, per_task_grads
-from mtl_jax.training.weighting import Weighting, cosine_matrix, mean_losses, pcgrad, uncertainty_terms
+from mtl_jax.training.weighting import cosine_matrix, make, mean_losses, pcgrad, uncertainty_terms
 
 
 def _per_task(**loss_and_count):
@@ -121,14 +121,14 @@ def _adam(x, g, m, v, t, lr, decay=0.0):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_dwa_weights_follow_the_last_two_periods_loss_ratio(n):
-    w = Weighting("dwa", dwa_temperature=2.0, dwa_period=5)
-    state, rng = w.init_state(n), np.random.default_rng(n)
+    w = make("dwa", dwa_temperature=2.0, dwa_period=5)
+    state, rng = w.init(n), np.random.default_rng(n)
     period_means = []
     for period in range(4):
         steps = [(rng.uniform(0.2, 2.0, n), rng.integers(0, 2, n).astype(np.float32)) for _ in range(5)]
         steps[0][1][:] = 1  # every task seen in every period
         for losses, present in steps:
-            weights, loss, state = w.loss_weights(state, jnp.asarray(losses), jnp.asarray(present), None, None)
+            weights, loss, state = w.weights(state, jnp.asarray(losses), jnp.asarray(present), None)
             if period < 2:
                 want = np.ones(n)
             else:  # w_t = T softmax(r_t / 2), r_t = L_t(e-1) / L_t(e-2), period means over the steps holding t
@@ -139,9 +139,9 @@ def test_dwa_weights_follow_the_last_two_periods_loss_ratio(n):
 
 
 def test_rlw_weights_are_a_softmax_of_normal_draws():
-    w = Weighting("rlw")
+    w = make("rlw")
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-    draws = jax.vmap(lambda k: w.loss_weights({}, jnp.ones(3), jnp.ones(3), None, k)[0])(keys)
+    draws = jax.vmap(lambda k: w.weights((), jnp.ones(3), jnp.ones(3), k)[0])(keys)
     want = np.stack([_softmax(np.asarray(jax.random.normal(k, (3,)))) for k in keys[:5]])
     np.testing.assert_allclose(draws[:5], want, rtol=1e-5)
     np.testing.assert_allclose(draws.sum(1), 1.0, rtol=1e-5)
@@ -151,12 +151,12 @@ def test_rlw_weights_are_a_softmax_of_normal_draws():
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_famo_matches_numpy(n):
-    w = Weighting("famo", famo_lr=0.1, famo_decay=0.01)
-    state, rng = w.init_state(n), np.random.default_rng(n)
+    w = make("famo", famo_lr=0.1, famo_decay=0.01)
+    state, rng = w.init(n), np.random.default_rng(n)
     xi, m, v, prev = np.zeros(n), np.zeros(n), np.zeros(n), None
     for t in range(6):
         losses = rng.uniform(0.3, 2.0, n)
-        weights, loss, state = w.loss_weights(state, jnp.asarray(losses), jnp.ones(n), None, None)
+        weights, loss, state = w.weights(state, jnp.asarray(losses), jnp.ones(n), None)
         if prev is not None:  # the logits follow the drop of log L since the previous step
             z = _softmax(xi)
             delta = prev - np.log(losses + 1e-8)
@@ -167,7 +167,7 @@ def test_famo_matches_numpy(n):
         # loss sum_t z_t log L_t / c (c held constant): d loss / d L_t = z_t / (c L_t)
         np.testing.assert_allclose(weights, z / (c * losses), rtol=2e-5)
         np.testing.assert_allclose(float(loss), (z * np.log(losses)).sum() / c, rtol=2e-5, atol=1e-6)
-        np.testing.assert_allclose(state["logits"], xi, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(state.logits, xi, rtol=1e-4, atol=1e-6)
     assert np.abs(xi).max() > 0.05  # the logits really moved
 
 
@@ -185,11 +185,11 @@ def _frank_wolfe(g: np.ndarray, iters: int = 20000) -> np.ndarray:
 
 
 def _combine(method, g: np.ndarray, heads: np.ndarray, **kw):
-    """``Weighting(method).combine`` on a tree with an encoder leaf ``g`` [T, 6] and a heads leaf [T, 2]."""
-    w = Weighting(method, **kw)
+    """``make(method).combine`` on a tree with an encoder leaf ``g`` [T, 6] and a heads leaf [T, 2]."""
+    w = make(method, **kw)
     tree = {"encoder": {"w": jnp.asarray(g, jnp.float32)}, "heads": {"b": jnp.asarray(heads, jnp.float32)}}
     losses = jnp.linspace(1.0, 2.0, len(g))
-    return w.combine(w.init_state(len(g)), losses, tree, tree["encoder"], jax.random.PRNGKey(0))
+    return w.combine(w.init(len(g)), losses, tree, tree["encoder"], jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("n,conflict", [(2, True), (2, False), (3, True), (3, False)])
@@ -243,8 +243,8 @@ def test_cagrad_matches_the_authors_solver(n, conflict):
 @pytest.mark.parametrize("n", [2, 3])
 def test_gradnorm_matches_numpy(n):
     alpha, lr = 1.5, 0.1
-    w = Weighting("gradnorm", gradnorm_alpha=alpha, gradnorm_lr=lr)
-    state = w.init_state(n)
+    w = make("gradnorm", gradnorm_alpha=alpha, gradnorm_lr=lr)
+    state = w.init(n)
     rng = np.random.default_rng(n)
     ws, m, v, initial = np.ones(n), np.zeros(n), np.zeros(n), None
     base = rng.normal(size=(n, 6)) * np.arange(1, n + 1)[:, None]  # task t's gradient ~ (t + 1) x as long
@@ -265,19 +265,19 @@ def test_gradnorm_matches_numpy(n):
         target = (ws * norms).mean() * (ratio / ratio.mean()) ** alpha
         ws, m, v = _adam(ws, np.sign(ws * norms - target) * norms, m, v, t, lr)
         ws = n * np.maximum(ws, 0) / np.maximum(ws, 0).sum()
-        np.testing.assert_allclose(state["w"], ws, rtol=1e-5)
+        np.testing.assert_allclose(state.w, ws, rtol=1e-5)
     assert ws[0] > 1.1 and ws[-1] < 0.9  # weight moved to the slow task with the short gradient
 
 
 def test_methods_keep_their_state_when_the_encoder_is_frozen():
     for method in ("gradnorm", "mgda", "cagrad", "pcgrad"):
-        w = Weighting(method)
+        w = make(method)
         tree = {"encoder": {"w": jnp.zeros((2, 3))}, "heads": {"b": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}}
-        grads, _, _, state = w.combine(w.init_state(2), jnp.ones(2), tree, None, jax.random.PRNGKey(0))
+        grads, _, _, state = w.combine(w.init(2), jnp.ones(2), tree, None, jax.random.PRNGKey(0))
         np.testing.assert_allclose(grads["heads"]["b"], [1.0, 2.0])
-        chex.assert_trees_all_equal(state, w.init_state(2))
+        chex.assert_trees_all_equal(state, w.init(2))
 
 
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown loss weighting 'gradnrom'; choose from sum, static"):
-        Weighting("gradnrom")
+        make("gradnrom")

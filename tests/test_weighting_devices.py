@@ -30,10 +30,10 @@ params = model.init(jax.random.PRNGKey(0), batches[0]["ids"][:1], batches[0]["se
 
 
 def sgd_steps(devices, method, fsdp=False, model=model):
-    mesh, w = make_mesh(devices), Weighting(method)
+    mesh, w = make_mesh(devices), make(method)
     p0 = w.add_params(params, ["a", "b"])
-    step = make_train_step(model, optax.sgd(0.1), {{"a": 1.0, "b": 0.5}}, weighting=w)
-    state = place_state(TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.1).init(p0), w.init_state(2)), mesh, fsdp)
+    step = make_train_step(model, optax.sgd(0.1), w)
+    state = place_state(TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.1).init(p0), w.init(2)), mesh, fsdp)
     losses = []
     for b in batches[:2]:
         if w.every_task:  # two task sub-batches of 4 rows: [4, 2, ...]

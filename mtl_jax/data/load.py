@@ -25,6 +25,7 @@ import numpy as np
 from mtl_jax.config import TaskConfig
 from mtl_jax.data.assets import embedded_data_file
 from mtl_jax.errors import MtlError
+from mtl_jax.tasks import Task, build
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -157,10 +158,9 @@ class Examples:
 
 @dataclass
 class TaskData:
-    """The three splits, the task names and their label vocabularies, and what was dropped."""
+    """The three splits, the tasks (their label names resolved), and what was dropped."""
 
-    tasks: tuple[TaskConfig, ...]
-    labels: dict[str, tuple[str, ...]]
+    tasks: tuple[Task, ...]
     splits: dict[str, Examples]
     sources: list[str]
     notes: list[str] = field(default_factory=list)
@@ -168,6 +168,11 @@ class TaskData:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
+
+    @property
+    def labels(self) -> dict[str, tuple[str, ...]]:
+        """Each task's label names."""
+        return {t.name: t.labels for t in self.tasks}
 
 
 class BadRows(MtlError):
@@ -242,7 +247,7 @@ def _read_task_file(path: Path, group: list[TaskConfig], problems: Problems, not
     label_cols = [t.label_column for t in group]
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, sorted(text_cols | set(label_cols))):
+    for row in read_rows(path, sorted(text_cols | {c for t in group for c in build(t).columns()})):
         raw_labels: list[str | None] = []
         for t in group:
             raw = row.fields.get(t.label_column)
@@ -262,36 +267,22 @@ def _read_task_file(path: Path, group: list[TaskConfig], problems: Problems, not
     return out
 
 
-def _vocabulary(task: TaskConfig, rows: FileRows, col: int) -> tuple[str, ...]:
-    """The task's label names: explicit, else the sorted (mapped) values seen in its training file."""
-    if task.labels:
-        return tuple(task.labels)
-    mapping = task.label_map or {}
-    return tuple(sorted({mapping.get(r[col], r[col]) for r in rows.raw if r[col] != DROP}))
-
-
 def _label_ids(
-    path: Path, rows: FileRows, group: list[tuple[int, TaskConfig]], vocab: dict, num_tasks: int, problems: Problems
+    path: Path, rows: FileRows, group: list[tuple[int, Task]], num_tasks: int, problems: Problems
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``[N, T]`` label ids (-1: none for that task) and which rows to keep (labels outside the vocabulary drop)."""
+    """``[N, T]`` label ids (-1: none for that task) and which rows to keep (a bad label drops its row)."""
     keep = np.ones(len(rows.texts), bool)
     ids = np.full((len(rows.texts), num_tasks), -1, np.int32)
     for col, (ti, t) in enumerate(group):
-        index = {name: i for i, name in enumerate(vocab[t.name])}
         for r, raw in enumerate(rows.raw):
-            value = raw[col]
-            if value == DROP:
+            if raw[col] == DROP:
                 continue
-            label = (t.label_map or {}).get(value, value)
-            if label not in index:
-                problems.add(
-                    f"{path}:{rows.lines[r]}",
-                    Reason.UNKNOWN_LABEL,
-                    f"label {value!r} not in the labels of task {t.name} ({', '.join(vocab[t.name])})",
-                )
+            label = t.label_id(raw[col])
+            if isinstance(label, str):  # the reason it is not a label
+                problems.add(f"{path}:{rows.lines[r]}", Reason.UNKNOWN_LABEL, label)
                 keep[r] = False
                 continue
-            ids[r, ti] = index[label]
+            ids[r, ti] = label
     return ids, keep
 
 
@@ -336,16 +327,10 @@ def _split_off(
     return splits
 
 
-def _check_classes(train: Examples, tasks: Sequence[TaskConfig], vocab: dict) -> None:
+def _check_train(train: Examples, tasks: Sequence[Task]) -> None:
     for ti, t in enumerate(tasks):
         y = train.labels[:, ti]
-        counts = np.bincount(y[y >= 0], minlength=len(vocab[t.name]))
-        if counts.sum() == 0:
-            raise MtlError(f"{t.train}: task {t.name} has no training examples")
-        if (counts > 0).sum() < 2:
-            raise MtlError(
-                f"{t.train}: task {t.name} needs at least two classes in its training data, found {(counts > 0).sum()}"
-            )
+        t.check_train(y[y >= 0])
 
 
 def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
@@ -365,16 +350,17 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         key: _read_task_file(resolve_path(key[1]), [tasks[ti] for ti in ids], problems, notes)
         for key, ids in files.items()
     }
-    vocab = {
-        t.name: _vocabulary(t, rows[("train", t.train)], files[("train", t.train)].index(ti))
+    objects = [
+        build(t).with_labels(r[col] for r in rows[("train", t.train)].raw if r[col] != DROP)
         for ti, t in enumerate(tasks)
-    }
+        for col in [files[("train", t.train)].index(ti)]
+    ]
     sources: list[str] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
     for (split, spec), task_ids in files.items():
         file_rows = rows[(split, spec)]
         ids, keep = _label_ids(
-            resolve_path(spec), file_rows, [(ti, tasks[ti]) for ti in task_ids], vocab, len(tasks), problems
+            resolve_path(spec), file_rows, [(ti, objects[ti]) for ti in task_ids], len(tasks), problems
         )
         sources.append(spec)
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
@@ -383,5 +369,5 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         raise BadRows(problems.listed)
     notes += [f"skipped {n} bad rows: {reason}" for reason, n in sorted(problems.skipped.items())]
     splits = _split_off({s: Examples.concat(by_split[s], len(tasks)) for s in SPLITS}, tasks, sources, seed)
-    _check_classes(splits["train"], tasks, vocab)
-    return TaskData(tuple(tasks), vocab, splits, sources, notes)
+    _check_train(splits["train"], objects)
+    return TaskData(tuple(objects), splits, sources, notes)

@@ -30,9 +30,9 @@ TARGETS = ("q", "k", "v", "out", "ffn")
 
 @dataclass(frozen=True)
 class LoRA:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = TARGETS
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
 
     @property
     def scale(self) -> float:

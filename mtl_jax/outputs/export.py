@@ -40,7 +40,7 @@ def export_model(
     encoder_params,
     head_params: dict,
     hf_tokenizer,
-    tasks: Sequence[tuple[str, Sequence[str]]],
+    tasks: Sequence,
     pooling: str,
 ) -> Path:
     """Write a self-contained model directory (see module docstring); returns it.
@@ -99,7 +99,7 @@ def export_model(
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     meta = {
         "format": EXPORT_FORMAT,
-        "tasks": [{"name": name, "labels": list(labels)} for name, labels in tasks],
+        "tasks": [t.export_meta() for t in tasks],  # mtl_jax.tasks.Task
         "pooling": pooling,
         "normalize": encoder_spec.normalize,
         "max_length": encoder_spec.max_length,

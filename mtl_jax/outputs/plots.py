@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 
 def plot_curves(records: list[dict], tasks: Sequence[str], path: Path) -> None:
-    """Per-task training loss over steps (left) and validation accuracy / macro-F1 per epoch (right)."""
+    """Per-task training loss over steps (left) and each task's validation metrics per evaluation (right)."""
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "validation"]
@@ -22,7 +22,8 @@ def plot_curves(records: list[dict], tasks: Sequence[str], path: Path) -> None:
         pts = [(r["step"], r[t]["loss"]) for r in train if r.get(t, {}).get("loss") is not None]
         if pts:
             ax_loss.plot(*zip(*pts), color=color, label=t)
-        for key, style in (("accuracy", "-o"), ("macro_f1", "--s")):
+        keys = [k for k in (val[-1].get(t, {}) if val else {}) if k not in ("loss", "examples")]
+        for key, style in zip(keys, ("-o", "--s", ":^", "-.v")):  # the task's metrics in its records
             pts = [(r["step"], r[t][key]) for r in val if t in r]
             if pts:
                 ax_val.plot(*zip(*pts), style, color=color, label=f"{t} {key}")

@@ -11,7 +11,7 @@ import numpy as np
 from mtl_jax.config import TrainConfig
 from mtl_jax.model.lora import lora_of, merge_adapters
 from mtl_jax.outputs.export import export_model
-from mtl_jax.outputs.plots import plot_confusion, plot_curves, plot_gradients
+from mtl_jax.outputs.plots import plot_curves, plot_gradients
 
 
 def train_record(totals, step: int, epoch: int, tasks) -> dict:
@@ -47,12 +47,21 @@ def scalar_series(rec: dict, prefix: str | None = None):
             yield f"{prefix}/{key}", value
 
 
-def eval_record(results: dict, step: int, epoch: int, split: str) -> dict:
+def eval_record(results: dict, step: int, epoch: int, split: str, tasks) -> dict:
+    """An evaluation's metrics.jsonl record: each task's ``record_keys``, and the mean of the tasks'
+    primary scores (``mean_<metric>`` when every task has the same primary metric, else ``mean_primary``)."""
     rec = {"step": step, "epoch": epoch, "split": split, "loss": sum(r["loss"] for r in results.values())}
-    for t, r in results.items():
-        rec[t] = {k: r[k] for k in ("loss", "accuracy", "macro_f1", "examples")}
-    rec["mean_macro_f1"] = float(np.mean([r["macro_f1"] for r in results.values()]))
+    for t in tasks:
+        rec[t.name] = {k: results[t.name][k] for k in t.record_keys}
+    primaries = {t.primary for t in tasks}
+    key = f"mean_{primaries.pop()}" if len(primaries) == 1 else "mean_primary"
+    rec[key] = mean_score(results, tasks)
     return rec
+
+
+def mean_score(results: dict, tasks) -> float:
+    """The mean of the tasks' primary scores: what picks the best model and stops early."""
+    return float(np.mean([t.score(results[t.name]) for t in tasks]))
 
 
 def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
@@ -69,7 +78,7 @@ def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
 
 def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
     """The export (best parameters) and the plots of a finished run."""
-    out, names, labels = run.out, run.names, run.data.labels
+    out, names = run.out, run.names
     if run.cfg.export:
         spec = dataclasses.replace(run.encoder.spec, max_length=run.pipeline.max_length)
         export_model(
@@ -78,29 +87,29 @@ def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
             merge_adapters(best_params["encoder"], lora_of(run.model.config)),
             best_params["heads"],
             run.encoder.hf_tokenizer,
-            [(t, labels[t]) for t in names],
+            run.data.tasks,
             run.model.pooling,
         )
     plot_curves(records, names, out / "curves.png")
     if any(r["split"] == "gradients" for r in records):
         plot_gradients(records, names, out / "gradients.png")
-    for t in names:
-        plot_confusion(summary["test"][t]["confusion"], labels[t], f"{t} (test)", out / f"confusion_{t}.png")
+    for task in run.data.tasks:
+        task.plots(summary["test"][task.name], out)
 
 
 def write_summary(run, summary: dict) -> None:
     """summary.json and report.md."""
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run.out / "report.md").write_text(report_text(run.cfg, summary, run.names, run.data.labels))
+    (run.out / "report.md").write_text(report_text(run.cfg, summary, run.data.tasks))
 
 
-def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
+def report_text(cfg: TrainConfig, summary: dict, tasks) -> str:
     lines = [
         f"# Run report: {cfg.out}",
         "",
         f"Encoder `{cfg.encoder}`, freeze `{cfg.freeze}`, {summary['steps']} steps, batch {cfg.batch_size}, "
         f"lr {cfg.lr}, seed {cfg.seed}, dtype {cfg.dtype}, loss weighting {cfg.loss_weighting}, backend {summary['backend']}.",
-        f"Best epoch {summary['best_epoch']} (mean validation macro-F1); wall time {summary['wall_s']:.0f} s, "
+        f"Best epoch {summary['best_epoch']} (mean validation {', '.join(sorted({t.primary for t in tasks}))}); wall time {summary['wall_s']:.0f} s, "
         f"{summary['examples_per_s']:.1f} training examples/s.",
         "Wall time by part (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "wall")
@@ -118,22 +127,7 @@ def report_text(cfg: TrainConfig, summary: dict, names, labels) -> str:
             + ", ".join(f"{t} {w:.3f}" for t, w in summary["loss_weights"].items())
             + "."
         )
-    lines += [
-        "",
-        "| task | split | accuracy | macro-F1 | examples |",
-        "|---|---|---|---|---|",
-    ]
-    for t in names:
-        for split in ("validation", "test"):
-            r = summary[split][t]
-            lines.append(f"| {t} | {split} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
-    for t in names:
-        r = summary["test"][t]
-        lines += ["", f"## {t} (test)", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        for name in labels[t]:
-            lines.append(
-                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |"
-            )
-        lines.append(f"\n![confusion](confusion_{t}.png)")
+    for task in tasks:
+        lines += ["", f"## {task.name} ({task.type}, primary metric {task.primary})", "", *task.report_lines(summary)]
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ optimizer state, step), the running metric sums, and a JSON ``meta`` with the da
 pipeline's position (epoch, batches done in it), the best epoch so far and timing.
 orbax writes each into a temporary folder and renames it when complete, so a
 checkpoint cut short by a crash is never listed nor restored. The newest ``keep``
-and the best (by mean validation macro-F1) are kept.
+and the best (by the mean of the tasks' validation primary scores) are kept.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Checkpoints:
                 [
                     policies.LatestN(n=keep),
                     policies.BestN(
-                        get_metric_fn=lambda m: m["mean_macro_f1"],
+                        get_metric_fn=lambda m: m["score"],
                         reverse=False,
                         n=1,
                         keep_checkpoints_without_metrics=False,
@@ -58,7 +58,7 @@ class Checkpoints:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                metrics=None if score is None else {"mean_macro_f1": score},
+                metrics=None if score is None else {"score": score},
                 force=True,
             )
             self.manager.wait_until_finished()

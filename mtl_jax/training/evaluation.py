@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from mtl_jax.data.batching import InputPipeline, Tokenized
-from mtl_jax.tasks.metrics import classification_report
+from mtl_jax.tasks import Task
 from mtl_jax.training.parallel import to_host
 
 
@@ -33,26 +33,22 @@ def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Token
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def evaluate(
-    eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, label_names: dict[str, tuple[str, ...]]
-) -> dict:
-    """Metrics per task over every labelled example of ``data`` exactly once (padding never counts).
-
-    ``data`` may carry cached embeddings (then only the heads run).
-    """
-    tasks = list(label_names)
+def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task]) -> dict:
+    """Each task's metrics (:meth:`Task.metrics`) and mean loss over every labelled example of ``data``
+    exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run)."""
+    names = [t.name for t in tasks]
     preds = np.full((len(data), len(tasks)), -1, np.int64)
-    loss_sums = {t: 0.0 for t in tasks}
+    loss_sums = dict.fromkeys(names, 0.0)
     for index, result in _over_examples(eval_step, params, pipeline, data):
         p, losses = to_host(result)
         keep = index >= 0
-        for ti, t in enumerate(tasks):
+        for ti, t in enumerate(names):
             preds[index[keep], ti] = np.asarray(p[t])[keep]
             loss_sums[t] += float(losses[t])
     out = {}
-    for ti, t in enumerate(tasks):
+    for ti, task in enumerate(tasks):
         has = data.labels[:, ti] >= 0
-        report = classification_report(data.labels[has, ti], preds[has, ti], label_names[t])
-        report["loss"] = loss_sums[t] / max(int(has.sum()), 1)
-        out[t] = report
+        report = task.metrics(data.labels[has, ti], preds[has, ti])
+        report["loss"] = loss_sums[task.name] / max(int(has.sum()), 1)
+        out[task.name] = report
     return out

@@ -1,14 +1,18 @@
 """The pure, jit-compiled steps: train, eval, embed and the task-gradient probe.
 
-The train state is a plain pytree; ``train_step`` is one ``jax.jit`` with the state
-donated. The loss is the weighted sum over tasks of the mean cross-entropy over the
-examples that carry that task's label (``-1``: no label). Metrics come back as
-device arrays and are only fetched by the host when logged. :func:`build_train_step`
-is the one place an optimizer and its train step are made from a run's config.
+The train state is a plain pytree; ``train_step`` is one ``jax.jit`` of top-level pure
+functions with the state donated. A :class:`StepSpec` holds what is fixed for a compiled
+step (the model, the optimizer, the loss-weighting method, which parameters are frozen).
+The loss is the weighted sum over tasks of the mean loss over the examples that carry that
+task's label (``-1``: no label). Metrics come back as device arrays and are only fetched by
+the host when logged. :func:`build_train_step` makes an optimizer and its step from a run's
+settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,9 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.model.multitask import MultiTaskModel
+from mtl_jax.tasks import Task, of_heads
 from mtl_jax.training.freezing import encoder_frozen, param_groups
 from mtl_jax.training.optim import OptimConfig, make_optimizer
-from mtl_jax.training.weighting import GRADIENT_METHODS, Weighting, cosine_matrix, mean_losses, uncertainty_terms
+from mtl_jax.training.weighting import Method, cosine_matrix, make, mean_losses
 
 
 @flax.struct.dataclass
@@ -29,29 +34,42 @@ class TrainState:
     params: Any
     opt_state: Any
     nonfinite: jax.Array = None  # int32 scalar: consecutive non-finite steps so far
-    weighting: Any = None  # the loss-weighting method's running state (see Weighting.init_state)
+    weighting: Any = None  # the loss-weighting method's running state (see Method.init)
 
     @classmethod
-    def create(cls, params, opt_state, weighting: dict | None = None) -> TrainState:
+    def create(cls, params, opt_state, weighting=None) -> TrainState:
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (two buffers: both are donated)
-        return cls(zero(), params, opt_state, zero(), {} if weighting is None else weighting)
+        return cls(zero(), params, opt_state, zero(), () if weighting is None else weighting)
 
 
-def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[str]) -> dict[str, jax.Array]:
-    """Per task: summed cross-entropy, correct count and example count over labelled rows (slots)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+    """What a compiled train step is made of (fixed for one freezing phase)."""
+
+    model: MultiTaskModel
+    tx: optax.GradientTransformation | None = None
+    method: Method = dataclasses.field(default_factory=make)
+    frozen_mask: Any = None  # a tree of bools like the params: True where frozen
+    encoder_frozen: bool = False  # the whole encoder frozen: it runs without dropout
+    grad_accum: int = 1
+    task_objects: tuple[Task, ...] | None = None  # the model's tasks (default: classification per head)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [name for name, _ in self.model.tasks]
+
+    @property
+    def kinds(self) -> tuple[Task, ...]:
+        return self.task_objects or of_heads(self.model.tasks)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[Task]) -> dict[str, jax.Array]:
+    """Per task: its summed loss, correct count and example count over labelled rows (slots)."""
     labels = labels.reshape(-1, labels.shape[-1])  # packed [R, S, T]: one row per slot
-    out = {}
-    for t, name in enumerate(tasks):
-        y = labels[:, t]  # [B], -1: no label
-        valid = y >= 0
-        logp = jax.nn.log_softmax(logits[name].astype(jnp.float32))  # [B, C]
-        nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
-        out[name] = {
-            "loss_sum": jnp.sum(jnp.where(valid, nll, 0.0)),
-            "correct": jnp.sum(valid & (jnp.argmax(logp, axis=-1) == y)),
-            "count": jnp.sum(valid),
-        }
-    return out
+    return {task.name: task.loss_sums(logits[task.name], labels[:, t]) for t, task in enumerate(tasks)}
 
 
 def model_variables(params) -> dict:
@@ -89,25 +107,41 @@ def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool
     )
 
 
+def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1.0):
+    """``(terms [T], per-task sums)``; ``key=None``: no dropout.
+
+    ``terms``: each task's mean loss over its labelled rows (0 where it has none), as the
+    weighting method shapes them (``uncertainty``: ``exp(-s_t) L_t + s_t / 2``). A micro-batch of
+    gradient accumulation passes the whole batch's label ``counts`` [T] as the means'
+    denominators and its ``share`` of the per-batch terms, so the micro-batches' terms add up
+    to the batch's.
+    """
+    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch["labels"], spec.kinds)
+    means, present = mean_losses(per_task, spec.tasks, counts)
+    return spec.method.terms(params, means, present, spec.tasks, share), per_task
+
+
+def make_loss_fn(model: MultiTaskModel, method: Method | None = None, tasks: Sequence[Task] | None = None) -> Callable:
+    """``loss_fn(params, batch, key, counts=None, share=1.0) -> (terms [T], per-task sums)`` (see :func:`loss_terms`)."""
+    return functools.partial(loss_terms, StepSpec(model, method=method or make(), task_objects=tasks))
+
+
+def summed(loss_fn: Callable) -> Callable:
+    """``loss_fn`` with its per-task terms summed: a scalar loss, the terms kept in the aux output."""
+
+    def scalar(params, batch, key):
+        terms, aux = loss_fn(params, batch, key)
+        return terms.sum(), aux
+
+    return scalar
+
+
+# ---------------------------------------------------------------------------- batches
+
+
 def own_task_labels(labels: jax.Array, t) -> jax.Array:
     """Keeps only task ``t``'s label column (the others become -1): sub-batch ``t`` of a task-stacked batch."""
     return jnp.where(jnp.arange(labels.shape[-1]) == t, labels, -1)
-
-
-def per_task_grads(loss_fn: Callable, params, stacked, key):
-    """Each task's loss and gradient from its own sub-batch, in one vmapped pass.
-
-    ``stacked`` holds arrays ``[rows, T, ...]`` (sub-batch ``t`` = ``stacked[:, t]``);
-    ``loss_fn(params, batch, key) -> (loss, aux)``. Returns ``((loss [T], aux [T, ...]), grads [T, ...])``.
-    """
-    n = next(iter(stacked.values())).shape[1]
-
-    def value_and_grad(t, sub):
-        sub = dict(sub, labels=own_task_labels(sub["labels"], t))
-        sub_key = None if key is None else jax.random.fold_in(key, t)
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, sub, sub_key)
-
-    return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
 
 
 def task_stacked_flat(batch: dict) -> dict:
@@ -116,28 +150,6 @@ def task_stacked_flat(batch: dict) -> dict:
     n = batch["labels"].shape[1]
     labels = jax.vmap(own_task_labels, in_axes=(1, 0), out_axes=1)(batch["labels"], jnp.arange(n))
     return {k: v.reshape((-1,) + v.shape[2:]) for k, v in dict(batch, labels=labels).items()}
-
-
-def make_loss_fn(model: MultiTaskModel, encoder_frozen: bool = False, uncertainty: bool = False) -> Callable:
-    """``loss_fn(params, batch, key, counts=None, share=1.0) -> (terms [T], per-task sums)``; ``key=None``: no dropout.
-
-    ``terms``: each task's mean loss over its labelled rows (0 where it has none); with
-    ``uncertainty``, Kendall et al.'s ``exp(-s_t) L_t + s_t / 2`` (``s`` in ``params["loss_weights"]``).
-    A micro-batch of gradient accumulation passes the whole batch's label ``counts`` [T] as the
-    means' denominators and its ``share`` of the per-batch terms, so that the micro-batches' terms
-    add up to the batch's.
-    """
-    tasks = [name for name, _ in model.tasks]
-
-    def loss_fn(params, batch, key, counts=None, share=1.0):
-        per_task = task_losses(forward(model, params, batch, key, encoder_frozen), batch["labels"], tasks)
-        means, present = mean_losses(per_task, tasks, counts)
-        if uncertainty:
-            log_vars = jnp.stack([params["loss_weights"][t] for t in tasks])
-            means = uncertainty_terms(means, present, log_vars, share)
-        return means, per_task
-
-    return loss_fn
 
 
 def label_counts(labels: jax.Array) -> jax.Array:
@@ -175,144 +187,199 @@ def accumulated(fn: Callable, batch: dict, key, k: int):
     return jax.lax.scan(body, zeros, (micro, jnp.arange(k)))[0]
 
 
-def summed(loss_fn: Callable) -> Callable:
-    """``loss_fn`` with its per-task terms summed: a scalar loss, the terms kept in the aux output."""
+# ---------------------------------------------------------------------------- gradients
 
-    def scalar(params, batch, key):
-        terms, aux = loss_fn(params, batch, key)
-        return terms.sum(), aux
 
-    return scalar
+def per_task_grads(loss_fn: Callable, params, stacked, key):
+    """Each task's loss and gradient from its own sub-batch, in one vmapped pass.
+
+    ``stacked`` holds arrays ``[rows, T, ...]`` (sub-batch ``t`` = ``stacked[:, t]``);
+    ``loss_fn(params, batch, key) -> (loss, aux)``. Returns ``((loss [T], aux [T, ...]), grads [T, ...])``.
+    """
+    n = next(iter(stacked.values())).shape[1]
+
+    def value_and_grad(t, sub):
+        sub = dict(sub, labels=own_task_labels(sub["labels"], t))
+        sub_key = None if key is None else jax.random.fold_in(key, t)
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, sub, sub_key)
+
+    return jax.vmap(value_and_grad, in_axes=(0, 1))(jnp.arange(n), stacked)
+
+
+def combined_task_grads(spec: StepSpec, params, wstate, batch, key, wkey):
+    """A gradient method's step: every task's gradient on its own sub-batch (accumulated over the
+    micro-batches), combined by the method on the encoder's trainable part.
+    Returns ``(loss, per-task sums, task coefficients [T], new weighting state), grads``."""
+    k = spec.grad_accum
+    counts = label_counts(task_stacked_flat(batch)["labels"]) if k > 1 else None
+    micro_loss = summed(lambda p, b, key: loss_terms(spec, p, b, key, counts, 1.0 / k))
+
+    def task_grads_of(mb, key):
+        (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key)
+        return losses, per_task, task_grads
+
+    losses, per_task, task_grads = accumulated(task_grads_of, batch, key, k)
+    shared = None
+    if not spec.encoder_frozen:  # combined over the encoder's trainable part (frozen grads are never computed)
+        shared = task_grads["encoder"]
+        if spec.frozen_mask is not None:
+            shared = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, shared, spec.frozen_mask["encoder"])
+    grads, coef, loss, wstate = spec.method.combine(wstate, losses, task_grads, shared, wkey)
+    return (loss, jax.tree.map(lambda x: x.sum(0), per_task), coef, wstate), grads
+
+
+def weighted_grads(spec: StepSpec, params, wstate, batch, key, wkey):
+    """A loss method's step, one batch: the weights between the forward and the backward pass.
+    Returns ``(loss, per-task sums, weights [T], new weighting state), grads``."""
+    terms, pullback, per_task = jax.vjp(lambda p: loss_terms(spec, p, batch, key), params, has_aux=True)
+    _, present = mean_losses(per_task, spec.tasks)
+    w, loss, wstate = spec.method.weights(wstate, terms, present, wkey)
+    (grads,) = pullback(jax.lax.stop_gradient(w))
+    return (loss, per_task, w, wstate), grads
+
+
+def weighted_grads_accumulated(spec: StepSpec, params, wstate, batch, key, wkey):
+    """:func:`weighted_grads` over ``grad_accum`` micro-batches: the weights come first, from the
+    state alone or (``weights_from_losses``) from a forward pass over the micro-batches; the
+    state moves on with the batch's losses after the backward passes."""
+    k = spec.grad_accum
+    counts = label_counts(batch["labels"])
+    present = (counts > 0).astype(jnp.float32)
+    micro_terms = lambda p, mb, key: loss_terms(spec, p, mb, key, counts, 1.0 / k)  # noqa: E731
+    known = None
+    if spec.method.weights_from_losses:
+        known = accumulated(lambda mb, key: micro_terms(params, mb, key)[0], batch, key, k)
+    first = jnp.zeros(len(spec.tasks)) if known is None else known
+    w, loss, new_state = spec.method.weights(wstate, first, present, wkey)
+
+    def grads_of(mb, key):
+        terms, pullback, per_task = jax.vjp(lambda p: micro_terms(p, mb, key), params, has_aux=True)
+        return pullback(jax.lax.stop_gradient(w))[0], terms, per_task
+
+    grads, terms, per_task = accumulated(grads_of, batch, key, k)
+    if known is None:
+        _, loss, new_state = spec.method.weights(wstate, terms, present, wkey)
+    return (loss, per_task, w, new_state), grads
+
+
+def loss_and_grads(spec: StepSpec, params, wstate, batch, key):
+    """``(loss, per-task sums, task weights [T], new weighting state), grads`` as the method needs them."""
+    wkey = jax.random.fold_in(key, 1 << 20)
+    if spec.method.uses_task_grads:
+        return combined_task_grads(spec, params, wstate, batch, key, wkey)
+    if spec.method.every_task:
+        batch = task_stacked_flat(batch)
+    if spec.grad_accum == 1:
+        return weighted_grads(spec, params, wstate, batch, key, wkey)
+    return weighted_grads_accumulated(spec, params, wstate, batch, key, wkey)
+
+
+# ---------------------------------------------------------------------------- the update
+
+
+def is_finite(spec: StepSpec, loss, grads) -> jax.Array:
+    """The loss and the gradient of what trains are finite (frozen grads are not read: reading them
+    would keep their backward pass alive)."""
+    mask = spec.frozen_mask if spec.frozen_mask is not None else jax.tree.map(lambda _: False, grads)
+    trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
+    return jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(trained))
+
+
+def guarded_update(spec: StepSpec, state: TrainState, grads, wstate, finite):
+    """``(params, opt_state, weighting state)`` after the update, or as they were when not ``finite``.
+
+    Frozen parameters keep their values bit for bit (``p + 0`` would turn -0.0 into +0.0). A cond,
+    not a select: selecting after the update costs a full extra pass over the state.
+    """
+
+    def update(operands):
+        grads, params, opt_state, _, wstate = operands
+        updates, new_opt_state = spec.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if spec.frozen_mask is not None:
+            new_params = jax.tree.map(lambda f, old, new: old if f else new, spec.frozen_mask, params, new_params)
+        return new_params, new_opt_state, wstate
+
+    operands = (grads, state.params, state.opt_state, state.weighting, wstate)
+    return jax.lax.cond(finite, update, lambda ops: ops[1:4], operands)
+
+
+def train_step(spec: StepSpec, state: TrainState, batch, rng):
+    """``(state, metrics)`` after one step on ``batch``; a non-finite loss or gradient skips the update."""
+    key = jax.random.fold_in(rng, state.step)
+    (loss, per_task, task_w, wstate), grads = loss_and_grads(spec, state.params, state.weighting, batch, key)
+    finite = is_finite(spec, loss, grads)
+    params, opt_state, wstate = guarded_update(spec, state, grads, wstate, finite)
+    streak = jnp.where(finite, 0, state.nonfinite + 1)
+    per_task = {t: per_task[t] | {"weight": task_w[i]} for i, t in enumerate(spec.tasks)}
+    metrics = {
+        "loss": jnp.where(finite, loss, 0.0),
+        "steps": finite.astype(jnp.int32),
+        "skipped": 1 - finite.astype(jnp.int32),
+        "streak": streak,
+        "tasks": jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
+    }
+    return TrainState(state.step + 1, params, opt_state, streak, wstate), metrics
 
 
 def make_train_step(
     model: MultiTaskModel,
     tx: optax.GradientTransformation,
-    weights: dict[str, float],
+    weighting: Method | None = None,
     frozen_mask=None,
-    weighting: str | Weighting = "static",
     encoder_frozen: bool = False,
     grad_accum: int = 1,
+    tasks: Sequence[Task] | None = None,
 ) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
 
-    ``weighting`` (see :mod:`mtl_jax.training.weighting`): ``static`` uses ``weights``; the loss
-    methods weight each task's mean loss between one forward and one backward pass; the
-    gradient methods (and ``famo``) need a task-stacked batch (arrays ``[rows, T, ...]``).
-    A batch may hold token ids or cached embeddings (``"embeddings"``); each kind compiles
-    its own shapes. ``frozen_mask`` (a tree of bools like the params) keeps frozen
-    parameters as they were, bit for bit (``p + 0`` would turn -0.0 into +0.0).
+    ``weighting`` (default ``sum``, see :mod:`mtl_jax.training.weighting`); methods with
+    ``every_task`` need a task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token
+    ids or cached embeddings (``"embeddings"``); each kind compiles its own shapes.
     ``grad_accum`` K: the gradient is summed over K micro-batches of the batch's rows (its
-    memory is one micro-batch's), equal to the whole batch's; ``famo``, whose weights need the
-    batch's losses first, then runs a forward pass over the micro-batches before them.
+    memory is one micro-batch's), equal to the whole batch's.
     """
-    method = weighting if isinstance(weighting, Weighting) else Weighting(weighting)
-    tasks = [name for name, _ in model.tasks]
-    static = jnp.asarray([weights[t] for t in tasks], jnp.float32) if method.method == "static" else None
-    loss_fn = make_loss_fn(model, encoder_frozen, uncertainty=method.method == "uncertainty")
-
-    k = grad_accum
-    share = 1.0 / k
-
-    def loss_and_grads(params, wstate, batch, key):
-        """``(loss, per-task sums, task weights [T], new weighting state), grads``."""
-        wkey = jax.random.fold_in(key, 1 << 20)
-        if method.method in GRADIENT_METHODS:
-            counts = label_counts(task_stacked_flat(batch)["labels"]) if k > 1 else None
-            micro_loss = summed(lambda p, b, key: loss_fn(p, b, key, counts, share))
-
-            def task_grads_of(mb, key):
-                (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key)
-                return losses, per_task, task_grads
-
-            losses, per_task, task_grads = accumulated(task_grads_of, batch, key, k)
-            shared = None
-            if not encoder_frozen:  # combined over the encoder's trainable part (frozen grads are never computed)
-                shared = task_grads["encoder"]
-                if frozen_mask is not None:
-                    shared = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, shared, frozen_mask["encoder"])
-            grads, coef, loss, wstate = method.combine(wstate, losses, task_grads, shared, wkey)
-            return (loss, jax.tree.map(lambda x: x.sum(0), per_task), coef, wstate), grads
-        if method.every_task:
-            batch = task_stacked_flat(batch)
-        if k == 1:
-            terms, pullback, per_task = jax.vjp(lambda p: loss_fn(p, batch, key), params, has_aux=True)
-            _, present = mean_losses(per_task, tasks)
-            w, loss, wstate = method.loss_weights(wstate, terms, present, static, wkey)
-            (grads,) = pullback(jax.lax.stop_gradient(w))
-            return (loss, per_task, w, wstate), grads
-        counts = label_counts(batch["labels"])
-        present = (counts > 0).astype(jnp.float32)
-        micro_terms = lambda p, mb, key: loss_fn(p, mb, key, counts, share)  # noqa: E731
-        # the weights before the backward passes: from this batch's losses (famo: a forward pass), else
-        # from the state alone (their losses argument only updates the state, done after the passes)
-        known = (
-            accumulated(lambda mb, key: micro_terms(params, mb, key)[0], batch, key, k)
-            if method.method == "famo"
-            else None
-        )
-        w, loss, new_state = method.loss_weights(
-            wstate, jnp.zeros(len(tasks)) if known is None else known, present, static, wkey
-        )
-
-        def grads_of(mb, key):
-            terms, pullback, per_task = jax.vjp(lambda p: micro_terms(p, mb, key), params, has_aux=True)
-            return pullback(jax.lax.stop_gradient(w))[0], terms, per_task
-
-        grads, terms, per_task = accumulated(grads_of, batch, key, k)
-        if known is None:
-            _, loss, new_state = method.loss_weights(wstate, terms, present, static, wkey)
-        return (loss, per_task, w, new_state), grads
-
-    def train_step(state: TrainState, batch, rng):
-        key = jax.random.fold_in(rng, state.step)
-        (loss, per_task, task_w, wstate), grads = loss_and_grads(state.params, state.weighting, batch, key)
-        # Finite check over what trains only (reading frozen grads would keep their backward pass alive).
-        mask = frozen_mask if frozen_mask is not None else jax.tree.map(lambda _: False, grads)
-        trained = [g for g, f in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if not f]
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(trained))
-
-        def update(operands):
-            grads, params, opt_state, _, wstate = operands
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            if frozen_mask is not None:
-                new_params = jax.tree.map(lambda f, old, new: old if f else new, frozen_mask, params, new_params)
-            return new_params, new_opt_state, wstate
-
-        # A non-finite loss or gradient skips the update: params, optimizer and weighting state stay as they were.
-        # (A cond, not a select: selecting after the update costs a full extra pass over the state.)
-        params, opt_state, wstate = jax.lax.cond(
-            finite,
-            update,
-            lambda operands: operands[1:4],
-            (grads, state.params, state.opt_state, state.weighting, wstate),
-        )
-        streak = jnp.where(finite, 0, state.nonfinite + 1)
-        per_task = {
-            t: per_task[t] | {"weight": task_w[i]} for i, t in enumerate(tasks)
-        }  # (a pytree's keys come sorted)
-        metrics = {
-            "loss": jnp.where(finite, loss, 0.0),
-            "steps": finite.astype(jnp.int32),
-            "skipped": 1 - finite.astype(jnp.int32),
-            "streak": streak,
-            "tasks": jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
-        }
-        return TrainState(state.step + 1, params, opt_state, streak, wstate), metrics
-
-    return jax.jit(train_step, donate_argnums=0)
+    spec = StepSpec(model, tx, weighting or make(), frozen_mask, encoder_frozen, grad_accum, tasks and tuple(tasks))
+    return jax.jit(functools.partial(train_step, spec), donate_argnums=0)
 
 
-def make_eval_step(model: MultiTaskModel) -> Callable:
-    """``eval_step(params, batch) -> {task: predicted class per slot [R * S]}`` plus per-task loss sums."""
-    tasks = [name for name, _ in model.tasks]
+def frozen_param_mask(params, frozen: frozenset[str]):
+    """A tree of bools like ``params``: True where the parameter's group is frozen."""
+    return jax.tree.map(lambda g: g in frozen, param_groups(params))
+
+
+def build_train_step(
+    model: MultiTaskModel,
+    params,
+    frozen: frozenset[str],
+    optim: OptimConfig,
+    weighting: Method | None = None,
+    grad_accum: int = 1,
+    tasks: Sequence[Task] | None = None,
+):
+    """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
+
+    A fully frozen encoder runs without dropout (a fixed feature extractor, so its
+    embeddings can be cached).
+    """
+    groups = set(jax.tree.leaves(param_groups(params)))
+    tx = make_optimizer(params, frozen, optim, model.config.n_layers)
+    mask = frozen_param_mask(params, frozen)
+    return tx, make_train_step(model, tx, weighting, mask, encoder_frozen(frozen, groups), grad_accum, tasks)
+
+
+# ---------------------------------------------------------------------------- evaluation and probes
+
+
+def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -> Callable:
+    """``eval_step(params, batch) -> {task: prediction per slot [R * S]}`` plus per-task loss sums."""
+    tasks = tuple(tasks or of_heads(model.tasks))
 
     @jax.jit
     def eval_step(params, batch):
         logits = forward(model, params, batch)
         per_task = task_losses(logits, batch["labels"], tasks)
-        preds = {t: jnp.argmax(logits[t], axis=-1) for t in tasks}
+        preds = {t.name: t.predict(logits[t.name]) for t in tasks}
         return preds, {t: m["loss_sum"] for t, m in per_task.items()}
 
     return eval_step
@@ -336,13 +403,13 @@ def make_embed_step(model: MultiTaskModel) -> Callable:
     return embed_step
 
 
-def make_grad_probe(model: MultiTaskModel) -> Callable:
+def make_grad_probe(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -> Callable:
     """``probe(params, stacked) -> {"loss", "grad_norm" [T], "cosine" [T, T]}``: task-gradient diagnostics.
 
     Each task's gradient of its mean loss over its own sub-batch of the task-stacked
     ``stacked`` (no dropout), measured on the shared encoder.
     """
-    loss_fn = summed(make_loss_fn(model))
+    loss_fn = summed(make_loss_fn(model, tasks=tasks))
 
     @jax.jit
     def probe(params, stacked):
@@ -351,34 +418,6 @@ def make_grad_probe(model: MultiTaskModel) -> Callable:
         return {"loss": losses, "grad_norm": norms, "cosine": cosine}
 
     return probe
-
-
-def frozen_param_mask(params, frozen: frozenset[str]):
-    """A tree of bools like ``params``: True where the parameter's group is frozen."""
-    return jax.tree.map(lambda g: g in frozen, param_groups(params))
-
-
-def build_train_step(
-    model: MultiTaskModel,
-    params,
-    frozen: frozenset[str],
-    optim: OptimConfig,
-    weighting: str | Weighting = "sum",
-    weights: dict[str, float] | None = None,
-    grad_accum: int = 1,
-):
-    """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
-
-    A fully frozen encoder runs without dropout (a fixed feature extractor, so its
-    embeddings can be cached). ``weights``: per-task loss weights for ``static`` (default 1).
-    """
-    groups = set(jax.tree.leaves(param_groups(params)))
-    tx = make_optimizer(params, frozen, optim, model.config.n_layers)
-    weights = {name: (weights or {}).get(name, 1.0) for name, _ in model.tasks}
-    step = make_train_step(
-        model, tx, weights, frozen_param_mask(params, frozen), weighting, encoder_frozen(frozen, groups), grad_accum
-    )
-    return tx, step
 
 
 def zero_metrics(tasks: Sequence[str]) -> dict:

@@ -38,11 +38,13 @@ from mtl_jax.model.multitask import MultiTaskModel, init_params
 from mtl_jax.outputs.report import (
     eval_record,
     gradient_record,
+    mean_score,
     scalar_series,
     train_record,
     write_outputs,
     write_summary,
 )
+from mtl_jax.training import weighting as loss_weighting
 from mtl_jax.training.checkpoint import Checkpoints, restore_latest
 from mtl_jax.training.compile_cache import RunClock, use_compile_cache
 from mtl_jax.training.evaluation import embed_all, evaluate
@@ -76,10 +78,9 @@ from mtl_jax.training.steps import (
     make_grad_probe,
     zero_metrics,
 )
-from mtl_jax.training.weighting import Weighting
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
-CHECKPOINT_FORMAT = 3  # 2: mtl_jax 0.2 (named optimizer state, typed loop state); 3: loss-weighting state
+CHECKPOINT_FORMAT = 4  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states
 
 
 def log(msg: str) -> None:
@@ -149,7 +150,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     optim: OptimConfig
-    weighting: Weighting
+    weighting: loss_weighting.Method
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -187,10 +188,10 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
     max_length = min(cfg.max_length, encoder.spec.max_length)
-    lora = LoRA.from_config(cfg) if any(p.spec.strip() == "lora" for p in phases) else None
+    lora = LoRA.from_config(cfg.lora_config()) if any(p.spec.strip() == "lora" for p in phases) else None
     model = MultiTaskModel(
         with_lora(encoder.config, lora),
-        tasks=tuple((t, len(data.labels[t])) for t in data.names),
+        tasks=tuple((t.name, t.outputs) for t in data.tasks),
         pooling=cfg.pooling or encoder.spec.pooling,
         head_dropout=cfg.head_dropout,
         dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
@@ -199,7 +200,7 @@ def setup(cfg: TrainConfig) -> Run:
     mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
-    weighting = Weighting.from_config(cfg)
+    weighting = loss_weighting.make(cfg.weighting_config(), tuple(t.weight for t in tasks))
     if weighting.every_task:  # each task's sub-batch is split over the devices
         check_batch_size(cfg.batch_size // len(tasks), mesh, f"--batch-size / {len(tasks)} tasks")
     pipeline = InputPipeline(
@@ -223,7 +224,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.patience and len(pipeline.splits["validation"]) == 0:
         raise MtlError(f"--patience {cfg.patience}: there is no validation data to stop on")
     steps_per_epoch = len(pipeline.plan(0))
-    weighting = dataclasses.replace(weighting, dwa_period=cfg.dwa_period or steps_per_epoch)
+    if cfg.dwa_period is None:  # DWA's period: one epoch, as in the paper
+        weighting = loss_weighting.make(cfg.weighting_config(), weighting.task_weights, dwa_period=steps_per_epoch)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -280,7 +282,7 @@ class LoopState:
     phase: int = 0  # the freezing phase in force
     records: int = 0  # metrics.jsonl records written
     n_log: int = 0  # training examples since the last training record
-    best_score: float = -1.0  # mean validation macro-F1 of the best epoch
+    best_score: float = -1.0  # the best evaluation's mean primary score (none yet: best_step -1)
     best_epoch: int = -1
     best_step: int = -1
     since_best: int = 0  # evaluations since the best one (--patience)
@@ -320,16 +322,16 @@ class Trainer:
 
     def __post_init__(self):
         run = self.run
-        self.eval_step = self.noting_shapes(make_eval_step(run.model), "evaluation")
+        self.eval_step = self.noting_shapes(make_eval_step(run.model, run.data.tasks), "evaluation")
         self.embed_step = self.noting_shapes(make_embed_step(run.model), "embedding cache")
         self.probe = None
         if run.cfg.grad_diagnostics > 0:
-            self.probe = self.noting_shapes(make_grad_probe(run.model), "gradient probe")
+            self.probe = self.noting_shapes(make_grad_probe(run.model, run.data.tasks), "gradient probe")
         self.probe_batch = run.pipeline.probe_batch() if self.probe is not None else None
         self.loop.phase = phase_at(run.starts, 0)
         self.totals = zero_metrics(run.names)
         tx, self.train_step = self.build(self.loop.phase)
-        self.state = TrainState.create(run.params, tx.init(run.params), run.weighting.init_state(len(run.names)))
+        self.state = TrainState.create(run.params, tx.init(run.params), run.weighting.init(len(run.names)))
 
     def build(self, phase: int):
         run = self.run
@@ -339,8 +341,8 @@ class Trainer:
             run.frozen_by_phase[phase],
             run.optim,
             run.weighting,
-            {t.name: t.weight for t in run.cfg.selected_tasks()},
             run.cfg.grad_accum,
+            run.data.tasks,
         )
         return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
 
@@ -383,7 +385,7 @@ class Trainer:
         # restored arrays take the target's (mesh) shardings
         return {
             "state": place_state(
-                TrainState.create(run.params, tx.init(run.params), run.weighting.init_state(len(run.names))),
+                TrainState.create(run.params, tx.init(run.params), run.weighting.init(len(run.names))),
                 run.mesh,
                 run.cfg.fsdp,
             ),
@@ -541,18 +543,19 @@ class Trainer:
         run, loop = self.run, self.loop
         val = self.cache["validation"] if self.cache else run.pipeline.splits["validation"]
         with self.clock.part("evaluation"):
-            results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.labels)
-        rec = eval_record(results, self.step, epoch, "validation")
+            results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.tasks)
+        rec = eval_record(results, self.step, epoch, "validation", run.data.tasks)
+        score = mean_score(results, run.data.tasks)
         if epoch_s is not None:
             rec["epoch_s"] = round(epoch_s, 3)
         self.emit(rec)
         log(
             (f"epoch {epoch + 1}/{run.epochs}" if epoch_s is not None else f"step {self.step}")
             + " validation: "
-            + ", ".join(f"{t} acc {results[t]['accuracy']:.3f} F1 {results[t]['macro_f1']:.3f}" for t in run.names)
+            + ", ".join(f"{t.name} {t.describe(results[t.name])}" for t in run.data.tasks)
         )
-        if rec["mean_macro_f1"] > loop.best_score:
-            loop.best_score, loop.best_epoch, loop.best_step = rec["mean_macro_f1"], epoch, self.step
+        if loop.best_step < 0 or score > loop.best_score:
+            loop.best_score, loop.best_epoch, loop.best_step = score, epoch, self.step
             loop.since_best = 0
             self.best_params = to_host(self.state.params)
         else:
@@ -560,13 +563,13 @@ class Trainer:
         if run.cfg.patience and loop.since_best >= run.cfg.patience and self.step < run.total_steps:
             loop.stopped_early = True
             log(
-                f"step {self.step}: no better mean validation macro-F1 in {loop.since_best} evaluations "
+                f"step {self.step}: no better mean validation score in {loop.since_best} evaluations "
                 f"(--patience {run.cfg.patience}); stopping, the best was step {loop.best_step}"
             )
         # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
         if loop.position == run.steps_per_epoch:
             loop.epoch, loop.position = epoch + 1, 0
-        self.save(score=rec["mean_macro_f1"])
+        self.save(score=score)
         if self.stop_signal is not None:
             raise self.interrupted()
 
@@ -638,8 +641,8 @@ class Trainer:
             }
             for split in ("validation", "test"):
                 data = run.pipeline.splits[split]
-                summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.labels)
-        self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test"))
+                summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.tasks)
+        self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test", run.data.tasks))
         self.close_metrics()
         summary |= {
             "examples_per_s": loop.examples_seen / max(loop.train_seconds, 1e-9),
@@ -666,17 +669,14 @@ class Trainer:
             write_summary(run, summary)
             log(
                 f"best epoch {summary['best_epoch']}; test: "
-                + ", ".join(
-                    f"{t} acc {summary['test'][t]['accuracy']:.3f} F1 {summary['test'][t]['macro_f1']:.3f}"
-                    for t in run.names
-                )
+                + ", ".join(f"{t.name} {t.describe(summary['test'][t.name])}" for t in run.data.tasks)
                 + f"; {summary['wall_s']:.0f}s; outputs in {run.out}"
             )
         return summary
 
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
-    """Train on ``cfg``'s tasks, keep the best epoch by mean validation macro-F1, test it, export it."""
+    """Train on ``cfg``'s tasks, keep the best evaluation by the mean of the tasks' primary scores, test it, export it."""
     clock = RunClock()
     with clock.part("setup"):
         run = setup(cfg)

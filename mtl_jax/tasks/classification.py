@@ -1,0 +1,103 @@
+"""``classification``: one label per sentence out of a fixed set; softmax cross-entropy.
+
+Metrics: accuracy, per-class precision / recall / F1, the confusion matrix, and macro-F1,
+the primary score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.errors import MtlError
+from mtl_jax.tasks.base import Task, register
+from mtl_jax.tasks.metrics import classification_report
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    label: str
+    probs: dict[str, float]
+
+
+@register("classification")
+@dataclasses.dataclass(frozen=True)
+class Classification(Task):
+    primary = "macro_f1"
+    record_keys = ("loss", "accuracy", "macro_f1", "examples")
+
+    def with_labels(self, raw_train_labels: Iterable[str]) -> Classification:
+        """Configured ``labels``, else the sorted (mapped) values of the training file."""
+        if self.labels:
+            return self
+        mapping = self.config.label_map or {}
+        return dataclasses.replace(self, labels=tuple(sorted({mapping.get(r, r) for r in raw_train_labels})))
+
+    def label_id(self, raw: str) -> int | str:
+        label = (self.config.label_map or {}).get(raw, raw)
+        if label not in self.labels:
+            return f"label {raw!r} not in the labels of task {self.name} ({', '.join(self.labels)})"
+        return self.labels.index(label)
+
+    def check_train(self, ids: np.ndarray) -> None:
+        super().check_train(ids)
+        present = int((np.bincount(ids, minlength=len(self.labels)) > 0).sum())
+        if present < 2:
+            raise MtlError(
+                f"{self.config.train}: task {self.name} needs at least two classes in its training data, found {present}"
+            )
+
+    @property
+    def outputs(self) -> int:
+        return len(self.labels)
+
+    def loss_sums(self, logits, y):
+        valid = y >= 0
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, C]
+        nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
+        return {
+            "loss_sum": jnp.sum(jnp.where(valid, nll, 0.0)),
+            "correct": jnp.sum(valid & (jnp.argmax(logp, axis=-1) == y)),
+            "count": jnp.sum(valid),
+        }
+
+    def predict(self, logits):
+        return jnp.argmax(logits, axis=-1)
+
+    def probabilities(self, logits):
+        return jax.nn.softmax(logits, axis=-1)
+
+    def metrics(self, y_true, y_pred) -> dict:
+        return classification_report(y_true, y_pred, self.labels)
+
+    def describe(self, result: dict) -> str:
+        return f"acc {result['accuracy']:.3f} F1 {result['macro_f1']:.3f}"
+
+    def report_lines(self, summary: dict) -> list[str]:
+        lines = ["| split | accuracy | macro-F1 | examples |", "|---|---|---|---|"]
+        for split in ("validation", "test"):
+            r = summary[split][self.name]
+            lines.append(f"| {split} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
+        r = summary["test"][self.name]
+        lines += ["", "| label (test) | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name in self.labels:
+            lines.append(
+                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |"
+            )
+        return lines + ["", f"![confusion](confusion_{self.name}.png)"]
+
+    def plots(self, result: dict, folder: Path) -> list[str]:
+        from mtl_jax.outputs.plots import plot_confusion
+
+        name = f"confusion_{self.name}.png"
+        plot_confusion(result["confusion"], self.labels, f"{self.name} (test)", folder / name)
+        return [name]
+
+    def output(self, probabilities: np.ndarray) -> Prediction:
+        p = probabilities
+        return Prediction(self.labels[int(np.argmax(p))], {label: float(x) for label, x in zip(self.labels, p)})

@@ -1,0 +1,111 @@
+"""Task types: a type defined in a test file (registered, nothing of the package edited) trains,
+evaluates, reports, exports and predicts end to end; the shipped classification type keeps its
+numbers; the task registry refuses an unknown type with the task named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import MtlError, load
+from mtl_jax.config import TaskConfig
+from mtl_jax.tasks import REGISTRY, Task, build, of_heads, register
+from mtl_jax.tasks.metrics import classification_report
+from tests.conftest import cli, tiny_train_args
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag(Task):
+    """A toy type: a yes/no flag scored by one logit (sigmoid cross-entropy), primary metric accuracy."""
+
+    primary = "accuracy"
+    record_keys = ("loss", "accuracy", "examples")
+
+    def label_id(self, raw):
+        return {"yes": 1, "no": 0}.get(raw.lower(), f"flag {raw!r} is neither yes nor no")
+
+    @property
+    def outputs(self):
+        return 1
+
+    def loss_sums(self, logits, y):
+        valid = y >= 0
+        z = logits[:, 0].astype(jnp.float32)
+        bce = jnp.maximum(z, 0) - z * jnp.maximum(y, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+        return {
+            "loss_sum": jnp.sum(jnp.where(valid, bce, 0.0)),
+            "correct": jnp.sum(valid & ((z > 0) == (y == 1))),
+            "count": jnp.sum(valid),
+        }
+
+    def predict(self, logits):
+        return (logits[:, 0] > 0).astype(jnp.int32)
+
+    def probabilities(self, logits):
+        return jax.nn.sigmoid(logits)
+
+    def metrics(self, y_true, y_pred):
+        return {"accuracy": float(np.mean(y_true == y_pred)), "examples": int(len(y_true))}
+
+    def report_lines(self, summary):
+        return [f"test accuracy {summary['test'][self.name]['accuracy']:.3f} (a toy flag)"]
+
+    def output(self, probabilities):
+        return {"flag": bool(probabilities[0] > 0.5), "p": float(probabilities[0])}
+
+
+@pytest.fixture
+def flag_type():
+    register("flag")(Flag)
+    yield Flag
+    del REGISTRY["flag"]
+
+
+def test_a_task_type_registered_from_a_test_file_trains_end_to_end(tmp_path, tiny_bert, tiny_data, flag_type):
+    rows = [("a match goal team story", "no"), ("great fun", "yes"), ("dull mess", "no"), ("great fun again", "yes")]
+    with open(tmp_path / "flags.jsonl", "w") as f:
+        for i in range(120):
+            text, flag = rows[i % 4]
+            f.write(json.dumps({"text": f"{text} #{i}", "flag": flag}) + "\n")
+    (tmp_path / "tasks.yaml").write_text(
+        (tiny_data / "tasks.yaml").read_text().replace("train: ", f"train: {tiny_data}/")
+        + "  - name: fun\n    type: flag\n    train: flags.jsonl\n    text_column: text\n    label_column: flag\n"
+    )
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_bert, tiny_data, "--freeze", "none", "--epochs", "3", "--out", str(out))
+    args[1] = str(tmp_path / "tasks.yaml")
+    r = cli("train", *args)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["fun"]["accuracy"] >= 0.9  # "great fun" is learnable from one word
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "validation"]
+    assert set(val[-1]["fun"]) == {"loss", "accuracy", "examples"}
+    assert "mean_primary" in val[-1]  # the tasks' primary metrics differ: macro_f1 and accuracy
+    assert "a toy flag" in (out / "report.md").read_text()
+    predictor = load(out / "export")
+    (row,) = predictor.predict(["great fun #999"])
+    assert row["fun"]["flag"] is True and row["topic"].label in ("sports", "politics", "tech")
+
+
+def test_an_unknown_task_type_is_refused_with_the_task_named():
+    with pytest.raises(MtlError, match="task t: unknown type 'flagg'; known: classification"):
+        build(TaskConfig(name="t", train="x.csv", type="flagg"))
+
+
+def test_classification_loss_and_metrics_are_the_tasks():
+    (task,) = of_heads((("a", 3),))
+    logits = jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]])
+    y = jnp.asarray([0, 2, -1])
+    sums = task.loss_sums(logits, y)
+    logp = np.log(np.exp(np.asarray(logits, np.float64)) / np.exp(np.asarray(logits, np.float64)).sum(1, keepdims=True))
+    np.testing.assert_allclose(float(sums["loss_sum"]), -(logp[0, 0] + logp[1, 2]), rtol=1e-6)
+    assert int(sums["count"]) == 2 and int(sums["correct"]) == 2
+    y_true, y_pred = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2])
+    assert task.metrics(y_true, y_pred) == classification_report(y_true, y_pred, ("0", "1", "2"))
+    assert task.score(task.metrics(y_true, y_pred)) == pytest.approx((1 + 0 + 0.8) / 3)
