@@ -23,7 +23,7 @@ import numpy as np
 from transformers import DistilBertConfig
 
 from mtl_jax.config import TrainConfig
-from mtl_jax.data.batching import single_rows
+from mtl_jax.data.batching import TokenBatch, single_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.model.flops import train_step_flops
 from mtl_jax.model.lora import TARGETS, LoRA, with_lora
@@ -112,7 +112,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batch = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, args.per_row))
     examples = args.batch * args.per_row
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["ids"][:1], batch["segments"][:1])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch.ids[:1], batch.segments[:1])["params"]
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen = frozen_groups(args.freeze, groups)
     # built as the trainer builds it (a fully frozen encoder runs without dropout)
@@ -140,7 +140,7 @@ def main() -> None:
     step_s = float(np.median(times))
     trainable_layers = {layer_index(g) for g in groups - frozen if layer_index(g) is not None}
     flops = train_step_flops(
-        config, args.batch, args.seq, trainable_layers, args.pooling == "cls", batch["labels"].shape[1]
+        config, args.batch, args.seq, trainable_layers, args.pooling == "cls", batch.labels.shape[1]
     )
     # (LoRA: the backward runs through every layer for the adapters; the FLOP count has no such case)
     mfu = {} if args.freeze == "lora" else model_flops_utilization(flops, step_s, args.peak_tflops)
@@ -181,7 +181,7 @@ def main() -> None:
     )
 
 
-def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) -> dict[str, np.ndarray]:
+def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) -> TokenBatch:
     """A packed batch of random tokens: ``per_row`` sentences of ``seq // per_row`` tokens in each of ``rows`` rows
     (one sentence per row: a padded batch without padding, as the PyTorch peer runs it)."""
     n = rows * per_row
@@ -195,13 +195,13 @@ def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) ->
     slots = np.full((rows, MAX_SEGMENTS, 2), -1, np.int32)
     slots[:, :per_row] = labels.reshape(rows, per_row, 2)
     positions = np.broadcast_to(token % each, ids.shape).astype(np.int32)
-    return {"ids": ids, "positions": positions, "segments": segments, "labels": slots}
+    return TokenBatch(ids, positions, segments, slots)
 
 
-def task_stacked(batch: dict) -> dict:
+def task_stacked(batch: TokenBatch) -> TokenBatch:
     """The batch as two task sub-batches of half its rows each (arrays ``[rows / 2, 2, ...]``)."""
-    half = len(batch["ids"]) // 2
-    return {n: jnp.stack([v[:half], v[half : 2 * half]], axis=1) for n, v in batch.items()}
+    half = len(batch.ids) // 2
+    return jax.tree.map(lambda v: jnp.stack([v[:half], v[half : 2 * half]], axis=1), batch)
 
 
 def compare_weighting(args, model, params, frozen, batch) -> dict:

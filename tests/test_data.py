@@ -236,8 +236,8 @@ def test_task_plan_puts_every_task_in_every_step():
     pipeline = InputPipeline({"train": data}, 0, 128, 16, 16, seed=0, task_stacked=True)
     batch = pipeline.train_batch(plan[0])
     rows, length = pipeline.grids[max(pipeline.grids)].rows, max(pipeline.grids)
-    assert batch["ids"].shape[1] == 2 and batch["labels"].shape[1:] == (2, MAX_SEGMENTS, 2)
-    assert batch["ids"].shape in {(g.rows, 2, g.length) for g in pipeline.grids.values()}
+    assert batch.ids.shape[1] == 2 and batch.labels.shape[1:] == (2, MAX_SEGMENTS, 2)
+    assert batch.ids.shape in {(g.rows, 2, g.length) for g in pipeline.grids.values()}
     assert len(pipeline.grids) <= 2 and rows <= 8 and length == 128
     with pytest.raises(MtlError, match="smaller than the number of tasks"):
         task_plan(data, 1, 0, 0)

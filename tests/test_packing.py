@@ -143,7 +143,7 @@ def _labelled(rng, n: int, long: int = 0) -> Tokenized:
 def _examples_in(arrays: dict, data: Tokenized) -> list[int]:
     """The examples a packed batch holds, read back from its tokens; checks positions and labels."""
     found = []
-    ids, positions, segments, labels = (arrays[k] for k in ("ids", "positions", "segments", "labels"))
+    ids, positions, segments, labels = arrays.ids, arrays.positions, arrays.segments, arrays.labels
     for r in range(ids.shape[0]):
         for s in range(MAX_SEGMENTS):
             where = segments[r] == s + 1
@@ -169,10 +169,10 @@ def test_training_batches_hold_every_planned_example_once_with_its_labels(task_s
         for epoch in range(3):
             for step in pipeline.plan(epoch):
                 arrays = pipeline.train_batch(step)
-                shapes.add(arrays["ids"].shape)
+                shapes.add(arrays.ids.shape)
                 parts = step if task_stacked else [step]
                 for t, part in enumerate(parts):
-                    sub = {k: v[:, t] for k, v in arrays.items()} if task_stacked else arrays
+                    sub = jax.tree.map(lambda v: v[:, t], arrays) if task_stacked else arrays
                     assert sorted(_examples_in(sub, data)) == sorted(part.tolist())
         assert len(shapes) <= 2 and len(pipeline.grids) <= 2
         assert {g.length for g in pipeline.grids.values()} == {64, 160}
@@ -205,7 +205,7 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
     data.ids = [rng.integers(1000, 30000, len(s)).astype(np.int32) for s in data.ids]
     idx = np.arange(24)
     packed, _ = pack_examples(data, idx, Grid(rows=24, length=64), pad_id=0)
-    assert (packed["segments"].max(axis=1) > 1).sum() >= 3  # several rows really share
+    assert (packed.segments.max(axis=1) > 1).sum() >= 3  # several rows really share
     length = max(len(s) for s in data.ids)
     padded_ids = np.zeros((24, length), np.int32)
     mask = np.zeros((24, length), np.int32)

@@ -65,7 +65,7 @@ def _state(model, params, frozen, lr=1e-2):
 def test_forward_gives_every_task_and_the_embedding(setup):
     model, params = setup
     b = _batch()
-    logits, pooled = model.apply({"params": params}, b["ids"], b["segments"])
+    logits, pooled = model.apply({"params": params}, b.ids, b.segments)
     chex.assert_shape(logits["task_a"], (8, 3))
     chex.assert_shape(logits["task_b"], (8, 2))
     chex.assert_shape(pooled, (8, model.config.dim))
@@ -83,8 +83,8 @@ def test_cls_pooling_is_the_first_tokens_full_state(setup):
     model, params = setup
     b = _batch()
     hf = FlaxDistilBertModule(model.config)
-    full = hf.apply({"params": params["encoder"]}, b["ids"], b["segments"]).last_hidden_state
-    cls = model.clone(pooling="cls").apply({"params": params}, b["ids"], b["segments"], method="embed")
+    full = hf.apply({"params": params["encoder"]}, b.ids, b.segments).last_hidden_state
+    cls = model.clone(pooling="cls").apply({"params": params}, b.ids, b.segments, method="embed")
     np.testing.assert_allclose(cls, full[:, 0], atol=1e-5)
 
 
@@ -237,11 +237,11 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     model, params = setup
     bf16 = model.clone(dtype=jnp.bfloat16)
     b = _batch()
-    logits16, _ = bf16.apply({"params": params}, b["ids"], b["segments"])
-    logits32, _ = model.apply({"params": params}, b["ids"], b["segments"])
+    logits16, _ = bf16.apply({"params": params}, b.ids, b.segments)
+    logits32, _ = model.apply({"params": params}, b.ids, b.segments)
     assert logits16["task_a"].dtype == jnp.float32  # heads and loss in float32
     # the encoder's matrix products really multiply bf16: Q, K, V, out, FFN x2 and attention x2 per layer
-    jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b["ids"], b["segments"]))(params).jaxpr
+    jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, b.ids, b.segments))(params).jaxpr
     operands = [tuple(v.aval.dtype for v in eqn.invars) for eqn in dot_products(jaxpr)]
     bf16_dots = [d for d in operands if d == (jnp.bfloat16, jnp.bfloat16)]
     assert len(bf16_dots) >= 8 * model.config.n_layers, operands
@@ -287,9 +287,9 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
     p0 = w.add_params(params, [t for t, _ in TASKS])
     batch = _batch(3, B=16)
     if w.every_task:  # two task sub-batches of 8 rows: arrays [8, 2, ...]
-        batch = {k: np.stack([v[:8], v[8:]], axis=1) for k, v in batch.items()}
-        batch["labels"][:, 0, :, 1] = batch["labels"][:, 1, :, 0] = -1
-        batch["labels"][::3, 0] = -1  # uneven labelled rows per micro-batch
+        batch = jax.tree.map(lambda v: np.stack([v[:8], v[8:]], axis=1), batch)
+        batch.labels[:, 0, :, 1] = batch.labels[:, 1, :, 0] = -1
+        batch.labels[::3, 0] = -1  # uneven labelled rows per micro-batch
     results = []
     for k in (1, 4):
         # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)
@@ -320,7 +320,7 @@ def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert
     n_adapters = 2 * (4 * (32 + 32) * 4 + (32 + 64) * 4 + (64 + 32) * 4)  # 2 layers: q,k,v,out + ffn lin1, lin2
     assert group_sizes(params)["lora"] == n_adapters
     b = _batch()
-    embed = lambda m, p: m.apply({"params": p}, b["ids"], b["segments"])[1]  # noqa: E731
+    embed = lambda m, p: m.apply({"params": p}, b.ids, b.segments)[1]  # noqa: E731
     # B = 0 at the start: the pretrained function
     np.testing.assert_allclose(embed(adapted, params), embed(model, base_params), atol=1e-6)
     frozen = frozen_groups("lora", groups)

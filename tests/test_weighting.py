@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,22 +77,30 @@ def test_cosine_matrix_by_hand():
     np.testing.assert_allclose(cos[0, 2], -1.0, rtol=1e-6)
 
 
+@flax.struct.dataclass
+class Features:
+    """A batch of feature vectors (the steps' batches are such dataclasses: labels and arrays)."""
+
+    x: jax.Array
+    labels: jax.Array
+
+
 def test_per_task_grads_are_each_tasks_gradient_on_its_own_rows():
     w = {"w": jnp.array([0.3, -0.2])}
     x = jnp.array([[[1.0, 2.0], [0.5, 0.5]], [[-1.0, 1.0], [2.0, 0.0]]])  # [rows=2, T=2, 2]
     labels = jnp.array([[[1, 0], [1, 1]], [[0, 1], [0, 0]]])  # [rows, T, T]; only column t counts in sub-batch t
 
     def loss_fn(params, batch, key):  # a per-task mean of (w.x - label)^2 over the rows labelled for that task
-        pred = batch["x"] @ params["w"]
+        pred = batch.x @ params["w"]
         per = []
         for t in range(2):
-            y = batch["labels"][:, t]
+            y = batch.labels[:, t]
             per.append(jnp.sum(jnp.where(y >= 0, (pred - y) ** 2, 0.0)) / jnp.maximum(jnp.sum(y >= 0), 1))
         return per[0] + per[1], None
 
-    (losses, _), grads = per_task_grads(loss_fn, w, {"x": x, "labels": labels}, None)
+    (losses, _), grads = per_task_grads(loss_fn, w, Features(x, labels), None)
     for t in range(2):
-        sub = {"x": x[:, t], "labels": own_task_labels(labels[:, t], t)}
+        sub = Features(x[:, t], own_task_labels(labels[:, t], t))
         want_loss, want_grad = jax.value_and_grad(lambda p: loss_fn(p, sub, None)[0])(w)
         np.testing.assert_allclose(losses[t], want_loss, rtol=1e-6)
         np.testing.assert_allclose(grads["w"][t], want_grad["w"], rtol=1e-6)

@@ -26,7 +26,7 @@ from mtl_jax.training.steps import make_train_step
 config = copy.deepcopy(enc.config)
 config.n_layers = 1
 model = MultiTaskModel(config, tasks=(("a", 3), ("b", 2)))
-params = model.init(jax.random.PRNGKey(0), batches[0]["ids"][:1], batches[0]["segments"][:1])["params"]
+params = model.init(jax.random.PRNGKey(0), batches[0].ids[:1], batches[0].segments[:1])["params"]
 
 
 def sgd_steps(devices, method, fsdp=False, model=model):
@@ -37,7 +37,7 @@ def sgd_steps(devices, method, fsdp=False, model=model):
     losses = []
     for b in batches[:2]:
         if w.every_task:  # two task sub-batches of 4 rows: [4, 2, ...]
-            b = {{k: np.stack([v[:4], v[4:]], axis=1) for k, v in b.items()}}
+            b = jax.tree.map(lambda v: np.stack([v[:4], v[4:]], axis=1), b)
         state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params), state

@@ -20,6 +20,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import flax
+import jax
 import numpy as np
 
 from mtl_jax.data.load import Examples
@@ -35,6 +37,49 @@ from mtl_jax.data.packing import (
 )
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
+
+
+@flax.struct.dataclass
+class TokenBatch:
+    """Packed rows of tokens (see :mod:`mtl_jax.data.packing`) and their slots' labels. Task-stacked
+    (every task in each step): each array has a task axis after the rows (``[R, T, ...]``)."""
+
+    ids: np.ndarray  # [R, P] int32 token ids
+    positions: np.ndarray  # [R, P] each token's position in its own sentence
+    segments: np.ndarray  # [R, P] the sentence (1..S) a token belongs to; 0: padding
+    labels: np.ndarray  # [R, S, T] slot s of row r: its sentence's label per task (-1: none)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape that a compiled step is specialised to."""
+        return tuple(self.ids.shape)
+
+    def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
+        """``{task: [R * S, C]}``: every slot through the encoder and the heads."""
+        num_segments = self.labels.shape[-2]
+        return model.apply(
+            variables, self.ids, self.positions, self.segments, num_segments, deterministic=deterministic,
+            encoder_deterministic=encoder_deterministic, rngs=rngs, method="classify_packed",
+        )  # fmt: skip
+
+
+@flax.struct.dataclass
+class EmbeddingBatch:
+    """Cached pooled embeddings of a frozen encoder, one per slot, and their labels."""
+
+    embeddings: np.ndarray  # [R * S, D] float32 (zeros in an empty slot)
+    labels: np.ndarray  # [R * S, T]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.embeddings.shape)
+
+    def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
+        """``{task: [R * S, C]}``: the heads alone."""
+        return model.apply(variables, self.embeddings, deterministic=deterministic, rngs=rngs, method="classify")
+
+
+Batch = TokenBatch | EmbeddingBatch
 
 
 @dataclass
@@ -87,14 +132,12 @@ class Grid:
     length: int
 
 
-def pack_examples(
-    data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Examples ``idx`` packed into ``grid``: ``(arrays, example index per slot [R * S], -1 = empty)``.
+def pack_examples(data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int) -> tuple[Batch, np.ndarray]:
+    """Examples ``idx`` packed into ``grid``: ``(batch, example index per slot [R * S], -1 = empty)``.
 
-    With cached embeddings the arrays are ``embeddings`` ``[R * S, D]`` and ``labels``
-    ``[R * S, T]``: each example's embedding in the slot its tokens would have, so the heads
-    see the same rows (and dropout masks) as in a forward pass through the encoder.
+    With cached embeddings an :class:`EmbeddingBatch`: each example's embedding in the slot its
+    tokens would have, so the heads see the same rows (and dropout masks) as in a forward pass
+    through the encoder.
     """
     idx = np.asarray(idx)
     rows = pack_rows(data.lengths[idx], (grid.length,))
@@ -105,14 +148,13 @@ def pack_examples(
     labels = slot_labels(data, slot)
     if data.embeddings is not None:
         emb = np.where(slot[:, None] >= 0, data.embeddings[np.maximum(slot, 0)], 0.0).astype(np.float32)
-        return {"embeddings": emb, "labels": labels}, slot
+        return EmbeddingBatch(emb, labels), slot
     return call_arrays(call, labels), slot
 
 
-def call_arrays(call: PackedCall, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """A packed call's arrays for a step, with its slots' ``labels`` ``[R * S, T]`` as ``[R, S, T]``."""
-    labels = labels.reshape(call.ids.shape[0], MAX_SEGMENTS, -1)
-    return {"ids": call.ids, "positions": call.positions, "segments": call.segments, "labels": labels}
+def call_arrays(call: PackedCall, labels: np.ndarray) -> TokenBatch:
+    """A packed call as a step's batch, with its slots' ``labels`` ``[R * S, T]`` as ``[R, S, T]``."""
+    return TokenBatch(call.ids, call.positions, call.segments, labels.reshape(call.ids.shape[0], MAX_SEGMENTS, -1))
 
 
 def slot_labels(data: Tokenized, slot: np.ndarray) -> np.ndarray:
@@ -120,20 +162,20 @@ def slot_labels(data: Tokenized, slot: np.ndarray) -> np.ndarray:
     return np.where(slot[:, None] >= 0, data.labels[np.maximum(slot, 0)], -1).astype(np.int32)
 
 
-def embedding_batch(data: Tokenized, idx: np.ndarray, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Cached embeddings of examples ``idx`` for evaluation, padded to ``rows``: ``(arrays, example
+def embedding_batch(data: Tokenized, idx: np.ndarray, rows: int) -> tuple[EmbeddingBatch, np.ndarray]:
+    """Cached embeddings of examples ``idx`` for evaluation, padded to ``rows``: ``(batch, example
     index per row, -1 = padding)``."""
     slot = np.full(rows, -1, np.int64)
     slot[: len(idx)] = idx
     emb = np.zeros((rows, data.embeddings.shape[1]), np.float32)
     emb[: len(idx)] = data.embeddings[idx]
-    return {"embeddings": emb, "labels": slot_labels(data, slot)}, slot
+    return EmbeddingBatch(emb, slot_labels(data, slot)), slot
 
 
-def single_rows(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+def single_rows(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> TokenBatch:
     """A padded batch (one sentence per row, ``ids``/``mask`` ``[B, L]``, ``labels`` ``[B, T]``) as a packed one."""
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-    return {"ids": ids, "positions": positions, "segments": mask, "labels": labels[:, None]}
+    return TokenBatch(ids, positions, mask, labels[:, None])
 
 
 def step_length(data: Tokenized, parts: Sequence[np.ndarray]) -> int:
@@ -253,11 +295,11 @@ def _balanced_batches(order: np.ndarray, lengths: np.ndarray, rows: int, window:
     return batches
 
 
-def _stack(built: list[dict], task_stacked: bool) -> dict:
-    """One step's arrays from its parts; task-stacked: part ``t`` at ``[:, t]``."""
+def _stack(built: list[Batch], task_stacked: bool) -> Batch:
+    """One step's batch from its parts; task-stacked: part ``t`` at ``[:, t]``."""
     if not task_stacked:
         return built[0]
-    return {k: np.stack([b[k] for b in built], axis=1) for k in built[0]}
+    return jax.tree.map(lambda *parts: np.stack(parts, axis=1), *built)
 
 
 @dataclass
@@ -310,7 +352,7 @@ class InputPipeline:
     def examples_in(self, idx) -> int:
         return sum(len(i) for i in idx) if self.task_stacked else len(idx)
 
-    def train_batch(self, idx, data: Tokenized | None = None) -> dict:
+    def train_batch(self, idx, data: Tokenized | None = None) -> Batch:
         """One step's arrays (of ``data``, default the training split, e.g. with cached embeddings)."""
         data = self.train if data is None else data
         parts = idx if self.task_stacked else [idx]
@@ -318,14 +360,14 @@ class InputPipeline:
         built = [pack_examples(data, p, grid, self.pad_id)[0] for p in parts]
         return self._place(_stack(built, self.task_stacked))
 
-    def probe_batch(self) -> dict:
+    def probe_batch(self) -> TokenBatch:
         """The fixed task-stacked batch of the task-gradient diagnostics (its own grid)."""
         parts = probe_indices(self.train, self.batch_size, self.seed)
         (grid,) = plan_grids(self.train, [[parts]], task_stacked=True, row_multiple=self.devices).values()
         return self._place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
 
-    def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, dict]]:
-        """``(example index per slot, -1 = empty; arrays)`` covering every example of ``data`` once."""
+    def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, Batch]]:
+        """``(example index per slot, -1 = empty; batch)`` covering every example of ``data`` once."""
         if data.embeddings is not None:
             for start in range(0, len(data), self.eval_batch_size):
                 idx = np.arange(start, min(start + self.eval_batch_size, len(data)))
@@ -335,9 +377,9 @@ class InputPipeline:
         for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
             yield call.index, self._place(call_arrays(call, slot_labels(data, call.index)))
 
-    def _place(self, arrays: dict) -> dict:
+    def _place(self, batch: Batch) -> Batch:
         if self.mesh is None:
-            return arrays
+            return batch
         from mtl_jax.training.parallel import shard_batch
 
-        return shard_batch(arrays, self.mesh)
+        return shard_batch(batch, self.mesh)

@@ -117,21 +117,22 @@ def place_state(tree, mesh: Mesh, fsdp: bool = False):
     return _put(tree, lambda x: fsdp_sharding(np.shape(x), mesh))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Split each array's leading (batch) axis over the ``data`` axis.
+def shard_batch(batch, mesh: Mesh):
+    """Split the leading (batch) axis of each array of ``batch`` (a pytree) over the ``data`` axis.
 
     With several processes each passes the whole global batch and contributes its own
     contiguous block of rows (the mesh orders devices by process).
     """
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+        return jax.tree.map(lambda v: jax.device_put(v, sharding), batch)
     n, i = jax.process_count(), jax.process_index()
-    out = {}
-    for k, v in batch.items():
+
+    def local(v):
         rows = len(v) // n
-        out[k] = jax.make_array_from_process_local_data(sharding, v[i * rows : (i + 1) * rows], v.shape)
-    return out
+        return jax.make_array_from_process_local_data(sharding, v[i * rows : (i + 1) * rows], v.shape)
+
+    return jax.tree.map(local, batch)
 
 
 def to_host(tree):

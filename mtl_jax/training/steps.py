@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.data.batching import Batch, TokenBatch
 from mtl_jax.model.multitask import MultiTaskModel
 from mtl_jax.tasks import Task, of_heads
 from mtl_jax.training.freezing import encoder_frozen, param_groups
@@ -77,34 +78,18 @@ def model_variables(params) -> dict:
     return {"params": {k: params[k] for k in ("encoder", "heads") if k in params}}
 
 
-def forward(model: MultiTaskModel, params, batch, key=None, encoder_frozen: bool = False) -> dict[str, jax.Array]:
-    """Logits ``[R * S, C]`` of a packed batch (see :mod:`mtl_jax.data.batching`), or ``[B, C]`` of
-    cached pooled embeddings (``batch["embeddings"]``).
+def forward(
+    model: MultiTaskModel, params, batch: Batch, key=None, encoder_frozen: bool = False
+) -> dict[str, jax.Array]:
+    """Logits ``[R * S, C]`` of a batch: packed token rows, or cached pooled embeddings (see
+    :mod:`mtl_jax.data.batching`).
 
     With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
     as a fixed feature extractor: that is what makes its embeddings cacheable.
     """
     train = key is not None
     rngs = {"dropout": key} if train else {}
-    if "embeddings" in batch:
-        return model.apply(
-            model_variables(params),
-            batch["embeddings"],
-            deterministic=not train,
-            rngs=rngs,
-            method=MultiTaskModel.classify,
-        )
-    return model.apply(
-        model_variables(params),
-        batch["ids"],
-        batch["positions"],
-        batch["segments"],
-        batch["labels"].shape[-2],
-        deterministic=not train,
-        encoder_deterministic=encoder_frozen or not train,
-        rngs=rngs,
-        method=MultiTaskModel.classify_packed,
-    )
+    return batch.logits(model, model_variables(params), not train, encoder_frozen or not train, rngs)
 
 
 def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1.0):
@@ -116,7 +101,7 @@ def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1
     denominators and its ``share`` of the per-batch terms, so the micro-batches' terms add up
     to the batch's.
     """
-    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch["labels"], spec.kinds)
+    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch.labels, spec.kinds)
     means, present = mean_losses(per_task, spec.tasks, counts)
     return spec.method.terms(params, means, present, spec.tasks, share), per_task
 
@@ -144,12 +129,12 @@ def own_task_labels(labels: jax.Array, t) -> jax.Array:
     return jnp.where(jnp.arange(labels.shape[-1]) == t, labels, -1)
 
 
-def task_stacked_flat(batch: dict) -> dict:
+def task_stacked_flat(batch: Batch) -> Batch:
     """A task-stacked batch (arrays ``[rows, T, ...]``) as one plain batch ``[rows * T, ...]``, each
     sub-batch keeping only its own task's labels (as in :func:`per_task_grads`)."""
-    n = batch["labels"].shape[1]
-    labels = jax.vmap(own_task_labels, in_axes=(1, 0), out_axes=1)(batch["labels"], jnp.arange(n))
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in dict(batch, labels=labels).items()}
+    n = batch.labels.shape[1]
+    labels = jax.vmap(own_task_labels, in_axes=(1, 0), out_axes=1)(batch.labels, jnp.arange(n))
+    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), batch.replace(labels=labels))
 
 
 def label_counts(labels: jax.Array) -> jax.Array:
@@ -157,21 +142,21 @@ def label_counts(labels: jax.Array) -> jax.Array:
     return jnp.sum(labels.reshape(-1, labels.shape[-1]) >= 0, axis=0).astype(jnp.float32)
 
 
-def micro_batches(batch: dict, k: int) -> dict:
+def micro_batches(batch: Batch, k: int) -> Batch:
     """The batch as ``k`` micro-batches (arrays ``[k, rows / k, ...]``): row ``r`` goes to micro-batch
     ``r % k``, so each device's rows split evenly over the micro-batches. Cached embeddings
     (``[rows * S, ...]``) follow their rows."""
-    rows = batch["labels"].shape[0]
+    rows = batch.labels.shape[0]
 
     def split(x):
         per_row = x.reshape((rows, -1) + x.shape[1:]) if x.shape[0] != rows else x
         y = jnp.moveaxis(per_row.reshape((rows // k, k) + per_row.shape[1:]), 1, 0)
         return y.reshape((k, -1) + x.shape[1:]) if x.shape[0] != rows else y
 
-    return {name: split(x) for name, x in batch.items()}
+    return jax.tree.map(split, batch)
 
 
-def accumulated(fn: Callable, batch: dict, key, k: int):
+def accumulated(fn: Callable, batch: Batch, key, k: int):
     """``fn(batch, key)``'s pytree of sums, over ``k`` micro-batches of ``batch`` (one ``lax.scan``; ``k = 1``: one call)."""
     if k == 1:
         return fn(batch, key)
@@ -196,10 +181,10 @@ def per_task_grads(loss_fn: Callable, params, stacked, key):
     ``stacked`` holds arrays ``[rows, T, ...]`` (sub-batch ``t`` = ``stacked[:, t]``);
     ``loss_fn(params, batch, key) -> (loss, aux)``. Returns ``((loss [T], aux [T, ...]), grads [T, ...])``.
     """
-    n = next(iter(stacked.values())).shape[1]
+    n = stacked.labels.shape[1]
 
     def value_and_grad(t, sub):
-        sub = dict(sub, labels=own_task_labels(sub["labels"], t))
+        sub = sub.replace(labels=own_task_labels(sub.labels, t))
         sub_key = None if key is None else jax.random.fold_in(key, t)
         return jax.value_and_grad(loss_fn, has_aux=True)(params, sub, sub_key)
 
@@ -211,7 +196,7 @@ def combined_task_grads(spec: StepSpec, params, wstate, batch, key, wkey):
     micro-batches), combined by the method on the encoder's trainable part.
     Returns ``(loss, per-task sums, task coefficients [T], new weighting state), grads``."""
     k = spec.grad_accum
-    counts = label_counts(task_stacked_flat(batch)["labels"]) if k > 1 else None
+    counts = label_counts(task_stacked_flat(batch).labels) if k > 1 else None
     micro_loss = summed(lambda p, b, key: loss_terms(spec, p, b, key, counts, 1.0 / k))
 
     def task_grads_of(mb, key):
@@ -243,7 +228,7 @@ def weighted_grads_accumulated(spec: StepSpec, params, wstate, batch, key, wkey)
     state alone or (``weights_from_losses``) from a forward pass over the micro-batches; the
     state moves on with the batch's losses after the backward passes."""
     k = spec.grad_accum
-    counts = label_counts(batch["labels"])
+    counts = label_counts(batch.labels)
     present = (counts > 0).astype(jnp.float32)
     micro_terms = lambda p, mb, key: loss_terms(spec, p, mb, key, counts, 1.0 / k)  # noqa: E731
     known = None
@@ -378,7 +363,7 @@ def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -
     @jax.jit
     def eval_step(params, batch):
         logits = forward(model, params, batch)
-        per_task = task_losses(logits, batch["labels"], tasks)
+        per_task = task_losses(logits, batch.labels, tasks)
         preds = {t.name: t.predict(logits[t.name]) for t in tasks}
         return preds, {t: m["loss_sum"] for t, m in per_task.items()}
 
@@ -389,13 +374,13 @@ def make_embed_step(model: MultiTaskModel) -> Callable:
     """``embed_step(params, batch) -> pooled [R * S, D]`` of a packed batch: the encoder alone, no dropout."""
 
     @jax.jit
-    def embed_step(params, batch):
+    def embed_step(params, batch: TokenBatch):
         pooled = model.apply(
             model_variables(params),
-            batch["ids"],
-            batch["positions"],
-            batch["segments"],
-            batch["labels"].shape[-2],
+            batch.ids,
+            batch.positions,
+            batch.segments,
+            batch.labels.shape[-2],
             method=MultiTaskModel.embed_packed,
         )
         return pooled.reshape(-1, pooled.shape[-1])
