@@ -24,7 +24,8 @@ from mtl_jax.config import TrainConfig
 from mtl_jax.errors import Interrupted
 from mtl_jax.inference import load_encoder
 from mtl_jax.training.freezing import frozen_groups, parse_phases
-from mtl_jax.training.trainer import check_out_dir, log, train_and_evaluate
+from mtl_jax.training.run import check_out_dir, log
+from mtl_jax.training.trainer import train_and_evaluate
 from mtl_jax.training.weighting import METHODS
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
@@ -98,6 +99,40 @@ def _trainable(summary: dict, freeze: str) -> int:
     return int(sum(n for g, n in sizes.items() if g not in frozen))
 
 
+def _train_one(cfg: CompareConfig, run: dict, out: Path, names: list[str], finished: int) -> dict:
+    """One run of the grid, trained; its result row."""
+    run_cfg = dataclasses.replace(
+        cfg,
+        freeze=run["freeze"],
+        seed=run["seed"],
+        loss_weighting=run["weighting"],
+        out=str(out / "runs" / _run_name(run)),
+        overwrite=True,
+        resume=False,
+    )
+    train_cfg = TrainConfig(**{f.name: getattr(run_cfg, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        summary = train_and_evaluate(train_cfg)
+    except Interrupted as e:
+        raise Interrupted(
+            f"compare interrupted during {_run_name(run)}; the {finished} finished runs are in {out / 'results.md'}",
+            e.exit_code,
+        ) from None
+    shutil.rmtree(Path(train_cfg.out) / "checkpoints", ignore_errors=True)  # only the metrics are needed
+    row = dict(
+        run,
+        wall_s=round(summary["wall_s"], 1),
+        trainable_params=_trainable(summary, run["freeze"]),
+        steps=summary["steps"],
+        best_epoch=summary["best_epoch"],
+    )
+    for t in names:
+        for split, short in (("test", "test"), ("validation", "val")):
+            row[f"{t}_{short}_acc"] = round(summary[split][t]["accuracy"], 4)
+            row[f"{t}_{short}_f1"] = round(summary[split][t]["macro_f1"], 4)
+    return row
+
+
 def compare(cfg: CompareConfig) -> list[dict]:
     """Run the grid within ``cfg.budget_minutes``; returns the result rows (also written to ``cfg.out``)."""
     out = Path(cfg.out)
@@ -128,37 +163,8 @@ def compare(cfg: CompareConfig) -> list[dict]:
             skipped.append(run)
             continue
         log(f"[{i + 1}/{len(runs)}] {_run_name(run)} (freeze {run['freeze']}, {elapsed / 60:.1f} min elapsed)")
-        run_cfg = dataclasses.replace(
-            cfg,
-            freeze=run["freeze"],
-            seed=run["seed"],
-            loss_weighting=run["weighting"],
-            out=str(out / "runs" / _run_name(run)),
-            overwrite=True,
-            resume=False,
-        )
-        train_cfg = TrainConfig(**{f.name: getattr(run_cfg, f.name) for f in dataclasses.fields(TrainConfig)})
-        try:
-            summary = train_and_evaluate(train_cfg)
-        except Interrupted as e:
-            raise Interrupted(
-                f"compare interrupted during {_run_name(run)}; the {len(rows)} finished runs are in "
-                f"{out / 'results.md'}",
-                e.exit_code,
-            ) from None
-        shutil.rmtree(Path(train_cfg.out) / "checkpoints", ignore_errors=True)  # only the metrics are needed
-        durations.setdefault(key, []).append(summary["wall_s"])
-        row = dict(
-            run,
-            wall_s=round(summary["wall_s"], 1),
-            trainable_params=_trainable(summary, run["freeze"]),
-            steps=summary["steps"],
-            best_epoch=summary["best_epoch"],
-        )
-        for t in names:
-            for split, short in (("test", "test"), ("validation", "val")):
-                row[f"{t}_{short}_acc"] = round(summary[split][t]["accuracy"], 4)
-                row[f"{t}_{short}_f1"] = round(summary[split][t]["macro_f1"], 4)
+        row = _train_one(cfg, run, out, names, len(rows))
+        durations.setdefault(key, []).append(row["wall_s"])
         rows.append(row)
         write_results(out, rows, skipped + runs[i + 1 :], names, cfg, final=False)
     write_results(out, rows, skipped, names, cfg, final=True)

@@ -45,61 +45,20 @@ def export_model(
 ) -> Path:
     """Write a self-contained model directory (see module docstring); returns it.
 
-    Written into a sibling temporary folder and renamed, so a crash never leaves a
-    half-written export behind.
+    ``tasks``: the run's :class:`mtl_jax.tasks.Task` objects. Written into a sibling temporary
+    folder and renamed, so a crash never leaves a half-written export behind.
     """
-    from safetensors.numpy import save_file
-
-    from mtl_jax.model.pretrained import flax_to_torch_state
-
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = encoder_spec.config.to_dict()
-    config.update(model_type="distilbert", architectures=["DistilBertModel"])
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    state = {
-        k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()
-    }
-    save_file(state, str(tmp / "model.safetensors"))
-    hf_tokenizer.save_pretrained(str(tmp))
-    tok_config = tmp / "tokenizer_config.json"
-    tok_config.write_text(
-        json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2)
-    )
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if encoder_spec.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (tmp / "2_Normalize").mkdir()
-    (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
-    (tmp / "1_Pooling").mkdir()
-    (tmp / "1_Pooling" / "config.json").write_text(
-        json.dumps(
-            {
-                "word_embedding_dimension": encoder_spec.config.dim,
-                "pooling_mode_cls_token": pooling == "cls",
-                "pooling_mode_mean_tokens": pooling == "mean",
-                "pooling_mode_max_tokens": pooling == "max",
-                "pooling_mode_mean_sqrt_len_tokens": False,
-            },
-            indent=2,
-        )
-    )
-    (tmp / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase})
-    )
-    heads = {
-        f"{t}.{k}": np.asarray(v, np.float32) for t, p in jax.device_get(head_params).items() for k, v in p.items()
-    }
-    save_file(heads, str(tmp / "heads.safetensors"))
+    _write_encoder(tmp, encoder_spec, encoder_params, hf_tokenizer)
+    _write_sentence_transformers_modules(tmp, encoder_spec, pooling)
+    _write_heads(tmp, head_params)
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     meta = {
         "format": EXPORT_FORMAT,
-        "tasks": [t.export_meta() for t in tasks],  # mtl_jax.tasks.Task
+        "tasks": [t.export_meta() for t in tasks],
         "pooling": pooling,
         "normalize": encoder_spec.normalize,
         "max_length": encoder_spec.max_length,
@@ -110,6 +69,60 @@ def export_model(
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
+
+
+def _write_encoder(folder: Path, encoder_spec, encoder_params, hf_tokenizer) -> None:
+    """The encoder as a Hugging Face DistilBERT checkpoint (config, safetensors weights, tokenizer)."""
+    from safetensors.numpy import save_file
+
+    from mtl_jax.model.pretrained import flax_to_torch_state
+
+    config = encoder_spec.config.to_dict()
+    config.update(model_type="distilbert", architectures=["DistilBertModel"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {
+        k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()
+    }
+    save_file(state, str(folder / "model.safetensors"))
+    hf_tokenizer.save_pretrained(str(folder))
+    tok_config = folder / "tokenizer_config.json"
+    tok_config.write_text(
+        json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2)
+    )
+
+
+def _write_sentence_transformers_modules(folder: Path, encoder_spec, pooling: str) -> None:
+    """modules.json, the pooling (and normalisation) module and sentence_bert_config.json."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if encoder_spec.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir()
+    pooling_config = {
+        "word_embedding_dimension": encoder_spec.config.dim,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase})
+    )
+
+
+def _write_heads(folder: Path, head_params: dict) -> None:
+    """heads.safetensors: ``<task>.kernel`` and ``<task>.bias``."""
+    from safetensors.numpy import save_file
+
+    heads = {
+        f"{t}.{k}": np.asarray(v, np.float32) for t, p in jax.device_get(head_params).items() for k, v in p.items()
+    }
+    save_file(heads, str(folder / "heads.safetensors"))
 
 
 def verify_export(folder: Path) -> dict:

@@ -1,20 +1,17 @@
 """A whole training run: ``train_and_evaluate(cfg)``, what ``scripts/train.py`` calls.
 
-It reads top to bottom: :func:`setup` checks every input and builds the run (data,
-model, input pipeline, phases) before the first byte is written into the run directory;
-:class:`Trainer` holds the train state and the typed :class:`LoopState` (what a checkpoint
-saves and restores) and runs ``train_epoch`` then ``evaluate_and_checkpoint`` per epoch;
-``finish`` tests the best parameters and writes the summary, export, plots and report.
+It reads top to bottom: :func:`mtl_jax.training.run.setup` checks every input and builds the
+run; :class:`Trainer` holds the train state and the typed :class:`LoopState` (what a checkpoint
+saves and restores) and runs ``train_epoch`` then ``evaluate_and_checkpoint`` per epoch, with
+hooks (:mod:`mtl_jax.training.hooks`) for what happens every N steps and writers
+(:mod:`mtl_jax.outputs.writers`) for where records go; ``finish`` tests the best parameters and
+writes the summary, export, plots and report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -24,51 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtl_jax.config import TrainConfig, resume_fixed
-from mtl_jax.data.batching import InputPipeline, tokenize
-from mtl_jax.data.load import SPLITS, TaskData, load_tasks
+from mtl_jax.data.load import SPLITS
 from mtl_jax.errors import Interrupted, MtlError
-from mtl_jax.inference import SentenceEncoder, load_encoder
-from mtl_jax.model.lora import LoRA, with_lora
-from mtl_jax.model.multitask import MultiTaskModel, init_params
-from mtl_jax.outputs.report import (
-    eval_record,
-    gradient_record,
-    mean_score,
-    scalar_series,
-    train_record,
-    write_outputs,
-    write_summary,
-)
-from mtl_jax.training import weighting as loss_weighting
+from mtl_jax.outputs.report import eval_record, gradient_record, mean_score, train_record, write_outputs, write_summary
+from mtl_jax.outputs.writers import ProgressWriter, Writer, run_writers
 from mtl_jax.training.checkpoint import Checkpoints, restore_latest
-from mtl_jax.training.compile_cache import RunClock, use_compile_cache
+from mtl_jax.training.compile_cache import RunClock
 from mtl_jax.training.evaluation import embed_all, evaluate
-from mtl_jax.training.freezing import (
-    Phase,
-    encoder_frozen,
-    frozen_groups,
-    group_sizes,
-    param_groups,
-    parse_phases,
-    phase_at,
-    phase_end,
-    phase_starts,
-)
-from mtl_jax.training.optim import OptimConfig, carry_opt_state, count_numbers
-from mtl_jax.training.parallel import (
-    check_batch_size,
-    initialize_distributed,
-    is_primary,
-    make_mesh,
-    place_state,
-    replicate,
-    to_host,
-)
+from mtl_jax.training.freezing import group_sizes, phase_at, phase_end
+from mtl_jax.training.hooks import Hook, default_hooks
+from mtl_jax.training.optim import carry_opt_state, count_numbers
+from mtl_jax.training.parallel import is_primary, place_state, replicate, to_host
+from mtl_jax.training.run import Run, log, setup, write_run_start
 from mtl_jax.training.steps import (
     TrainState,
     accumulate,
@@ -79,198 +46,7 @@ from mtl_jax.training.steps import (
     zero_metrics,
 )
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 CHECKPOINT_FORMAT = 4  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states
-
-
-def log(msg: str) -> None:
-    if jax.process_index() == 0:  # one voice in a multi-process run
-        tqdm.write(msg, file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------- the run directory
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds another run (unless ``overwrite``) or cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise MtlError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MtlError(
-            f"{out}: already holds files (another run?); pass --overwrite to replace it or choose another --out"
-        )
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MtlError(f"{parent}: not writable; choose another --out")
-
-
-def check_resumable(out: Path, cfg: TrainConfig) -> None:
-    """The run in ``out`` exists and was started with the same options that fix its result."""
-    saved_path = out / "config.json"
-    if not saved_path.is_file():
-        raise MtlError(f"{saved_path}: missing; --resume needs the --out of an earlier run")
-    saved = json.loads(saved_path.read_text())
-    now = cfg.to_json()
-    changed = [
-        f"--{k.replace('_', '-')} (was {saved.get(k)!r}, now {now.get(k)!r})"
-        for k in resume_fixed()
-        if saved.get(k) != now.get(k)
-    ]
-    if changed:
-        raise MtlError(f"{saved_path}: --resume with a different {', '.join(changed)}; use the original options")
-
-
-def _prepare_out_dir(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for png in out.glob("confusion_*.png"):
-        png.unlink()
-    for sub in ("checkpoints", "export", "tensorboard"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Run:
-    """Everything fixed for the whole run, built by :func:`setup` before anything is written."""
-
-    cfg: TrainConfig
-    out: Path
-    data: TaskData
-    encoder: SentenceEncoder
-    model: MultiTaskModel
-    pipeline: InputPipeline
-    params: Any  # the initial parameters (pretrained encoder, fresh heads)
-    rng: jax.Array
-    phases: list[Phase]
-    frozen_by_phase: list[frozenset[str]]
-    steps_per_epoch: int
-    total_steps: int
-    optim: OptimConfig
-    weighting: loss_weighting.Method
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.data.names
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-    @functools.cached_property
-    def starts(self) -> list[int]:
-        """The step each phase starts at (read on every step)."""
-        return phase_starts(self.phases, self.steps_per_epoch)
-
-    @property
-    def mesh(self):
-        return self.pipeline.mesh
-
-    def encoder_frozen(self, phase: int) -> bool:
-        return encoder_frozen(self.frozen_by_phase[phase], set(jax.tree.leaves(param_groups(self.params))))
-
-
-def setup(cfg: TrainConfig) -> Run:
-    """Check the options, the run directory, the data and the encoder; build the model and pipeline."""
-    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
-    use_compile_cache(cfg.compile_cache)
-    out = Path(cfg.out)
-    if cfg.resume:
-        check_resumable(out, cfg)
-    else:
-        check_out_dir(out, cfg.overwrite)
-    cfg.check()
-    tasks = cfg.selected_tasks()
-    phases = parse_phases(cfg.freeze)
-    data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
-    encoder = load_encoder(cfg.encoder)
-    max_length = min(cfg.max_length, encoder.spec.max_length)
-    lora = LoRA.from_config(cfg.lora_config()) if any(p.spec.strip() == "lora" for p in phases) else None
-    model = MultiTaskModel(
-        with_lora(encoder.config, lora),
-        tasks=tuple((t.name, t.outputs) for t in data.tasks),
-        pooling=cfg.pooling or encoder.spec.pooling,
-        head_dropout=cfg.head_dropout,
-        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
-        attention=cfg.attention,
-    )
-    mesh = make_mesh()
-    check_batch_size(cfg.batch_size, mesh)
-    check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
-    weighting = loss_weighting.make(cfg.weighting_config(), tuple(t.weight for t in tasks))
-    if weighting.every_task:  # each task's sub-batch is split over the devices
-        check_batch_size(cfg.batch_size // len(tasks), mesh, f"--batch-size / {len(tasks)} tasks")
-    pipeline = InputPipeline(
-        {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS},
-        encoder.tokenizer.pad_id,
-        max_length,
-        cfg.batch_size,
-        cfg.eval_batch_size,
-        cfg.seed,
-        epochs=cfg.epochs,
-        sampling=cfg.sampling,
-        temperature=cfg.temperature,
-        task_stacked=weighting.every_task,
-        grad_accum=cfg.grad_accum,
-        mesh=mesh,
-    )
-    rng = jax.random.PRNGKey(cfg.seed)
-    params = weighting.add_params(init_params(model, encoder.params, jax.random.fold_in(rng, 1)), data.names)
-    groups = set(jax.tree.leaves(param_groups(params)))
-    frozen_by_phase = [frozen_groups(p.spec, groups) for p in phases]
-    if cfg.patience and len(pipeline.splits["validation"]) == 0:
-        raise MtlError(f"--patience {cfg.patience}: there is no validation data to stop on")
-    steps_per_epoch = len(pipeline.plan(0))
-    if cfg.dwa_period is None:  # DWA's period: one epoch, as in the paper
-        weighting = loss_weighting.make(cfg.weighting_config(), weighting.task_weights, dwa_period=steps_per_epoch)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    return Run(
-        cfg,
-        out,
-        data,
-        encoder,
-        model,
-        pipeline,
-        params,
-        rng,
-        phases,
-        frozen_by_phase,
-        steps_per_epoch,
-        total_steps,
-        OptimConfig.from_config(cfg, total_steps),
-        weighting,
-    )
-
-
-def _write_run_start(run: Run) -> None:
-    """The run directory's config.json, and what the data and devices are, in the log."""
-    cfg, pipeline = run.cfg, run.pipeline
-    if jax.process_count() > 1:  # no process writes before every process has checked
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("mtl_jax: inputs checked")
-    if not cfg.resume and is_primary():
-        _prepare_out_dir(run.out)
-        resolved = {"labels": run.data.labels, "resolved_max_length": pipeline.max_length}
-        (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
-    for note in run.data.notes:
-        log(note)
-    for s in SPLITS:
-        d = pipeline.splits[s]
-        per_task = {t: int((d.labels[:, i] >= 0).sum()) for i, t in enumerate(run.names)}
-        log(f"{s}: {len(d)} examples {per_task}, {d.truncated} truncated at {pipeline.max_length} tokens")
-    log(
-        f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "
-        f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps"
-    )
-
-
-# ---------------------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -303,31 +79,39 @@ class LoopState:
 
 @dataclass
 class Trainer:
-    """The train state and the loop over epochs; hooks for evaluation, checkpoints and signals."""
+    """The train state and the loop over epochs; hooks for logging, evaluation, checkpoints and signals."""
 
     run: Run
     ckpts: Checkpoints
     clock: RunClock = field(default_factory=RunClock)
     state: TrainState = None
     loop: LoopState = field(default_factory=LoopState)
-    records: list = field(default_factory=list)
+    records: list = field(default_factory=list)  # the metrics records written so far
     totals: Any = None  # running metric sums since the last training record (on the device)
-    train_step: Callable = None
+    train_step: Callable = None  # the compiled step of the phase in force
+    eval_step: Callable = None
+    embed_step: Callable = None
+    probe: Callable | None = None  # --grad-diagnostics: the task-gradient probe and its fixed batch
+    probe_batch: Any = None
+    hooks: list[Hook] = field(default_factory=list)
+    writers: list[Writer] = field(default_factory=list)
     cache: dict | None = None  # cached embeddings of the phase in ``cache_phase``
     cache_phase: int | None = None
     best_params: Any = None  # host copy of the best epoch's params, when trained in this process
     stop_signal: int | None = None
     step: int = 0  # steps taken: state.step, counted on the host (reading the device's would wait for it)
+    saved_step: int = -1  # the step of the newest checkpoint written by this process
+    t_log: float = 0.0  # when the examples since the last training record started
     shapes: dict = field(default_factory=dict)  # {compiled function: batch shapes it was called with}
 
     def __post_init__(self):
         run = self.run
+        self.hooks = self.hooks or default_hooks(run.cfg)
         self.eval_step = self.noting_shapes(make_eval_step(run.model, run.data.tasks), "evaluation")
         self.embed_step = self.noting_shapes(make_embed_step(run.model), "embedding cache")
-        self.probe = None
         if run.cfg.grad_diagnostics > 0:
             self.probe = self.noting_shapes(make_grad_probe(run.model, run.data.tasks), "gradient probe")
-        self.probe_batch = run.pipeline.probe_batch() if self.probe is not None else None
+            self.probe_batch = run.pipeline.probe_batch()
         self.loop.phase = phase_at(run.starts, 0)
         self.totals = zero_metrics(run.names)
         tx, self.train_step = self.build(self.loop.phase)
@@ -402,6 +186,12 @@ class Trainer:
         }
         with self.clock.part("checkpoint"):
             self.ckpts.save(self.step, tree, dataclasses.asdict(self.loop), score)
+        self.saved_step = self.step
+
+    def save_once(self) -> None:
+        """A checkpoint of this step unless one was just saved."""
+        if self.saved_step != self.step:
+            self.save()
 
     def restore(self) -> None:
         """Continue from the newest intact checkpoint (and the metrics.jsonl records it had written)."""
@@ -420,31 +210,17 @@ class Trainer:
 
     # ---- records
 
-    def open_metrics(self) -> None:
-        self.metrics_file = open(self.run.out / "metrics.jsonl" if is_primary() else os.devnull, "w")
-        for rec in self.records:
-            self.metrics_file.write(json.dumps(rec) + "\n")
-        self.metrics_file.flush()
-        self.tensorboard = None
-        if is_primary():
-            from tensorboardX import SummaryWriter
-
-            # a resumed run: TensorBoard drops the earlier files' events from the first re-logged step on
-            resumed = self.records[-1]["step"] + 1 if self.records else None
-            self.tensorboard = SummaryWriter(str(self.run.out / "tensorboard"), purge_step=resumed, flush_secs=10)
+    def open_writers(self) -> None:
+        self.writers = run_writers(self.run.out, self.records, is_primary())
 
     def emit(self, rec: dict) -> None:
         self.records.append(rec)
-        self.metrics_file.write(json.dumps(rec) + "\n")
-        self.metrics_file.flush()
-        if self.tensorboard is not None:
-            for tag, value in scalar_series(rec):
-                self.tensorboard.add_scalar(tag, value, rec["step"])
+        for writer in self.writers:
+            writer.write(rec)
 
-    def close_metrics(self) -> None:
-        self.metrics_file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    def close_writers(self) -> None:
+        for writer in self.writers:
+            writer.close()
 
     def cached_data(self, step: int) -> dict | None:
         """Train / validation with cached embeddings when the whole encoder stays frozen for an epoch or more."""
@@ -486,21 +262,20 @@ class Trainer:
     # ---- one epoch
 
     def train_epoch(self, epoch: int, bar) -> None:
-        """Train from ``loop.position`` to the end of ``epoch``'s plan (or the run's last step)."""
-        run, loop, cfg = self.run, self.loop, self.run.cfg
+        """Train from ``loop.position`` to the end of ``epoch``'s plan (or the run's last step), running
+        the hooks that are due after each step."""
+        run, loop = self.run, self.loop
         plan = run.pipeline.plan(epoch)
-        t_log, last = time.perf_counter(), None
+        self.t_log, last = time.perf_counter(), None
         for b in range(loop.position, len(plan)):
             if self.step >= run.total_steps:
                 break
             step = self.step
-            if (phase := phase_at(run.starts, step)) != loop.phase:
-                self.enter_phase(phase)
-            if self.cache_phase != loop.phase:  # (inside the epoch's clock: caching is part of its cost)
-                self.cache, self.cache_phase = self.cached_data(step), loop.phase
+            self.enter(step)
             batch = run.pipeline.train_batch(plan[b], self.cache["train"] if self.cache else None)
-            if self.probe is not None and step % cfg.grad_diagnostics == 0:
-                self.emit(gradient_record(self.probe(self.state.params, self.probe_batch), step, epoch, run.names))
+            for hook in self.hooks:
+                if hook.before and hook.due(step):
+                    hook.run(self, epoch)
             self.state, m = self.train_step(self.state, batch, run.rng)
             self.totals = accumulate(self.totals, m)
             self.check_nonfinite(last)  # one step behind: the host does not wait for the step just queued
@@ -508,33 +283,34 @@ class Trainer:
             loop.position, loop.n_log = b + 1, loop.n_log + run.pipeline.examples_in(plan[b])
             bar.update(1)
             end_of_epoch = b == len(plan) - 1 or step + 1 == run.total_steps
-            if (step + 1) % cfg.log_every == 0 or end_of_epoch:
-                t_log = self.log_training(epoch, t_log, bar)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not end_of_epoch:
-                self.evaluate_and_checkpoint(epoch)
-                if loop.stopped_early:
-                    return
-                continue
-            if not end_of_epoch and (
-                self.stop_signal is not None or (cfg.save_every and (step + 1) % cfg.save_every == 0)
-            ):
-                self.save()
-                if self.stop_signal is not None:
-                    raise self.interrupted()
+            for hook in self.hooks:
+                if not hook.before and hook.due(step + 1, end_of_epoch):
+                    hook.run(self, epoch)
+                    if loop.stopped_early:
+                        return
         self.check_nonfinite(last)
 
-    def log_training(self, epoch: int, t_log: float, bar) -> float:
+    def enter(self, step: int) -> None:
+        """The freezing phase of ``step`` in force, and its cached embeddings (when it caches them)."""
+        if (phase := phase_at(self.run.starts, step)) != self.loop.phase:
+            self.enter_phase(phase)
+        if self.cache_phase != self.loop.phase:  # (inside the epoch's clock: caching is part of its cost)
+            self.cache, self.cache_phase = self.cached_data(step), self.loop.phase
+
+    def probe_gradients(self, epoch: int) -> None:
+        rec = gradient_record(self.probe(self.state.params, self.probe_batch), self.step, epoch, self.run.names)
+        self.emit(rec)
+
+    def log_training(self, epoch: int) -> None:
         rec = train_record(self.totals, self.step, epoch, self.run.names)  # waits for the queued steps
-        seconds = time.perf_counter() - t_log
+        seconds = time.perf_counter() - self.t_log
         self.loop.train_seconds += seconds
         self.loop.examples_seen += self.loop.n_log
         if rec["skipped"]:
             log(f"step {self.step}: skipped {rec['skipped']} update(s) with a non-finite loss or gradient")
         self.emit(rec)
-        losses = " ".join(f"{t}={rec[t]['loss']:.3f}" for t in self.run.names if rec[t]["loss"] is not None)
-        bar.set_postfix_str(f"{losses} {self.loop.n_log / max(seconds, 1e-9):.0f}ex/s")
         self.totals, self.loop.n_log = zero_metrics(self.run.names), 0
-        return time.perf_counter()
+        self.t_log = time.perf_counter()
 
     def evaluate_and_checkpoint(self, epoch: int, epoch_s: float | None = None) -> None:
         """Validation metrics, the best evaluation so far, early stopping, and a checkpoint (the end of an
@@ -544,7 +320,6 @@ class Trainer:
         with self.clock.part("evaluation"):
             results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.tasks)
         rec = eval_record(results, self.step, epoch, "validation", run.data.tasks)
-        score = mean_score(results, run.data.tasks)
         if epoch_s is not None:
             rec["epoch_s"] = round(epoch_s, 3)
         self.emit(rec)
@@ -553,6 +328,17 @@ class Trainer:
             + " validation: "
             + ", ".join(f"{t.name} {t.describe(results[t.name])}" for t in run.data.tasks)
         )
+        score = mean_score(results, run.data.tasks)
+        self.keep_if_best(score, epoch)
+        # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
+        if loop.position == run.steps_per_epoch:
+            loop.epoch, loop.position = epoch + 1, 0
+        self.save(score=score)
+        self.stop_on_signal()
+
+    def keep_if_best(self, score: float, epoch: int) -> None:
+        """The best evaluation so far (a host copy of its parameters) and --patience's early stop."""
+        run, loop = self.run, self.loop
         if loop.best_step < 0 or score > loop.best_score:
             loop.best_score, loop.best_epoch, loop.best_step = score, epoch, self.step
             loop.since_best = 0
@@ -565,12 +351,6 @@ class Trainer:
                 f"step {self.step}: no better mean validation score in {loop.since_best} evaluations "
                 f"(--patience {run.cfg.patience}); stopping, the best was step {loop.best_step}"
             )
-        # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
-        if loop.position == run.steps_per_epoch:
-            loop.epoch, loop.position = epoch + 1, 0
-        self.save(score=score)
-        if self.stop_signal is not None:
-            raise self.interrupted()
 
     def fit(self) -> None:
         """Every remaining epoch; SIGINT / SIGTERM save a checkpoint and stop with 130 / 143."""
@@ -588,6 +368,7 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
+        self.writers.append(ProgressWriter(bar, run.names))
         try:
             for epoch in range(self.loop.epoch, run.epochs):
                 if self.step >= run.total_steps or self.loop.stopped_early:  # resuming a run that already finished
@@ -605,11 +386,15 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def interrupted(self) -> Interrupted:
+    def stop_on_signal(self) -> None:
+        """After SIGINT / SIGTERM: a checkpoint of this step, then stop (exit status 128 + the signal)."""
+        if self.stop_signal is None:
+            return
+        self.save_once()
         self.ckpts.close()
-        self.close_metrics()
+        self.close_writers()
         name = signal.Signals(self.stop_signal).name
-        return Interrupted(
+        raise Interrupted(
             f"{name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
             f"--out {self.run.out} --resume (plus the same options)",
             128 + self.stop_signal,
@@ -642,7 +427,7 @@ class Trainer:
                 data = run.pipeline.splits[split]
                 summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.tasks)
         self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test", run.data.tasks))
-        self.close_metrics()
+        self.close_writers()
         summary |= {
             "examples_per_s": loop.examples_seen / max(loop.train_seconds, 1e-9),
             "train_seconds": loop.train_seconds,
@@ -674,17 +459,18 @@ class Trainer:
         return summary
 
 
-def train_and_evaluate(cfg: TrainConfig) -> dict:
-    """Train on ``cfg``'s tasks, keep the best evaluation by the mean of the tasks' primary scores, test it, export it."""
+def train_and_evaluate(cfg) -> dict:
+    """Train on ``cfg``'s tasks, keep the best evaluation by the mean of the tasks' primary scores, test
+    it, export it."""
     clock = RunClock()
     with clock.part("setup"):
         run = setup(cfg)
-        _write_run_start(run)
+        write_run_start(run)
         trainer = Trainer(run, Checkpoints(run.out / "checkpoints", keep=cfg.keep), clock)
         if cfg.resume:
             trainer.restore()
         trainer.state = place_state(trainer.state, run.mesh, cfg.fsdp)
-        trainer.open_metrics()
+        trainer.open_writers()
     trainer.describe(trainer.loop.phase)
     log(f"optimizer state: {count_numbers(trainer.state.opt_state):,} numbers")
     trainer.fit()
