@@ -5,8 +5,8 @@
 #   in the same run; our batch-256 step once more with cuBLAS-only GEMMs (a compile-time
 #   probe); then the default `scripts/train.py` twice, with an empty and a warm compile cache
 #   (wall time by part and test metrics from its summary.json).
-# On a GPU machine (../shared/GPU.md): bash ../shared/gpu/pack.sh here, carry .gpu, then
-#   source .gpu/unpack.sh && bash benchmarks/gpu.sh
+# On a GPU machine: put the wheels, the model and the data in .gpu/ beside the checkout (with an
+#   unpack.sh that installs them into .venv), then: source .gpu/unpack.sh && bash benchmarks/gpu.sh
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."

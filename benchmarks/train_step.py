@@ -3,7 +3,7 @@
 
 Prints one JSON line: examples_per_s, step_s (median of --steps after --warmup),
 compile_s, trainable parameters and optimizer-state size. Shapes match the PyTorch
-peer (../shared/peer/torch_mtl_step.py): --size minilm is dim 384 x 6 layers,
+peer (benchmarks/torch_mtl_step.py): --size minilm is dim 384 x 6 layers,
 --size base is distilbert-base (768 x 6), --size tiny is 32 x 2.
 
 With --grad-diagnostics K it also times K steps with and without one task-gradient

@@ -1,4 +1,4 @@
-"""Run by tests/test_export.py with a PyTorch venv's python (`make peer`), never imported:
+"""Run by the tests (conftest.torch_vectors) with a PyTorch venv's python (`make peer`), never imported:
 load an exported model directory the way a PyTorch user does and print its sentence vectors.
 
     python tests/torch_side.py EXPORT_DIR < sentences.json   # -> {"versions", "st", "auto"}

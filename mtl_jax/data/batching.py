@@ -203,7 +203,8 @@ def task_members(data: Tokenized) -> list[np.ndarray]:
 
 
 def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[np.ndarray]]:
-    """Steps for ``--loss-weighting pcgrad``: each holds ``batch_size // T`` examples of every task.
+    """Steps that hold every task (weighting methods with ``every_task``): each holds ``batch_size // T``
+    examples of every task.
 
     An epoch has as many examples as the other plans (``len(data)``); each task cycles
     through its own shuffled examples (so every task weighs the same, whatever its size).

@@ -5,7 +5,7 @@ Every token carries its position inside its own sentence and a segment number (w
 sentence of the row it belongs to); ``mtl_jax.model.encoder.Encoder`` attends block-diagonally
 over segments and the model pools per segment, so a packed sentence gets the vector it
 gets alone, up to float rounding (tests/test_packing.py). Rows come out nearly full
-(what that buys is measured by ``benchmarks/encode.py``; see the README).
+(what that buys is measured by ``benchmarks/encode.py``; see docs/performance.md).
 
 Shapes stay bounded: a row is PACK_LENGTH tokens long, or (for inputs with longer
 sentences) the inference bucket that holds the longest one (``row_lengths``); a call holds a

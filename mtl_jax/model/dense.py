@@ -9,7 +9,7 @@ computed in float32 (slower than float32 itself, with the conversions); the kern
 the fast rate; the bias gradient becomes a slow windowed reduction. :func:`affine`'s forward
 and backward pass are written so that a bfloat16 layer takes the fast path for all three
 products. In float32 and on other backends it is the plain ``x @ kernel + bias`` on a 2-D view
-of ``x`` (the bfloat16 rewrite measured 4-8% slower there in float32).
+of ``x`` (the bfloat16 rewrite is slower there in float32: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def affine(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``x [..., K] @ kernel [K, N] + bias [N]`` in the dtype of ``x``, as ``nn.Dense`` computes it.
 
     Always on a 2-D view of ``x`` (a free reshape): XLA:CPU computes the kernel gradient of a
-    ``[rows, tokens, K]`` x as a product contracting two axes much more slowly (16% of a
-    float32 step with 128-token rows); other backends see the same product. In 16 bits on the
+    ``[rows, tokens, K]`` x as a product contracting two axes much more slowly (docs/performance.md);
+    other backends see the same product. In 16 bits on the
     CPU (see the module's text) :func:`cpu_affine` accumulates the products in float32,
     multiplies a row-major copy of ``x^T`` for the kernel gradient and sums the bias gradient
     in float32: the plain arithmetic, rounded to 16 bits at the same places, in another

@@ -8,7 +8,7 @@ threshold of 2 GiB, the freed block stays in the heap and the next step reuses i
 
 The price: freed memory up to 2 GiB stays with the process, and all threads share one
 malloc arena, so compiling a shape takes a little longer. What it buys on the default run
-and on one step is measured in the README (``benchmarks/train_step.py --default-malloc``
+and on one step is measured in docs/performance.md (``benchmarks/train_step.py --default-malloc``
 is the A/B switch). Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
 """
 
