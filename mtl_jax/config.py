@@ -309,12 +309,43 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
     return TaskConfig(**d)
 
 
+# A config file may group options by concern: a section's keys are the options' names, or their
+# names without the section's prefix (``lora: {rank: 16}`` is ``lora_rank: 16``). Flat keys load too.
+SECTIONS = {
+    "data": ("sampling", "temperature", "split_seed", "skip_bad_rows", "max_length", "cache_embeddings"),
+    "model": ("encoder", "pooling", "head_dropout", "dtype", "attention"),
+    "training": ("freeze", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_nonfinite"),
+    "optimizer": ("lr", "head_lr", "lora_lr", "warmup", "decay", "weight_decay", "clip_norm", "layer_decay"),
+    "weighting": tuple(f.name for f in dataclasses.fields(WeightingConfig) if f.name != "method") + ("loss_weighting",),
+    "lora": tuple(f.name for f in dataclasses.fields(LoraConfig)),
+    "outputs": (
+        "out", "overwrite", "resume", "save_every", "keep", "export", "log_every", "eval_every", "patience",
+        "eval_batch_size", "progress", "grad_diagnostics", "compile_cache",
+    ),
+    "parallel": ("fsdp", "coordinator", "num_processes", "process_id"),
+}  # fmt: skip
+_PREFIXED = {"weighting": "loss_weighting", "method": "loss_weighting"}
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Field values for :class:`TrainConfig` from a YAML/JSON file (``tasks:`` becomes ``task_list``).
+    """Field values for :class:`TrainConfig` from a YAML/JSON file (``tasks:`` becomes ``task_list``),
+    flat or grouped in :data:`SECTIONS`.
 
     Relative data paths are resolved against the config file's folder when they exist there.
     """
     path = Path(path)
+    data = _flatten_sections(_read_mapping(path), path)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task_list", "config"}
+    unknown = sorted(set(data) - fields - {"tasks"})
+    if unknown:
+        raise MtlError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    values = {k: v for k, v in data.items() if k != "tasks"}
+    if "tasks" in data:
+        values["task_list"] = _tasks_from(data["tasks"], path)
+    return values
+
+
+def _read_mapping(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -330,27 +361,40 @@ def load_config_file(path: str | Path) -> dict:
         raise MtlError(f"{path}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise MtlError(f"{path}: expected a mapping at the top level")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task_list", "config"}
-    unknown = sorted(set(data) - fields - {"tasks"})
-    if unknown:
-        raise MtlError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    values = {k: v for k, v in data.items() if k != "tasks"}
-    if "tasks" in data:
-        if not isinstance(data["tasks"], list) or not data["tasks"]:
-            raise MtlError(f"{path}: 'tasks' must be a non-empty list")
-        tasks = []
-        for i, t in enumerate(data["tasks"]):
-            task = _task_from_dict(t, f"{path}: tasks[{i}]")
-            fixed = {}
-            for key in ("train", "validation", "test"):
-                value = getattr(task, key)
-                if value and not value.startswith("embedded:") and not Path(value).is_absolute():
-                    beside = path.parent / value
-                    if beside.exists() and not Path(value).exists():
-                        fixed[key] = str(beside)
-            tasks.append(dataclasses.replace(task, **fixed))
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise MtlError(f"{path}: task names must be unique, got {names}")
-        values["task_list"] = tuple(tasks)
-    return values
+    return data
+
+
+def _flatten_sections(data: dict, path: Path) -> dict:
+    """The options of every section (:data:`SECTIONS`) at the top level; an option given twice is refused."""
+    flat = {k: v for k, v in data.items() if k not in SECTIONS or not isinstance(v, dict)}
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            name = key if key in SECTIONS[section] else _PREFIXED.get(key, f"{section}_{key}")
+            if name not in SECTIONS[section]:
+                raise MtlError(f"{path}: {section}: unknown option {key!r}; known: {', '.join(SECTIONS[section])}")
+            if name in flat:
+                raise MtlError(f"{path}: option {name!r} given twice")
+            flat[name] = value
+    return flat
+
+
+def _tasks_from(entries, path: Path) -> tuple[TaskConfig, ...]:
+    """The ``tasks:`` list: each task checked, its relative data paths resolved beside the file."""
+    if not isinstance(entries, list) or not entries:
+        raise MtlError(f"{path}: 'tasks' must be a non-empty list")
+    tasks = []
+    for i, t in enumerate(entries):
+        task = _task_from_dict(t, f"{path}: tasks[{i}]")
+        beside = {}
+        for key in ("train", "validation", "test"):
+            value = getattr(task, key)
+            if value and not value.startswith("embedded:") and not Path(value).is_absolute():
+                if (path.parent / value).exists() and not Path(value).exists():
+                    beside[key] = str(path.parent / value)
+        tasks.append(dataclasses.replace(task, **beside))
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise MtlError(f"{path}: task names must be unique, got {names}")
+    return tuple(tasks)

@@ -207,6 +207,30 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config_file(bad)
 
 
+def test_config_files_grouped_by_concern_load_as_their_flat_keys(tmp_path):
+    from mtl_jax.config import TrainConfig, load_config_file
+
+    task = "tasks:\n  - name: x\n    train: a.csv\n"
+    flat = _write(
+        tmp_path / "flat.yaml",
+        task + "lr: 0.001\nloss_weighting: famo\nfamo_lr: 0.05\nlora_rank: 4\nfsdp: true\nout: runs/x\nepochs: 2\n",
+    )
+    grouped = _write(
+        tmp_path / "grouped.yaml",
+        task + "optimizer: {lr: 0.001}\nweighting: {method: famo, famo_lr: 0.05}\nlora: {rank: 4}\n"
+        "parallel: {fsdp: true}\noutputs: {out: runs/x}\ntraining: {epochs: 2}\n",
+    )
+    assert load_config_file(grouped) == load_config_file(flat)
+    cfg = TrainConfig(**load_config_file(grouped))
+    assert (cfg.lr, cfg.loss_weighting, cfg.famo_lr, cfg.lora_rank, cfg.fsdp) == (0.001, "famo", 0.05, 4, True)
+    bad = _write(tmp_path / "bad.yaml", task + "optimizer: {lrate: 0.1}\n")
+    with pytest.raises(MtlError, match=r"bad\.yaml: optimizer: unknown option 'lrate'; known: lr, head_lr"):
+        load_config_file(bad)
+    twice = _write(tmp_path / "twice.yaml", task + "lr: 0.1\noptimizer: {lr: 0.2}\n")
+    with pytest.raises(MtlError, match=r"twice\.yaml: option 'lr' given twice"):
+        load_config_file(twice)
+
+
 def test_each_batch_holds_one_source():
     rng = np.random.default_rng(1)
     data = _tokenized(rng.integers(3, 60, 500), [0] * 40 + [1] * 460)
