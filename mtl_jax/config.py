@@ -263,7 +263,7 @@ class TrainConfig:
     def selected_tasks(self) -> tuple[TaskConfig, ...]:
         if not self.tasks:
             return self.task_list
-        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        names = list(dict.fromkeys(t.strip() for t in self.tasks.split(",") if t.strip()))  # a repeat: once
         known = {t.name: t for t in self.task_list}
         unknown = [n for n in names if n not in known]
         if unknown:

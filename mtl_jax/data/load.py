@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ def _read_text(path: Path) -> str:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
+    except EOFError as e:  # gzip / bz2: the archive ends early
+        raise MtlError(f"{path}: cannot read (truncated archive: {e})") from None
     except OSError as e:
         raise MtlError(f"{path}: cannot read ({e})") from None
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -79,26 +82,45 @@ def read_rows(path: Path, columns: Sequence[str]) -> list[Row]:
     """
     fmt = _format(path)
     text = _read_text(path)
-    rows: list[Row] = []
     if fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.append(Row(n, {}, f"invalid JSON ({e.msg})"))
-                continue
-            if not isinstance(obj, dict):
-                rows.append(Row(n, {}, "expected a JSON object"))
-                continue
-            rows.append(Row(n, {c: None if obj.get(c) is None else str(obj[c]) for c in columns if c in obj}))
-        seen = set().union(*(r.fields.keys() for r in rows if r.problem is None)) if rows else set()
-        missing = [c for c in columns if c not in seen]
-        if rows and missing:
-            raise MtlError(f"{path}: no field {', '.join(map(repr, missing))} in any record")
-        return rows
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        return _jsonl_rows(path, text, columns)
+    return _delimited_rows(path, text, columns, "\t" if fmt == "tsv" else ",")
+
+
+def _json_field(value) -> str | None:
+    """A JSON value as the text a column holds: a number as written in a CSV (``1.0`` is ``1``),
+    NaN and null as a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append(Row(n, {}, f"invalid JSON ({e.msg})"))
+            continue
+        if not isinstance(obj, dict):
+            rows.append(Row(n, {}, "expected a JSON object"))
+            continue
+        rows.append(Row(n, {c: _json_field(obj[c]) for c in columns if c in obj}))
+    seen = set().union(*(r.fields.keys() for r in rows if r.problem is None)) if rows else set()
+    missing = [c for c in columns if c not in seen]
+    if rows and missing:
+        raise MtlError(f"{path}: no field {', '.join(map(repr, missing))} in any record")
+    return rows
+
+
+def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: str) -> list[Row]:
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text is data (the tokenizer truncates it)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -109,6 +131,7 @@ def read_rows(path: Path, columns: Sequence[str]) -> list[Row]:
     if missing:
         raise MtlError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
     index = {c: header.index(c) for c in columns}
+    rows: list[Row] = []
     start = reader.line_num + 1
     while True:
         try:
@@ -121,7 +144,8 @@ def read_rows(path: Path, columns: Sequence[str]) -> list[Row]:
             continue
         if rec:
             if len(rec) != len(header):
-                rows.append(Row(start, {}, f"{len(rec)} fields, header has {len(header)}"))
+                hint = " (an unterminated quote?)" if len(rec) < len(header) and "\n" in rec[-1] else ""
+                rows.append(Row(start, {}, f"{len(rec)} fields, header has {len(header)}{hint}"))
             else:
                 rows.append(Row(start, {c: rec[i] for c, i in index.items()}))
         start = reader.line_num + 1
@@ -240,9 +264,7 @@ def _row_problem(
 
 def _read_task_file(path: Path, group: list[TaskConfig], problems: Problems, notes: list[str]) -> FileRows:
     """The rows of one file that the tasks of ``group`` read (they share its text column)."""
-    text_cols = {t.text_column for t in group}
-    if len(text_cols) > 1:
-        raise MtlError(f"{path}: tasks {', '.join(t.name for t in group)} read it with different text columns")
+    text_cols = {t.text_column for t in group}  # one: the tasks of a group share it
     (text_col,) = text_cols
     label_cols = [t.label_column for t in group]
     out = FileRows([], [], [])
@@ -251,7 +273,7 @@ def _read_task_file(path: Path, group: list[TaskConfig], problems: Problems, not
         raw_labels: list[str | None] = []
         for t in group:
             raw = row.fields.get(t.label_column)
-            raw = None if raw is None or not raw.strip() else raw.strip()
+            raw = None if raw is None or raw.strip().lower() in ("", "nan") else raw.strip()  # NaN: a missing label
             raw_labels.append(DROP if raw is not None and raw in t.drop_labels else raw)
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
@@ -302,12 +324,13 @@ def _split_indices(labels: np.ndarray, seed: int) -> list[np.ndarray]:
 
 
 def _split_off(
-    splits: dict[str, Examples], tasks: Sequence[TaskConfig], sources: list[str], seed: int
+    splits: dict[str, Examples], tasks: Sequence[TaskConfig], sources: list[tuple[str, str]], seed: int
 ) -> dict[str, Examples]:
-    """Seeded stratified validation / test splits for tasks without their own files."""
+    """Seeded stratified validation / test splits for tasks without their own files (``sources``:
+    the (file, text column) each example came from)."""
     T = len(tasks)
-    for src_i, spec in enumerate(sources):
-        owner = [ti for ti, t in enumerate(tasks) if t.train == spec]
+    for src_i, (spec, column) in enumerate(sources):
+        owner = [ti for ti, t in enumerate(tasks) if t.train == spec and t.text_column == column]
         if not owner:
             continue
         t0 = tasks[owner[0]]
@@ -336,33 +359,34 @@ def _check_train(train: Examples, tasks: Sequence[Task]) -> None:
 def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
     """Read, validate and split every task's data. Raises :class:`BadRows` listing every bad row.
 
-    Tasks that name the same file share its rows (one example, a label per task).
+    Tasks that name the same file and text column share its rows (one example, a label per task);
+    with different text columns each task has its own examples.
     """
     if not tasks:
         raise MtlError("no tasks configured")
-    files: dict[tuple[str, str], list[int]] = defaultdict(list)  # (split, file) -> the tasks reading it
+    files: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # (split, file, text column) -> its tasks
     for ti, t in enumerate(tasks):
         for split in SPLITS:
             if getattr(t, split):
-                files[(split, getattr(t, split))].append(ti)
+                files[(split, getattr(t, split), t.text_column)].append(ti)
     problems, notes = Problems(skip_bad_rows), []
     rows = {
         key: _read_task_file(resolve_path(key[1]), [tasks[ti] for ti in ids], problems, notes)
         for key, ids in files.items()
     }
     objects = [
-        build(t).with_labels(r[col] for r in rows[("train", t.train)].raw if r[col] != DROP)
+        build(t).with_labels(r[col] for r in rows[("train", t.train, t.text_column)].raw if r[col] != DROP)
         for ti, t in enumerate(tasks)
-        for col in [files[("train", t.train)].index(ti)]
+        for col in [files[("train", t.train, t.text_column)].index(ti)]
     ]
-    sources: list[str] = []
+    sources: list[tuple[str, str]] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
-    for (split, spec), task_ids in files.items():
-        file_rows = rows[(split, spec)]
+    for (split, spec, column), task_ids in files.items():
+        file_rows = rows[(split, spec, column)]
         ids, keep = _label_ids(
             resolve_path(spec), file_rows, [(ti, objects[ti]) for ti in task_ids], len(tasks), problems
         )
-        sources.append(spec)
+        sources.append((spec, column))
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
         by_split[split].append(Examples(list(file_rows.texts), ids, source).take(np.flatnonzero(keep)))
     if problems.listed:
@@ -370,4 +394,4 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
     notes += [f"skipped {n} bad rows: {reason}" for reason, n in sorted(problems.skipped.items())]
     splits = _split_off({s: Examples.concat(by_split[s], len(tasks)) for s in SPLITS}, tasks, sources, seed)
     _check_train(splits["train"], objects)
-    return TaskData(tuple(objects), splits, sources, notes)
+    return TaskData(tuple(objects), splits, [spec for spec, _ in sources], notes)
