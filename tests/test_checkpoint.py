@@ -53,6 +53,28 @@ if fault == "kill-during-write":  # orbax commits a checkpoint by renaming its t
             os.kill(os.getpid(), signal.SIGKILL)  # written, never committed
         return rename(src, dst, *a, **k)
     os.rename = dying
+if fault in ("kill-at-event", "count-events"):  # events: checkpoint saves, evaluations, the export's steps
+    import atexit
+    import mtl_jax.outputs.export as export
+    import mtl_jax.training.trainer as trainer
+    events = [(ckpt_mod.Checkpoints, "save"), (trainer, "evaluate"), (export, "_write_encoder"),
+              (export, "_write_sentence_transformers_modules"), (export, "_write_heads"), (export, "verify_export"),
+              (export, "_swap_in"), (export, "_exchange")]
+    def counted(fn):
+        def call(*a, **k):
+            calls["batches"] += 1
+            if fault == "kill-at-event" and calls["batches"] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*a, **k)
+        return call
+    for owner, name in events:
+        setattr(owner, name, counted(getattr(owner, name)))
+    import shutil, types
+    export.shutil = types.ModuleType("shutil")  # the export's rmtree: an event once it has removed
+    export.shutil.__dict__.update(shutil.__dict__)
+    export.shutil.rmtree = lambda *a, **k: (shutil.rmtree(*a, **k), counted(lambda: None)())
+    if fault == "count-events":
+        atexit.register(lambda: print("EVENTS", calls["batches"], file=sys.stderr))
 sys.argv = ["train.py"] + {args!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -139,6 +161,42 @@ def test_sigkill_after_a_save_resumes_from_it_or_from_an_intact_one(tmp_path, re
     assert_same_run(reference, damaged)
 
 
+def test_a_checkpoint_of_another_format_is_refused_and_every_damaged_one_stops_the_run(
+    tmp_path, reference, tiny_bert, tiny_data
+):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    args = train_args(tiny_bert, tiny_data, out)
+    steps = Checkpoints(out / "checkpoints").steps()
+
+    def damage(step):  # (a state this version cannot read fails the same way as a truncated one)
+        for f in (out / "checkpoints" / str(step) / "state").rglob("*"):
+            if f.is_file() and f.stat().st_size > 100:
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+    metas = {s: out / "checkpoints" / str(s) / "meta" / "metadata" for s in steps}
+    original = {s: f.read_text() for s, f in metas.items()}
+    for f in metas.values():  # checkpoints of an older format, the newest of another structure
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"format": 3}))
+    damage(steps[-1])
+    r = cli("train", *args, "--resume")
+    assert r.returncode == 2 and "checkpoint format 3, this version reads 4" in r.stderr, r.stderr[-2000:]
+    assert Checkpoints(out / "checkpoints").steps() == steps  # refused, not moved aside as damaged
+    for s, f in metas.items():
+        f.write_text(original[s])
+    for step in steps:  # every checkpoint damaged
+        damage(step)
+    r = cli("train", *args, "--resume")
+    kept = ", ".join(sorted(f"damaged-{s}" for s in steps))
+    assert r.returncode == 2 and f"every checkpoint is damaged (kept as {kept})" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("damaged-")) == sorted(
+        f"damaged-{s}" for s in steps
+    )
+    r = cli("train", *args, "--resume", "--overwrite")  # told to: the run starts again from step 0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
 def test_sigkill_while_writing_leaves_no_checkpoint_and_resumes_from_the_last(
     tmp_path, reference, tiny_bert, tiny_data
 ):
@@ -148,6 +206,42 @@ def test_sigkill_while_writing_leaves_no_checkpoint_and_resumes_from_the_last(
     assert r.returncode == -signal.SIGKILL
     assert Checkpoints(out / "checkpoints").steps() == [3]
     assert_resume_matches(reference, out, args, 3)
+
+
+@pytest.mark.slow
+def test_sigkill_at_seeded_points_of_saves_evaluations_and_export_resumes_to_the_same_run(
+    tmp_path, reference, tiny_bert, tiny_data
+):
+    """A seeded schedule of SIGKILLs across checkpoint saves, evaluations and the export's steps: after
+    each, the export that is there loads, and --resume ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty([*args, "--overwrite"], "count-events", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    total = int(r.stderr.rsplit("EVENTS ", 1)[1].split()[0])
+    schedule = sorted(np.random.default_rng(7).choice(np.arange(1, total + 1), size=5, replace=False).tolist())
+    for at in schedule + [total - 1]:  # total - 1: inside the export's swap
+        r = faulty([*args, "--overwrite"], "kill-at-event", int(at))
+        assert r.returncode == -signal.SIGKILL, (at, r.stderr[-2000:])
+        if (out / "export").exists():
+            load(out / "export")  # whatever export is there is complete
+        r = cli("train", *args, "--resume")
+        assert r.returncode == 0, (at, r.stderr[-3000:])
+        assert_same_run(reference, out)
+        load(out / "export")
+    # a finished run's export survives a kill at any event of a longer run's re-export: old or new, it loads
+    longer = [*train_args(tiny_bert, tiny_data, out), "--max-steps", "13", "--resume"]
+    finished = tmp_path / "finished"
+    shutil.copytree(out, finished)
+    r = faulty(longer, "count-events", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    total = int(r.stderr.rsplit("EVENTS ", 1)[1].split()[0])
+    for at in range(total - 7, total + 1):  # the export's steps, its swap and removal of the old one
+        shutil.rmtree(out)
+        shutil.copytree(finished, out)
+        r = faulty(longer, "kill-at-event", at)
+        assert r.returncode == -signal.SIGKILL, (at, r.stderr[-2000:])
+        load(out / "export")
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, tiny_data):
@@ -243,7 +337,21 @@ def test_predict_cli_input_forms_and_errors(tmp_path, reference):
             str(tmp_path / "s.csv"),
         ],
         "missing.txt: file not found": ["--model", model, "--input", str(tmp_path / "missing.txt")],
+        "batch_size must be positive, got 0": ["--model", model, "--batch-size", "0", "x"],
     }
+    for missing in ("mtl_jax.json", "model.safetensors"):  # an export missing its metadata or its weights
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(model, broken)
+        (broken / missing).unlink()
+        errors[
+            f"{broken / missing}: missing"
+            if missing == "mtl_jax.json"
+            else f"{missing}: missing from the exported model"
+        ] = [
+            "--model",
+            str(broken),
+            "x",
+        ]
     for message, args in errors.items():
         r = cli("predict", *args)
         assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (args, r)

@@ -70,6 +70,7 @@ def test_embed_errors_are_one_line_with_status_2(tmp_path, tiny_bert):
         "nope: no such directory": ["--model", str(tmp_path / "nope"), "x"],
         "missing.txt: file not found": ["--input", str(tmp_path / "missing.txt")],
         "give sentences as arguments or --input, not both": ["x", "--input", str(tmp_path / "s.txt")],
+        "batch_size must be positive, got 0": ["--batch-size", "0", "x"],
         f"{tmp_path / 'no' / 'e.npy'}: folder {tmp_path / 'no'} does not exist": [
             "--out",
             str(tmp_path / "no" / "e.npy"),

@@ -46,7 +46,8 @@ def export_model(
     """Write a self-contained model directory (see module docstring); returns it.
 
     ``tasks``: the run's :class:`mtl_jax.tasks.Task` objects. Written into a sibling temporary
-    folder and renamed, so a crash never leaves a half-written export behind.
+    folder, verified, then swapped in atomically (:func:`_swap_in`): a crash at any moment leaves
+    the previous export or the new one, never a half-written one nor none.
     """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
@@ -65,10 +66,42 @@ def export_model(
         "files": {f: _sha256(tmp / f) for f in files},
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    verify_export(tmp)  # complete and intact before it replaces anything
+    _swap_in(tmp, folder)
     return folder
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """``new`` becomes ``folder`` atomically: a reader (or a crash) sees the old export or the new
+    one, never neither. Linux exchanges the two folders in one ``renameat2(RENAME_EXCHANGE)``;
+    elsewhere the old one is renamed aside first (a crash between the two renames leaves it as
+    ``<folder>.old``)."""
+    if not folder.exists():
+        new.rename(folder)
+        return
+    if _exchange(new, folder):
+        shutil.rmtree(new)  # (now the old export)
+        return
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+    import os
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return done
 
 
 def _write_encoder(folder: Path, encoder_spec, encoder_params, hf_tokenizer) -> None:

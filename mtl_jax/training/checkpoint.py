@@ -90,24 +90,33 @@ class Checkpoints:
         self.manager.close()
 
 
-def restore_latest(ckpts: Checkpoints, make_target, log) -> tuple[Any, dict, int] | None:
-    """The newest checkpoint that restores, falling back (and saying so) past damaged ones.
+def restore_latest(ckpts: Checkpoints, make_target, check_meta, log) -> tuple[Any, dict, int] | None:
+    """The newest checkpoint that restores, falling back (and saying so) past damaged ones, which are
+    moved aside to ``damaged-<step>`` and kept.
 
-    ``make_target(meta)`` builds the pytree whose structure the saved state has.
+    ``check_meta(meta, where)`` raises :class:`MtlError` for a checkpoint this version cannot resume
+    (another format): that stops the restore with nothing moved. ``make_target(meta)`` builds the
+    pytree whose structure the saved state has.
     """
     for step in reversed(ckpts.steps()):
         where = ckpts.folder / str(step)
         try:
             meta = ckpts.restore_meta(step)
+        except MtlError as e:
+            _set_aside(ckpts, where, step, str(e), log)
+            continue
+        check_meta(meta, where)
+        try:
             state, meta = ckpts.restore(step, make_target(meta))
             return state, meta, step
         except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            aside = where.with_name(f"damaged-{step}")
-            shutil.rmtree(aside, ignore_errors=True)
-            where.rename(aside)  # kept for inspection, out of the manager's way
-            ckpts.manager.reload()
-            log(
-                f"{where}: checkpoint is damaged or unreadable ({reason[:200]}); moved to {aside.name}, trying an older one"
-            )
+            _set_aside(ckpts, where, step, str(e).splitlines()[0] if str(e) else type(e).__name__, log)
     return None
+
+
+def _set_aside(ckpts: Checkpoints, where: Path, step: int, reason: str, log) -> None:
+    aside = where.with_name(f"damaged-{step}")
+    shutil.rmtree(aside, ignore_errors=True)
+    where.rename(aside)  # kept for inspection, out of the manager's way
+    ckpts.manager.reload()
+    log(f"{where}: checkpoint is damaged or unreadable ({reason[:200]}); moved to {aside.name}, trying an older one")

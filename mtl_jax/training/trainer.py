@@ -195,8 +195,15 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from the newest intact checkpoint (and the metrics.jsonl records it had written)."""
-        restored = restore_latest(self.ckpts, self.checkpoint_target, log)
+        damaged_before = set(self.ckpts.folder.glob("damaged-*"))
+        restored = restore_latest(self.ckpts, self.checkpoint_target, LoopState.from_meta, log)
         if restored is None:
+            damaged = sorted(p.name for p in set(self.ckpts.folder.glob("damaged-*")) - damaged_before)
+            if damaged and not self.run.cfg.overwrite:
+                raise MtlError(
+                    f"{self.ckpts.folder}: every checkpoint is damaged (kept as {', '.join(damaged)}); "
+                    "pass --overwrite with --resume to start the run again from step 0"
+                )
             log(f"{self.ckpts.folder}: no intact checkpoint; starting from step 0")
         else:
             tree, meta, ckpt_step = restored
