@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # JAX is imported): each tiny model's steps compile once, not once per process.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Every test runs on the CPU whatever jax build is installed (a GPU build would run in-process tests
+# on the GPU and compare them with subprocess runs): set before JAX is imported, inherited by every
+# process the tests start.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 
@@ -38,6 +42,7 @@ LONGEST_FIRST = (
     "test_research.py",  # 55
     "test_train_step.py",  # 50
     "test_cli.py",  # 35
+    "test_bad_input.py",  # 35
     "test_packing.py",  # 30
     "test_parallel.py",  # 20 (+ 25 slow)
     "test_pretrained.py",  # 20
@@ -112,6 +117,28 @@ def tiny_train_args(tiny_bert: Path, tiny_data: Path, *options: str) -> list[str
         *("--batch-size", "8", "--lr", "1e-3", "--no-progress"),
         *options,
     ]
+
+
+def assert_export_reproduces_test_metrics(run: Path):
+    """The run's export, loaded as a user loads it, gives the run's own test accuracy and, from its
+    probabilities, the run's test loss within 1e-5: the exported weights are the trained ones."""
+    from mtl_jax import load
+    from mtl_jax.config import TaskConfig
+    from mtl_jax.data.load import load_tasks
+
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    tasks = [TaskConfig(**t) for t in cfg["task_list"]]
+    test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
+    predictor = load(run / "export")
+    probs = predictor.predict_proba(test.texts, batch_size=5)
+    for ti, (name, _labels) in enumerate(predictor.tasks):
+        has = test.labels[:, ti] >= 0
+        acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
+        assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)
+        nll = float(-np.log(probs[name][has, test.labels[has, ti]]).mean())
+        assert nll == pytest.approx(summary["test"][name]["loss"], rel=1e-5, abs=0)
+    return predictor
 
 
 def torch_vectors(folder: Path, sentences: list[str], venv: str = ".peer/venv") -> dict:

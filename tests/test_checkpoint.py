@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.training.checkpoint import Checkpoints
-from tests.conftest import ROOT, cli, tiny_train_args, torch_vectors
+from tests.conftest import ROOT, assert_export_reproduces_test_metrics, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
 # Runs scripts/train.py in-process after installing a fault (the test's own code, never the library's).
@@ -259,22 +259,7 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, ti
 
 
 def test_export_round_trip_reproduces_test_metrics(reference):
-    from mtl_jax.config import load_config_file
-    from mtl_jax.data.load import load_tasks
-
-    summary = json.loads((reference / "summary.json").read_text())
-    cfg = json.loads((reference / "config.json").read_text())
-    tasks = load_config_file(Path(cfg["config"]))["task_list"]
-    test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
-    predictor = load(reference / "export")
-    probs = predictor.predict_proba(test.texts, batch_size=5)
-    for ti, (name, _labels) in enumerate(predictor.tasks):
-        has = test.labels[:, ti] >= 0
-        acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
-        assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)
-        # the probabilities themselves: the exported heads give the run's own test loss
-        nll = float(-np.log(probs[name][has, test.labels[has, ti]]).mean())
-        assert nll == pytest.approx(summary["test"][name]["loss"], rel=1e-5, abs=0)
+    predictor = assert_export_reproduces_test_metrics(reference)
     # the exported encoder is a plain checkpoint directory too
     emb = predictor.encode(["a sports story"])
     assert emb.shape == (1, predictor.encoder.dim)

@@ -68,9 +68,15 @@ def test_embedded_default_data_counts_and_splits():
     assert again.splits["test"].texts == data.splits["test"].texts
     other = load_tasks(DEFAULT_TASKS, seed=1)
     assert other.splits["test"].texts != data.splits["test"].texts
-    # stratified: test label balance within 1 point of the whole
-    tb = data.splits["test"].labels[:, 1]
-    assert abs((tb[tb >= 0] == 1).mean() - 7403 / 12808) < 0.01
+    # stratified exactly: each class of each task gives round(10%) of its examples to validation and
+    # to test (so within floor/ceil of its share), for both default tasks and two seeds
+    counts = {"task_a": (348, 320, 454), "task_b": (5405, 7403)}
+    for split_data in (data, other):
+        for t, (name, per_class) in enumerate(counts.items()):
+            for split in ("validation", "test"):
+                y = split_data.splits[split].labels[:, t]
+                got = np.bincount(y[y >= 0], minlength=len(per_class))
+                assert got.tolist() == [int(round(n * 0.1)) for n in per_class], (name, split, got)
 
 
 def test_explicit_labels_map_and_shared_file(tmp_path):

@@ -87,3 +87,42 @@ def test_float32_dense_products_each_contract_one_axis():
     contractions = [eqn.params["dimension_numbers"][0] for eqn in dot_products(jaxpr)]
     assert len(contractions) == 3  # y, dx, dW
     assert all(len(lhs) == len(rhs) == 1 for lhs, rhs in contractions), contractions
+
+
+def test_every_product_of_a_whole_float32_train_step_contracts_one_axis(tiny_bert):
+    """The same for the trainer's whole step (forward, backward, the weighting and the update) over
+    packed rows of 3-D activations: no product anywhere contracts two axes."""
+    import optax
+
+    from mtl_jax.data.batching import TokenBatch
+    from mtl_jax.inference import load_encoder
+    from mtl_jax.model.multitask import MultiTaskModel, init_params
+    from mtl_jax.training.steps import StepSpec, TrainState, train_step
+
+    enc = load_encoder(tiny_bert)
+    model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))
+    params = init_params(model, enc.params, jax.random.PRNGKey(0))
+    rows, length = 4, 16
+    ids = np.full((rows, length), 1000, np.int32)
+    segments = np.repeat([[1] * 8 + [2] * 8], rows, axis=0).astype(np.int32)
+    positions = np.tile(np.arange(8, dtype=np.int32), (rows, 2))
+    labels = np.full((rows, 16, 2), -1, np.int32)
+    labels[:, 0, 0], labels[:, 1, 1] = 1, 0
+    batch = TokenBatch(ids, positions, segments, labels)
+    spec = StepSpec(model, optax.adamw(1e-3))
+    state = TrainState.create(params, spec.tx.init(params))
+    jaxpr = jax.make_jaxpr(lambda s, b: train_step(spec, s, b, jax.random.PRNGKey(0)))(state, batch).jaxpr
+    contractions = [eqn.params["dimension_numbers"][0] for eqn in dot_products(jaxpr)]
+    assert len(contractions) > 8 * model.config.n_layers  # forward and backward of every layer
+    assert all(len(lhs) == len(rhs) == 1 for lhs, rhs in contractions), contractions
+
+
+def test_the_suite_runs_on_the_cpu_in_process_and_in_the_processes_it_starts():
+    import os
+    import subprocess
+    import sys
+
+    assert jax.default_backend() == "cpu" and os.environ["JAX_PLATFORMS"] == "cpu"
+    code = "import jax; print(jax.default_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "cpu"

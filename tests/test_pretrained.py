@@ -169,9 +169,27 @@ def test_missing_pieces_are_named(tmp_path, tiny_bert):
 
 
 def test_unknown_hub_name_says_no_hub(monkeypatch):
+    """Offline in fact: huggingface_hub read HF_HUB_OFFLINE when it was imported, so its constant is
+    set too, and any connection attempt is recorded (the loader turns every failure into its message,
+    so only the record shows whether the network was tried)."""
+    import socket
+
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def connect(sock, address, *a):
+        attempts.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: connect(None, address))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: connect(None, (host, port)))
     with pytest.raises(MtlError, match=r"not available from the Hugging Face cache or hub.*local directory"):
         load_encoder("some-org/some-model-that-is-not-cached")
+    assert attempts == []
 
 
 def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):

@@ -31,7 +31,17 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
     b = load_file(tmp_path / "full" / "export" / "heads.safetensors")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
-    assert not np.allclose(a["topic.kernel"], 0)  # the heads did train
+    # the heads did train: they moved from their initialisation (the run's seed 0, as init_params draws it)
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_jax.model.multitask import Heads
+
+    init = Heads((("topic", 3), ("sentiment", 2))).init(
+        jax.random.fold_in(jax.random.PRNGKey(0), 1), jnp.zeros((1, 32))
+    )
+    for task in ("topic", "sentiment"):
+        assert np.abs(a[f"{task}.kernel"] - np.asarray(init["params"][task]["kernel"])).max() > 1e-2
     for split in ("validation", "test"):
         for t in ("topic", "sentiment"):
             assert cached[split][t]["confusion"] == full[split][t]["confusion"]
@@ -238,3 +248,18 @@ def test_eval_every_patience_tensorboard_and_a_lora_export(tmp_path, tiny_bert, 
     want = [(r["step"], r["topic"]["accuracy"]) for r in val]
     assert tb["validation/topic/accuracy"] == [(s, pytest.approx(v)) for s, v in want]
     assert "train/sentiment/weight" in tb
+
+
+def test_a_lora_run_exports_merged_weights_that_give_its_trained_test_loss(tmp_path, tiny_bert, tiny_data):
+    """Adapters trained with a non-zero learning rate, merged at export: the plain exported model gives
+    the run's own test loss within 1e-5, and its encoder differs from the pretrained one."""
+    from mtl_jax import load_encoder
+    from tests.conftest import assert_export_reproduces_test_metrics
+
+    out = tmp_path / "run"
+    summary, _ = _run(tiny_bert, tiny_data, out, epochs=2, freeze="lora", lora_rank=4, lora_lr=5e-2)
+    assert summary["parameters"]["lora"] > 0
+    predictor = assert_export_reproduces_test_metrics(out)
+    sentences = ["a goal story", "dull mess #3"]
+    moved = np.abs(predictor.encode(sentences) - load_encoder(tiny_bert).encode(sentences)).max()
+    assert moved > 1e-3  # the merged adapters changed the encoder
