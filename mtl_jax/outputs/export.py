@@ -52,6 +52,19 @@ def export_model(
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_export(tmp, encoder_spec, encoder_params, head_params, hf_tokenizer, tasks, pooling)
+    except OSError as e:  # disk full, ...: the previous export stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MtlError(
+            f"{folder}: cannot write the export ({e.strerror or e}); the previous export is unchanged"
+        ) from None
+    _swap_in(tmp, folder)
+    return folder
+
+
+def _write_export(tmp: Path, encoder_spec, encoder_params, head_params, hf_tokenizer, tasks, pooling: str) -> None:
+    """Every file of the export into ``tmp``, then its metadata with their checksums, verified."""
     tmp.mkdir(parents=True)
     _write_encoder(tmp, encoder_spec, encoder_params, hf_tokenizer)
     _write_sentence_transformers_modules(tmp, encoder_spec, pooling)
@@ -67,8 +80,6 @@ def export_model(
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     verify_export(tmp)  # complete and intact before it replaces anything
-    _swap_in(tmp, folder)
-    return folder
 
 
 def _swap_in(new: Path, folder: Path) -> None:

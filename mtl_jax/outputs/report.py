@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from mtl_jax.config import TrainConfig
+from mtl_jax.errors import writing
 from mtl_jax.model.lora import lora_of, merge_adapters
 from mtl_jax.outputs.export import export_model
 from mtl_jax.outputs.plots import plot_curves, plot_gradients
@@ -79,6 +80,11 @@ def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
 def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
     """The export (best parameters) and the plots of a finished run."""
     out, names = run.out, run.names
+    with writing(out):
+        _write_outputs(run, summary, best_params, records, out, names)
+
+
+def _write_outputs(run, summary: dict, best_params, records: list[dict], out, names) -> None:
     if run.cfg.export:
         spec = dataclasses.replace(run.encoder.spec, max_length=run.pipeline.max_length)
         export_model(
@@ -99,8 +105,10 @@ def write_outputs(run, summary: dict, best_params, records: list[dict]) -> None:
 
 def write_summary(run, summary: dict) -> None:
     """summary.json and report.md."""
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run.out / "report.md").write_text(report_text(run.cfg, summary, run.data.tasks))
+    with writing(run.out / "summary.json"):
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with writing(run.out / "report.md"):
+        (run.out / "report.md").write_text(report_text(run.cfg, summary, run.data.tasks))
 
 
 def report_text(cfg: TrainConfig, summary: dict, tasks) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from mtl_jax.errors import writing
 from mtl_jax.outputs.report import scalar_series
 
 
@@ -26,17 +27,23 @@ class JsonlWriter:
     checkpoint had written and continues after them."""
 
     def __init__(self, path: Path | str, earlier: list[dict] = ()):
-        self.file = open(path, "w")
-        for rec in earlier:
-            self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self.path = path
+        with writing(path):
+            self.file = open(path, "w")
+            for rec in earlier:
+                self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # (its last write already failed and was reported)
+            pass
 
 
 class TensorBoardWriter:
@@ -53,7 +60,17 @@ class TensorBoardWriter:
             self.writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError:  # a full disk: metrics.jsonl's writer reports it, and the event files are a copy
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop the event writer's worker thread and mark it closed, so that tensorboardX's own exit
+        hook does not try the failing flush again (tensorboardX 2.x)."""
+        events = self.writer.file_writer.event_writer
+        events._worker.stop()
+        events._closed = True
 
 
 class ProgressWriter:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from mtl_jax.config import TrainConfig, resume_fixed
 from mtl_jax.data.batching import InputPipeline, tokenize
 from mtl_jax.data.load import SPLITS, TaskData, load_tasks
-from mtl_jax.errors import MtlError
+from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model.lora import LoRA, with_lora
 from mtl_jax.model.multitask import MultiTaskModel, init_params
@@ -220,7 +220,8 @@ def write_run_start(run: Run) -> None:
     if not cfg.resume and is_primary():
         _prepare_out_dir(run.out)
         resolved = {"labels": run.data.labels, "resolved_max_length": pipeline.max_length}
-        (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
+        with writing(run.out / "config.json"):
+            (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
     for note in run.data.notes:
         log(note)
     for s in SPLITS:

@@ -226,7 +226,8 @@ class Trainer:
             writer.write(rec)
 
     def close_writers(self) -> None:
-        for writer in self.writers:
+        writers, self.writers = self.writers, []  # (once: an error after a close closes nothing twice)
+        for writer in writers:
             writer.close()
 
     def cached_data(self, step: int) -> dict | None:
@@ -480,5 +481,9 @@ def train_and_evaluate(cfg) -> dict:
         trainer.open_writers()
     trainer.describe(trainer.loop.phase)
     log(f"optimizer state: {count_numbers(trainer.state.opt_state):,} numbers")
-    trainer.fit()
-    return trainer.finish()
+    try:
+        trainer.fit()
+        return trainer.finish()
+    except MtlError:  # (a stop on a signal has closed them already)
+        trainer.close_writers()
+        raise
