@@ -74,7 +74,16 @@ def _bad_jsonl_row(d: Path):
     return [_task("t", path)], r"bad\.jsonl:2: invalid JSON"
 
 
+def _duplicate_names(d: Path):
+    path = _topic_csv(d / "topic.csv")
+    return [
+        _task("t", path),
+        _task("t", path, label="label"),
+    ], r"tasks\.yaml: task names must be unique, got \['t', 't'\]"
+
+
 ERRORS = {  # case -> (files and tasks, expected message) or (flags, expected message)
+    "duplicate task names": _duplicate_names,
     "NaN label": _nan_label,
     "truncated .gz": _truncated(".gz", gzip.open),
     "truncated .bz2": _truncated(".bz2", bz2.open),
