@@ -38,7 +38,7 @@ train: $(STAMP)
 test: lint $(PEER5) $(PEER6)
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests $(ARGS)  # one worker per core, a test file per worker
 
-# the slow tests (4 forced devices, two processes, Ctrl-C across an epoch): CI runs them after make test
+# the slow tests (4 forced devices, two processes, real runs killed, interrupted or out of disk): CI runs them after make test
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile -m slow tests $(ARGS)
 

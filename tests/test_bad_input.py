@@ -141,37 +141,31 @@ def _train(tmp_path: Path, tiny_bert: Path, tiny_data: Path, tasks: list[str], *
     }
 
 
-def test_a_field_longer_than_csvs_default_limit_is_a_long_text(tmp_path, tiny_bert, tiny_data):
-    path = _topic_csv(tmp_path / "long.csv", extra=f'"{"word " * 40_000}",tech\n')  # 200,000 characters
-    run = _train(tmp_path, tiny_bert, tiny_data, [_task("t", path)])
-    assert (
-        run["summary"]["truncated"]["train"]
-        + run["summary"]["truncated"]["validation"]
-        + run["summary"]["truncated"]["test"]
-        == 1
-    )
-
-
-def test_json_numbers_1_and_1_0_are_one_label(tmp_path, tiny_bert, tiny_data):
-    rows = [{"text": f"a {w} story {i}", "label": lab} for i, (w, lab) in enumerate([("goal", 1), ("vote", 2.0)] * 20)]
-    rows += [{"text": "another goal", "label": 1.0}]
-    run = _train(tmp_path, tiny_bert, tiny_data, [_task("t", _jsonl(tmp_path / "n.jsonl", rows))])
-    assert run["labels"] == {"t": ["1", "2"]}
-
-
-def test_a_task_named_twice_in_tasks_trains_once(tmp_path, tiny_bert, tiny_data):
-    tasks = (tiny_data / "tasks.yaml").read_text().replace("train: ", f"train: {tiny_data}/").split("\n", 1)[1]
-    run = _train(tmp_path, tiny_bert, tiny_data, [tasks], "--tasks", "topic,topic")
-    assert list(run["labels"]) == ["topic"] and list(run["summary"]["test"]) == ["topic"]
-
-
-def test_two_tasks_read_one_file_through_different_text_columns(tmp_path, tiny_bert, tiny_data):
-    rows = [{"title": f"a {w} story {i}", "body": f"{mood} {i}", "topic": t, "mood": m}
+def test_valid_inputs_train_as_meant(tmp_path, tiny_bert, tiny_data):
+    """In one run: a field longer than csv's default limit is a long text (truncated, counted); JSON 1
+    and 1.0 are one label; two tasks reading one file through different text columns each get their
+    own examples; a task named twice in --tasks trains once."""
+    long = _topic_csv(tmp_path / "long.csv", extra=f'"{"word " * 40_000}",tech\n')  # 200,000 characters
+    numbers = [
+        {"text": f"a {w} story {i}", "label": lab} for i, (w, lab) in enumerate([("goal", 1), ("vote", 2.0)] * 20)
+    ]
+    numbers += [{"text": "another goal", "label": 1.0}]
+    both = [{"title": f"a {w} story {i}", "body": f"{mood} {i}", "topic": t, "mood": m}
             for i, (w, t, mood, m) in enumerate([("goal", "sports", "great fun", "pos"), ("vote", "politics", "dull mess", "neg")] * 30)]  # fmt: skip
-    path = _jsonl(tmp_path / "both.jsonl", rows)
-    run = _train(
-        tmp_path, tiny_bert, tiny_data, [_task("topic", path, "title", "topic"), _task("mood", path, "body", "mood")]
-    )
-    assert run["labels"] == {"topic": ["politics", "sports"], "mood": ["neg", "pos"]}
-    # each task has its own examples: 60 rows read twice, split 80/10/10 per task
-    assert {t: r["examples"] for t, r in run["summary"]["test"].items()} == {"topic": 6, "mood": 6}
+    tasks = [
+        _task("long", long),
+        _task("numbers", _jsonl(tmp_path / "n.jsonl", numbers)),
+        _task("topic", _jsonl(tmp_path / "both.jsonl", both), "title", "topic"),
+        _task("mood", tmp_path / "both.jsonl", "body", "mood"),
+    ]
+    run = _train(tmp_path, tiny_bert, tiny_data, tasks, "--tasks", "long,numbers,topic,mood,topic")
+    truncated = run["summary"]["truncated"]
+    assert truncated["train"] + truncated["validation"] + truncated["test"] == 1
+    assert run["labels"] == {
+        "long": ["politics", "sports", "tech"],
+        "numbers": ["1", "2"],
+        "topic": ["politics", "sports"],
+        "mood": ["neg", "pos"],
+    }  # (the repeated topic once, in the order first named)
+    # each of the two tasks on one file has its own examples: 60 rows read twice, split 80/10/10 per task
+    assert run["summary"]["test"]["topic"]["examples"] == 6 and run["summary"]["test"]["mood"]["examples"] == 6

@@ -171,6 +171,7 @@ def test_sigkill_after_a_save_resumes_from_it_or_from_an_intact_one(tmp_path, re
     assert_same_run(reference, damaged)
 
 
+@pytest.mark.slow  # real processes killed or starved: make test-slow
 def test_a_checkpoint_of_another_format_is_refused_and_every_damaged_one_stops_the_run(
     tmp_path, reference, tiny_bert, tiny_data
 ):
@@ -207,6 +208,7 @@ def test_a_checkpoint_of_another_format_is_refused_and_every_damaged_one_stops_t
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow  # real processes killed or starved: make test-slow
 def test_sigkill_while_writing_leaves_no_checkpoint_and_resumes_from_the_last(
     tmp_path, reference, tiny_bert, tiny_data
 ):
@@ -254,6 +256,7 @@ def test_sigkill_at_seeded_points_of_saves_evaluations_and_export_resumes_to_the
         load(out / "export")
 
 
+@pytest.mark.slow  # real processes killed or starved: make test-slow
 def test_a_disk_that_fills_up_mid_run_stops_it_with_the_path_named_and_the_run_resumes(
     tmp_path, reference, tiny_bert, tiny_data
 ):
@@ -271,6 +274,7 @@ def test_a_disk_that_fills_up_mid_run_stops_it_with_the_path_named_and_the_run_r
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow  # real processes killed or starved: make test-slow
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, reference, tiny_bert, tiny_data):
     out = tmp_path / "run"
     args = train_args(tiny_bert, tiny_data, out)
