@@ -214,6 +214,7 @@ def test_train_help_lists_every_option():
         assert flag in r.stdout, flag
 
 
+@pytest.mark.slow  # whole runs, twice or more: make test-slow
 def test_a_second_training_run_loads_every_program_from_the_compile_cache(tmp_path, tiny_bert, tiny_data):
     # Two processes with different string-hash seeds (as any two runs have): the traced programs,
     # and so their cache keys, must not depend on the order of a set (the optimizer's groups).

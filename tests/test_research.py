@@ -61,6 +61,7 @@ def test_a_frozen_phase_shorter_than_an_epoch_is_not_cached(tmp_path, tiny_bert,
     assert "cached the embeddings" not in err and "phase 1 (none)" in err
 
 
+@pytest.mark.slow  # whole runs, twice or more: make test-slow
 def test_pcgrad_with_gradient_diagnostics(tmp_path, tiny_bert, tiny_data):
     out = tmp_path / "pcgrad"
     summary, records = _run(
@@ -126,6 +127,7 @@ def _compare_cfg(tiny_bert, tiny_data, out, **options):
     return CompareConfig(**(values | options))
 
 
+@pytest.mark.slow  # whole runs, twice or more: make test-slow
 def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
     import csv
 
