@@ -262,19 +262,19 @@ def _row_problem(
     return None
 
 
-def _read_task_file(path: Path, group: list[TaskConfig], problems: Problems, notes: list[str]) -> FileRows:
+def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: list[str]) -> FileRows:
     """The rows of one file that the tasks of ``group`` read (they share its text column)."""
-    text_cols = {t.text_column for t in group}  # one: the tasks of a group share it
+    text_cols = {t.config.text_column for t in group}  # one: the tasks of a group share it
     (text_col,) = text_cols
-    label_cols = [t.label_column for t in group]
+    label_cols = [t.config.label_column for t in group]
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, sorted(text_cols | {c for t in group for c in build(t).columns()})):
+    for row in read_rows(path, sorted(text_cols | {c for t in group for c in t.columns()})):
         raw_labels: list[str | None] = []
         for t in group:
-            raw = row.fields.get(t.label_column)
+            raw = row.fields.get(t.config.label_column)
             raw = None if raw is None or raw.strip().lower() in ("", "nan") else raw.strip()  # NaN: a missing label
-            raw_labels.append(DROP if raw is not None and raw in t.drop_labels else raw)
+            raw_labels.append(DROP if raw is not None and raw in t.config.drop_labels else raw)
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
             continue
@@ -370,12 +370,13 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
             if getattr(t, split):
                 files[(split, getattr(t, split), t.text_column)].append(ti)
     problems, notes = Problems(skip_bad_rows), []
+    kinds = [build(t) for t in tasks]  # label names not resolved yet
     rows = {
-        key: _read_task_file(resolve_path(key[1]), [tasks[ti] for ti in ids], problems, notes)
+        key: _read_task_file(resolve_path(key[1]), [kinds[ti] for ti in ids], problems, notes)
         for key, ids in files.items()
     }
     objects = [
-        build(t).with_labels(r[col] for r in rows[("train", t.train, t.text_column)].raw if r[col] != DROP)
+        kinds[ti].with_labels(r[col] for r in rows[("train", t.train, t.text_column)].raw if r[col] != DROP)
         for ti, t in enumerate(tasks)
         for col in [files[("train", t.train, t.text_column)].index(ti)]
     ]

@@ -83,8 +83,8 @@ class ProgressWriter:
     def write(self, record: dict) -> None:
         if record["split"] != "train":
             return
-        now, seconds = time.perf_counter(), time.perf_counter() - self.since
-        self.since = now
+        now = time.perf_counter()
+        seconds, self.since = now - self.since, now
         losses = " ".join(f"{t}={record[t]['loss']:.3f}" for t in self.names if record[t]["loss"] is not None)
         examples = sum(record[t]["examples"] for t in self.names)
         self.bar.set_postfix_str(f"{losses} {examples / max(seconds, 1e-9):.0f}ex/s")

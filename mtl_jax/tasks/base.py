@@ -109,23 +109,21 @@ class Task:
         return {"name": self.name, "type": self.type, "labels": list(self.labels)}
 
 
-def build(config: TaskConfig) -> Task:
-    """The task object of a configured task (its ``type``, default ``classification``)."""
+def build(config: TaskConfig, labels=None) -> Task:
+    """The task object of a configured task (its ``type``, default ``classification``); ``labels``
+    default to the configured ones."""
     if config.type not in REGISTRY:
         raise MtlError(f"task {config.name}: unknown type {config.type!r}; known: {', '.join(REGISTRY)}")
-    labels = tuple(config.labels) if config.labels else ()
-    return REGISTRY[config.type](config, labels)
+    return REGISTRY[config.type](config, tuple((config.labels or ()) if labels is None else labels))
 
 
 def from_export(meta: dict) -> Task:
     """A task of an exported model, from :meth:`Task.export_meta`."""
     config = TaskConfig(name=meta["name"], train="", type=meta.get("type", "classification"))
-    if config.type not in REGISTRY:
-        raise MtlError(f"task {config.name}: unknown type {config.type!r}; known: {', '.join(REGISTRY)}")
-    return REGISTRY[config.type](config, tuple(meta.get("labels", ())))
+    return build(config, meta.get("labels", ()))
 
 
 def of_heads(heads) -> tuple[Task, ...]:
     """Classification tasks for a model's ``(name, classes)`` heads, labels named ``0, 1, ...``: what
     the steps assume when no task objects are given (tests, benchmarks)."""
-    return tuple(REGISTRY["classification"](TaskConfig(name, ""), tuple(map(str, range(n)))) for name, n in heads)
+    return tuple(build(TaskConfig(name, ""), map(str, range(n))) for name, n in heads)
