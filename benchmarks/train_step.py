@@ -139,9 +139,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     trainable_layers = {layer_index(g) for g in groups - frozen if layer_index(g) is not None}
-    flops = train_step_flops(
-        config, args.batch, args.seq, trainable_layers, args.pooling == "cls", batch.labels.shape[1]
-    )
+    flops = train_step_flops(config, args.batch, args.seq, trainable_layers, args.pooling == "cls", len(model.tasks))
     # (LoRA: the backward runs through every layer for the adapters; the FLOP count has no such case)
     mfu = {} if args.freeze == "lora" else model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
@@ -188,14 +186,14 @@ def random_batch(rng: np.random.Generator, rows: int, seq: int, per_row: int) ->
     labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], 1).astype(np.int32)
     ids = rng.integers(1000, 30000, (rows, seq)).astype(np.int32)
     if per_row == 1:
-        return single_rows(ids, np.ones_like(ids), labels)
+        return single_rows(ids, np.ones_like(ids), {"task_a": labels[:, 0], "task_b": labels[:, 1]})
     each = seq // per_row
     token = np.arange(seq)
     segments = np.broadcast_to(np.where(token < each * per_row, token // each + 1, 0), ids.shape).astype(np.int32)
     slots = np.full((rows, MAX_SEGMENTS, 2), -1, np.int32)
     slots[:, :per_row] = labels.reshape(rows, per_row, 2)
     positions = np.broadcast_to(token % each, ids.shape).astype(np.int32)
-    return TokenBatch(ids, positions, segments, slots)
+    return TokenBatch(ids, positions, segments, {"task_a": slots[..., 0], "task_b": slots[..., 1]})
 
 
 def task_stacked(batch: TokenBatch) -> TokenBatch:

@@ -32,7 +32,17 @@ class TaskConfig:
     label_map: Optional[dict[str, str]] = None  # raw value -> label name (e.g. fresh -> positive)
     drop_labels: tuple[str, ...] = ()  # raw values deliberately left out (reported, not silent)
     weight: float = 1.0  # loss weight
-    type: str = "classification"  # the task type (mtl_jax.tasks.REGISTRY)
+    type: str = "classification"  # the task type (mtl_jax.tasks.REGISTRY; docs/task-types.md)
+    metric: Optional[str] = None  # classification: the primary metric (accuracy, macro_f1, f1, mcc)
+    text_columns: Optional[tuple[str, ...]] = None  # pair types and retrieval: the two texts (query, positive)
+    negative_column: Optional[str] = None  # retrieval: a hard negative per row (optional)
+    encoding: str = "bi"  # pair types: bi (two embeddings) | cross (one sequence: [CLS] a [SEP] b [SEP])
+    loss: Optional[str] = None  # similarity (bi): cosent (default) | mse
+    score_range: Optional[tuple[float, float]] = None  # similarity: the scores' range (default: train's min, max)
+    tokens_column: str = "tokens"  # tagging: a list of words per row
+    format: Optional[str] = None  # tagging: conll (token first, tag last, blank line between sentences)
+    label_separator: Optional[str] = None  # multilabel: a text label is split on this (default: a list)
+    threshold: float = 0.5  # multilabel: a label is predicted when its probability reaches this
 
 
 @dataclass(frozen=True)
@@ -301,12 +311,24 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
     if missing:
         raise MtlError(f"{where}: task is missing {', '.join(missing)}")
     d = dict(d)
-    for key in ("labels", "drop_labels"):
+    for key in ("labels", "drop_labels", "text_columns"):
         if d.get(key) is not None:
             d[key] = tuple(str(x) for x in d[key])
+    if d.get("score_range") is not None:
+        d["score_range"] = _number_pair(d["score_range"], f"{where}: score_range")
     if d.get("label_map") is not None:
         d["label_map"] = {str(k): str(v) for k, v in d["label_map"].items()}
     return TaskConfig(**d)
+
+
+def _number_pair(value, where: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in value)
+    except (TypeError, ValueError):
+        raise MtlError(f"{where}: expected [low, high], got {value!r}") from None
+    if not lo < hi:
+        raise MtlError(f"{where}: low {lo} must be below high {hi}")
+    return lo, hi
 
 
 # A config file may group options by concern: a section's keys are the options' names, or their

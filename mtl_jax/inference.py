@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtl_jax.data.packing import MAX_SEGMENTS, packed_calls
+from mtl_jax.data.packing import MAX_SEGMENTS, packed_calls, unit_length
 from mtl_jax.data.text import TextTokenizer, check_texts
 from mtl_jax.errors import MtlError
 from mtl_jax.model.multitask import MultiTaskModel, l2_normalize
@@ -125,28 +125,43 @@ class SentenceEncoder:
         if not texts and empty is not None:
             return empty
         ids, _ = self._tokenizer(texts, max_length)
+        return self.map_units(fn, ids, batch_size, progress, empty)
+
+    def map_units(self, fn, units: Sequence, batch_size: int = 64, progress=None, empty=None, per_token=()):
+        """``fn(ids, positions, segments)`` over encoded examples (``units``: token ids, or a tuple of
+        an example's segments' ids), packed several to a row: per output its rows at each example's
+        first slot, in input order; an output named in ``per_token`` (``[R, P, ...]``) gives each example
+        its tokens' rows instead."""
+        if not units and empty is not None:
+            return empty
         if progress is None:
-            progress = sys.stderr.isatty() and len(texts) >= 10 * batch_size
-        out = None
-        pending = []
+            progress = sys.stderr.isatty() and len(units) >= 10 * batch_size
+        out: dict = {}
 
         def collect(call, result):
-            nonlocal out
-            result = jax.tree.map(lambda r: np.asarray(r).reshape((-1,) + r.shape[2:]), result)
-            if out is None:
-                out = jax.tree.map(lambda r: np.zeros((len(texts),) + r.shape[1:], r.dtype), result)
-            slots = np.flatnonzero(call.index >= 0)
-            jax.tree.map(lambda o, r: o.__setitem__(call.index[slots], r[slots]), out, result)
+            for name, r in result.items() if isinstance(result, dict) else [(None, result)]:
+                r = np.asarray(r)
+                if name in per_token:
+                    store = out.setdefault(name, np.empty(len(units), object))
+                    for slot in np.flatnonzero(call.first):
+                        row, at = call.tokens_of(slot)
+                        i = call.index[slot]
+                        store[i] = r[row, at : at + unit_length(units[i])]
+                    continue
+                r = r.reshape((-1,) + r.shape[2:])
+                store = out.setdefault(name, np.zeros((len(units),) + r.shape[1:], r.dtype))
+                store[call.index[call.first]] = r[call.first]
 
-        with tqdm(total=len(texts), unit="sent", disable=not progress, desc="encode") as bar:
-            for call in packed_calls(ids, batch_size, self._tokenizer.pad_id):
+        pending = []
+        with tqdm(total=len(units), unit="sent", disable=not progress, desc="encode") as bar:
+            for call in packed_calls(units, batch_size, self._tokenizer.pad_id):
                 pending.append((call, fn(call.ids, call.positions, call.segments)))
                 if len(pending) > 2:  # keep the device busy while the host packs the next call
                     collect(*pending.pop(0))
-                bar.update(call.sentences)
+                bar.update(int(call.first.sum()))
             for item in pending:
                 collect(*item)
-        return out
+        return out[None] if None in out else out
 
 
 def load_encoder(
@@ -158,65 +173,97 @@ def load_encoder(
 
 
 class Predictor:
-    """A trained multi-task model: ``predict()`` per task labels and probabilities, ``encode()`` embeddings."""
+    """A trained multi-task model: ``predict()`` each task's output, ``encode()`` embeddings.
+
+    An input is a sentence (the single-sentence types, tagging: its words split on whitespace,
+    retrieval: the query's embedding) or a pair ``(a, b)`` (the pair types); each call predicts the
+    tasks that take its kind of input.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors.numpy import load_file
-
         meta = verify_export(folder)
         self.folder = Path(folder)
         self.task_objects = tuple(from_export(t) for t in meta["tasks"])
         self.tasks = [(t.name, t.labels) for t in self.task_objects]
         self.encoder = load_encoder(folder)
-        dim = self.encoder.dim
-        raw = load_file(str(self.folder / "heads.safetensors"))
-        heads = {}
-        for task in self.task_objects:
-            name = task.name
-            want = {"kernel": (dim, task.outputs), "bias": (task.outputs,)}
-            heads[name] = {}
-            for k, shape in want.items():
-                arr = raw.get(f"{name}.{k}")
-                if arr is None or tuple(arr.shape) != shape:
-                    got = None if arr is None else tuple(arr.shape)
-                    raise MtlError(f"{self.folder / 'heads.safetensors'}: {name}.{k} has shape {got}, expected {shape}")
-                heads[name][k] = arr
-        self.params = {"encoder": self.encoder.params, "heads": jax.tree.map(jax.numpy.asarray, heads)}
         self.model = MultiTaskModel(
-            self.encoder.config, tasks=tuple((t.name, t.outputs) for t in self.task_objects), pooling=meta["pooling"]
+            self.encoder.config, tasks=tuple(t.head_spec() for t in self.task_objects), pooling=meta["pooling"]
         )
+        self.params = {"encoder": self.encoder.params, "heads": self._load_heads()}
 
         @jax.jit
         def probs(params, ids, positions, segments):
-            def run(model: MultiTaskModel):
-                return model.classify(model.embed_packed(ids, positions, segments, MAX_SEGMENTS))
-
-            logits = self.model.apply({"params": params}, method=run)
-            return {t.name: t.probabilities(logits[t.name]) for t in self.task_objects}
+            out = self.model.apply({"params": params}, ids, positions, segments, MAX_SEGMENTS, method="classify_packed")
+            return {t.name: t.probabilities(out[t.name]) for t in self.task_objects}
 
         self._probs = probs
+
+    def _load_heads(self) -> dict:
+        """heads.safetensors, each array checked against the shape the model's heads have."""
+        from safetensors.numpy import load_file
+
+        path = self.folder / "heads.safetensors"
+        raw = load_file(str(path))
+        ids = np.zeros((1, 4), np.int32)
+        shapes = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), ids, ids)["params"].get("heads", {})
+        heads = {}
+        for name, leaves in shapes.items():
+            for k, want in leaves.items():
+                arr = raw.get(f"{name}.{k}")
+                if arr is None or tuple(arr.shape) != tuple(want.shape):
+                    got = None if arr is None else tuple(arr.shape)
+                    raise MtlError(f"{path}: {name}.{k} has shape {got}, expected {tuple(want.shape)}")
+                heads.setdefault(name, {})[k] = jax.numpy.asarray(arr)
+        return heads
 
     def encode(self, sentences, **kw) -> np.ndarray:
         return self.encoder.encode(sentences, **kw)
 
-    def predict_proba(self, sentences, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
-        """Per task ``[N, C]`` class probabilities (each task's :meth:`~mtl_jax.tasks.Task.probabilities`), rows in input order."""
-        empty = {t.name: np.zeros((0, t.outputs), np.float32) for t in self.task_objects}
-        out = self.encoder.map_packed(
-            functools.partial(self._probs, self.params),
-            sentences,
-            batch_size=batch_size,
-            progress=progress,
-            empty=empty,
-        )
-        return {name: out[name] for name, _ in self.tasks}
+    def tasks_for(self, inputs: Sequence) -> tuple:
+        """The tasks that take inputs of this kind (sentences or pairs)."""
+        if not inputs:
+            return tuple(t for t in self.task_objects if t.accepts("x"))
+        chosen = tuple(t for t in self.task_objects if all(t.accepts(x) for x in inputs))
+        if not chosen:
+            kinds = "pairs" if isinstance(inputs[0], (tuple, list)) else "sentences"
+            raise MtlError(
+                f"no task of this model takes {kinds} (tasks: {', '.join(t.name for t in self.task_objects)})"
+            )
+        return chosen
 
-    def predict(self, sentences, batch_size: int = 64, progress: bool | None = None) -> list[dict]:
-        """Per input, each task's output (:meth:`~mtl_jax.tasks.Task.output`; classification: a
-        ``Prediction`` with the label and the class probabilities)."""
-        probs = self.predict_proba(sentences, batch_size=batch_size, progress=progress)
-        n = len(next(iter(probs.values()))) if probs else 0
-        return [{t.name: t.output(probs[t.name][i]) for t in self.task_objects} for i in range(n)]
+    def predict_proba(self, inputs, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
+        """Per task its :meth:`~mtl_jax.tasks.Task.probabilities` per input (tagging: per word), in input
+        order, for the tasks that take these inputs (see :meth:`tasks_for`)."""
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        if batch_size < 1:
+            raise MtlError(f"batch_size must be positive, got {batch_size}")
+        out: dict[str, np.ndarray] = {}
+        groups: dict[str, list] = {}
+        for t in self.tasks_for(inputs):
+            groups.setdefault(t.input_kind, []).append(t)
+        for tasks in groups.values():
+            encoded = self.encoder.tokenizer.encode_examples(
+                [tasks[0].input_text(x) for x in inputs], self.encoder.spec.max_length
+            )
+            per_token = {t.name for t in tasks if t.token_level}
+            fn = functools.partial(self._probs, self.params)
+            res = self.encoder.map_units(fn, encoded.ids, batch_size, progress, per_token=per_token) if inputs else {}
+            for t in tasks:
+                if t.name not in res:
+                    out[t.name] = np.zeros((0, t.outputs), np.float32)
+                elif t.token_level:  # each word's first sub-token
+                    out[t.name] = [p[starts[starts >= 0]] for p, starts in zip(res[t.name], encoded.word_starts)]
+                else:
+                    out[t.name] = res[t.name]
+        return out
+
+    def predict(self, inputs, batch_size: int = 64, progress: bool | None = None) -> list[dict]:
+        """Per input, the output of each task that takes it (:meth:`~mtl_jax.tasks.Task.output`;
+        classification: a ``Prediction`` with the label and the class probabilities)."""
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        probs = self.predict_proba(inputs, batch_size=batch_size, progress=progress)
+        tasks = [t for t in self.task_objects if t.name in probs]
+        return [{t.name: t.output(probs[t.name][i]) for t in tasks} for i in range(len(inputs))]
 
 
 def load(path: str | Path) -> Predictor:

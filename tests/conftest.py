@@ -132,11 +132,11 @@ def assert_export_reproduces_test_metrics(run: Path):
     test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
     predictor = load(run / "export")
     probs = predictor.predict_proba(test.texts, batch_size=5)
-    for ti, (name, _labels) in enumerate(predictor.tasks):
-        has = test.labels[:, ti] >= 0
-        acc = float((probs[name][has].argmax(1) == test.labels[has, ti]).mean())
+    for name, _labels in predictor.tasks:
+        has = test.labels[name] >= 0
+        acc = float((probs[name][has].argmax(1) == test.labels[name][has]).mean())
         assert acc == pytest.approx(summary["test"][name]["accuracy"], abs=1e-9)
-        nll = float(-np.log(probs[name][has, test.labels[has, ti]]).mean())
+        nll = float(-np.log(probs[name][has, test.labels[name][has]]).mean())
         assert nll == pytest.approx(summary["test"][name]["loss"], rel=1e-5, abs=0)
     return predictor
 
@@ -178,6 +178,11 @@ def write_tiny_bert(dst: Path, seed: int = 0, config: dict | None = None) -> tup
     (dst / "config.json").write_text(json.dumps(config))
     copy_tokenizer(dst)
     return config, params
+
+
+def by_task(labels: np.ndarray, names=("task_a", "task_b")) -> dict:
+    """Label columns ``[N, T]`` as the per-task label arrays batches carry."""
+    return {name: labels[:, i] for i, name in enumerate(names)}
 
 
 def optim(total_steps: int = 100, **options):

@@ -14,6 +14,7 @@ from mtl_jax.config import DEFAULT_TASKS, TaskConfig
 from mtl_jax.data.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
 from mtl_jax.data.load import BadRows, load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
+from tests.conftest import by_task
 
 
 def _write(path: Path, content: str | bytes) -> Path:
@@ -60,8 +61,8 @@ def test_embedded_default_data_counts_and_splits():
     assert data.labels == {"task_a": ("Democratic", "Moderator", "Republican"), "task_b": ("negative", "positive")}
     sizes = {s: len(e) for s, e in data.splits.items()}
     assert sum(sizes.values()) == 1122 + 12808
-    a = data.splits["train"].labels[:, 0]
-    b = data.splits["train"].labels[:, 1]
+    a = data.splits["train"].labels["task_a"]
+    b = data.splits["train"].labels["task_b"]
     assert (a >= 0).sum() == 898 and (b >= 0).sum() == 10248
     assert not ((a >= 0) & (b >= 0)).any()  # each example carries one task's label
     again = load_tasks(DEFAULT_TASKS, seed=0)
@@ -72,9 +73,9 @@ def test_embedded_default_data_counts_and_splits():
     # to test (so within floor/ceil of its share), for both default tasks and two seeds
     counts = {"task_a": (348, 320, 454), "task_b": (5405, 7403)}
     for split_data in (data, other):
-        for t, (name, per_class) in enumerate(counts.items()):
+        for name, per_class in counts.items():
             for split in ("validation", "test"):
-                y = split_data.splits[split].labels[:, t]
+                y = split_data.splits[split].labels[name]
                 got = np.bincount(y[y >= 0], minlength=len(per_class))
                 assert got.tolist() == [int(round(n * 0.1)) for n in per_class], (name, split, got)
 
@@ -91,7 +92,7 @@ def test_explicit_labels_map_and_shared_file(tmp_path):
     data = load_tasks(tasks)
     assert data.labels == {"one": ("b", "a"), "two": ("U", "V")}
     train = data.splits["train"]
-    assert (train.labels >= 0).all()  # one file, both labels per row
+    assert all((y >= 0).all() for y in train.labels.values())  # one file, both labels per row
     assert sum(len(e) for e in data.splits.values()) == 60
 
 
@@ -137,7 +138,7 @@ def test_many_bad_rows_are_listed_up_to_a_limit(tmp_path):
         ("a.csv", "txt,label\nx,y\n", r"a\.csv:1: no column 'text' \(columns: txt, label\)"),
         ("a.csv", "text,label\n", r"task t has no training examples"),
         ("a.csv", "text,label\n" + "".join(f"s{i},same\n" for i in range(20)), r"needs at least two classes"),
-        ("a.parquet", "x", r"unknown format"),
+        ("a.xlsx", "x", r"unknown format"),
     ],
 )
 def test_file_level_errors(tmp_path, name, content, message):
@@ -252,7 +253,9 @@ def test_task_plan_puts_every_task_in_every_step():
     labels = np.full((n, 2), -1, np.int32)
     labels[:40, 0] = rng.integers(0, 3, 40)  # a small task and a large one
     labels[40:, 1] = rng.integers(0, 2, n - 40)
-    data = Tokenized([np.arange(k, dtype=np.int32) for k in lengths], labels, (labels[:, 0] < 0).astype(np.int32), 0)
+    data = Tokenized(
+        [np.arange(k, dtype=np.int32) for k in lengths], by_task(labels), (labels[:, 0] < 0).astype(np.int32), 0
+    )
     plan = task_plan(data, 16, seed=0, epoch=0)
     assert len(plan) == math.ceil(n / 16)
     for step in plan:
@@ -266,7 +269,7 @@ def test_task_plan_puts_every_task_in_every_step():
     pipeline = InputPipeline({"train": data}, 0, 128, 16, 16, seed=0, task_stacked=True)
     batch = pipeline.train_batch(plan[0])
     rows, length = pipeline.grids[max(pipeline.grids)].rows, max(pipeline.grids)
-    assert batch.ids.shape[1] == 2 and batch.labels.shape[1:] == (2, MAX_SEGMENTS, 2)
+    assert batch.ids.shape[1] == 2 and batch.labels["task_a"].shape[1:] == (2, MAX_SEGMENTS)
     assert batch.ids.shape in {(g.rows, 2, g.length) for g in pipeline.grids.values()}
     assert len(pipeline.grids) <= 2 and rows <= 8 and length == 128
     with pytest.raises(MtlError, match="smaller than the number of tasks"):

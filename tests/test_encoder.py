@@ -106,8 +106,8 @@ def test_every_product_of_a_whole_float32_train_step_contracts_one_axis(tiny_ber
     ids = np.full((rows, length), 1000, np.int32)
     segments = np.repeat([[1] * 8 + [2] * 8], rows, axis=0).astype(np.int32)
     positions = np.tile(np.arange(8, dtype=np.int32), (rows, 2))
-    labels = np.full((rows, 16, 2), -1, np.int32)
-    labels[:, 0, 0], labels[:, 1, 1] = 1, 0
+    labels = {"a": np.full((rows, 16), -1, np.int32), "b": np.full((rows, 16), -1, np.int32)}
+    labels["a"][:, 0], labels["b"][:, 1] = 1, 0
     batch = TokenBatch(ids, positions, segments, labels)
     spec = StepSpec(model, optax.adamw(1e-3))
     state = TrainState.create(params, spec.tx.init(params))

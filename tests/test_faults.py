@@ -50,7 +50,7 @@ def test_non_finite_step_leaves_state_unchanged(tiny_bert):
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     before = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
     ids = np.full((2, 8), 2000, np.int32)
-    batch = single_rows(ids, np.ones_like(ids), np.asarray([[0], [1]], np.int32))
+    batch = single_rows(ids, np.ones_like(ids), {"a": np.asarray([0, 1], np.int32)})
     for i in range(2):
         state, m = step(state, batch, jax.random.PRNGKey(0))
         assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1

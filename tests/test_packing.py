@@ -19,6 +19,7 @@ from mtl_jax.model.encoder import Encoder, keep_mask
 from mtl_jax.model.multitask import MultiTaskModel, init_params
 from mtl_jax.training.steps import TrainState, make_loss_fn, make_train_step
 from mtl_jax.training.weighting import make
+from tests.conftest import by_task
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
@@ -137,7 +138,7 @@ def _labelled(rng, n: int, long: int = 0) -> Tokenized:
     labels[rng.random(n) < 0.4, 0] = -1
     labels[labels[:, 0] >= 0, 1] = np.where(rng.random(int((labels[:, 0] >= 0).sum())) < 0.5, -1, 1)
     ids = [np.full(k, i + 1, np.int32) for i, k in enumerate(lengths)]
-    return Tokenized(ids, labels, (labels[:, 0] < 0).astype(np.int32), 0)
+    return Tokenized(ids, by_task(labels), (labels[:, 0] < 0).astype(np.int32), 0)
 
 
 def _examples_in(arrays: dict, data: Tokenized) -> list[int]:
@@ -148,12 +149,13 @@ def _examples_in(arrays: dict, data: Tokenized) -> list[int]:
         for s in range(MAX_SEGMENTS):
             where = segments[r] == s + 1
             if not where.any():
-                assert (labels[r, s] == -1).all()
+                assert all((y[r, s] == -1).all() for y in labels.values())
                 continue
             i = int(ids[r][where][0]) - 1
             np.testing.assert_array_equal(ids[r][where], data.ids[i])
             np.testing.assert_array_equal(positions[r][where], np.arange(len(data.ids[i])))
-            np.testing.assert_array_equal(labels[r, s], data.labels[i])
+            for name, y in labels.items():
+                np.testing.assert_array_equal(y[r, s], data.labels[name][i])
             found.append(i)
     assert (ids[segments == 0] == 0).all()
     return found
@@ -183,9 +185,9 @@ def test_evaluation_batches_hold_every_example_once():
     data = _labelled(rng, 300, long=5)
     pipeline = InputPipeline({"test": data}, 0, 256, 32, 32, seed=0)
     seen = []
-    for slot, arrays in pipeline.eval_batches(data):
+    for call, arrays in pipeline.eval_batches(data):
         found = _examples_in(arrays, data)
-        assert sorted(found) == sorted(slot[slot >= 0].tolist())
+        assert sorted(found) == sorted(call.index[call.index >= 0].tolist())
         seen += found
     assert sorted(seen) == list(range(300))
 
@@ -228,5 +230,5 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
             state = TrainState.create(jax.tree.map(jnp.array, params), optax.sgd(0.5).init(params))
             state, m = step(state, batch, jax.random.PRNGKey(1))
             after.append(state.params)
-            assert int(m["tasks"]["task_a"]["count"]) == int((data.labels[:, 0] >= 0).sum())
+            assert int(m["tasks"]["task_a"]["count"]) == int((data.labels["task_a"] >= 0).sum())
         chex.assert_trees_all_close(after[0], after[1], atol=1e-5)

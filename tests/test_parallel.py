@@ -39,7 +39,7 @@ for i in range(3):
     labels = np.stack([rng.integers(0, 3, 8), rng.integers(0, 2, 8)], 1).astype(np.int32)
     labels[:4, 1] = -1
     ids = rng.integers(1000, 30000, (8, 16)).astype(np.int32)
-    batches.append(single_rows(ids, np.ones_like(ids), labels))
+    batches.append(single_rows(ids, np.ones_like(ids), dict(a=labels[:, 0], b=labels[:, 1])))
 
 def train(devices, fsdp=False):
     mesh = make_mesh(devices)

@@ -36,9 +36,11 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
     import jax.numpy as jnp
 
     from mtl_jax.model.multitask import Heads
+    from mtl_jax.tasks.base import Features
 
+    zeros = jnp.zeros((1, 1, 32))
     init = Heads((("topic", 3), ("sentiment", 2))).init(
-        jax.random.fold_in(jax.random.PRNGKey(0), 1), jnp.zeros((1, 32))
+        jax.random.fold_in(jax.random.PRNGKey(0), 1), Features(zeros, zeros, None)
     )
     for task in ("topic", "sentiment"):
         assert np.abs(a[f"{task}.kernel"] - np.asarray(init["params"][task]["kernel"])).max() > 1e-2

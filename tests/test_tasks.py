@@ -33,9 +33,9 @@ class Flag(Task):
     def outputs(self):
         return 1
 
-    def loss_sums(self, logits, y):
+    def loss_sums(self, logits, y):  # logits [R, S, 1], y [R, S]: one per slot
         valid = y >= 0
-        z = logits[:, 0].astype(jnp.float32)
+        z = logits[..., 0].astype(jnp.float32)
         bce = jnp.maximum(z, 0) - z * jnp.maximum(y, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
         return {
             "loss_sum": jnp.sum(jnp.where(valid, bce, 0.0)),
@@ -44,7 +44,7 @@ class Flag(Task):
         }
 
     def predict(self, logits):
-        return (logits[:, 0] > 0).astype(jnp.int32)
+        return (logits[..., 0] > 0).astype(jnp.int32)
 
     def probabilities(self, logits):
         return jax.nn.sigmoid(logits)

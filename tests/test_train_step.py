@@ -30,7 +30,7 @@ from mtl_jax.training.freezing import (
 from mtl_jax.training.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.training.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
 from mtl_jax.training.weighting import make, mean_losses
-from tests.conftest import dot_products, optim
+from tests.conftest import by_task, dot_products, optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
 
@@ -52,7 +52,7 @@ def _batch(seed=0, B=8, L=16, labels=None):
         labels = np.stack([rng.integers(0, 3, B), rng.integers(0, 2, B)], axis=1).astype(np.int32)
         labels[: B // 2, 1] = -1  # first half: task_a examples only
         labels[B // 2 :, 0] = -1  # second half: task_b examples only
-    return single_rows(ids, mask, labels)
+    return single_rows(ids, mask, by_task(labels))
 
 
 def _state(model, params, frozen, lr=1e-2):
@@ -153,7 +153,7 @@ def test_masked_loss_matches_numpy():
         "a": jnp.asarray([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]),
         "b": jnp.asarray([[0.3, -0.3], [1.0, 2.0], [0.0, 0.0]]),
     }
-    labels = jnp.asarray([[0, -1], [2, 1], [-1, -1]])
+    labels = by_task(jnp.asarray([[0, -1], [2, 1], [-1, -1]]), ("a", "b"))
     per = task_losses(logits, labels, of_heads((("a", 3), ("b", 2))))
 
     def ce(row, y):
@@ -167,7 +167,8 @@ def test_masked_loss_matches_numpy():
     np.testing.assert_array_equal(present, [1, 1])
     assert int(per["a"]["count"]) == 2 and int(per["a"]["correct"]) == 2
     # a batch with no labels for a task adds exactly 0, never NaN
-    means, present = mean_losses(task_losses(logits, jnp.full((3, 2), -1), of_heads((("a", 3), ("b", 2)))), ["a", "b"])
+    none = by_task(jnp.full((3, 2), -1), ("a", "b"))
+    means, present = mean_losses(task_losses(logits, none, of_heads((("a", 3), ("b", 2)))), ["a", "b"])
     np.testing.assert_array_equal(means, [0.0, 0.0])
     np.testing.assert_array_equal(present, [0.0, 0.0])
 
@@ -215,7 +216,7 @@ def test_evaluate_counts_every_example_once(setup):
     ]
     labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], axis=1).astype(np.int32)
     labels[:10, 1] = -1
-    data = Tokenized(ids, labels, np.zeros(n, np.int32), 0)
+    data = Tokenized(ids, by_task(labels), np.zeros(n, np.int32), 0)
     pipeline = InputPipeline({"test": data}, pad_id=0, max_length=64, batch_size=8, eval_batch_size=8, seed=0)
     res = evaluate(make_eval_step(model), params, pipeline, data, of_heads(model.tasks))
     assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
@@ -288,8 +289,8 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
     batch = _batch(3, B=16)
     if w.every_task:  # two task sub-batches of 8 rows: arrays [8, 2, ...]
         batch = jax.tree.map(lambda v: np.stack([v[:8], v[8:]], axis=1), batch)
-        batch.labels[:, 0, :, 1] = batch.labels[:, 1, :, 0] = -1
-        batch.labels[::3, 0] = -1  # uneven labelled rows per micro-batch
+        batch.labels["task_b"][:, 0] = batch.labels["task_a"][:, 1] = -1
+        batch.labels["task_a"][::3, 0] = -1  # uneven labelled rows per micro-batch
     results = []
     for k in (1, 4):
         # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)

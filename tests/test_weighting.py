@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtl_jax.tasks import of_heads
 from mtl_jax.training.steps import own_task_labels, per_task_grads
 from mtl_jax.training.weighting import cosine_matrix, make, mean_losses, pcgrad, uncertainty_terms
 
@@ -82,25 +83,29 @@ class Features:
     """A batch of feature vectors (the steps' batches are such dataclasses: labels and arrays)."""
 
     x: jax.Array
-    labels: jax.Array
+    labels: dict
 
 
 def test_per_task_grads_are_each_tasks_gradient_on_its_own_rows():
     w = {"w": jnp.array([0.3, -0.2])}
     x = jnp.array([[[1.0, 2.0], [0.5, 0.5]], [[-1.0, 1.0], [2.0, 0.0]]])  # [rows=2, T=2, 2]
-    labels = jnp.array([[[1, 0], [1, 1]], [[0, 1], [0, 0]]])  # [rows, T, T]; only column t counts in sub-batch t
+    # per task [rows, T]: only sub-batch t's labels of task t count there
+    labels = {"a": jnp.array([[1, 1], [0, 0]]), "b": jnp.array([[0, 1], [1, 0]])}
+    tasks = of_heads((("a", 2), ("b", 2)))
 
     def loss_fn(params, batch, key):  # a per-task mean of (w.x - label)^2 over the rows labelled for that task
         pred = batch.x @ params["w"]
         per = []
-        for t in range(2):
-            y = batch.labels[:, t]
+        for name in ("a", "b"):
+            y = batch.labels[name]
             per.append(jnp.sum(jnp.where(y >= 0, (pred - y) ** 2, 0.0)) / jnp.maximum(jnp.sum(y >= 0), 1))
         return per[0] + per[1], None
 
-    (losses, _), grads = per_task_grads(loss_fn, w, Features(x, labels), None)
+    (losses, _), grads = per_task_grads(loss_fn, w, Features(x, labels), None, tasks)
     for t in range(2):
-        sub = Features(x[:, t], own_task_labels(labels[:, t], t))
+        own = own_task_labels({k: v[:, t] for k, v in labels.items()}, t, tasks)
+        assert all((own[k] == -1).all() for k in ("a", "b")[:t] + ("a", "b")[t + 1 :])
+        sub = Features(x[:, t], own)
         want_loss, want_grad = jax.value_and_grad(lambda p: loss_fn(p, sub, None)[0])(w)
         np.testing.assert_allclose(losses[t], want_loss, rtol=1e-6)
         np.testing.assert_allclose(grads["w"][t], want_grad["w"], rtol=1e-6)

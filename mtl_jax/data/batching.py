@@ -9,8 +9,9 @@ A training step's examples are packed several to a row (``mtl_jax.data.packing``
 grid ``[rows, length]``: ``length`` is one of two row lengths (``packing.row_lengths``: the
 short one unless the step holds a longer example) and ``rows`` the most any planned step of
 the run needs at that length, so a phase compiles two step shapes at most. A packed batch
-is ``ids``, ``positions``, ``segments`` ``[R, P]`` and ``labels`` ``[R, S, T]`` (slot ``s`` of
-row ``r``: the row's ``s``-th sentence; ``-1`` where a slot is empty or the task unlabelled).
+is ``ids``, ``positions``, ``segments`` ``[R, P]`` and per task its ``labels`` ``[R, S, ...]`` (slot
+``s`` of row ``r``: the row's ``s``-th segment; an example's label sits at its first segment's slot,
+and the task's "no label" everywhere else) or, for a token-level task (tagging), ``[R, P]``.
 """
 
 from __future__ import annotations
@@ -34,31 +35,38 @@ from mtl_jax.data.packing import (
     packed_calls,
     round_up,
     row_lengths,
+    unit_length,
+    unit_segments,
 )
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
+from mtl_jax.tasks.base import has_label, no_label_like
 
 
 @flax.struct.dataclass
 class TokenBatch:
-    """Packed rows of tokens (see :mod:`mtl_jax.data.packing`) and their slots' labels. Task-stacked
-    (every task in each step): each array has a task axis after the rows (``[R, T, ...]``)."""
+    """Packed rows of tokens (see :mod:`mtl_jax.data.packing`) and their labels. Task-stacked (every
+    task in each step): each array has a task axis after the rows (``[R, T, ...]``)."""
 
     ids: np.ndarray  # [R, P] int32 token ids
     positions: np.ndarray  # [R, P] each token's position in its own sentence
     segments: np.ndarray  # [R, P] the sentence (1..S) a token belongs to; 0: padding
-    labels: np.ndarray  # [R, S, T] slot s of row r: its sentence's label per task (-1: none)
+    labels: dict  # task -> [R, S, ...] per slot (its "no label" where none), or [R, P] per token
+    num_segments: int = flax.struct.field(pytree_node=False, default=MAX_SEGMENTS)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape that a compiled step is specialised to."""
         return tuple(self.ids.shape)
 
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
     def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
-        """``{task: [R * S, C]}``: every slot through the encoder and the heads."""
-        num_segments = self.labels.shape[-2]
+        """``{task: [R, S, ...] or [R, P, ...]}``: every slot through the encoder and the heads."""
         return model.apply(
-            variables, self.ids, self.positions, self.segments, num_segments, deterministic=deterministic,
+            variables, self.ids, self.positions, self.segments, self.num_segments, deterministic=deterministic,
             encoder_deterministic=encoder_deterministic, rngs=rngs, method="classify_packed",
         )  # fmt: skip
 
@@ -67,15 +75,19 @@ class TokenBatch:
 class EmbeddingBatch:
     """Cached pooled embeddings of a frozen encoder, one per slot, and their labels."""
 
-    embeddings: np.ndarray  # [R * S, D] float32 (zeros in an empty slot)
-    labels: np.ndarray  # [R * S, T]
+    embeddings: np.ndarray  # [R, S, D] float32 (zeros in an empty slot)
+    labels: dict  # task -> [R, S, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.embeddings.shape)
 
+    @property
+    def rows(self) -> int:
+        return self.embeddings.shape[0]
+
     def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
-        """``{task: [R * S, C]}``: the heads alone."""
+        """``{task: [R, S, ...]}``: the heads alone."""
         return model.apply(variables, self.embeddings, deterministic=deterministic, rngs=rngs, method="classify")
 
 
@@ -84,23 +96,45 @@ Batch = TokenBatch | EmbeddingBatch
 
 @dataclass
 class Tokenized:
-    ids: list[np.ndarray]
-    labels: np.ndarray  # [N, T]
+    ids: list  # per example: token ids (an array, or a tuple of arrays: its segments)
+    labels: dict[str, np.ndarray]  # task -> [N, ...]; a token-level task: [N] object, ids per token (-1: none)
     source: np.ndarray  # [N]
     truncated: int
-    embeddings: np.ndarray | None = None  # [N, D] cached pooled embeddings of a frozen encoder
+    embeddings: np.ndarray | None = None  # [N, segments, D] cached pooled embeddings of a frozen encoder
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(s) for s in self.ids), np.int64, len(self.ids))
+        return np.fromiter((unit_length(s) for s in self.ids), np.int64, len(self.ids))
+
+    @functools.cached_property
+    def widest(self) -> int:
+        """The most segments an example has."""
+        return max((len(unit_segments(s)) for s in self.ids), default=1)
 
 
 def tokenize(examples: Examples, tokenizer: TextTokenizer, max_length: int) -> Tokenized:
-    ids, truncated = tokenizer(examples.texts, max_length)
-    return Tokenized(ids, examples.labels, examples.source, int(truncated.sum()))
+    """Token ids of every example; per-word tags (an object label array) become per-token labels
+    on each word's first sub-token."""
+    encoded = tokenizer.encode_examples(examples.texts, max_length)
+    labels = {}
+    for name, y in examples.labels.items():
+        labels[name] = y if y.dtype != object else _token_labels(y, encoded)
+    return Tokenized(encoded.ids, labels, examples.source, int(encoded.truncated.sum()))
+
+
+def _token_labels(tags: np.ndarray, encoded) -> np.ndarray:
+    out = np.empty(len(tags), object)
+    for i, (words, ids, starts) in enumerate(zip(tags, encoded.ids, encoded.word_starts)):
+        if words is None:
+            continue
+        y = np.full(len(ids), -1, np.int32)
+        kept = starts >= 0
+        y[starts[kept]] = np.asarray(words)[kept]
+        out[i] = y
+    return out
 
 
 def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0) -> np.ndarray:
@@ -132,50 +166,81 @@ class Grid:
     length: int
 
 
-def pack_examples(data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int) -> tuple[Batch, np.ndarray]:
-    """Examples ``idx`` packed into ``grid``: ``(batch, example index per slot [R * S], -1 = empty)``.
+def pack_examples(data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int) -> tuple[Batch, PackedCall]:
+    """Examples ``idx`` packed into ``grid``: the batch and its layout (``index``: the example each
+    slot holds, ``-1``: empty).
 
-    With cached embeddings an :class:`EmbeddingBatch`: each example's embedding in the slot its
+    With cached embeddings an :class:`EmbeddingBatch`: each segment's embedding in the slot its
     tokens would have, so the heads see the same rows (and dropout masks) as in a forward pass
     through the encoder.
     """
     idx = np.asarray(idx)
-    rows = pack_rows(data.lengths[idx], (grid.length,))
+    rows = pack_rows(data.lengths[idx], (grid.length,), widest=data.widest)
     if len(rows) > grid.rows:
         raise ValueError(f"{len(idx)} examples need {len(rows)} rows of {grid.length} tokens; the grid has {grid.rows}")
     call = fill_rows([data.ids[i] for i in idx], [members for _, members in rows], (grid.rows, grid.length), pad_id)
-    slot = np.where(call.index >= 0, idx[np.maximum(call.index, 0)], -1)
-    labels = slot_labels(data, slot)
+    call.index = np.where(call.index >= 0, idx[np.maximum(call.index, 0)], -1)
+    labels = slot_labels(data, call)
     if data.embeddings is not None:
-        emb = np.where(slot[:, None] >= 0, data.embeddings[np.maximum(slot, 0)], 0.0).astype(np.float32)
-        return EmbeddingBatch(emb, labels), slot
-    return call_arrays(call, labels), slot
+        return EmbeddingBatch(slot_embeddings(data, call), labels), call
+    return call_arrays(call, labels), call
 
 
-def call_arrays(call: PackedCall, labels: np.ndarray) -> TokenBatch:
-    """A packed call as a step's batch, with its slots' ``labels`` ``[R * S, T]`` as ``[R, S, T]``."""
-    return TokenBatch(call.ids, call.positions, call.segments, labels.reshape(call.ids.shape[0], MAX_SEGMENTS, -1))
+def call_arrays(call: PackedCall, labels: dict) -> TokenBatch:
+    """A packed call as a step's batch with its labels (see :func:`slot_labels`)."""
+    return TokenBatch(call.ids, call.positions, call.segments, labels)
 
 
-def slot_labels(data: Tokenized, slot: np.ndarray) -> np.ndarray:
-    """``[len(slot), T]`` int32: the labels of the examples in ``slot`` (-1 for an empty slot)."""
-    return np.where(slot[:, None] >= 0, data.labels[np.maximum(slot, 0)], -1).astype(np.int32)
+def slot_labels(data: Tokenized, call: PackedCall) -> dict[str, np.ndarray]:
+    """Per task the labels of a call's examples: ``[R, S, ...]`` at each example's first slot, or
+    ``[R, P]`` per token (a token-level task); the task's "no label" elsewhere."""
+    rows = len(call.index) // MAX_SEGMENTS
+    first = call.first
+    out = {}
+    for name, y in data.labels.items():
+        if y.dtype == object:
+            out[name] = _token_slot_labels(y, call)
+            continue
+        fill = no_label_like(y.dtype)
+        taken = y[np.maximum(call.index, 0)]
+        mask = first.reshape((-1,) + (1,) * (y.ndim - 1))
+        out[name] = np.where(mask, taken, fill).astype(y.dtype).reshape((rows, MAX_SEGMENTS) + y.shape[1:])
+    return out
 
 
-def embedding_batch(data: Tokenized, idx: np.ndarray, rows: int) -> tuple[EmbeddingBatch, np.ndarray]:
-    """Cached embeddings of examples ``idx`` for evaluation, padded to ``rows``: ``(batch, example
-    index per row, -1 = padding)``."""
-    slot = np.full(rows, -1, np.int64)
-    slot[: len(idx)] = idx
-    emb = np.zeros((rows, data.embeddings.shape[1]), np.float32)
-    emb[: len(idx)] = data.embeddings[idx]
-    return EmbeddingBatch(emb, slot_labels(data, slot)), slot
+def _token_slot_labels(y: np.ndarray, call: PackedCall) -> np.ndarray:
+    """``[R, P]`` int32: the per-token labels of the examples in a call, where their tokens are."""
+    out = np.full(call.segments.shape, -1, np.int32)
+    for slot in np.flatnonzero(call.first):
+        labels = y[call.index[slot]]
+        if labels is not None:
+            r, at = call.tokens_of(slot)
+            out[r, at : at + len(labels)] = labels
+    return out
 
 
-def single_rows(ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> TokenBatch:
-    """A padded batch (one sentence per row, ``ids``/``mask`` ``[B, L]``, ``labels`` ``[B, T]``) as a packed one."""
+def slot_embeddings(data: Tokenized, call: PackedCall) -> np.ndarray:
+    """``[R, S, D]`` float32: the cached embedding of each slot's segment (zeros in an empty slot)."""
+    full = call.index >= 0
+    emb = np.where(full[:, None], data.embeddings[np.maximum(call.index, 0), call.part], 0.0).astype(np.float32)
+    return emb.reshape(-1, MAX_SEGMENTS, emb.shape[-1])
+
+
+def embedding_batch(data: Tokenized, idx: np.ndarray, rows: int) -> tuple[EmbeddingBatch, PackedCall]:
+    """Cached embeddings of examples ``idx`` for evaluation in ``rows`` rows of slots (an example's
+    segments in consecutive slots of one row): the batch and its layout."""
+    per_row = MAX_SEGMENTS // data.widest
+    units = [tuple(seg[:0] for seg in unit_segments(data.ids[i])) for i in idx]  # no tokens: only the slots matter
+    members = [list(range(start, min(start + per_row, len(idx)))) for start in range(0, len(idx), per_row)]
+    call = fill_rows(units, members, (rows, 1), 0)
+    call.index = np.where(call.index >= 0, np.asarray(idx)[np.maximum(call.index, 0)], -1)
+    return EmbeddingBatch(slot_embeddings(data, call), slot_labels(data, call)), call
+
+
+def single_rows(ids: np.ndarray, mask: np.ndarray, labels: dict) -> TokenBatch:
+    """A padded batch (one sentence per row, ``ids``/``mask`` ``[B, L]``, per task ``labels`` ``[B]``) as a packed one."""
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-    return TokenBatch(ids, positions, mask, labels[:, None])
+    return TokenBatch(ids, positions, mask, {k: v[:, None] for k, v in labels.items()}, num_segments=1)
 
 
 def step_length(data: Tokenized, parts: Sequence[np.ndarray]) -> int:
@@ -192,14 +257,14 @@ def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_m
         for step in plan:
             parts = step if task_stacked else [step]
             length = step_length(data, parts)
-            rows = max(len(pack_rows(lengths[p], (length,))) for p in parts)
+            rows = max(len(pack_rows(lengths[p], (length,), widest=data.widest)) for p in parts)
             need[length] = max(need.get(length, 0), rows)
     return {n: Grid(round_up(r, row_multiple), n) for n, r in need.items()}
 
 
 def task_members(data: Tokenized) -> list[np.ndarray]:
     """Per task, the examples that carry its label."""
-    return [np.flatnonzero(data.labels[:, t] >= 0) for t in range(data.labels.shape[1])]
+    return [np.flatnonzero(has_label(y)) for y in data.labels.values()]
 
 
 def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[np.ndarray]]:
@@ -332,7 +397,7 @@ class InputPipeline:
 
     @property
     def num_tasks(self) -> int:
-        return self.train.labels.shape[1]
+        return len(self.train.labels)
 
     @property
     def devices(self) -> int:
@@ -368,15 +433,18 @@ class InputPipeline:
         return self._place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
 
     def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, Batch]]:
-        """``(example index per slot, -1 = empty; batch)`` covering every example of ``data`` once."""
+        """``(layout, batch)`` covering every example of ``data`` once (``layout.index``: the example each
+        slot holds, -1 = empty; see :class:`~mtl_jax.data.packing.PackedCall`)."""
         if data.embeddings is not None:
-            for start in range(0, len(data), self.eval_batch_size):
-                idx = np.arange(start, min(start + self.eval_batch_size, len(data)))
-                arrays, slot = embedding_batch(data, idx, self.eval_batch_size)
-                yield slot, self._place(arrays)
+            per_row = MAX_SEGMENTS // data.widest
+            rows = round_up(-(-self.eval_batch_size // per_row), self.devices)
+            for start in range(0, len(data), rows * per_row):
+                idx = np.arange(start, min(start + rows * per_row, len(data)))
+                arrays, call = embedding_batch(data, idx, rows)
+                yield call, self._place(arrays)
             return
         for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
-            yield call.index, self._place(call_arrays(call, slot_labels(data, call.index)))
+            yield call, self._place(call_arrays(call, slot_labels(data, call)))
 
     def _place(self, batch: Batch) -> Batch:
         if self.mesh is None:

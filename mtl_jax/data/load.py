@@ -1,4 +1,5 @@
-"""Data: readers (csv / tsv / jsonl, optionally .gz / .bz2, and the embedded corpora),
+"""Data: readers (csv / tsv / jsonl, optionally .gz / .bz2, and the embedded corpora; Parquet and
+``datasets`` folders in ``mtl_jax.data.columnar``, CoNLL in ``mtl_jax.data.conll``),
 validation with ``file:line: reason`` errors, label vocabularies and seeded stratified
 splits. (Tokens, sampling and batches: ``mtl_jax.data.batching``.)
 
@@ -25,8 +26,11 @@ import numpy as np
 
 from mtl_jax.config import TaskConfig
 from mtl_jax.data.assets import embedded_data_file
+from mtl_jax.data.columnar import read_datasets_folder, read_parquet
+from mtl_jax.data.conll import read_conll
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks import Task, build
+from mtl_jax.tasks.base import DROP, BadText, has_label
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -64,34 +68,53 @@ def _read_text(path: Path) -> str:
 
 
 def _format(path: Path) -> str:
+    if path.is_dir():
+        return "datasets"
     name = path.name.lower()
     for ext in (".gz", ".bz2"):
         name = name.removesuffix(ext)
-    for fmt in ("csv", "tsv", "jsonl"):
+    for fmt in ("csv", "tsv", "jsonl", "parquet", "conll"):
         if name.endswith("." + fmt):
             return fmt
     if name.endswith(".json") or name.endswith(".ndjson"):
         return "jsonl"
-    raise MtlError(f"{path}: unknown format (use .csv, .tsv or .jsonl, optionally .gz/.bz2)")
+    raise MtlError(
+        f"{path}: unknown format (use .csv, .tsv, .jsonl (optionally .gz/.bz2), .parquet, .conll, or a datasets folder)"
+    )
 
 
-def read_rows(path: Path, columns: Sequence[str]) -> list[Row]:
-    """Every record of a csv / tsv / jsonl file, with the line it starts on.
+# Each format's reader: (path, columns in the order the task names them) -> rows.
+READERS = {
+    "csv": lambda path, columns: _delimited_rows(path, _read_text(path), columns, ","),
+    "tsv": lambda path, columns: _delimited_rows(path, _read_text(path), columns, "\t"),
+    "jsonl": lambda path, columns: _jsonl_rows(path, _read_text(path), columns),
+    "conll": lambda path, columns: read_conll(path, columns, _read_text(path)),
+    "parquet": read_parquet,
+    "datasets": read_datasets_folder,
+}
+
+
+def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None) -> list[Row]:
+    """Every record of a file (or ``datasets`` folder) with the line (row) it starts on; ``fmt``
+    (default: from the name) picks the reader in :data:`READERS`.
 
     Missing columns are a file-level error; malformed records come back with ``problem`` set.
     """
-    fmt = _format(path)
-    text = _read_text(path)
-    if fmt == "jsonl":
-        return _jsonl_rows(path, text, columns)
-    return _delimited_rows(path, text, columns, "\t" if fmt == "tsv" else ",")
+    fmt = fmt or _format(path)
+    if fmt not in READERS:
+        raise MtlError(f"{path}: unknown format {fmt!r} (known: {', '.join(READERS)})")
+    if not path.exists():
+        raise MtlError(f"{path}: file not found")
+    return READERS[fmt](path, columns)
 
 
-def _json_field(value) -> str | None:
+def _json_field(value) -> str | tuple | None:
     """A JSON value as the text a column holds: a number as written in a CSV (``1.0`` is ``1``),
-    NaN and null as a missing value."""
+    NaN and null as a missing value, a list as a tuple of such texts (tokens, tags, label sets)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, list):
+        return tuple(_json_field(v) for v in value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -157,25 +180,26 @@ def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: st
 
 @dataclass
 class Examples:
-    """Texts with one label column per task (``-1``: no label) and the file each came from."""
+    """Texts (a string, or a kind of :mod:`mtl_jax.data.text`), each task's labels (its "no label"
+    where unlabelled), and the file each example came from."""
 
-    texts: list[str]
-    labels: np.ndarray  # [N, T] int32
+    texts: list
+    labels: dict[str, np.ndarray]  # task -> [N, *label_shape] (tagging: [N] object, per-word tag ids)
     source: np.ndarray  # [N] int32 index into TaskData.sources
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def take(self, idx: np.ndarray) -> Examples:
-        return Examples([self.texts[i] for i in idx], self.labels[idx], self.source[idx])
+        return Examples([self.texts[i] for i in idx], {k: v[idx] for k, v in self.labels.items()}, self.source[idx])
 
     @staticmethod
-    def concat(parts: Sequence[Examples], num_tasks: int) -> Examples:
+    def concat(parts: Sequence[Examples], tasks: Sequence[Task]) -> Examples:
         if not parts:
-            return Examples([], np.zeros((0, num_tasks), np.int32), np.zeros((0,), np.int32))
+            return Examples([], {t.name: t.empty_labels(0) for t in tasks}, np.zeros((0,), np.int32))
         return Examples(
             [t for p in parts for t in p.texts],
-            np.concatenate([p.labels for p in parts]),
+            {t.name: np.concatenate([p.labels[t.name] for p in parts]) for t in tasks},
             np.concatenate([p.source for p in parts]),
         )
 
@@ -235,54 +259,42 @@ class Problems:
             self.listed.append(f"{where}: {detail}")
 
 
-DROP = "<drop>"  # a raw label of drop_labels: the row is left out for that task
-
-
 @dataclass
 class FileRows:
     """The good rows of one file, for the tasks that read it: text, raw label per task, line."""
 
-    texts: list[str]
-    raw: list[list[str]]  # [row][task of the group]: raw label, or DROP
+    texts: list
+    raw: list[list]  # [row][task of the group]: raw label, or DROP
     lines: list[int]
 
 
-def _row_problem(
-    row: Row, text_col: str, raw_labels: list[str | None], label_cols: list[str]
-) -> tuple[Reason, str] | None:
-    text = row.fields.get(text_col)
+def _row_problem(row: Row, text, raw_labels: list, label_cols: list[str]) -> tuple[Reason, str] | None:
     if row.problem is not None:
         return Reason.MALFORMED, row.problem
-    if text is None or not text.strip():
-        return Reason.EMPTY_TEXT, "empty text"
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
-        return Reason.INVALID_UTF8, "invalid UTF-8"
+    if isinstance(text, BadText):
+        return (Reason.INVALID_UTF8 if text == "invalid UTF-8" else Reason.EMPTY_TEXT), str(text)
     if None in raw_labels:
         return Reason.MISSING_LABEL, f"missing label in column {label_cols[raw_labels.index(None)]!r}"
     return None
 
 
 def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: list[str]) -> FileRows:
-    """The rows of one file that the tasks of ``group`` read (they share its text column)."""
-    text_cols = {t.config.text_column for t in group}  # one: the tasks of a group share it
-    (text_col,) = text_cols
+    """The rows of one file that the tasks of ``group`` read (they share its text columns)."""
     label_cols = [t.config.label_column for t in group]
+    columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, sorted(text_cols | {c for t in group for c in t.columns()})):
-        raw_labels: list[str | None] = []
-        for t in group:
-            raw = row.fields.get(t.config.label_column)
-            raw = None if raw is None or raw.strip().lower() in ("", "nan") else raw.strip()  # NaN: a missing label
-            raw_labels.append(DROP if raw is not None and raw in t.config.drop_labels else raw)
+    for row in read_rows(path, columns, group[0].config.format):
+        raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
             continue
-        problem = _row_problem(row, text_col, raw_labels, label_cols)
+        text = group[0].text(row.fields) if row.problem is None else None
+        problem = _row_problem(row, text, raw_labels, label_cols)
         if problem is not None:
             problems.add(f"{path}:{row.line}", *problem)
             continue
-        out.texts.append(row.fields[text_col])
+        out.texts.append(text)
         out.raw.append(raw_labels)
         out.lines.append(row.line)
     notes += [f"{path.name}: left out {n} rows labelled {value!r} (drop_labels)" for value, n in dropped.items()]
@@ -290,12 +302,13 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
 
 
 def _label_ids(
-    path: Path, rows: FileRows, group: list[tuple[int, Task]], num_tasks: int, problems: Problems
-) -> tuple[np.ndarray, np.ndarray]:
-    """``[N, T]`` label ids (-1: none for that task) and which rows to keep (a bad label drops its row)."""
+    path: Path, rows: FileRows, group: list[Task], tasks: Sequence[Task], problems: Problems
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each task's labels (its "no label" for the rows it does not read) and which rows to keep
+    (a bad label drops its row)."""
     keep = np.ones(len(rows.texts), bool)
-    ids = np.full((len(rows.texts), num_tasks), -1, np.int32)
-    for col, (ti, t) in enumerate(group):
+    labels = {t.name: t.empty_labels(len(rows.texts)) for t in tasks}
+    for col, t in enumerate(group):
         for r, raw in enumerate(rows.raw):
             if raw[col] == DROP:
                 continue
@@ -304,8 +317,13 @@ def _label_ids(
                 problems.add(f"{path}:{rows.lines[r]}", Reason.UNKNOWN_LABEL, label)
                 keep[r] = False
                 continue
-            ids[r, ti] = label
-    return ids, keep
+            reason = t.check_row(rows.texts[r], label)
+            if reason is not None:
+                problems.add(f"{path}:{rows.lines[r]}", Reason.MALFORMED, reason)
+                keep[r] = False
+                continue
+            labels[t.name][r] = label
+    return labels, keep
 
 
 def _split_indices(labels: np.ndarray, seed: int) -> list[np.ndarray]:
@@ -324,36 +342,39 @@ def _split_indices(labels: np.ndarray, seed: int) -> list[np.ndarray]:
 
 
 def _split_off(
-    splits: dict[str, Examples], tasks: Sequence[TaskConfig], sources: list[tuple[str, str]], seed: int
+    splits: dict[str, Examples], tasks: Sequence[Task], sources: list[tuple], seed: int
 ) -> dict[str, Examples]:
     """Seeded stratified validation / test splits for tasks without their own files (``sources``:
-    the (file, text column) each example came from)."""
-    T = len(tasks)
-    for src_i, (spec, column) in enumerate(sources):
-        owner = [ti for ti, t in enumerate(tasks) if t.train == spec and t.text_column == column]
+    the (file, text) each example came from)."""
+    for src_i, (spec, key) in enumerate(sources):
+        owner = [t for t in tasks if t.config.train == spec and text_key(t) == key]
         if not owner:
             continue
-        t0 = tasks[owner[0]]
-        if t0.validation and t0.test:
+        t0 = owner[0]
+        if t0.config.validation and t0.config.test:
             continue
         in_train = np.flatnonzero(splits["train"].source == src_i)
-        strat = splits["train"].labels[in_train, owner[0]]
-        _, va, te = _split_indices(strat, seed)
+        _, va, te = _split_indices(t0.strata(splits["train"].labels[t0.name][in_train]), seed)
         none = np.zeros(0, np.int64)
-        moved = {"validation": none if t0.validation else va, "test": none if t0.test else te}
+        moved = {"validation": none if t0.config.validation else va, "test": none if t0.config.test else te}
         stay = np.setdiff1d(np.arange(len(in_train)), np.concatenate(list(moved.values())))
         rest = np.setdiff1d(np.arange(len(splits["train"])), in_train)
         for s, local in moved.items():
             if len(local):
-                splits[s] = Examples.concat([splits[s], splits["train"].take(in_train[local])], T)
-        splits["train"] = Examples.concat([splits["train"].take(rest), splits["train"].take(in_train[stay])], T)
+                splits[s] = Examples.concat([splits[s], splits["train"].take(in_train[local])], tasks)
+        splits["train"] = Examples.concat([splits["train"].take(rest), splits["train"].take(in_train[stay])], tasks)
     return splits
 
 
 def _check_train(train: Examples, tasks: Sequence[Task]) -> None:
-    for ti, t in enumerate(tasks):
-        y = train.labels[:, ti]
-        t.check_train(y[y >= 0])
+    for t in tasks:
+        y = train.labels[t.name]
+        t.check_train(y[has_label(y)])
+
+
+def text_key(task: Task) -> tuple:
+    """What makes an example's text: tasks with the same key on one file share its rows."""
+    return (task.text_kind, task.text_columns())
 
 
 def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
@@ -364,35 +385,34 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
     """
     if not tasks:
         raise MtlError("no tasks configured")
-    files: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # (split, file, text column) -> its tasks
+    kinds = [build(t) for t in tasks]  # label names not resolved yet
+    files: dict[tuple, list[int]] = defaultdict(list)  # (split, file, text key) -> its tasks
     for ti, t in enumerate(tasks):
         for split in SPLITS:
             if getattr(t, split):
-                files[(split, getattr(t, split), t.text_column)].append(ti)
+                files[(split, getattr(t, split), text_key(kinds[ti]))].append(ti)
     problems, notes = Problems(skip_bad_rows), []
-    kinds = [build(t) for t in tasks]  # label names not resolved yet
     rows = {
         key: _read_task_file(resolve_path(key[1]), [kinds[ti] for ti in ids], problems, notes)
         for key, ids in files.items()
     }
-    objects = [
-        kinds[ti].with_labels(r[col] for r in rows[("train", t.train, t.text_column)].raw if r[col] != DROP)
-        for ti, t in enumerate(tasks)
-        for col in [files[("train", t.train, t.text_column)].index(ti)]
-    ]
-    sources: list[tuple[str, str]] = []
+    objects = []
+    for ti, t in enumerate(kinds):
+        key = ("train", t.config.train, text_key(t))
+        col = files[key].index(ti)
+        objects.append(t.with_labels(r[col] for r in rows[key].raw if r[col] is not DROP))
+    sources: list[tuple] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
-    for (split, spec, column), task_ids in files.items():
-        file_rows = rows[(split, spec, column)]
-        ids, keep = _label_ids(
-            resolve_path(spec), file_rows, [(ti, objects[ti]) for ti in task_ids], len(tasks), problems
-        )
-        sources.append((spec, column))
+    for (split, spec, key), task_ids in files.items():
+        file_rows = rows[(split, spec, key)]
+        group = [objects[ti] for ti in task_ids]
+        labels, keep = _label_ids(resolve_path(spec), file_rows, group, objects, problems)
+        sources.append((spec, key))
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
-        by_split[split].append(Examples(list(file_rows.texts), ids, source).take(np.flatnonzero(keep)))
+        by_split[split].append(Examples(list(file_rows.texts), labels, source).take(np.flatnonzero(keep)))
     if problems.listed:
         raise BadRows(problems.listed)
     notes += [f"skipped {n} bad rows: {reason}" for reason, n in sorted(problems.skipped.items())]
-    splits = _split_off({s: Examples.concat(by_split[s], len(tasks)) for s in SPLITS}, tasks, sources, seed)
+    splits = _split_off({s: Examples.concat(by_split[s], objects) for s in SPLITS}, objects, sources, seed)
     _check_train(splits["train"], objects)
     return TaskData(tuple(objects), splits, [spec for spec, _ in sources], notes)

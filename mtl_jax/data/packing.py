@@ -37,11 +37,32 @@ class PackedCall:
     ids: np.ndarray  # [R, P] int32 token ids
     positions: np.ndarray  # [R, P] int32 position of each token inside its sentence
     segments: np.ndarray  # [R, P] int32 1..MAX_SEGMENTS: the token's sentence in its row; 0 = padding
-    index: np.ndarray  # [R * MAX_SEGMENTS] the input sentence each pooled slot holds; -1 = none
+    index: np.ndarray  # [R * MAX_SEGMENTS] the input (example) each pooled slot holds; -1 = none
+    part: np.ndarray  # [R * MAX_SEGMENTS] which of its example's segments a slot holds (0: the first)
+    offset: np.ndarray  # [R * MAX_SEGMENTS] the slot's first token in its row
 
     @property
     def sentences(self) -> int:
         return int((self.index >= 0).sum())
+
+    @property
+    def first(self) -> np.ndarray:
+        """``[R * MAX_SEGMENTS]`` bool: the slots that hold an example's first segment (where its label goes)."""
+        return (self.index >= 0) & (self.part == 0)
+
+    def tokens_of(self, slot: int) -> tuple[int, int]:
+        """``(row, first token)`` of the segment in ``slot``."""
+        return slot // MAX_SEGMENTS, int(self.offset[slot])
+
+
+def unit_segments(unit) -> tuple[np.ndarray, ...]:
+    """The segments of one packing unit: an example's token ids (an array, or a tuple of arrays
+    that must share a row, e.g. the two sentences of a pair)."""
+    return unit if isinstance(unit, tuple) else (unit,)
+
+
+def unit_length(unit) -> int:
+    return sum(len(s) for s in unit_segments(unit))
 
 
 def row_lengths(longest: int) -> tuple[int, ...]:
@@ -61,13 +82,13 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 def pack_rows(
-    lengths: Sequence[int], lengths_allowed: Sequence[int], max_segments: int = MAX_SEGMENTS
+    lengths: Sequence[int], lengths_allowed: Sequence[int], max_segments: int = MAX_SEGMENTS, widest: int = 1
 ) -> list[tuple[int, list[int]]]:
-    """``(row length, sentence indices)`` per row, best fit decreasing.
+    """``(row length, unit indices)`` per row, best fit decreasing.
 
-    Longest sentences first; each joins the open row whose free space fits it most tightly,
-    or opens a row of the smallest allowed length that holds it. A row closes when it holds
-    ``max_segments`` sentences.
+    Longest units first; each joins the open row whose free space fits it most tightly, or
+    opens a row of the smallest allowed length that holds it. A row closes when it cannot
+    take another ``widest`` segments (the most segments a unit has) within ``max_segments``.
     """
     longest = lengths_allowed[-1]
     open_at = np.zeros(longest + 1, np.int64)  # open rows by free space
@@ -86,7 +107,7 @@ def pack_rows(
             rows.append((free, []))
         members = rows[r][1]
         members.append(int(i))
-        if len(members) < max_segments:
+        if (len(members) + 1) * widest <= max_segments:  # room for one more unit of any width
             rows_at[free - n].append(r)
             open_at[free - n] += 1
     return rows
@@ -102,30 +123,36 @@ def rows_per_call(length: int, batch_size: int, total_rows: int) -> int:
 
 
 def fill_rows(
-    ids: Sequence[np.ndarray],
+    units: Sequence,
     rows: Sequence[Sequence[int]],
     shape: tuple[int, int],
     pad_id: int,
     max_segments: int = MAX_SEGMENTS,
 ) -> PackedCall:
-    """A ``shape`` = ``[R, P]`` call whose row ``r`` holds the sentences ``rows[r]`` (indices into
-    ``ids``) one after the other; rows past ``len(rows)`` stay empty."""
+    """A ``shape`` = ``[R, P]`` call whose row ``r`` holds the units ``rows[r]`` (indices into
+    ``units``, see :func:`unit_segments`) one segment after the other; rows past ``len(rows)`` stay empty."""
     num_rows, length = shape
+    slots = num_rows * max_segments
     call = PackedCall(
         ids=np.full(shape, pad_id, np.int32),
         positions=np.zeros(shape, np.int32),
         segments=np.zeros(shape, np.int32),
-        index=np.full(num_rows * max_segments, -1, np.int64),
+        index=np.full(slots, -1, np.int64),
+        part=np.zeros(slots, np.int64),
+        offset=np.zeros(slots, np.int64),
     )
     for r, members in enumerate(rows):
-        offset = 0
-        for s, i in enumerate(members):
-            n = len(ids[i])
-            call.ids[r, offset : offset + n] = ids[i]
-            call.positions[r, offset : offset + n] = np.arange(n)
-            call.segments[r, offset : offset + n] = s + 1
-            call.index[r * max_segments + s] = i
-            offset += n
+        offset, s = 0, 0
+        for i in members:
+            for j, seg in enumerate(unit_segments(units[i])):
+                n = len(seg)
+                call.ids[r, offset : offset + n] = seg
+                call.positions[r, offset : offset + n] = np.arange(n)
+                call.segments[r, offset : offset + n] = s + 1
+                slot = r * max_segments + s
+                call.index[slot], call.part[slot], call.offset[slot] = i, j, offset
+                offset += n
+                s += 1
     return call
 
 
@@ -134,17 +161,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def packed_calls(
-    ids: Sequence[np.ndarray], batch_size: int, pad_id: int, row_multiple: int = 1
-) -> Iterator[PackedCall]:
-    """Every sentence exactly once, in calls of packed rows.
+def packed_calls(ids: Sequence, batch_size: int, pad_id: int, row_multiple: int = 1) -> Iterator[PackedCall]:
+    """Every unit (sentence, or an example's segments) exactly once, in calls of packed rows.
 
     Rows of one length go together, ``rows_per_call(...)`` per call (rounded up to a multiple
     of ``row_multiple``: the devices a call is split over); the last call of a length is
     filled up with empty rows, so its shape is the same.
     """
-    longest = max((len(s) for s in ids), default=1)
-    rows = pack_rows([len(s) for s in ids], row_lengths(longest))
+    lengths = [unit_length(u) for u in ids]
+    widest = max((len(unit_segments(u)) for u in ids), default=1)
+    rows = pack_rows(lengths, row_lengths(max(lengths, default=1)), widest=widest)
     by_length: dict[int, list[list[int]]] = {}
     for length, members in rows:
         by_length.setdefault(length, []).append(members)

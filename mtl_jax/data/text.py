@@ -1,5 +1,11 @@
 """Tokenization shared by encoding, training and prediction: unpadded token ids per text
-(``mtl_jax.data.packing`` lays them out in rows)."""
+(``mtl_jax.data.packing`` lays them out in rows).
+
+An example's text is a string (one sentence), or one of the kinds below: :class:`Segments`
+(texts encoded separately, each its own segment of a packed row: a bi-encoder pair),
+:class:`Joined` (texts encoded as one sequence, ``[CLS] a [SEP] b [SEP]``: a cross-encoder pair)
+or :class:`Words` (pre-split words: a tagging example, labelled on each word's first sub-token).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,28 @@ def check_texts(sentences, what: str = "sentences") -> list[str]:
     return out
 
 
+class Segments(tuple):
+    """Texts of one example that are encoded separately (each gets its own embedding)."""
+
+
+class Joined(tuple):
+    """Texts of one example encoded as one sequence: ``[CLS] a [SEP] b [SEP]``."""
+
+
+class Words(tuple):
+    """The words of one example, pre-split (tagging)."""
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (an array, or a tuple of arrays for :class:`Segments`), the token
+    where each word starts (:class:`Words` only, else ``None``) and which examples were cut."""
+
+    ids: list
+    word_starts: list
+    truncated: np.ndarray  # [N] bool
+
+
 @dataclass
 class TextTokenizer:
     """A fast (Rust) tokenizer that returns unpadded id arrays and reports truncation.
@@ -43,9 +71,56 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Token ids per text (special tokens included, at most ``max_length``) and a truncated flag."""
-        texts = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
-        self.backend.enable_truncation(max_length)
-        encodings = self.backend.encode_batch(texts)
+        encodings = self._encode(list(texts), str, max_length)
         ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
         return ids, truncated
+
+    def encode_examples(self, texts: Sequence, max_length: int) -> Encoded:
+        """Every example's token ids, each kind of text (see the module) tokenized as it needs;
+        a segment, a joined pair or a word list is cut at ``max_length`` tokens."""
+        ids: list = [None] * len(texts)
+        starts: list = [None] * len(texts)
+        truncated = np.zeros(len(texts), bool)
+        kinds: dict[type, list[int]] = {}
+        for i, t in enumerate(texts):
+            kinds.setdefault(type(t), []).append(i)
+        for kind, members in kinds.items():
+            if kind is Segments:
+                width = len(texts[members[0]])
+                parts = [self([texts[i][j] for i in members], max_length) for j in range(width)]
+                for k, i in enumerate(members):
+                    ids[i] = tuple(p[0][k] for p in parts)
+                    truncated[i] = any(p[1][k] for p in parts)
+                continue
+            encodings = self._encode([texts[i] for i in members], kind, max_length)
+            for k, i in enumerate(members):
+                e = encodings[k]
+                ids[i] = np.asarray(e.ids, dtype=np.int32)
+                truncated[i] = bool(e.overflowing)
+                if kind is Words:
+                    starts[i], cut = word_starts(e.word_ids, len(texts[i]))
+                    truncated[i] |= cut
+        return Encoded(ids, starts, truncated)
+
+    def _encode(self, texts: list, kind: type, max_length: int):
+        clean = (lambda t: t.strip().lower()) if self.lowercase else str.strip
+        self.backend.enable_truncation(max_length)
+        if kind is Joined:
+            return self.backend.encode_batch([(clean(a), clean(b)) for a, b in texts])
+        if kind is Words:
+            words = [[clean(w) or "-" for w in t] for t in texts]  # an empty word would vanish and shift the tags
+            return self.backend.encode_batch(words, is_pretokenized=True)
+        return self.backend.encode_batch([clean(t) for t in texts])
+
+
+def word_starts(word_ids: Sequence[int | None], words: int) -> tuple[np.ndarray, bool]:
+    """The token where each word starts (its first sub-token) and whether words were cut off;
+    a word past the truncation has no token."""
+    starts = np.full(words, -1, np.int64)
+    previous = None
+    for position, w in enumerate(word_ids):
+        if w is not None and w != previous:
+            starts[w] = position
+        previous = w
+    return starts, bool((starts < 0).any())

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from mtl_jax.model.encoder import ATTENTION, Encoder
 from mtl_jax.model.lora import add_adapters
 from mtl_jax.model.pretrained import POOLING_MODES
+from mtl_jax.tasks.base import Features, as_head
 
 
 def segment_members(segments: jax.Array, num_segments: int) -> jax.Array:
@@ -42,17 +43,23 @@ def pool_segments(hidden: jax.Array, segments: jax.Array, mode: str, num_segment
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    """``x`` at unit length along its last axis; an all-zero ``x`` (an empty slot) stays zero, with a
+    finite gradient (the norm's own gradient at zero is NaN)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 class Heads(nn.Module):
-    """One ``nn.Dense(num_classes)`` per task, named after the task."""
+    """Each task's head, named after the task: what it is (a Dense layer over the pooled embedding,
+    over a pair's features, over token states, or no parameters at all) is its type's
+    :meth:`~mtl_jax.tasks.Task.head`."""
 
-    tasks: tuple[tuple[str, int], ...]  # (name, number of classes)
+    tasks: tuple  # HeadSpec, or (name, number of classes) for classification
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        return {name: nn.Dense(n, name=name)(x) for name, n in self.tasks}
+    def __call__(self, features: Features) -> dict[str, jax.Array]:
+        from mtl_jax.tasks import REGISTRY
+
+        return {h.name: REGISTRY[h.type].head(h, features) for h in map(as_head, self.tasks)}
 
 
 class MultiTaskModel(nn.Module):
@@ -64,7 +71,7 @@ class MultiTaskModel(nn.Module):
     """
 
     config: Any  # transformers.DistilBertConfig
-    tasks: tuple[tuple[str, int], ...] = (("task_a", 3), ("task_b", 2))
+    tasks: tuple = (("task_a", 3), ("task_b", 2))  # HeadSpec per task (a (name, classes) pair: classification)
     pooling: str = "mean"
     head_dropout: float = 0.1
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
@@ -80,17 +87,32 @@ class MultiTaskModel(nn.Module):
             self.dropout = nn.Dropout(self.head_dropout)
             self.heads = Heads(self.tasks)
 
-    def embed_packed(self, ids, positions, segments, num_segments: int, deterministic: bool = True) -> jax.Array:
-        """Sentence embeddings ``[R, S, D]`` float32 of rows holding up to S sentences (see ``mtl_jax.model.encoder``).
+    @property
+    def token_heads(self) -> bool:
+        return any(as_head(h).tokens for h in self.tasks)
 
-        ``cls`` takes each sentence's first token, whose state alone the last layer computes.
+    def encode_packed(self, ids, positions, segments, num_segments: int, deterministic: bool, tokens: bool = False):
+        """``(pooled [R, S, D] float32, token states [R, P, D] or None)`` of rows holding up to S
+        sentences (see ``mtl_jax.model.encoder``); the token states only when ``tokens``.
+
+        ``cls`` takes each sentence's first token, whose state alone the last layer computes
+        (unless the token states are wanted).
         """
-        if self.pooling == "cls":
+        if self.pooling == "cls" and not tokens:
             first = (positions == 0)[..., None] & segment_members(segments, num_segments)  # [R, P, S]
             queries = jnp.argmax(first, axis=1)  # a sentence's first token; 0 for an empty slot (never read)
-            return self.encoder(ids, positions, segments, deterministic, queries).astype(jnp.float32)
+            return self.encoder(ids, positions, segments, deterministic, queries).astype(jnp.float32), None
         hidden = self.encoder(ids, positions, segments, deterministic)
-        return pool_segments(hidden, segments, self.pooling, num_segments)
+        if self.pooling == "cls":
+            first = jnp.argmax((positions == 0)[..., None] & segment_members(segments, num_segments), axis=1)
+            pooled = jnp.take_along_axis(hidden, first[..., None], axis=1).astype(jnp.float32)
+        else:
+            pooled = pool_segments(hidden, segments, self.pooling, num_segments)
+        return pooled, (hidden if tokens else None)
+
+    def embed_packed(self, ids, positions, segments, num_segments: int, deterministic: bool = True) -> jax.Array:
+        """Sentence embeddings ``[R, S, D]`` float32 of packed rows (see :meth:`encode_packed`)."""
+        return self.encode_packed(ids, positions, segments, num_segments, deterministic)[0]
 
     def embed(self, input_ids, attention_mask, deterministic: bool = True) -> jax.Array:
         """Pooled sentence embedding [B, D] float32: one sentence per row, padded at the end."""
@@ -100,26 +122,30 @@ class MultiTaskModel(nn.Module):
     def classify_packed(
         self, ids, positions, segments, num_segments: int, deterministic: bool = True, encoder_deterministic=None
     ) -> dict[str, jax.Array]:
-        """{task: logits [R * S, C_task]}: every slot of packed rows (see ``embed_packed``); empty slots
-        give finite logits nobody reads. ``encoder_deterministic`` as in ``__call__``."""
+        """{task: outputs [R, S, ...] per slot, or [R, P, ...] per token}: packed rows (see
+        ``encode_packed``); empty slots give finite outputs nobody reads. ``encoder_deterministic`` as in ``__call__``."""
         enc_det = deterministic if encoder_deterministic is None else encoder_deterministic
-        pooled = self.embed_packed(ids, positions, segments, num_segments, enc_det)
-        return self.classify(pooled.reshape(-1, pooled.shape[-1]), deterministic)
+        pooled, hidden = self.encode_packed(ids, positions, segments, num_segments, enc_det, self.token_heads)
+        return self.classify(pooled, deterministic, hidden)
 
-    def classify(self, pooled: jax.Array, deterministic: bool = True) -> dict[str, jax.Array]:
-        """{task: logits [B, C_task]} float32 from pooled embeddings."""
-        return self.heads(self.dropout(pooled, deterministic=deterministic))
+    def classify(self, pooled: jax.Array, deterministic: bool = True, hidden=None) -> dict[str, jax.Array]:
+        """{task: outputs} float32 from pooled embeddings ``[R, S, D]`` (and token states ``[R, P, D]``)."""
+        dropped = self.dropout(pooled, deterministic=deterministic)
+        tokens = None if hidden is None else self.dropout(hidden.astype(jnp.float32), deterministic=deterministic)
+        return self.heads(Features(pooled, dropped, tokens))
 
     def __call__(
         self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None
     ):
-        """``(logits, pooled)``; ``encoder_deterministic`` turns the encoder's dropout off on its own
-        (a frozen encoder runs as a fixed feature extractor)."""
+        """``(logits, pooled)`` of one sentence per row: per task ``[B, ...]``; ``encoder_deterministic``
+        turns the encoder's dropout off on its own (a frozen encoder runs as a fixed feature extractor)."""
         enc_det = deterministic if encoder_deterministic is None else encoder_deterministic
-        pooled = self.embed(input_ids, attention_mask, enc_det)
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        pooled, hidden = self.encode_packed(input_ids, positions, attention_mask, 1, enc_det, self.token_heads)
         if not self.tasks:
-            return {}, pooled
-        return self.classify(pooled, deterministic), pooled
+            return {}, pooled[:, 0]
+        out = self.classify(pooled, deterministic, hidden)
+        return {h.name: out[h.name] if h.tokens else out[h.name][:, 0] for h in map(as_head, self.tasks)}, pooled[:, 0]
 
 
 def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_length: int = 16) -> dict:
@@ -128,8 +154,9 @@ def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_lengt
     shapes = jax.eval_shape(model.init, rng, ids, ids)["params"]
     params = {"encoder": add_adapters(encoder_params, shapes["encoder"], jax.random.fold_in(rng, 7))}
     if "heads" in shapes:
-        heads = Heads(model.tasks)
-        params["heads"] = jax.jit(heads.init)(rng, jnp.zeros((1, model.config.dim), jnp.float32))["params"]
+        zeros = jnp.zeros((1, 1, model.config.dim), jnp.float32)
+        features = Features(zeros, zeros, zeros if model.token_heads else None)
+        params["heads"] = jax.jit(Heads(model.tasks).init)(rng, features).get("params", {})
     same_shape = jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)
     if not all(jax.tree.leaves(same_shape)):
         raise ValueError("encoder parameters do not match the model's config")

@@ -91,7 +91,7 @@ def _write_outputs(run, summary: dict, best_params, records: list[dict], out, na
             out / "export",
             spec,
             merge_adapters(best_params["encoder"], lora_of(run.model.config)),
-            best_params["heads"],
+            best_params.get("heads", {}),
             run.encoder.hf_tokenizer,
             run.data.tasks,
             run.model.pooling,

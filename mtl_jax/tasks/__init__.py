@@ -1,7 +1,15 @@
 """Task types: what each kind of task reads, how its head is trained and scored, and what it
 predicts. ``REGISTRY`` maps a task's ``type`` to its class (see :mod:`mtl_jax.tasks.base`)."""
 
-from mtl_jax.tasks import classification  # noqa: F401  (registers its type)
+from mtl_jax.tasks import (  # noqa: F401  (each registers its type)
+    classification,
+    multilabel,
+    pair,
+    regression,
+    retrieval,
+    similarity,
+    tagging,
+)
 from mtl_jax.tasks.base import REGISTRY, Task, build, from_export, of_heads, register
 
 __all__ = ["REGISTRY", "Task", "build", "from_export", "of_heads", "register"]

@@ -13,17 +13,64 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.config import TaskConfig
 from mtl_jax.errors import MtlError
 from mtl_jax.registry import registrar
 
+DROP = "<drop>"  # a raw label of drop_labels: the row is left out for that task
 REGISTRY: dict[str, type[Task]] = {}
 register = registrar(REGISTRY, "type")  # @register("name"): the task type ``type: name`` of the config file
+
+
+class HeadSpec(NamedTuple):
+    """What the model needs to know of a task to build and run its head (hashable, for the Flax module)."""
+
+    name: str
+    outputs: int
+    type: str = "classification"
+    options: tuple = ()  # (key, value) pairs of the task's settings its head reads
+    tokens: bool = False  # the head reads token states (a token-level task)
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+
+class Features(NamedTuple):
+    """What a head reads: pooled embeddings per slot and, when a head needs them, token states."""
+
+    pooled: jax.Array  # [R, S, D] float32: slot s of row r, the s-th segment of the row
+    dropped: jax.Array  # [R, S, D] the same after the head dropout (training)
+    tokens: jax.Array | None  # [R, P, D] token states after the head dropout (token-level heads)
+
+
+def dense_head(spec: HeadSpec, x: jax.Array) -> jax.Array:
+    """``nn.Dense(spec.outputs)`` named after the task over the last axis of ``x`` ``[..., D]``, as one
+    2-D product (rows flattened: one contracted axis in the forward and the backward pass)."""
+    import flax.linen as nn
+
+    y = nn.Dense(spec.outputs, name=spec.name)(x.reshape(-1, x.shape[-1]))
+    return y.reshape(x.shape[:-1] + (spec.outputs,))
+
+
+def next_slot(x: jax.Array, k: int = 1) -> jax.Array:
+    """``x`` ``[R, S, ...]`` moved ``k`` slots to the left along S (zeros at the end): an example's
+    segments sit in consecutive slots of one row, so its k-th segment is ``next_slot(x, k)`` at its first slot."""
+    pad = jnp.zeros_like(x[:, :k])
+    return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def no_label_like(dtype) -> Any:
+    """The "no label" value of a label array: -1 for integers, NaN for floats, None for per-word tags."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "O":
+        return None
+    return np.nan if np.issubdtype(dtype, np.floating) else -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +80,14 @@ class Task:
     type: ClassVar[str] = ""
     primary: ClassVar[str] = ""  # the metric that picks the best model (higher is better)
     record_keys: ClassVar[tuple[str, ...]] = ()  # the metrics of an evaluation record in metrics.jsonl
+    segments: ClassVar[int] = 1  # texts per example encoded separately (consecutive slots of one row)
+    token_level: ClassVar[bool] = False  # a label per token (its outputs and labels are [R, P, ...])
+    label_dtype: ClassVar[Any] = np.int32  # the dtype of its label array (object: per-word tags)
+    label_shape: ClassVar[tuple[int, ...]] = ()  # one example's label shape
+    train_accuracy: ClassVar[bool] = True  # the train records show the "correct" count as accuracy
     config: TaskConfig
     labels: tuple[str, ...] = ()  # the label names (resolved from the training data when not configured)
+    stats: tuple[float, ...] = ()  # numbers resolved from the training data (regression: mean, std)
 
     @property
     def name(self) -> str:
@@ -42,22 +95,78 @@ class Task:
 
     # ---- data
 
+    def text_columns(self) -> tuple[str, ...]:
+        """The columns that make an example's text (see :meth:`text`)."""
+        return (self.config.text_column,)
+
     def columns(self) -> tuple[str, ...]:
-        """The columns a file of this task must have besides the text column."""
+        """The columns a file of this task must have besides the text columns."""
         return (self.config.label_column,)
 
-    def with_labels(self, raw_train_labels: Iterable[str]) -> Task:
+    def text(self, fields: dict) -> Any:
+        """An example's text from its row's fields: a string here (one sentence; see
+        :mod:`mtl_jax.data.text` for the other kinds), or :class:`BadText` with the reason."""
+        return check_text(fields.get(self.config.text_column), self.config.text_column)
+
+    @property
+    def text_kind(self) -> str:
+        """What :meth:`text` makes of a row (tasks of one file with the same kind and columns share rows)."""
+        return "sentence"
+
+    # ---- prediction inputs
+
+    @property
+    def input_kind(self) -> str:
+        """What :meth:`input_text` makes of an input (tasks of one kind share a forward pass)."""
+        return self.text_kind
+
+    def accepts(self, value) -> bool:
+        """Whether ``predict`` gives this task's output for ``value`` (here: a sentence)."""
+        return isinstance(value, str)
+
+    def input_text(self, value) -> Any:
+        """An input of ``predict`` as the text an example of this task has."""
+        return value
+
+    def raw_label(self, fields: dict) -> Any:
+        """A row's raw label: None when missing (empty, NaN), :data:`DROP` for a ``drop_labels`` value."""
+        value = fields.get(self.config.label_column)
+        if isinstance(value, tuple):
+            return value
+        value = None if value is None or value.strip().lower() in ("", "nan") else value.strip()
+        return DROP if value is not None and value in self.config.drop_labels else value
+
+    def check_batch(self, examples_per_step: int) -> None:
+        """Refuse a batch size the task cannot train with (retrieval: two pairs at least)."""
+
+    def check_row(self, text, label) -> str | None:
+        """Why a row's text and label do not go together (tagging: as many tags as words), or None."""
+        return None
+
+    def with_labels(self, raw_train_labels: Iterable) -> Task:
         """This task with its label names resolved from the raw labels of its training file."""
         return self
 
-    def label_id(self, raw: str) -> int | str:
-        """The id of a raw label, or the reason it is not one (a string)."""
+    def label_id(self, raw) -> Any:
+        """The label of a raw value (its id, a number, an array), or the reason it is not one (a string)."""
         raise NotImplementedError
 
-    def check_train(self, ids: np.ndarray) -> None:
-        """Refuse training labels ``ids`` (this task's labelled rows) the task cannot learn from."""
-        if len(ids) == 0:
+    @property
+    def no_label(self) -> Any:
+        return no_label_like(self.label_dtype)
+
+    def empty_labels(self, n: int) -> np.ndarray:
+        """``n`` rows of "no label"."""
+        return np.full((n,) + self.label_shape, self.no_label, self.label_dtype)
+
+    def check_train(self, y: np.ndarray) -> None:
+        """Refuse training labels ``y`` (this task's labelled rows) the task cannot learn from."""
+        if len(y) == 0:
             raise MtlError(f"{self.config.train}: task {self.name} has no training examples")
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        """Integer groups the validation / test split keeps in proportion (``y``: all rows of the file)."""
+        return np.zeros(len(y), np.int64)
 
     # ---- head, loss and predictions (inside the jitted steps)
 
@@ -66,16 +175,38 @@ class Task:
         """The size of the task's head."""
         raise NotImplementedError
 
-    def loss_sums(self, logits: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        """``{"loss_sum", "correct", "count"}`` over the rows with a label (``y >= 0``)."""
+    def head_spec(self) -> HeadSpec:
+        return HeadSpec(self.name, self.outputs, self.type, self.head_options(), self.token_level)
+
+    def head_options(self) -> tuple:
+        return ()
+
+    @staticmethod
+    def head(spec: HeadSpec, features: Features) -> jax.Array:
+        """The head's outputs, built inside the model (a Flax compact context): here a Dense layer over
+        each slot's pooled embedding, ``[R, S, outputs]``."""
+        return dense_head(spec, features.dropped)
+
+    def present(self, y: jax.Array) -> jax.Array:
+        """Which rows (slots, tokens) of a label array ``[..., *label_shape]`` carry a label."""
+        xp = np if isinstance(y, np.ndarray) else jnp
+        first = y.reshape(y.shape[: y.ndim - len(self.label_shape)] + (-1,))[..., 0]
+        return ~xp.isnan(first) if xp.issubdtype(first.dtype, xp.floating) else first >= 0
+
+    def count(self, y: jax.Array) -> jax.Array:
+        """How many labelled rows ``y`` holds: the denominator of the task's mean loss."""
+        return jnp.sum(self.present(y))
+
+    def loss_sums(self, outputs: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """``{"loss_sum", "correct", "count"}`` over the rows that carry a label (see :meth:`present`)."""
         raise NotImplementedError
 
-    def predict(self, logits: jax.Array) -> jax.Array:
-        """What evaluation compares with the labels, per row."""
+    def predict(self, outputs: jax.Array) -> jax.Array:
+        """What evaluation compares with the labels, per slot (per token)."""
         raise NotImplementedError
 
-    def probabilities(self, logits: jax.Array) -> jax.Array:
-        """What ``Predictor.predict_proba`` returns per row."""
+    def probabilities(self, outputs: jax.Array) -> jax.Array:
+        """What ``Predictor.predict_proba`` returns per slot."""
         raise NotImplementedError
 
     # ---- metrics and outputs (on the host)
@@ -106,7 +237,30 @@ class Task:
 
     def export_meta(self) -> dict:
         """What the export's metadata keeps of the task, to rebuild it with :func:`from_export`."""
-        return {"name": self.name, "type": self.type, "labels": list(self.labels)}
+        return {"name": self.name, "type": self.type, "labels": list(self.labels), "stats": list(self.stats)} | {
+            k: v for k, v in dataclasses.asdict(self.config).items() if k in EXPORTED and v is not None
+        }
+
+
+def has_label(y: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: which examples of a host label array ``[N, ...]`` carry a label (see :func:`no_label_like`)."""
+    if y.dtype == object:
+        return np.fromiter((v is not None for v in y), bool, len(y))
+    first = y[(slice(None),) + (0,) * (y.ndim - 1)]  # an example's first label entry
+    return ~np.isnan(first) if np.issubdtype(first.dtype, np.floating) else first >= 0
+
+
+class BadText(str):
+    """Why a row has no usable text (a reason, not a text)."""
+
+
+def check_text(text: str | None, column: str) -> str:
+    """``text``, or :class:`BadText` when it is empty or not valid UTF-8."""
+    if text is None or not str(text).strip():
+        return BadText(f"empty text in column {column!r}")
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        return BadText("invalid UTF-8")
+    return text
 
 
 def build(config: TaskConfig, labels=None) -> Task:
@@ -117,13 +271,23 @@ def build(config: TaskConfig, labels=None) -> Task:
     return REGISTRY[config.type](config, tuple((config.labels or ()) if labels is None else labels))
 
 
+EXPORTED = ("metric", "encoding", "loss", "threshold", "text_columns", "negative_column", "tokens_column")
+
+
 def from_export(meta: dict) -> Task:
     """A task of an exported model, from :meth:`Task.export_meta`."""
-    config = TaskConfig(name=meta["name"], train="", type=meta.get("type", "classification"))
-    return build(config, meta.get("labels", ()))
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in EXPORTED}
+    config = TaskConfig(name=meta["name"], train="", type=meta.get("type", "classification"), **settings)
+    return dataclasses.replace(build(config, meta.get("labels", ())), stats=tuple(meta.get("stats", ())))
+
+
+def as_head(head) -> HeadSpec:
+    """A :class:`HeadSpec`; a plain ``(name, classes)`` pair is a classification head."""
+    return head if isinstance(head, HeadSpec) else HeadSpec(*head)
 
 
 def of_heads(heads) -> tuple[Task, ...]:
-    """Classification tasks for a model's ``(name, classes)`` heads, labels named ``0, 1, ...``: what
-    the steps assume when no task objects are given (tests, benchmarks)."""
-    return tuple(build(TaskConfig(name, ""), map(str, range(n))) for name, n in heads)
+    """Tasks for a model's heads (:class:`HeadSpec` or ``(name, classes)``), labels named ``0, 1, ...``:
+    what the steps assume when no task objects are given (tests, benchmarks)."""
+    specs = [as_head(h) for h in heads]
+    return tuple(build(TaskConfig(h.name, "", type=h.type), map(str, range(h.outputs))) for h in specs)

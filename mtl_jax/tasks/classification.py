@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,21 @@ class Prediction:
 @register("classification")
 @dataclasses.dataclass(frozen=True)
 class Classification(Task):
-    primary = "macro_f1"
-    record_keys = ("loss", "accuracy", "macro_f1", "examples")
+    metrics_named: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "f1", "mcc")
+
+    def __post_init__(self):
+        if self.config.metric not in (None,) + self.metrics_named:
+            known = ", ".join(self.metrics_named)
+            raise MtlError(f"task {self.name}: unknown metric {self.config.metric!r} (classification: {known})")
+
+    @property
+    def primary(self) -> str:
+        return self.config.metric or "macro_f1"
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        extra = () if self.primary in ("accuracy", "macro_f1") else (self.primary,)
+        return ("loss", "accuracy", "macro_f1") + extra + ("examples",)
 
     def with_labels(self, raw_train_labels: Iterable[str]) -> Classification:
         """Configured ``labels``, else the sorted (mapped) values of the training file."""
@@ -38,7 +52,9 @@ class Classification(Task):
         mapping = self.config.label_map or {}
         return dataclasses.replace(self, labels=tuple(sorted({mapping.get(r, r) for r in raw_train_labels})))
 
-    def label_id(self, raw: str) -> int | str:
+    def label_id(self, raw) -> int | str:
+        if not isinstance(raw, str):
+            return f"expected one label, got {raw!r}"
         label = (self.config.label_map or {}).get(raw, raw)
         if label not in self.labels:
             return f"label {raw!r} not in the labels of task {self.name} ({', '.join(self.labels)})"
@@ -52,11 +68,15 @@ class Classification(Task):
                 f"{self.config.train}: task {self.name} needs at least two classes in its training data, found {present}"
             )
 
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        return y.astype(np.int64)
+
     @property
     def outputs(self) -> int:
         return len(self.labels)
 
     def loss_sums(self, logits, y):
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)  # one row per slot
         valid = y >= 0
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, C]
         nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
@@ -76,7 +96,8 @@ class Classification(Task):
         return classification_report(y_true, y_pred, self.labels)
 
     def describe(self, result: dict) -> str:
-        return f"acc {result['accuracy']:.3f} F1 {result['macro_f1']:.3f}"
+        extra = "" if self.primary in ("accuracy", "macro_f1") else f" {self.primary} {self.score(result):.3f}"
+        return f"acc {result['accuracy']:.3f} F1 {result['macro_f1']:.3f}{extra}"
 
     def report_lines(self, summary: dict) -> list[str]:
         lines = ["| split | accuracy | macro-F1 | examples |", "|---|---|---|---|"]
@@ -87,7 +108,7 @@ class Classification(Task):
         lines += ["", "| label (test) | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for name in self.labels:
             lines.append(
-                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['f1'][name]:.3f} | {r['support'][name]} |"
+                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['class_f1'][name]:.3f} | {r['support'][name]} |"
             )
         return lines + ["", f"![confusion](confusion_{self.name}.png)"]
 

@@ -1,4 +1,6 @@
-"""Per-task classification metrics from integer labels and predictions."""
+"""Metrics from labels and predictions on the host: classification (accuracy, macro-F1, the positive
+class's F1, Matthews correlation), correlations (scipy's Pearson and Spearman), ranking (MRR@10,
+recall@k), multi-label F1 and seqeval-style entity F1 over BIO / IOBES tags."""
 
 from __future__ import annotations
 
@@ -28,10 +30,105 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequen
     return {
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "macro_f1": float(f1.mean()),
+        "f1": float(f1[-1]),  # the positive class's (the last label's: "1", "positive", "yes" sort last)
+        "mcc": matthews(confusion),
         "precision": {name: float(p) for name, p in zip(labels, precision)},
         "recall": {name: float(r) for name, r in zip(labels, recall)},
-        "f1": {name: float(f) for name, f in zip(labels, f1)},
+        "class_f1": {name: float(f) for name, f in zip(labels, f1)},
         "support": {name: int(a) for name, a in zip(labels, actual)},
         "confusion": confusion.tolist(),
         "examples": n,
     }
+
+
+def matthews(confusion: np.ndarray) -> float:
+    """Matthews correlation of a ``[K, K]`` confusion matrix (Gorodkin's K-class form; 0 when undefined)."""
+    c = np.asarray(confusion, np.float64)
+    n, correct = c.sum(), np.trace(c)
+    predicted, actual = c.sum(axis=0), c.sum(axis=1)
+    cov = correct * n - actual @ predicted
+    denom = np.sqrt((n * n - predicted @ predicted) * (n * n - actual @ actual))
+    return float(cov / denom) if denom > 0 else 0.0
+
+
+def correlations(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """scipy's Pearson and Spearman correlation (0 where undefined: fewer than two examples, a constant)."""
+    from scipy import stats
+
+    y_true = np.asarray(y_true, np.float64)
+    y_pred = np.asarray(y_pred, np.float64)
+    n = len(y_true)
+    defined = n >= 2 and np.ptp(y_true) > 0 and np.ptp(y_pred) > 0
+    pearson = float(stats.pearsonr(y_true, y_pred)[0]) if defined else 0.0
+    spearman = float(stats.spearmanr(y_true, y_pred)[0]) if defined else 0.0
+    return {"pearson": pearson, "spearman": spearman, "examples": n}
+
+
+def ranking_metrics(queries: np.ndarray, positives: np.ndarray) -> dict:
+    """Each query ranked against every positive (unit vectors ``[n, D]``; query i's own is positive i):
+    MRR@10, recall@1 and recall@10. A tie with the own positive counts against it."""
+    sims = np.asarray(queries, np.float64) @ np.asarray(positives, np.float64).T
+    own = np.diag(sims)
+    rank = (sims >= own[:, None]).sum(axis=1) - 1  # others scoring at least as high
+    n = len(own)
+    mean = (lambda x: float(np.mean(x))) if n else (lambda x: 0.0)
+    return {
+        "mrr@10": mean(np.where(rank < 10, 1.0 / (rank + 1), 0.0)),
+        "recall@1": mean(rank < 1),
+        "recall@10": mean(rank < 10),
+        "examples": n,
+    }
+
+
+def _f1(tp, fp, fn):
+    """Precision, recall and F1 from counts (arrays or numbers; 0 where undefined)."""
+    tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
+    p = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    r = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+    return p, r, f
+
+
+def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> dict:
+    """Micro- and macro-F1 and per-label precision / recall / F1 of 0/1 matrices ``[N, K]``."""
+    t, p = y_true > 0, y_pred > 0
+    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+    prec, rec, f1 = _f1(tp, fp, fn)
+    micro = _f1(tp.sum(), fp.sum(), fn.sum())[2]
+    return {
+        "micro_f1": float(micro),
+        "macro_f1": float(f1.mean()) if len(labels) else 0.0,
+        "precision": {n: float(x) for n, x in zip(labels, prec)},
+        "recall": {n: float(x) for n, x in zip(labels, rec)},
+        "class_f1": {n: float(x) for n, x in zip(labels, f1)},
+        "support": {n: int(x) for n, x in zip(labels, t.sum(0))},
+        "examples": int(len(t)),
+    }
+
+
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """``(type, start, end)`` of the entities in a BIO / IOB2 / IOBES tag sequence, as seqeval's
+    default (conlleval) mode reads them: an ``I-`` after ``O`` or another type starts an entity."""
+    found, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, typ = tag.partition("-") if tag != "O" else ("O", "", "")
+        ends = kind is not None and (
+            prefix in ("O", "B", "S") or typ != kind or (i > 0 and tags[i - 1].startswith(("E-", "S-")))
+        )
+        if ends:
+            found.add((kind, start, i - 1))
+            kind = None
+        starts = prefix in ("B", "S") or (prefix in ("I", "E") and kind is None)
+        if starts:
+            start, kind = i, typ
+    return found
+
+
+def entity_scores(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """Entity precision, recall and F1 over sentences (an entity counts when type and span match)."""
+    tp = fp = fn = 0
+    for t, p in zip(true, pred):
+        et, ep = entities(t), entities(p)
+        tp, fp, fn = tp + len(et & ep), fp + len(ep - et), fn + len(et - ep)
+    prec, rec, f1 = _f1(tp, fp, fn)
+    return {"entity_precision": float(prec), "entity_recall": float(rec), "entity_f1": float(f1)}

@@ -8,47 +8,69 @@ import numpy as np
 
 from mtl_jax.data.batching import InputPipeline, Tokenized
 from mtl_jax.tasks import Task
+from mtl_jax.tasks.base import has_label
 from mtl_jax.training.parallel import to_host
 
 
 def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> list:
-    """``[(example index per slot (-1: empty), fn(params, batch))]``; results stay on the device until read."""
+    """``[(layout, fn(params, batch))]`` (see :meth:`InputPipeline.eval_batches`); results stay on the
+    device until read."""
     out = []
-    for index, arrays in pipeline.eval_batches(data):
-        out.append((index, fn(params, arrays)))
+    for call, arrays in pipeline.eval_batches(data):
+        out.append((call, fn(params, arrays)))
         if bar is not None:
-            bar.update(int((index >= 0).sum()))
+            bar.update(int(call.first.sum()))
     return out
 
 
 def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> np.ndarray:
-    """Pooled embeddings ``[N, D]`` float32 of every example of ``data``, in its order."""
+    """Pooled embeddings ``[N, segments, D]`` float32 of every example of ``data`` (each of its
+    segments), in its order."""
     out = None
-    for index, pooled in _over_examples(embed_step, params, pipeline, data, bar):
+    for call, pooled in _over_examples(embed_step, params, pipeline, data, bar):
         pooled = to_host(pooled)
+        pooled = pooled.reshape(-1, pooled.shape[-1])
         if out is None:
-            out = np.zeros((len(data), pooled.shape[1]), np.float32)
-        keep = index >= 0
-        out[index[keep]] = pooled[keep]
-    return out if out is not None else np.zeros((0, 0), np.float32)
+            out = np.zeros((len(data), data.widest, pooled.shape[1]), np.float32)
+        keep = call.index >= 0
+        out[call.index[keep], call.part[keep]] = pooled[keep]
+    return out if out is not None else np.zeros((0, data.widest, 0), np.float32)
+
+
+def _store(out: dict, task: Task, call, pred: np.ndarray, data: Tokenized) -> None:
+    """A call's predictions of one task into ``out[task.name]``, one entry per example (a token-level
+    task's predictions are ``[R, P]``: each example gets those of its tokens)."""
+    first = np.flatnonzero(call.first)
+    examples = call.index[first]
+    name = task.name
+    if task.token_level:
+        store = out.setdefault(name, np.empty(len(data), object))
+        for slot, i in zip(first, examples):
+            r, at = call.tokens_of(slot)
+            store[i] = pred[r, at : at + int(data.lengths[i])]
+        return
+    pred = pred.reshape((-1,) + pred.shape[2:])
+    store = out.setdefault(name, np.zeros((len(data),) + pred.shape[1:], pred.dtype))
+    store[examples] = pred[first]
 
 
 def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task]) -> dict:
     """Each task's metrics (:meth:`Task.metrics`) and mean loss over every labelled example of ``data``
     exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run)."""
-    names = [t.name for t in tasks]
-    preds = np.full((len(data), len(tasks)), -1, np.int64)
-    loss_sums = dict.fromkeys(names, 0.0)
-    for index, result in _over_examples(eval_step, params, pipeline, data):
+    preds: dict[str, np.ndarray] = {}
+    loss_sums = {t.name: 0.0 for t in tasks}
+    counts = {t.name: 0 for t in tasks}
+    for call, result in _over_examples(eval_step, params, pipeline, data):
         p, losses = to_host(result)
-        keep = index >= 0
-        for ti, t in enumerate(names):
-            preds[index[keep], ti] = np.asarray(p[t])[keep]
-            loss_sums[t] += float(losses[t])
+        for t in tasks:
+            _store(preds, t, call, np.asarray(p[t.name]), data)
+            loss_sums[t.name] += float(losses[t.name]["loss_sum"])
+            counts[t.name] += int(losses[t.name]["count"])
     out = {}
-    for ti, task in enumerate(tasks):
-        has = data.labels[:, ti] >= 0
-        report = task.metrics(data.labels[has, ti], preds[has, ti])
-        report["loss"] = loss_sums[task.name] / max(int(has.sum()), 1)
+    for task in tasks:
+        y = data.labels[task.name]
+        has = has_label(y)
+        report = task.metrics(y[has], preds[task.name][has] if task.name in preds else y[has])
+        report["loss"] = loss_sums[task.name] / max(counts[task.name], 1)
         out[task.name] = report
     return out

@@ -25,6 +25,7 @@ from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model.lora import LoRA, with_lora
 from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.tasks.base import has_label
 from mtl_jax.training import weighting as loss_weighting
 from mtl_jax.training.compile_cache import use_compile_cache
 from mtl_jax.training.freezing import (
@@ -136,7 +137,7 @@ def build_model(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, phas
     lora = LoRA.from_config(cfg.lora_config()) if any(p.spec.strip() == "lora" for p in phases) else None
     return MultiTaskModel(
         with_lora(encoder.config, lora),
-        tasks=tuple((t.name, t.outputs) for t in data.tasks),
+        tasks=tuple(t.head_spec() for t in data.tasks),
         pooling=cfg.pooling or encoder.spec.pooling,
         head_dropout=cfg.head_dropout,
         dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
@@ -226,7 +227,7 @@ def write_run_start(run: Run) -> None:
         log(note)
     for s in SPLITS:
         d = pipeline.splits[s]
-        per_task = {t: int((d.labels[:, i] >= 0).sum()) for i, t in enumerate(run.names)}
+        per_task = {t: int(has_label(d.labels[t]).sum()) for t in run.names}
         log(f"{s}: {len(d)} examples {per_task}, {d.truncated} truncated at {pipeline.max_length} tokens")
     log(
         f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "

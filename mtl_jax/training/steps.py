@@ -24,6 +24,7 @@ import optax
 from mtl_jax.data.batching import Batch, TokenBatch
 from mtl_jax.model.multitask import MultiTaskModel
 from mtl_jax.tasks import Task, of_heads
+from mtl_jax.tasks.base import as_head
 from mtl_jax.training.freezing import encoder_frozen, param_groups
 from mtl_jax.training.optim import OptimConfig, make_optimizer
 from mtl_jax.training.weighting import Method, cosine_matrix, make, mean_losses
@@ -57,7 +58,7 @@ class StepSpec:
 
     @property
     def tasks(self) -> list[str]:
-        return [name for name, _ in self.model.tasks]
+        return [as_head(h).name for h in self.model.tasks]
 
     @property
     def kinds(self) -> tuple[Task, ...]:
@@ -67,10 +68,9 @@ class StepSpec:
 # ---------------------------------------------------------------------------- losses
 
 
-def task_losses(logits: dict[str, jax.Array], labels: jax.Array, tasks: Sequence[Task]) -> dict[str, jax.Array]:
-    """Per task: its summed loss, correct count and example count over labelled rows (slots)."""
-    labels = labels.reshape(-1, labels.shape[-1])  # packed [R, S, T]: one row per slot
-    return {task.name: task.loss_sums(logits[task.name], labels[:, t]) for t, task in enumerate(tasks)}
+def task_losses(outputs: dict[str, jax.Array], labels: dict, tasks: Sequence[Task]) -> dict[str, jax.Array]:
+    """Per task: its summed loss, correct count and example count over labelled rows (slots, tokens)."""
+    return {task.name: task.loss_sums(outputs[task.name], labels[task.name]) for task in tasks}
 
 
 def model_variables(params) -> dict:
@@ -124,34 +124,33 @@ def summed(loss_fn: Callable) -> Callable:
 # ---------------------------------------------------------------------------- batches
 
 
-def own_task_labels(labels: jax.Array, t) -> jax.Array:
-    """Keeps only task ``t``'s label column (the others become -1): sub-batch ``t`` of a task-stacked batch."""
-    return jnp.where(jnp.arange(labels.shape[-1]) == t, labels, -1)
+def own_task_labels(labels: dict, t, tasks: Sequence[Task]) -> dict:
+    """Keeps only task ``t``'s labels (the others' become their "no label"): sub-batch ``t`` of a
+    task-stacked batch."""
+    return {task.name: jnp.where(t == i, labels[task.name], task.no_label) for i, task in enumerate(tasks)}
 
 
-def task_stacked_flat(batch: Batch) -> Batch:
+def task_stacked_flat(batch: Batch, tasks: Sequence[Task]) -> Batch:
     """A task-stacked batch (arrays ``[rows, T, ...]``) as one plain batch ``[rows * T, ...]``, each
     sub-batch keeping only its own task's labels (as in :func:`per_task_grads`)."""
-    n = batch.labels.shape[1]
-    labels = jax.vmap(own_task_labels, in_axes=(1, 0), out_axes=1)(batch.labels, jnp.arange(n))
+    own = functools.partial(own_task_labels, tasks=tasks)
+    labels = jax.vmap(own, in_axes=(1, 0), out_axes=1)(batch.labels, jnp.arange(len(tasks)))
     return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), batch.replace(labels=labels))
 
 
-def label_counts(labels: jax.Array) -> jax.Array:
-    """Labelled rows per task ``[T]`` (float32) of a batch's labels ``[..., T]``."""
-    return jnp.sum(labels.reshape(-1, labels.shape[-1]) >= 0, axis=0).astype(jnp.float32)
+def label_counts(labels: dict, tasks: Sequence[Task]) -> jax.Array:
+    """Each task's loss denominator (labelled slots or tokens) ``[T]`` (float32) of a batch's labels."""
+    return jnp.stack([task.count(labels[task.name]) for task in tasks]).astype(jnp.float32)
 
 
 def micro_batches(batch: Batch, k: int) -> Batch:
     """The batch as ``k`` micro-batches (arrays ``[k, rows / k, ...]``): row ``r`` goes to micro-batch
-    ``r % k``, so each device's rows split evenly over the micro-batches. Cached embeddings
-    (``[rows * S, ...]``) follow their rows."""
-    rows = batch.labels.shape[0]
+    ``r % k``, so each device's rows split evenly over the micro-batches (and an example's segments,
+    in one row, stay together)."""
+    rows = batch.rows
 
     def split(x):
-        per_row = x.reshape((rows, -1) + x.shape[1:]) if x.shape[0] != rows else x
-        y = jnp.moveaxis(per_row.reshape((rows // k, k) + per_row.shape[1:]), 1, 0)
-        return y.reshape((k, -1) + x.shape[1:]) if x.shape[0] != rows else y
+        return jnp.moveaxis(x.reshape((rows // k, k) + x.shape[1:]), 1, 0)
 
     return jax.tree.map(split, batch)
 
@@ -175,16 +174,16 @@ def accumulated(fn: Callable, batch: Batch, key, k: int):
 # ---------------------------------------------------------------------------- gradients
 
 
-def per_task_grads(loss_fn: Callable, params, stacked, key):
+def per_task_grads(loss_fn: Callable, params, stacked, key, tasks: Sequence[Task]):
     """Each task's loss and gradient from its own sub-batch, in one vmapped pass.
 
     ``stacked`` holds arrays ``[rows, T, ...]`` (sub-batch ``t`` = ``stacked[:, t]``);
     ``loss_fn(params, batch, key) -> (loss, aux)``. Returns ``((loss [T], aux [T, ...]), grads [T, ...])``.
     """
-    n = stacked.labels.shape[1]
+    n = len(tasks)
 
     def value_and_grad(t, sub):
-        sub = sub.replace(labels=own_task_labels(sub.labels, t))
+        sub = sub.replace(labels=own_task_labels(sub.labels, t, tasks))
         sub_key = None if key is None else jax.random.fold_in(key, t)
         return jax.value_and_grad(loss_fn, has_aux=True)(params, sub, sub_key)
 
@@ -196,11 +195,11 @@ def combined_task_grads(spec: StepSpec, params, wstate, batch, key, wkey):
     micro-batches), combined by the method on the encoder's trainable part.
     Returns ``(loss, per-task sums, task coefficients [T], new weighting state), grads``."""
     k = spec.grad_accum
-    counts = label_counts(task_stacked_flat(batch).labels) if k > 1 else None
+    counts = label_counts(task_stacked_flat(batch, spec.kinds).labels, spec.kinds) if k > 1 else None
     micro_loss = summed(lambda p, b, key: loss_terms(spec, p, b, key, counts, 1.0 / k))
 
     def task_grads_of(mb, key):
-        (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key)
+        (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key, spec.kinds)
         return losses, per_task, task_grads
 
     losses, per_task, task_grads = accumulated(task_grads_of, batch, key, k)
@@ -228,7 +227,7 @@ def weighted_grads_accumulated(spec: StepSpec, params, wstate, batch, key, wkey)
     state alone or (``weights_from_losses``) from a forward pass over the micro-batches; the
     state moves on with the batch's losses after the backward passes."""
     k = spec.grad_accum
-    counts = label_counts(batch.labels)
+    counts = label_counts(batch.labels, spec.kinds)
     present = (counts > 0).astype(jnp.float32)
     micro_terms = lambda p, mb, key: loss_terms(spec, p, mb, key, counts, 1.0 / k)  # noqa: E731
     known = None
@@ -253,7 +252,7 @@ def loss_and_grads(spec: StepSpec, params, wstate, batch, key):
     if spec.method.uses_task_grads:
         return combined_task_grads(spec, params, wstate, batch, key, wkey)
     if spec.method.every_task:
-        batch = task_stacked_flat(batch)
+        batch = task_stacked_flat(batch, spec.kinds)
     if spec.grad_accum == 1:
         return weighted_grads(spec, params, wstate, batch, key, wkey)
     return weighted_grads_accumulated(spec, params, wstate, batch, key, wkey)
@@ -357,7 +356,7 @@ def build_train_step(
 
 
 def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -> Callable:
-    """``eval_step(params, batch) -> {task: prediction per slot [R * S]}`` plus per-task loss sums."""
+    """``eval_step(params, batch) -> ({task: predictions per slot [R, S, ...] or token [R, P]}, {task: loss sum, count})``."""
     tasks = tuple(tasks or of_heads(model.tasks))
 
     @jax.jit
@@ -365,13 +364,13 @@ def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -
         logits = forward(model, params, batch)
         per_task = task_losses(logits, batch.labels, tasks)
         preds = {t.name: t.predict(logits[t.name]) for t in tasks}
-        return preds, {t: m["loss_sum"] for t, m in per_task.items()}
+        return preds, {t: {"loss_sum": m["loss_sum"], "count": m["count"]} for t, m in per_task.items()}
 
     return eval_step
 
 
 def make_embed_step(model: MultiTaskModel) -> Callable:
-    """``embed_step(params, batch) -> pooled [R * S, D]`` of a packed batch: the encoder alone, no dropout."""
+    """``embed_step(params, batch) -> pooled [R, S, D]`` of a packed batch: the encoder alone, no dropout."""
 
     @jax.jit
     def embed_step(params, batch: TokenBatch):
@@ -380,10 +379,10 @@ def make_embed_step(model: MultiTaskModel) -> Callable:
             batch.ids,
             batch.positions,
             batch.segments,
-            batch.labels.shape[-2],
+            batch.num_segments,
             method=MultiTaskModel.embed_packed,
         )
-        return pooled.reshape(-1, pooled.shape[-1])
+        return pooled
 
     return embed_step
 
@@ -394,11 +393,12 @@ def make_grad_probe(model: MultiTaskModel, tasks: Sequence[Task] | None = None) 
     Each task's gradient of its mean loss over its own sub-batch of the task-stacked
     ``stacked`` (no dropout), measured on the shared encoder.
     """
+    tasks = tuple(tasks or of_heads(model.tasks))
     loss_fn = summed(make_loss_fn(model, tasks=tasks))
 
     @jax.jit
     def probe(params, stacked):
-        (losses, _), grads = per_task_grads(loss_fn, params, stacked, None)
+        (losses, _), grads = per_task_grads(loss_fn, params, stacked, None, tasks)
         norms, cosine = cosine_matrix(grads["encoder"])
         return {"loss": losses, "grad_norm": norms, "cosine": cosine}
 

@@ -231,9 +231,10 @@ class Trainer:
             writer.close()
 
     def cached_data(self, step: int) -> dict | None:
-        """Train / validation with cached embeddings when the whole encoder stays frozen for an epoch or more."""
+        """Train / validation with cached embeddings when the whole encoder stays frozen for an epoch or
+        more (and no head reads token states: tagging needs the encoder's every token)."""
         run, phase = self.run, self.loop.phase
-        if not (run.cfg.cache_embeddings and run.encoder_frozen(phase)):
+        if not (run.cfg.cache_embeddings and run.encoder_frozen(phase)) or run.model.token_heads:
             return None
         if phase_end(run.starts, step, run.total_steps) - step < run.steps_per_epoch:
             return None  # each example would be seen at most once: encoding them all first saves nothing

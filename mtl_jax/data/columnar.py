@@ -1,0 +1,77 @@
+"""Readers of columnar files: Parquet, and a Hugging Face ``datasets`` folder written by
+``save_to_disk`` (its Arrow files read with pyarrow: no ``datasets`` package, no network).
+
+A record's "line" is its row number (1-based). Values come back as the text readers give them: a
+number as text, a list as a tuple; a ``datasets`` ClassLabel id as its name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from mtl_jax.errors import MtlError
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MtlError("reading Parquet or datasets folders needs pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+def read_parquet(path: Path, columns: Sequence[str]) -> list:
+    pa = _pyarrow()
+    try:
+        schema = pa.parquet.read_schema(path)
+        _check_columns(path, columns, schema.names)
+        table = pa.parquet.read_table(path, columns=list(columns))
+    except (OSError, pa.ArrowException) as e:
+        raise MtlError(f"{path}: cannot read as Parquet ({e})") from None
+    return _rows(table, columns, {})
+
+
+def read_datasets_folder(path: Path, columns: Sequence[str]) -> list:
+    """A ``Dataset.save_to_disk`` folder: ``state.json`` lists its Arrow files (stream format)."""
+    pa = _pyarrow()
+    state, info = path / "state.json", path / "dataset_info.json"
+    if not state.is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file()) if path.is_dir() else []
+        hint = f" (a DatasetDict: name one of its splits, {', '.join(splits)})" if splits else ""
+        raise MtlError(f"{path}: not a datasets folder: no state.json{hint}")
+    try:
+        files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+        features = json.loads(info.read_text()).get("features", {}) if info.is_file() else {}
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        raise MtlError(f"{path}: cannot read the datasets folder ({e})") from None
+    table = pa.concat_tables(tables) if tables else None
+    _check_columns(path, columns, table.column_names if table is not None else [])
+    names = {c: f["names"] for c, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
+    return _rows(table.select(list(columns)), columns, names)
+
+
+def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise MtlError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(have)})")
+
+
+def _rows(table, columns: Sequence[str], class_names: dict) -> list:
+    from mtl_jax.data.load import Row, _json_field
+
+    data = {c: table.column(c).to_pylist() for c in columns}
+    rows = []
+    for i in range(table.num_rows):
+        fields = {}
+        for c in columns:
+            value = data[c][i]
+            if c in class_names and isinstance(value, int) and 0 <= value < len(class_names[c]):
+                value = class_names[c][value]
+            fields[c] = _json_field(value)
+        rows.append(Row(i + 1, fields))
+    return rows

@@ -1,0 +1,85 @@
+"""``regression``: a number per sentence; one output, trained with MSE on the standardised target.
+
+Metrics: Pearson and Spearman correlation (scipy's) and the RMSE in the target's units; Spearman is
+the primary score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.tasks.base import Task, register
+from mtl_jax.tasks.metrics import correlations
+
+
+def parse_number(raw, what: str = "score") -> float | str:
+    """A finite number, or the reason ``raw`` is not one."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return f"{what} {raw!r} is not a number"
+    return value if math.isfinite(value) else f"{what} {raw!r} is not a finite number"
+
+
+def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, valid: jnp.ndarray) -> dict:
+    """``{"loss_sum", "correct", "count"}`` of a squared error over the ``valid`` rows (no notion of correct)."""
+    err = jnp.where(valid, pred - jnp.where(valid, target, 0.0), 0.0)
+    return {"loss_sum": jnp.sum(err * err), "correct": jnp.zeros((), jnp.int32), "count": jnp.sum(valid)}
+
+
+@register("regression")
+@dataclasses.dataclass(frozen=True)
+class Regression(Task):
+    primary = "spearman"
+    record_keys = ("loss", "pearson", "spearman", "rmse", "examples")
+    label_dtype = np.float32
+    train_accuracy = False
+
+    def label_id(self, raw) -> float | str:
+        return parse_number(raw)
+
+    def with_labels(self, raw_train_labels: Iterable) -> Regression:
+        """The training targets' mean and standard deviation (the loss is on the standardised target)."""
+        if self.stats:
+            return self
+        y = np.asarray([v for v in map(parse_number, raw_train_labels) if not isinstance(v, str)], np.float64)
+        mean, std = (float(y.mean()), float(y.std())) if len(y) else (0.0, 1.0)
+        return dataclasses.replace(self, stats=(mean, std if std > 0 else 1.0))
+
+    @property
+    def outputs(self) -> int:
+        return 1
+
+    def loss_sums(self, outputs, y):
+        mean, std = self.stats
+        return masked_mse(outputs[..., 0].astype(jnp.float32), (y - mean) / std, self.present(y))
+
+    def predict(self, outputs):
+        mean, std = self.stats
+        return outputs[..., 0] * std + mean
+
+    def probabilities(self, outputs):
+        return self.predict(outputs)[..., None]
+
+    def metrics(self, y_true, y_pred) -> dict:
+        out = correlations(y_true, y_pred)
+        out["rmse"] = float(np.sqrt(np.mean((np.asarray(y_pred, np.float64) - y_true) ** 2))) if len(y_true) else 0.0
+        return out
+
+    def describe(self, result: dict) -> str:
+        return f"spearman {result['spearman']:.3f} rmse {result['rmse']:.3f}"
+
+    def report_lines(self, summary: dict) -> list[str]:
+        lines = ["| split | Pearson | Spearman | RMSE | examples |", "|---|---|---|---|---|"]
+        for split in ("validation", "test"):
+            r = summary[split][self.name]
+            lines.append(f"| {split} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['rmse']:.3f} | {r['examples']} |")
+        return lines
+
+    def output(self, probabilities: np.ndarray) -> float:
+        return float(probabilities[0])

@@ -1,0 +1,136 @@
+"""``retrieval``: (query, positive) pairs trained with in-batch negatives.
+
+Each query is scored against every positive of the step (and every hard negative, with
+``negative_column``) by the cosine scaled by 20, and trained with cross-entropy towards its own
+positive: sentence-transformers' MultipleNegativesRankingLoss. The step's arrays are global over
+the devices, so the negatives come from every device of the step; with ``--grad-accum`` K, from
+the micro-batch. Needs two pairs in a step at least.
+
+Evaluation ranks each query of a split against all positives of the split: MRR@10 (primary),
+recall@1 and recall@10. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.errors import MtlError
+from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
+from mtl_jax.tasks.metrics import ranking_metrics
+from mtl_jax.tasks.pair import PairText
+
+SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
+
+
+def in_batch_loss(out: jnp.ndarray, valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per query (``out`` ``[N, k, D]``: query, positive and k - 2 negatives, unit length; ``valid`` [N]):
+    the cross-entropy of its own positive among every valid example's positive and negatives, and
+    whether its own scores highest."""
+    n = out.shape[0]
+    candidates = jnp.moveaxis(out[:, 1:], 1, 0).reshape(-1, out.shape[-1])  # [(k - 1) N, D]: positives, then negatives
+    scores = SCALE * out[:, 0] @ candidates.T  # [N, (k - 1) N]
+    scores = jnp.where(
+        jnp.tile(valid, out.shape[1] - 1)[None, :], scores, -1e9
+    )  # (finite: a row with no pair stays finite)
+    own = scores[jnp.arange(n), jnp.arange(n)]
+    nll = jax.nn.logsumexp(scores, axis=-1) - own
+    return jnp.where(valid, nll, 0.0), valid & (jnp.argmax(scores, axis=-1) == jnp.arange(n))
+
+
+@register("retrieval")
+@dataclasses.dataclass(frozen=True)
+class Retrieval(PairText, Task):
+    primary = "mrr@10"
+    record_keys = ("loss", "mrr@10", "recall@1", "recall@10", "examples")
+
+    def __post_init__(self):
+        self.check_pair()
+        if self.config.encoding != "bi":
+            raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
+
+    def text_columns(self) -> tuple[str, ...]:
+        return tuple(self.config.text_columns or ()) + (
+            (self.config.negative_column,) if self.config.negative_column else ()
+        )
+
+    def check_pair(self) -> None:
+        cols = self.config.text_columns
+        if not cols or len(cols) != 2:
+            raise MtlError(
+                f"task {self.name} (retrieval): text_columns must name 2 columns (query, positive), got {cols}"
+            )
+
+    def columns(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def input_kind(self) -> str:
+        return "sentence"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str)  # a query (or a passage): its embedding
+
+    def input_text(self, value):
+        return value
+
+    def raw_label(self, fields: dict) -> str:
+        return "1"  # every row is a (query, positive) pair
+
+    def label_id(self, raw) -> int:
+        return 1
+
+    def check_batch(self, examples_per_step: int) -> None:
+        if examples_per_step < 2:
+            raise MtlError(
+                f"task {self.name} (retrieval): a step of {examples_per_step} example(s) cannot hold two pairs "
+                "(in-batch negatives); raise --batch-size"
+            )
+
+    @property
+    def outputs(self) -> int:
+        return 0
+
+    def head_options(self) -> tuple:
+        return (("width", len(self.text_columns())),)
+
+    @staticmethod
+    def head(spec: HeadSpec, features: Features):
+        """``[R, S, k, D]`` at each example's first slot: its k segments' unit-length embeddings (no parameters)."""
+        from mtl_jax.model.multitask import l2_normalize  # (the model imports the tasks)
+
+        u = l2_normalize(features.pooled)
+        return jnp.stack([u] + [next_slot(u, j) for j in range(1, spec.option("width"))], axis=2)
+
+    def loss_sums(self, outputs, y):
+        out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
+        valid = self.present(y.reshape(-1))
+        nll, correct = in_batch_loss(out, valid)
+        return {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct), "count": jnp.sum(valid)}
+
+    def predict(self, outputs):
+        return outputs[:, :, :2]  # (query, positive)
+
+    def probabilities(self, outputs):
+        return outputs[:, :, 0]  # the query's embedding
+
+    def metrics(self, y_true, y_pred) -> dict:
+        return ranking_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]))
+
+    def describe(self, result: dict) -> str:
+        return f"MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
+
+    def report_lines(self, summary: dict) -> list[str]:
+        lines = ["| split | MRR@10 | recall@1 | recall@10 | queries |", "|---|---|---|---|---|"]
+        for split in ("validation", "test"):
+            r = summary[split][self.name]
+            lines.append(
+                f"| {split} | {r['mrr@10']:.3f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['examples']} |"
+            )
+        return lines
+
+    def output(self, probabilities: np.ndarray) -> np.ndarray:
+        return np.asarray(probabilities)
