@@ -191,10 +191,10 @@ class Predictor:
         )
         self.params = {"encoder": self.encoder.params, "heads": self._load_heads()}
 
-        @jax.jit
-        def probs(params, ids, positions, segments):
+        @functools.partial(jax.jit, static_argnames="names")
+        def probs(params, ids, positions, segments, names):
             out = self.model.apply({"params": params}, ids, positions, segments, MAX_SEGMENTS, method="classify_packed")
-            return {t.name: t.probabilities(out[t.name]) for t in self.task_objects}
+            return {t.name: t.probabilities(out[t.name]) for t in self.task_objects if t.name in names}
 
         self._probs = probs
 
@@ -246,7 +246,7 @@ class Predictor:
                 [tasks[0].input_text(x) for x in inputs], self.encoder.spec.max_length
             )
             per_token = {t.name for t in tasks if t.token_level}
-            fn = functools.partial(self._probs, self.params)
+            fn = functools.partial(self._probs, self.params, names=tuple(t.name for t in tasks))
             res = self.encoder.map_units(fn, encoded.ids, batch_size, progress, per_token=per_token) if inputs else {}
             for t in tasks:
                 if t.name not in res:

@@ -53,7 +53,7 @@ def eval_record(results: dict, step: int, epoch: int, split: str, tasks) -> dict
     primary scores (``mean_<metric>`` when every task has the same primary metric, else ``mean_primary``)."""
     rec = {"step": step, "epoch": epoch, "split": split, "loss": sum(r["loss"] for r in results.values())}
     for t in tasks:
-        rec[t.name] = {k: results[t.name][k] for k in t.record_keys}
+        rec[t.name] = {k: results[t.name][k] for k in t.record_keys} | {"primary": t.primary}
     primaries = {t.primary for t in tasks}
     key = f"mean_{primaries.pop()}" if len(primaries) == 1 else "mean_primary"
     rec[key] = mean_score(results, tasks)

@@ -72,5 +72,6 @@ def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokeniz
         has = has_label(y)
         report = task.metrics(y[has], preds[task.name][has] if task.name in preds else y[has])
         report["loss"] = loss_sums[task.name] / max(counts[task.name], 1)
+        report["primary"] = task.primary
         out[task.name] = report
     return out

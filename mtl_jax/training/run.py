@@ -150,9 +150,11 @@ def build_pipeline(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, t
     mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
+    per_step = cfg.batch_size // len(data.tasks) if task_stacked else cfg.batch_size  # one task's examples in a step
     if task_stacked:  # each task's sub-batch is split over the devices
-        n = len(data.tasks)
-        check_batch_size(cfg.batch_size // n, mesh, f"--batch-size / {n} tasks")
+        check_batch_size(per_step, mesh, f"--batch-size / {len(data.tasks)} tasks")
+    for task in data.tasks:
+        task.check_batch(per_step)
     max_length = min(cfg.max_length, encoder.spec.max_length)
     return InputPipeline(
         {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS},

@@ -1,0 +1,223 @@
+"""The task types beyond classification: each loss against a NumPy reference, each metric against the
+library that defines it (scipy, seqeval) or a hand count, pairs through packed rows, readers
+(Parquet, datasets folders, CoNLL), bad input per type, and one run of all seven types that learns
+and predicts from its export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import load
+from mtl_jax.config import TaskConfig
+from mtl_jax.data.load import BadRows, load_tasks
+from mtl_jax.tasks import build
+from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, ranking_metrics
+from mtl_jax.tasks.retrieval import SCALE
+from mtl_jax.tasks.similarity import COSENT_SCALE
+from tests.conftest import cli
+from tests.typed_data import write_typed_data
+
+
+def _task(type_, **kw):
+    return build(TaskConfig(name="t", train="x", type=type_, **kw))
+
+
+def test_cosent_and_mse_similarity_losses_against_numpy():
+    rng = np.random.default_rng(0)
+    cos = rng.uniform(-1, 1, 6).astype(np.float32)
+    score = np.array([0.0, 5.0, 2.5, np.nan, 1.0, 5.0], np.float32)  # NaN: no label
+    task = _task("similarity", text_columns=("a", "b"), score_range=(0.0, 5.0)).with_labels([])
+    sums = task.loss_sums(jnp.asarray(cos)[None, :, None], jnp.asarray(score)[None])
+    ok = ~np.isnan(score)
+    s = np.where(ok, score, 0) / 5
+    terms = [COSENT_SCALE * (cos[j] - cos[i]) for i in range(6) for j in range(6) if ok[i] and ok[j] and s[i] > s[j]]
+    want = math.log(1 + sum(math.exp(t) for t in terms))
+    assert float(sums["loss_sum"]) / int(sums["count"]) == pytest.approx(want, rel=1e-5)
+    mse = _task("similarity", text_columns=("a", "b"), score_range=(0.0, 5.0), loss="mse").with_labels([])
+    got = mse.loss_sums(jnp.asarray(cos)[None, :, None], jnp.asarray(score)[None])
+    assert float(got["loss_sum"]) == pytest.approx(float(np.sum((cos[ok] - s[ok]) ** 2)), rel=1e-5)
+
+
+def test_in_batch_negatives_loss_against_numpy():
+    rng = np.random.default_rng(1)
+    out = rng.normal(size=(5, 3, 8)).astype(np.float32)  # query, positive, negative
+    out /= np.linalg.norm(out, axis=-1, keepdims=True)
+    valid = np.array([1, 1, 0, 1, 1], np.int32)
+    task = _task("retrieval", text_columns=("q", "p"), negative_column="n")
+    sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(np.where(valid, 1, -1))[None])
+    keep = np.flatnonzero(valid)
+    cands = np.concatenate([out[keep, 1], out[keep, 2]])  # every valid pair's positive and negative
+    want = 0.0
+    for k, i in enumerate(keep):
+        z = SCALE * cands @ out[i, 0]
+        want += np.log(np.exp(z - z.max()).sum()) + z.max() - z[k]
+    assert float(sums["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(sums["count"]) == 4
+
+
+def test_multilabel_and_regression_losses_against_numpy():
+    task = _task("multilabel", labels=("a", "b", "c"))
+    z = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, -3.0], [9.0, 9.0, 9.0]], np.float32)
+    y = np.array([[1, 0, 1], [0, 0, 0], [-1, -1, -1]], np.int8)  # the last: no label
+    sums = task.loss_sums(jnp.asarray(z)[None], jnp.asarray(y)[None])
+    p = 1 / (1 + np.exp(-z[:2]))
+    want = -np.mean(y[:2] * np.log(p) + (1 - y[:2]) * np.log(1 - p), axis=1).sum()
+    assert float(sums["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(sums["count"]) == 2
+    assert task.label_id("a").tolist() == [1, 0, 0] and "not in the labels" in task.label_id(("a", "x"))
+    reg = _task("regression").with_labels(["1", "2", "3", "4"])
+    mean, std = np.mean([1, 2, 3, 4]), np.std([1, 2, 3, 4])
+    out = jnp.asarray([[[0.5], [-1.0], [7.0]]])
+    got = reg.loss_sums(out, jnp.asarray([[2.0, 4.0, np.nan]]))
+    want = (0.5 - (2 - mean) / std) ** 2 + (-1.0 - (4 - mean) / std) ** 2
+    assert float(got["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(got["count"]) == 2
+    np.testing.assert_allclose(reg.predict(out)[0, :2], [0.5 * std + mean, -std + mean], rtol=1e-6)
+
+
+def test_entity_f1_matches_seqeval_on_random_tag_sequences():
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = np.random.default_rng(0)
+    for scheme in (
+        ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+        ["O", "B-PER", "I-PER", "E-PER", "S-LOC", "B-LOC", "E-LOC"],
+    ):
+        for _ in range(200):
+            true = [[str(t) for t in rng.choice(scheme, rng.integers(1, 12))] for _ in range(rng.integers(1, 5))]
+            pred = [[str(t) for t in rng.choice(scheme, len(s))] for s in true]
+            got = entity_scores(true, pred)
+            want = [seqeval.precision_score(true, pred), seqeval.recall_score(true, pred), seqeval.f1_score(true, pred)]
+            np.testing.assert_allclose(
+                [got["entity_precision"], got["entity_recall"], got["entity_f1"]], want, atol=1e-12
+            )
+
+
+def test_correlations_mcc_and_ranking_against_references():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    b[:5] = b[5]  # ties
+    got = correlations(a, b)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(a, b)[0]) and got["spearman"] == pytest.approx(
+        stats.spearmanr(a, b)[0]
+    )
+    assert correlations(a, np.ones(40))["spearman"] == 0.0  # undefined: 0, not NaN
+    # Matthews: 2 classes against the textbook formula
+    c = np.array([[5, 2], [1, 7]])
+    tn, fp, fn, tp = c.ravel()
+    want = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert matthews(c) == pytest.approx(want)
+    # ranking, hand counted: query 0 ranks its own first, query 1 second, query 2 third
+    q = np.eye(3)
+    p = np.array([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0.6, 0.0]])
+    p[2] = [0.9, 0.1, 0.3]
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    r = ranking_metrics(q, p)  # sims: q0 -> own 1.0 best; q1 -> p1 .8 beats p2; q2 -> own .3 below p0 (0), p1 (0)?
+    sims = q @ p.T
+    ranks = [(sims[i] >= sims[i, i]).sum() - 1 for i in range(3)]
+    assert r["recall@1"] == pytest.approx(np.mean([k == 0 for k in ranks]))
+    assert r["mrr@10"] == pytest.approx(np.mean([1 / (k + 1) for k in ranks]))
+
+
+def test_pair_embeddings_through_packed_rows_equal_each_sentence_alone(minilm):
+    from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+    from mtl_jax.data.text import Segments
+    from mtl_jax.model.multitask import MultiTaskModel
+
+    pairs = [
+        ("A man is playing a guitar.", "Someone plays music."),
+        ("Cats sleep.", "The stock market fell sharply today."),
+    ]
+    pairs += [(f"short {i}", f"another sentence number {i} here") for i in range(9)]
+    enc = minilm.tokenizer.encode_examples([Segments(p) for p in pairs], 128)
+    data = Tokenized(enc.ids, {"t": np.ones(len(pairs), np.int32)}, np.zeros(len(pairs), np.int32), 0)
+    batch, call = pack_examples(data, np.arange(len(pairs)), Grid(8, 64), minilm.tokenizer.pad_id)
+    assert (batch.segments.max(axis=1) > 2).any()  # rows hold several pairs
+    model = MultiTaskModel(minilm.config, tasks=(), pooling="mean")
+    pooled = model.apply(
+        {"params": {"encoder": minilm.params}}, batch.ids, batch.positions, batch.segments, 16, method="embed_packed"
+    )
+    pooled = np.asarray(pooled).reshape(-1, pooled.shape[-1])
+    alone = minilm.encode([s for p in pairs for s in p], normalize=False).reshape(len(pairs), 2, -1)
+    keep = call.index >= 0
+    np.testing.assert_allclose(pooled[keep], alone[call.index[keep], call.part[keep]], atol=1e-5)
+
+
+def test_readers_parquet_datasets_folder_and_conll(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = {"text": ["good film", "bad film", "fine film", "awful film"] * 5, "label": [1, 0, 1, 0] * 5}
+    pq.write_table(pa.table(rows), tmp_path / "a.parquet")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    with pa.ipc.new_stream(folder / "data-00000-of-00001.arrow", pa.table(rows).schema) as w:
+        w.write_table(pa.table(rows))
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    features = {"text": {"_type": "Value"}, "label": {"_type": "ClassLabel", "names": ["neg", "pos"]}}
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+    data = load_tasks([TaskConfig("p", str(tmp_path / "a.parquet")), TaskConfig("d", str(folder))])
+    assert data.labels == {"p": ("0", "1"), "d": ("neg", "pos")}  # ClassLabel ids read as their names
+    assert sum(len(s) for s in data.splits.values()) == 40
+    with pytest.raises(Exception, match=r"a\.parquet: no column 'review'"):
+        load_tasks([TaskConfig("p", str(tmp_path / "a.parquet"), text_column="review")])
+    with pytest.raises(Exception, match=r"ds: no column 'stars'"):
+        load_tasks([TaskConfig("d", str(folder), label_column="stars")])
+    (tmp_path / "x.conll").write_text("-DOCSTART- O\n\nJohn B-PER\nruns O\n\nMary B-PER\n")
+    data = load_tasks([TaskConfig("n", str(tmp_path / "x.conll"), type="tagging", label_column="tag")] * 1, seed=0)
+    assert data.labels["n"] == ("B-PER", "O")
+
+
+@pytest.mark.parametrize(
+    "config,file,content,message",
+    [
+        ({"type": "tagging", "tokens_column": "w", "label_column": "t"}, "a.jsonl",
+         '{"w": ["a", "b"], "t": ["O"]}\n', r"a\.jsonl:1: 2 words but 1 tags"),
+        ({"type": "similarity", "text_columns": ["a", "b"], "label_column": "s"}, "a.csv",
+         "a,b,s\nx,y,1\nx,y,high\n", r"a\.csv:3: score 'high' is not a number"),
+        ({"type": "pair_classification", "text_columns": ["a", "b"], "label_column": "l"}, "a.csv",
+         "a,b,l\nx,y,yes\nx,,no\n", r"a\.csv:3: empty text in column 'b'"),
+        ({"type": "multilabel", "label_column": "l", "labels": ["x", "y"], "text_column": "text"}, "a.jsonl",
+         '{"text": "t", "l": ["x"]}\n{"text": "u", "l": ["z"]}\n', r"a\.jsonl:2: label 'z' not in the labels"),
+    ],
+)  # fmt: skip
+def test_bad_rows_of_each_type_name_file_line_and_reason(tmp_path, config, file, content, message):
+    (tmp_path / file).write_text(content)
+    with pytest.raises(BadRows, match=message):
+        load_tasks([TaskConfig(name="t", train=str(tmp_path / file), **config)])
+
+
+def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert):
+    data = write_typed_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["--config", str(data / "types.yaml"), "--encoder", str(tiny_bert), "--batch-size", "8", "--lr", "2e-3"]
+    args += ["--freeze", "none", "--epochs", "4", "--out", str(out), "--compile-cache", "off", "--no-progress"]
+    res = cli("train", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["test"]
+    assert {t: test[t]["primary"] for t in test if isinstance(test[t], dict) and "primary" in test[t]} == {
+        "nli": "macro_f1", "sts": "spearman", "qa": "mrr@10", "ner": "entity_f1", "tags": "micro_f1",
+        "stars": "spearman", "topic": "macro_f1",
+    }  # fmt: skip
+    assert test["sts"]["spearman"] >= 0.7 and test["ner"]["entity_f1"] >= 0.9 and test["stars"]["spearman"] >= 0.8
+    assert test["tags"]["micro_f1"] >= 0.7 and test["topic"]["macro_f1"] >= 0.7 and test["qa"]["mrr@10"] >= 0.3
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["qa"]["primary"] == "mrr@10" and "recall@10" in record["qa"]
+    model = load(out / "export")
+    one = model.predict(["yesterday Carol smith went to Oslo"])[0]
+    assert one["ner"] == ["O", "B-PER", "I-PER", "O", "O", "B-LOC"] and isinstance(one["stars"], float)
+    assert set(one) == {"qa", "ner", "tags", "stars", "topic"} and one["qa"].shape == (32,)
+    pair = model.predict([("a goal story", "the match news")])[0]
+    assert set(pair) == {"nli", "sts"} and pair["nli"].label in ("same", "other") and -1 <= pair["sts"] <= 1
+
+
+def test_a_retrieval_task_needs_two_pairs_per_step(tmp_path, tiny_bert):
+    data = write_typed_data(tmp_path)
+    res = cli("train", "--config", str(data / "types.yaml"), "--tasks", "qa", "--encoder", str(tiny_bert),
+              "--batch-size", "1", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert res.returncode == 2 and "cannot hold two pairs" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
