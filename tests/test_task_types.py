@@ -205,6 +205,7 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     }  # fmt: skip
     assert test["sts"]["spearman"] >= 0.7 and test["ner"]["entity_f1"] >= 0.9 and test["stars"]["spearman"] >= 0.8
     assert test["tags"]["micro_f1"] >= 0.7 and test["topic"]["macro_f1"] >= 0.7 and test["qa"]["mrr@10"] >= 0.3
+    assert test["nli"]["macro_f1"] >= 0.6
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["qa"]["primary"] == "mrr@10" and "recall@10" in record["qa"]
     model = load(out / "export")
@@ -213,6 +214,13 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert set(one) == {"qa", "ner", "tags", "stars", "topic"} and one["qa"].shape == (32,)
     pair = model.predict([("a goal story", "the match news")])[0]
     assert set(pair) == {"nli", "sts"} and pair["nli"].label in ("same", "other") and -1 <= pair["sts"] <= 1
+    (tmp_path / "pairs.csv").write_text("a,b\na goal story,the match news\n")
+    res = cli(
+        "predict", "--model", str(out / "export"), "--input", str(tmp_path / "pairs.csv"), "--text-columns", "a,b"
+    )
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)
+    assert row["text"] == ["a goal story", "the match news"] and set(row["nli"]["probs"]) == {"same", "other"}
 
 
 def test_a_retrieval_task_needs_two_pairs_per_step(tmp_path, tiny_bert):

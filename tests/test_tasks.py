@@ -87,7 +87,9 @@ def test_a_task_type_registered_from_a_test_file_trains_end_to_end(tmp_path, tin
     assert summary["test"]["sentiment"]["accuracy"] >= 0.9 and summary["test"]["fun"]["accuracy"] >= 0.9
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["split"] == "validation"]
-    assert set(val[-1]["fun"]) == {"loss", "accuracy", "examples"}
+    assert (
+        set(val[-1]["fun"]) == {"loss", "accuracy", "examples", "primary"} and val[-1]["fun"]["primary"] == "accuracy"
+    )
     assert "mean_primary" in val[-1]  # the tasks' primary metrics differ: macro_f1 and accuracy
     assert "a toy flag" in (out / "report.md").read_text()
     predictor = load(out / "export")

@@ -4,9 +4,13 @@
     python scripts/predict.py --model runs/default/export --input reviews.csv --text-column text
     cat sentences.txt | python scripts/predict.py --model runs/default/export --format table
 
+    python scripts/predict.py --model runs/types/export --input pairs.csv --text-columns premise,hypothesis
+
 Input: sentences as arguments, --input FILE (.txt: one per line; .csv/.tsv/.jsonl with
---text-column), or stdin (one per line). Output: JSON lines
-{"text": ..., "<task>": {"label": ..., "probs": {...}}, ...} or a table for people.
+--text-column, or --text-columns a,b for sentence pairs), or stdin (one per line). Each task that
+takes the input answers: classification {"label", "probs"}, regression and similarity a score,
+tagging a tag per word, multi-label {"labels", "probs"}, retrieval the query's embedding.
+Output: JSON lines {"text": ..., "<task>": ...} or a table for people.
 Errors exit with status 2 and one line on stderr.
 """
 
@@ -27,49 +31,71 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="exported model directory (<run>/export)")
     p.add_argument("--input", help="file: .txt one sentence per line, or .csv/.tsv/.jsonl with --text-column")
     p.add_argument("--text-column", default="text", help="column / field holding the text (default: %(default)s)")
+    p.add_argument("--text-columns", help="two columns holding sentence pairs (a,b): predicts the pair tasks")
     p.add_argument("--format", choices=["jsonl", "table"], default="jsonl", help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
 
 
-def read_input(path: str | None, text_column: str) -> list[str]:
-    if path is None:
-        return read_lines(None)
-    p = Path(path)
-    if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json", ".gz", ".bz2"):
-        from mtl_jax.data.load import read_rows
+def read_input(path: str | None, columns: list[str]) -> list:
+    """Texts (one column) or pairs (two) from a data file; lines of a text file or stdin."""
+    if path is None or Path(path).suffix.lower() not in (".csv", ".tsv", ".jsonl", ".json", ".gz", ".bz2", ".parquet"):
+        if len(columns) > 1:
+            raise MtlError("--text-columns needs --input with a data file (.csv, .tsv, .jsonl, .parquet)")
+        return read_lines(path)
+    from mtl_jax.data.load import read_rows
 
-        rows = read_rows(p, [text_column])
-        bad = [r for r in rows if r.problem or r.fields.get(text_column) is None]
-        if bad:
-            r = bad[0]
-            raise MtlError(f"{p}:{r.line}: {r.problem or f'no field {text_column!r}'}")
-        return [r.fields[text_column] for r in rows]
-    return read_lines(path)
+    rows = read_rows(Path(path), columns)
+    for r in rows:
+        missing = [c for c in columns if r.fields.get(c) is None]
+        if r.problem or missing:
+            raise MtlError(f"{path}:{r.line}: {r.problem or f'no field {missing[0]!r}'}")
+    return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
+
+
+def as_json(output):
+    """A task's output as JSON: a Prediction as {"label", "probs"}, arrays as lists."""
+    if hasattr(output, "probs") and hasattr(output, "label"):
+        return {"label": output.label, "probs": output.probs}
+    return output.tolist() if hasattr(output, "tolist") else output
+
+
+def cell(output) -> str:
+    """A task's output in a table cell."""
+    if hasattr(output, "probs") and hasattr(output, "label"):
+        return f"{output.label} ({output.probs[output.label]:.2f})"
+    if isinstance(output, float):
+        return f"{output:.3f}"
+    if isinstance(output, list):
+        return " ".join(output)
+    if isinstance(output, dict):
+        return ",".join(output["labels"]) or "-"
+    return f"[{len(output)} numbers]"
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.sentences and args.input:
         raise MtlError("give sentences as arguments or --input, not both")
-    texts = args.sentences or read_input(args.input, args.text_column)
+    columns = args.text_columns.split(",") if args.text_columns else [args.text_column]
+    texts = args.sentences or read_input(args.input, columns)
     from mtl_jax import load
 
     predictor = load(args.model)
     rows = predictor.predict(texts, batch_size=args.batch_size, progress=False if args.no_progress else None)
     if args.format == "jsonl":
         for text, row in zip(texts, rows):
-            out = {"text": text} | {t: {"label": p.label, "probs": p.probs} for t, p in row.items()}
+            out = {"text": text} | {t: as_json(p) for t, p in row.items()}
             print(json.dumps(out, ensure_ascii=False))
     else:
-        names = [t for t, _ in predictor.tasks]
+        names = list(rows[0]) if rows else []
+        texts = [t if isinstance(t, str) else " | ".join(t) for t in texts]
         width = min(60, max([len(t) for t in texts] + [4]))
         print("text".ljust(width) + "".join(f"  {t:<24}" for t in names))
         for text, row in zip(texts, rows):
             short = text if len(text) <= width else text[: width - 1] + "…"
-            cells = "".join(f"  {row[t].label + f' ({row[t].probs[row[t].label]:.2f})':<24}" for t in names)
-            print(short.ljust(width) + cells)
+            print(short.ljust(width) + "".join(f"  {cell(row[t]):<24}" for t in names))
     return 0
 
 

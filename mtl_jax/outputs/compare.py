@@ -128,7 +128,9 @@ def _train_one(cfg: CompareConfig, run: dict, out: Path, names: list[str], finis
     )
     for t in names:
         for split, short in (("test", "test"), ("validation", "val")):
-            r = summary[split][t]  # a task without accuracy or macro-F1 (not a classification) fills in its primary score
+            r = summary[split][
+                t
+            ]  # a task without accuracy or macro-F1 (not a classification) fills in its primary score
             row[f"{t}_{short}_acc"] = round(r.get("accuracy", r[r["primary"]]), 4)
             row[f"{t}_{short}_f1"] = round(r.get("macro_f1", r[r["primary"]]), 4)
     return row
