@@ -206,6 +206,7 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert test["sts"]["spearman"] >= 0.7 and test["ner"]["entity_f1"] >= 0.9 and test["stars"]["spearman"] >= 0.8
     assert test["tags"]["micro_f1"] >= 0.7 and test["topic"]["macro_f1"] >= 0.7 and test["qa"]["mrr@10"] >= 0.3
     assert test["nli"]["macro_f1"] >= 0.6
+    assert len(summary["compiled_shapes"]["train step, phase 0 (none)"]) <= 2  # seven types, two step shapes at most
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["qa"]["primary"] == "mrr@10" and "recall@10" in record["qa"]
     model = load(out / "export")
@@ -229,3 +230,82 @@ def test_a_retrieval_task_needs_two_pairs_per_step(tmp_path, tiny_bert):
               "--batch-size", "1", "--out", str(tmp_path / "run"))  # fmt: skip
     assert res.returncode == 2 and "cannot hold two pairs" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+IN_BATCH = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+from mtl_jax.config import TaskConfig
+from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+from mtl_jax.data.text import Segments
+from mtl_jax.inference import load_encoder
+from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.tasks import build
+from mtl_jax.training.parallel import make_mesh, replicate, shard_batch
+from mtl_jax.training.steps import make_loss_fn
+
+assert jax.device_count() == 4
+enc = load_encoder({model!r})
+task = build(TaskConfig("qa", "", type="retrieval", text_columns=("q", "p")))
+model = MultiTaskModel(enc.config, tasks=(task.head_spec(),), head_dropout=0.0)
+params = init_params(model, enc.params, jax.random.PRNGKey(0))
+pairs = [(f"question {{i}} about {{w}}", f"the answer on {{w}} is {{i}}") for i, w in enumerate("abcdefghijklmnop")]
+ids = enc.tokenizer.encode_examples([Segments(p) for p in pairs], 32).ids
+data = Tokenized(ids, {{"qa": np.ones(16, np.int32)}}, np.zeros(16, np.int32), 0)
+batch, _ = pack_examples(data, np.arange(16), Grid(8, 32), enc.tokenizer.pad_id)
+loss_fn = make_loss_fn(model, tasks=(task,))
+f = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0].sum()))
+l1, g1 = f(params, batch)
+mesh = make_mesh(jax.devices())
+l4, g4 = f(replicate(params, mesh), shard_batch(batch, mesh))
+quarters = [float(f(params, jax.tree.map(lambda x: x[2 * i : 2 * i + 2], batch))[0]) for i in range(4)]
+diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)))
+rows_used = int((batch.segments.max(axis=1) > 0).sum())
+print(json.dumps({{"l1": float(l1), "l4": float(l4), "grad_diff": diff, "quarters": quarters, "rows": rows_used}}))
+"""
+
+
+@pytest.mark.slow
+def test_in_batch_negatives_on_four_devices_equal_one_device_holding_the_batch(tiny_bert):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    code = IN_BATCH.format(root=str(ROOT), model=str(tiny_bert))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 8  # every device holds pairs
+    assert out["l4"] == pytest.approx(out["l1"], abs=1e-5) and out["grad_diff"] <= 1e-5
+    # the negatives really come from the other devices: each device's pairs alone score otherwise
+    assert abs(np.mean(out["quarters"]) - out["l1"]) > 1e-3
+
+
+@pytest.mark.slow  # real processes killed: make test-slow
+def test_a_pair_retrieval_and_tagging_run_killed_or_interrupted_resumes_to_the_same_run(tmp_path, tiny_bert):
+    import signal
+
+    from tests.test_checkpoint import assert_same_run, faulty
+
+    data = write_typed_data(tmp_path)
+
+    def args(out):
+        return ["--config", str(data / "types.yaml"), "--tasks", "nli,qa,ner,topic", "--encoder", str(tiny_bert),
+                "--batch-size", "8", "--lr", "2e-3", "--compile-cache", "off", "--no-progress", "--out", str(out),
+                "--max-steps", "12", "--save-every", "3", "--log-every", "1", "--freeze", "backbone,none@step:4",
+                "--keep", "5", "--loss-weighting", "famo"]  # fmt: skip
+
+    r = cli("train", *args(tmp_path / "ref"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = faulty(args(tmp_path / "killed"), "kill-after-save", 6)
+    assert killed.returncode == -signal.SIGKILL
+    stopped = faulty(args(tmp_path / "stopped"), "term-at-batch", 8)
+    assert stopped.returncode != 0 and "--resume" in stopped.stderr
+    for name in ("killed", "stopped"):
+        r = cli("train", *args(tmp_path / name), "--resume")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert_same_run(tmp_path / "ref", tmp_path / name)

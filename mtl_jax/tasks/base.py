@@ -155,6 +155,11 @@ class Task:
     def no_label(self) -> Any:
         return no_label_like(self.label_dtype)
 
+    @property
+    def batch_no_label(self) -> Any:
+        """ "No label" in a batch's arrays (per-word tags travel as per-token ids: -1)."""
+        return -1 if self.token_level else self.no_label
+
     def empty_labels(self, n: int) -> np.ndarray:
         """``n`` rows of "no label"."""
         return np.full((n,) + self.label_shape, self.no_label, self.label_dtype)

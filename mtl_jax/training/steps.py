@@ -127,7 +127,7 @@ def summed(loss_fn: Callable) -> Callable:
 def own_task_labels(labels: dict, t, tasks: Sequence[Task]) -> dict:
     """Keeps only task ``t``'s labels (the others' become their "no label"): sub-batch ``t`` of a
     task-stacked batch."""
-    return {task.name: jnp.where(t == i, labels[task.name], task.no_label) for i, task in enumerate(tasks)}
+    return {task.name: jnp.where(t == i, labels[task.name], task.batch_no_label) for i, task in enumerate(tasks)}
 
 
 def task_stacked_flat(batch: Batch, tasks: Sequence[Task]) -> Batch:
