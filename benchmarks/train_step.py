@@ -91,6 +91,14 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is (no mtl_jax.training.hostmem.reuse_host_memory)",
     )
+    p.add_argument(
+        "--task-type",
+        nargs="+",
+        choices=list(TYPE_SETTINGS),
+        metavar="T",
+        help="time one task of each of these types against a classification task on the same packed tokens, "
+        "rounds interleaved (--per-row sentences per row, 2 at least: a pair's two sentences share a row)",
+    )
     args = p.parse_args()
     host_memory_reused = False if args.default_malloc else reuse_host_memory()
 
@@ -101,6 +109,9 @@ def main() -> None:
         attention_dropout=args.dropout,
         **SIZES[args.size],
     )
+    if args.task_type:
+        print(json.dumps(compare_task_types(args, config)))
+        return
     if args.freeze == "lora":
         config = with_lora(config, LoRA(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=TARGETS))
     model = MultiTaskModel(
@@ -217,12 +228,7 @@ def compare_weighting(args, model, params, frozen, batch) -> dict:
         memory = step.lower(state, b, key).compile().memory_analysis()
         runs[m] = {"state": state, "step": step, "batch": b, "times": [], "compile_s": time.perf_counter() - t0}
         runs[m]["temp_bytes"] = int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else None
-    for _ in range(args.warmup + args.steps):  # rounds: every method once per round
-        for r in runs.values():
-            t0 = time.perf_counter()
-            r["state"], out = r["step"](r["state"], r["batch"], key)
-            jax.block_until_ready(out)
-            r["times"].append(time.perf_counter() - t0)
+    interleaved(runs, args.warmup + args.steps, key)
     base = runs["sum"]
     base_s = float(np.median(base["times"][args.warmup :]))
     result = {}
@@ -247,6 +253,76 @@ def compare_weighting(args, model, params, frozen, batch) -> dict:
         "steps": args.steps,
         "methods": result,
     }
+
+
+def interleaved(runs: dict, rounds: int, key) -> None:
+    """Each run's step once per round (``runs[name]``: state, step, batch, times), times appended."""
+    for _ in range(rounds):
+        for r in runs.values():
+            t0 = time.perf_counter()
+            r["state"], out = r["step"](r["state"], r["batch"], key)
+            jax.block_until_ready(out)
+            r["times"].append(time.perf_counter() - t0)
+
+
+TYPE_SETTINGS = {  # a task of each type, its labels as the trainer would resolve them
+    "classification": dict(labels=("a", "b", "c")),
+    "pair_classification": dict(labels=("a", "b", "c"), text_columns=("x", "y")),
+    "similarity": dict(text_columns=("x", "y"), score_range=(0.0, 5.0)),
+    "retrieval": dict(text_columns=("x", "y")),
+    "tagging": dict(labels=("B-X", "I-X", "O")),
+    "multilabel": dict(labels=("a", "b", "c", "d")),
+    "regression": dict(),
+}
+
+
+def type_batch(task, batch: TokenBatch, rng: np.random.Generator) -> TokenBatch:
+    """``batch``'s tokens with one task's labels: one per example (a pair: its first of two slots) or per token."""
+    rows, seq = batch.ids.shape
+    used = np.zeros((rows, MAX_SEGMENTS), bool)
+    used[:, : int(batch.segments.max())] = True
+    if task.segments > 1:
+        used[:, 1::2] = False  # an example's second sentence: no label of its own
+    if task.token_level:
+        y = np.where(batch.segments > 0, rng.integers(0, task.outputs, (rows, seq)), -1).astype(np.int32)
+    elif task.label_dtype == np.float32:
+        y = np.where(used, rng.uniform(0, 5, used.shape), np.nan).astype(np.float32)
+    elif task.label_shape:
+        y = np.where(used[..., None], rng.integers(0, 2, used.shape + task.label_shape), -1).astype(np.int8)
+    else:
+        y = np.where(used, rng.integers(0, max(task.outputs, 1), used.shape), -1).astype(np.int32)
+    return batch.replace(labels={task.name: jnp.asarray(y)})
+
+
+def compare_task_types(args, config) -> dict:
+    """Median step time of each task type's packed step against classification's, same tokens, one process."""
+    import dataclasses
+
+    from mtl_jax.config import TaskConfig
+    from mtl_jax.tasks import build
+
+    key = jax.random.PRNGKey(1)
+    rng = np.random.default_rng(0)
+    tokens = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, max(args.per_row, 2)))
+    runs = {}
+    for kind in ["classification"] + [t for t in dict.fromkeys(args.task_type) if t != "classification"]:
+        task = build(TaskConfig("t", "", type=kind, **TYPE_SETTINGS[kind]))
+        task = dataclasses.replace(task, stats=task.stats or (0.0, 5.0))
+        model = MultiTaskModel(config, tasks=(task.head_spec(),), pooling=args.pooling)
+        b = type_batch(task, tokens, rng)
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), b.ids[:1], b.segments[:1])["params"]
+        optim = OptimConfig.from_config(TrainConfig(), 10_000)
+        tx, step = build_train_step(model, params, frozenset(), optim, tasks=(task,))
+        runs[kind] = {"state": TrainState.create(params, tx.init(params)), "step": step, "batch": b, "times": []}
+    interleaved(runs, args.warmup + args.steps, key)
+    base_s = float(np.median(runs["classification"]["times"][args.warmup :]))
+    result = {}
+    for kind, r in runs.items():
+        step_s = float(np.median(r["times"][args.warmup :]))
+        result[kind] = {"step_s": round(step_s, 4), "vs_classification": round(step_s / base_s, 3)}
+    return {"benchmark": "task_types", "backend": jax.default_backend(), "size": args.size, "batch": args.batch,
+            "seq": args.seq, "per_row": max(args.per_row, 2), "pooling": args.pooling, "steps": args.steps,
+            "types": result}  # fmt: skip
 
 
 def probe_overhead(model, state, step, batch, key, k: int) -> dict:
