@@ -43,6 +43,8 @@ class TaskConfig:
     format: Optional[str] = None  # tagging: conll (token first, tag last, blank line between sentences)
     label_separator: Optional[str] = None  # multilabel: a text label is split on this (default: a list)
     threshold: float = 0.5  # multilabel: a label is predicted when its probability reaches this
+    header: Optional[tuple[str, ...]] = None  # CSV / TSV without a header row: its column names
+    quoting: bool = True  # CSV / TSV: false reads quote characters as text (GLUE's TSVs)
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,7 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
     if missing:
         raise MtlError(f"{where}: task is missing {', '.join(missing)}")
     d = dict(d)
-    for key in ("labels", "drop_labels", "text_columns"):
+    for key in ("labels", "drop_labels", "text_columns", "header"):
         if d.get(key) is not None:
             d[key] = tuple(str(x) for x in d[key])
     if d.get("score_range") is not None:

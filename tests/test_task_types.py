@@ -309,3 +309,21 @@ def test_a_pair_retrieval_and_tagging_run_killed_or_interrupted_resumes_to_the_s
         r = cli("train", *args(tmp_path / name), "--resume")
         assert r.returncode == 0, r.stderr[-3000:]
         assert_same_run(tmp_path / "ref", tmp_path / name)
+
+
+def test_configs_glue_trains_every_glue_task_in_one_run_on_a_glue_like_folder(tmp_path, tiny_bert, monkeypatch):
+    from tests.conftest import ROOT
+    from tests.typed_data import write_glue
+
+    write_glue(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / "glue.yaml"), "--encoder", str(tiny_bert), "--batch-size", "16"]
+    res = cli("train", *args, "--epochs", "1", "--max-length", "32", "--out", str(out), "--compile-cache", "off")
+    assert res.returncode == 0, res.stderr[-3000:]
+    test = json.loads((out / "summary.json").read_text())["test"]
+    primary = {t: test[t]["primary"] for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")}
+    assert primary == {"cola": "mcc", "sst2": "accuracy", "mrpc": "f1", "stsb": "spearman", "qqp": "f1",
+                       "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}  # fmt: skip
+    assert test["mnli"]["examples"] == 12 and test["cola"]["examples"] == 12 and "pearson" in test["stsb"]
+    assert "accuracy" in test["mrpc"] and "accuracy" in test["qqp"]

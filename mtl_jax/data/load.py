@@ -83,20 +83,21 @@ def _format(path: Path) -> str:
     )
 
 
-# Each format's reader: (path, columns in the order the task names them) -> rows.
+# Each format's reader: (path, columns in the order the task names them, the task's options) -> rows.
 READERS = {
-    "csv": lambda path, columns: _delimited_rows(path, _read_text(path), columns, ","),
-    "tsv": lambda path, columns: _delimited_rows(path, _read_text(path), columns, "\t"),
-    "jsonl": lambda path, columns: _jsonl_rows(path, _read_text(path), columns),
-    "conll": lambda path, columns: read_conll(path, columns, _read_text(path)),
-    "parquet": read_parquet,
-    "datasets": read_datasets_folder,
+    "csv": lambda path, columns, options: _delimited_rows(path, _read_text(path), columns, ",", options),
+    "tsv": lambda path, columns, options: _delimited_rows(path, _read_text(path), columns, "\t", options),
+    "jsonl": lambda path, columns, options: _jsonl_rows(path, _read_text(path), columns),
+    "conll": lambda path, columns, options: read_conll(path, columns, _read_text(path)),
+    "parquet": lambda path, columns, options: read_parquet(path, columns),
+    "datasets": lambda path, columns, options: read_datasets_folder(path, columns),
 }
 
 
-def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None) -> list[Row]:
+def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None, options=None) -> list[Row]:
     """Every record of a file (or ``datasets`` folder) with the line (row) it starts on; ``fmt``
-    (default: from the name) picks the reader in :data:`READERS`.
+    (default: from the name) picks the reader in :data:`READERS`; ``options``: the task's config
+    (``header``, ``quoting`` of CSV / TSV files).
 
     Missing columns are a file-level error; malformed records come back with ``problem`` set.
     """
@@ -105,7 +106,7 @@ def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None) -> lis
         raise MtlError(f"{path}: unknown format {fmt!r} (known: {', '.join(READERS)})")
     if not path.exists():
         raise MtlError(f"{path}: file not found")
-    return READERS[fmt](path, columns)
+    return READERS[fmt](path, columns, options)
 
 
 def _json_field(value) -> str | tuple | None:
@@ -141,11 +142,14 @@ def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> list[Row]:
     return rows
 
 
-def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: str) -> list[Row]:
+def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: str, options=None) -> list[Row]:
+    """``options`` (a TaskConfig): ``header`` names the columns of a file without a header row;
+    ``quoting: false`` reads quote characters as text (GLUE's TSVs)."""
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text is data (the tokenizer truncates it)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    quoting = csv.QUOTE_MINIMAL if options is None or options.quoting else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
-        header = next(reader)
+        header = list(options.header) if options is not None and options.header else next(reader)
     except StopIteration:
         return []
     except csv.Error as e:
@@ -284,7 +288,7 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
     columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, columns, group[0].config.format):
+    for row in read_rows(path, columns, group[0].config.format, group[0].config):
         raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
