@@ -327,3 +327,23 @@ def test_configs_glue_trains_every_glue_task_in_one_run_on_a_glue_like_folder(tm
                        "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}  # fmt: skip
     assert test["mnli"]["examples"] == 12 and test["cola"]["examples"] == 12 and "pearson" in test["stsb"]
     assert "accuracy" in test["mrpc"] and "accuracy" in test["qqp"]
+
+
+def test_cached_embeddings_train_pair_similarity_and_retrieval_heads_as_the_full_forward(tmp_path, tiny_bert, capsys):
+    """A frozen encoder's cached embeddings (each segment of a pair its own) give the same run as the
+    full forward pass: the same metrics to float rounding."""
+    from mtl_jax.config import TrainConfig, load_config_file
+    from mtl_jax.training.trainer import train_and_evaluate
+
+    data = write_typed_data(tmp_path)
+    values = load_config_file(data / "types.yaml") | dict(
+        encoder=str(tiny_bert), tasks="nli,sts,qa,topic", batch_size=8, progress=False, freeze="backbone",
+        epochs=2, head_lr=0.05, compile_cache="off",
+    )  # fmt: skip
+    cached = train_and_evaluate(TrainConfig(**(values | dict(out=str(tmp_path / "cached")))))
+    assert "cached the embeddings of" in capsys.readouterr().err
+    full = train_and_evaluate(TrainConfig(**(values | dict(out=str(tmp_path / "full"), cache_embeddings=False))))
+    for split in ("validation", "test"):
+        for task, key in (("nli", "macro_f1"), ("sts", "spearman"), ("qa", "mrr@10"), ("topic", "macro_f1")):
+            assert cached[split][task][key] == pytest.approx(full[split][task][key], abs=1e-4), (split, task)
+            assert cached[split][task]["loss"] == pytest.approx(full[split][task]["loss"], rel=1e-4), (split, task)
