@@ -40,6 +40,7 @@ from mtl_jax.model.pretrained import flax_to_torch_state  # noqa: E402
 LONGEST_FIRST = (
     "test_checkpoint.py",  # 80
     "test_research.py",  # 55
+    "test_task_types.py",  # 45 (+ 150 slow)
     "test_train_step.py",  # 50
     "test_cli.py",  # 35
     "test_bad_input.py",  # 35

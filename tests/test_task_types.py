@@ -311,6 +311,7 @@ def test_a_pair_retrieval_and_tagging_run_killed_or_interrupted_resumes_to_the_s
         assert_same_run(tmp_path / "ref", tmp_path / name)
 
 
+@pytest.mark.slow  # whole runs: make test-slow
 def test_configs_glue_trains_every_glue_task_in_one_run_on_a_glue_like_folder(tmp_path, tiny_bert, monkeypatch):
     from tests.conftest import ROOT
     from tests.typed_data import write_glue
@@ -329,6 +330,7 @@ def test_configs_glue_trains_every_glue_task_in_one_run_on_a_glue_like_folder(tm
     assert "accuracy" in test["mrpc"] and "accuracy" in test["qqp"]
 
 
+@pytest.mark.slow  # whole runs: make test-slow
 def test_cached_embeddings_train_pair_similarity_and_retrieval_heads_as_the_full_forward(tmp_path, tiny_bert, capsys):
     """A frozen encoder's cached embeddings (each segment of a pair its own) give the same run as the
     full forward pass: the same metrics to float rounding."""
