@@ -112,6 +112,19 @@ def _tsv(path: Path, header: list[str] | None, rows: list[list]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+GLUE_HEADERS = {  # as GLUE's download script writes them (CoLA: no header row)
+    "SST-2": ["sentence", "label"],
+    "MRPC": ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+    "STS-B": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
+    "QQP": ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+    "MNLI": ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+             "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+    "QNLI": ["index", "question", "sentence", "label"],
+    "RTE": ["index", "sentence1", "sentence2", "label"],
+    "WNLI": ["index", "sentence1", "sentence2", "label"],
+}  # fmt: skip
+
+
 def write_glue(folder: Path, n: int = 48, seed: int = 0) -> Path:
     """``folder/glue_data`` laid out as GLUE's download script writes it (the same file names, headers
     and columns; CoLA without a header row; quote characters as text), with small learnable contents."""
@@ -119,88 +132,23 @@ def write_glue(folder: Path, n: int = 48, seed: int = 0) -> Path:
     g = folder / "glue_data"
     good = lambda i: i % 2 == 0  # noqa: E731
     w = lambda i: str(rng.choice(TOPICS[list(TOPICS)[i % 3]]))  # noqa: E731
-    for split in ("train", "dev"):
-        m = n if split == "train" else n // 4
-        _tsv(
-            g / "CoLA" / f"{split}.tsv",
-            None,
-            [
-                [
-                    "gj04",
-                    int(good(i)),
-                    "" if good(i) else "*",
-                    f'"the {w(i)} is fine {i}' if good(i) else f"fine is the {i} the",
-                ]
-                for i in range(m)
-            ],
-        )
-        _tsv(
-            g / "SST-2" / f"{split}.tsv",
-            ["sentence", "label"],
-            [[f"{'great' if good(i) else 'dull'} film {i}", int(good(i))] for i in range(m)],
-        )
-        pair = lambda i: [f"a {w(i)} story {i}", f"the {w(i) if good(i) else 'other'} thing"]  # noqa: E731
-        _tsv(
-            g / "MRPC" / f"{split}.tsv",
-            ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-            [[int(good(i)), i, i + 1, *pair(i)] for i in range(m)],
-        )
-        _tsv(
-            g / "STS-B" / f"{split}.tsv",
-            [
-                "index",
-                "genre",
-                "filename",
-                "year",
-                "old_index",
-                "source1",
-                "source2",
-                "sentence1",
-                "sentence2",
-                "score",
-            ],
-            [[i, "main", "f", "2012", i, "s", "s", *pair(i), 4.5 if good(i) else 0.5] for i in range(m)],
-        )
-        _tsv(
-            g / "QQP" / f"{split}.tsv",
-            ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-            [[i, 2 * i, 2 * i + 1, *pair(i), int(good(i))] for i in range(m)],
-        )
-        nli = lambda i: ["entailment", "contradiction", "neutral"][i % 3]  # noqa: E731
-        mnli_header = [
-            "index",
-            "promptID",
-            "pairID",
-            "genre",
-            "sentence1_binary_parse",
-            "sentence2_binary_parse",
-            "sentence1_parse",
-            "sentence2_parse",
-            "sentence1",
-            "sentence2",
-            "label1",
-            "gold_label",
-        ]
-        mnli_rows = [
-            [i, i, i, "fiction", "(", "(", "(", "(", f"a {w(i)} {i}", f"{nli(i)} word", nli(i), nli(i)]
-            for i in range(m)
-        ]
-        for name in ["train"] if split == "train" else ["dev_matched", "dev_mismatched"]:
-            _tsv(g / "MNLI" / f"{name}.tsv", mnli_header, mnli_rows)
-        label = lambda i: "entailment" if good(i) else "not_entailment"  # noqa: E731
-        _tsv(
-            g / "QNLI" / f"{split}.tsv",
-            ["index", "question", "sentence", "label"],
-            [[i, *pair(i), label(i)] for i in range(m)],
-        )
-        _tsv(
-            g / "RTE" / f"{split}.tsv",
-            ["index", "sentence1", "sentence2", "label"],
-            [[i, *pair(i), label(i)] for i in range(m)],
-        )
-        _tsv(
-            g / "WNLI" / f"{split}.tsv",
-            ["index", "sentence1", "sentence2", "label"],
-            [[i, *pair(i), int(good(i))] for i in range(m)],
-        )
+    pair = lambda i: [f"a {w(i)} story {i}", f"the {w(i) if good(i) else 'other'} thing"]  # noqa: E731
+    nli = lambda i: ["entailment", "contradiction", "neutral"][i % 3]  # noqa: E731
+    entails = lambda i: "entailment" if good(i) else "not_entailment"  # noqa: E731
+    rows = {  # per task: the row of example i
+        "CoLA": lambda i: ["gj04", int(good(i)), "" if good(i) else "*", f'"the {w(i)} is fine {i}' if good(i) else f"fine is the {i} the"],
+        "SST-2": lambda i: [f"{'great' if good(i) else 'dull'} film {i}", int(good(i))],
+        "MRPC": lambda i: [int(good(i)), i, i + 1, *pair(i)],
+        "STS-B": lambda i: [i, "main", "f", "2012", i, "s", "s", *pair(i), 4.5 if good(i) else 0.5],
+        "QQP": lambda i: [i, 2 * i, 2 * i + 1, *pair(i), int(good(i))],
+        "MNLI": lambda i: [i, i, i, "fiction", "(", "(", "(", "(", f"a {w(i)} {i}", f"{nli(i)} word", nli(i), nli(i)],
+        "QNLI": lambda i: [i, *pair(i), entails(i)],
+        "RTE": lambda i: [i, *pair(i), entails(i)],
+        "WNLI": lambda i: [i, *pair(i), int(good(i))],
+    }  # fmt: skip
+    for task, row in rows.items():
+        for split, m in (("train", n), ("dev", n // 4)):
+            names = [split] if task != "MNLI" or split == "train" else ["dev_matched", "dev_mismatched"]
+            for name in names:
+                _tsv(g / task / f"{name}.tsv", GLUE_HEADERS.get(task), [row(i) for i in range(m)])
     return g
