@@ -222,6 +222,14 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout)
     assert row["text"] == ["a goal story", "the match news"] and set(row["nli"]["probs"]) == {"same", "other"}
+    # retrieval against a corpus: each query's top matches, best first, its own answer among them
+    (tmp_path / "corpus.txt").write_text("alice likes the goal 1\nbob likes the vote 2\ncarol likes the chip 3\n")
+    res = cli("predict", "--model", str(out / "export"), "--corpus", str(tmp_path / "corpus.txt"), "--top-k", "2",
+              "who alice goal", "who carol chip")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [len(r["qa"]) for r in rows] == [2, 2] and rows[0]["qa"][0]["score"] >= rows[0]["qa"][1]["score"]
+    assert rows[0]["qa"][0]["text"] == "alice likes the goal 1" and rows[1]["qa"][0]["text"] == "carol likes the chip 3"
 
 
 def test_a_retrieval_task_needs_two_pairs_per_step(tmp_path, tiny_bert):

@@ -5,11 +5,13 @@
     cat sentences.txt | python scripts/predict.py --model runs/default/export --format table
 
     python scripts/predict.py --model runs/types/export --input pairs.csv --text-columns premise,hypothesis
+    python scripts/predict.py --model runs/types/export --input queries.txt --corpus passages.txt --top-k 3
 
 Input: sentences as arguments, --input FILE (.txt: one per line; .csv/.tsv/.jsonl with
 --text-column, or --text-columns a,b for sentence pairs), or stdin (one per line). Each task that
 takes the input answers: classification {"label", "probs"}, regression and similarity a score,
-tagging a tag per word, multi-label {"labels", "probs"}, retrieval the query's embedding.
+tagging a tag per word, multi-label {"labels", "probs"}, retrieval the query's embedding or, with
+--corpus FILE, its --top-k best matches [{"text", "score"}].
 Output: JSON lines {"text": ..., "<task>": ...} or a table for people.
 Errors exit with status 2 and one line on stderr.
 """
@@ -20,6 +22,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from mtl_jax.cli import read_lines, run_cli
 from mtl_jax.errors import MtlError
@@ -32,6 +36,8 @@ def parse_args(argv):
     p.add_argument("--input", help="file: .txt one sentence per line, or .csv/.tsv/.jsonl with --text-column")
     p.add_argument("--text-column", default="text", help="column / field holding the text (default: %(default)s)")
     p.add_argument("--text-columns", help="two columns holding sentence pairs (a,b): predicts the pair tasks")
+    p.add_argument("--corpus", help="retrieval tasks: rank this file's texts (as --input reads it) for each query")
+    p.add_argument("--top-k", type=int, default=5, help="with --corpus: matches per query (default: %(default)s)")
     p.add_argument("--format", choices=["jsonl", "table"], default="jsonl", help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -54,6 +60,20 @@ def read_input(path: str | None, columns: list[str]) -> list:
     return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
 
 
+def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -> None:
+    """Each retrieval task's output becomes the query's top ``k`` corpus texts by cosine, with scores."""
+    tasks = [t.name for t in predictor.task_objects if t.type == "retrieval" and rows and t.name in rows[0]]
+    if not tasks:
+        raise MtlError("--corpus: the model has no retrieval task")
+    passages = predictor.predict_proba(corpus, **kw)
+    for name in tasks:
+        queries = np.stack([row[name] for row in rows])
+        scores = queries @ np.asarray(passages[name]).T  # unit vectors: cosine
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        for row, s, idx in zip(rows, scores, best):
+            row[name] = [{"text": corpus[j], "score": float(s[j])} for j in idx]
+
+
 def as_json(output):
     """A task's output as JSON: a Prediction as {"label", "probs"}, arrays as lists."""
     if hasattr(output, "probs") and hasattr(output, "label"):
@@ -67,7 +87,9 @@ def cell(output) -> str:
         return f"{output.label} ({output.probs[output.label]:.2f})"
     if isinstance(output, float):
         return f"{output:.3f}"
-    if isinstance(output, list):
+    if isinstance(output, list) and output and isinstance(output[0], dict):  # --corpus: the best match
+        return f"{output[0]['text'][:16]} ({output[0]['score']:.2f})"
+    if isinstance(output, list):  # tags
         return " ".join(output)
     if isinstance(output, dict):
         return ",".join(output["labels"]) or "-"
@@ -83,7 +105,10 @@ def main(argv=None) -> int:
     from mtl_jax import load
 
     predictor = load(args.model)
-    rows = predictor.predict(texts, batch_size=args.batch_size, progress=False if args.no_progress else None)
+    kw = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
+    rows = predictor.predict(texts, **kw)
+    if args.corpus:
+        with_matches(predictor, rows, read_input(args.corpus, [args.text_column]), args.top_k, **kw)
     if args.format == "jsonl":
         for text, row in zip(texts, rows):
             out = {"text": text} | {t: as_json(p) for t, p in row.items()}
