@@ -1,10 +1,11 @@
 """The task interface: everything that differs between kinds of task lives in one object.
 
-A :class:`Task` says which columns it reads and how a raw label becomes a label id (with
-the ``file:line: reason`` of a bad one), how many outputs its head has, its per-example loss
-over the labelled rows (``-1``: no label), its predictions, its metrics and the primary score
-that picks the best model and stops early, its lines in report.md and its plots, and what
-``predict`` gives for it. Types are found by the ``type`` key of a task in the config file
+A :class:`Task` says which columns it reads and what text a row makes (a sentence, a pair's
+segments, words), how a raw label becomes a label (with the ``file:line: reason`` of a bad one)
+and how its labels are stored (dtype, shape, "no label"), what head it has (built inside the
+model by :meth:`Task.head`), its loss over the labelled rows, its predictions, its metrics and
+the primary score that picks the best model and stops early, its lines in report.md and its
+plots, and what ``predict`` gives for it. Types are found by the ``type`` key of a task in the config file
 through :data:`REGISTRY`: a new type is one new module with a :func:`register`-ed class.
 """
 

@@ -3,8 +3,8 @@
 The train state is a plain pytree; ``train_step`` is one ``jax.jit`` of top-level pure
 functions with the state donated. A :class:`StepSpec` holds what is fixed for a compiled
 step (the model, the optimizer, the loss-weighting method, which parameters are frozen).
-The loss is the weighted sum over tasks of the mean loss over the examples that carry that
-task's label (``-1``: no label). Metrics come back as device arrays and are only fetched by
+The loss is the weighted sum over tasks of each task's mean loss over the slots (tokens) that
+carry its label (see :meth:`mtl_jax.tasks.Task.present`). Metrics come back as device arrays and are only fetched by
 the host when logged. :func:`build_train_step` makes an optimizer and its step from a run's
 settings.
 """
