@@ -11,7 +11,10 @@
 - multilabel, mfd_terms.jsonl: each Moral Foundations Dictionary 2.0 term and the set of its
   foundation categories (the dictionary's rows grouped by term);
 - similarity, whissell_pairs.csv: two words of Whissell's Dictionary of Affect scored by how close
-  their pleasantness ratings are (5 minus twice the difference, within [0, 5]).
+  their pleasantness ratings are (5 minus twice the difference, within [0, 5]);
+- pair_classification, review_pairs.jsonl: a review's first half with its own second half
+  ("same") or with another review's ("other"), half and half: the fixture docs/task-types.md
+  measures the bi- and cross-encodings on.
 The regression example reads Whissell's dictionary as it ships (a word and its pleasantness).
 """
 
@@ -42,6 +45,14 @@ def review_halves(limit: int) -> list[dict]:
             half = len(words) // 2
             out.append({"query": " ".join(words[:half]), "positive": " ".join(words[half:])})
     return out[:limit]
+
+
+def review_pairs(halves: list[dict], limit: int, rng) -> list[dict]:
+    out = []
+    for i in range(min(limit, len(halves))):
+        j = i if i % 2 == 0 else int((i + 1 + rng.integers(len(halves) - 1)) % len(halves))
+        out.append({"a": halves[i]["query"], "b": halves[j]["positive"], "label": "same" if i == j else "other"})
+    return out
 
 
 def debate_pairs(limit: int, rng) -> list[dict]:
@@ -88,8 +99,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
+    halves = review_halves(6000)
     counts = {
-        "rt_halves.jsonl": _jsonl(out / "rt_halves.jsonl", review_halves(6000)),
+        "rt_halves.jsonl": _jsonl(out / "rt_halves.jsonl", halves),
+        "review_pairs.jsonl": _jsonl(
+            out / "review_pairs.jsonl", review_pairs(halves, 4000, np.random.default_rng([args.seed, 1]))
+        ),
         "debate_pairs.jsonl": _jsonl(out / "debate_pairs.jsonl", debate_pairs(4000, rng)),
         "mfd_terms.jsonl": _jsonl(out / "mfd_terms.jsonl", mfd_terms()),
         "whissell_pairs.csv": whissell_pairs(out / "whissell_pairs.csv", 4000, rng),
