@@ -144,7 +144,8 @@ def test_compare_writes_the_table_csv_and_plot(tmp_path, tiny_bert, tiny_data):
         ("head:topic", 1),
     ]
     table = list(csv.DictReader(open(out / "results.csv")))
-    assert len(table) == 4 and float(table[0]["topic_test_acc"]) == rows[0]["topic_test_acc"]
+    assert len(table) == 4 and float(table[0]["topic_test_macro_f1"]) == rows[0]["topic_test_macro_f1"]
+    assert list(rows[0]).index("topic_test_macro_f1") < list(rows[0]).index("topic_test_accuracy")  # primary first
     backbone = [r for r in rows if r["scenario"] == "backbone"]
     assert backbone[0]["trainable_params"] == 99 + 66  # the two heads
     md = (out / "results.md").read_text()

@@ -128,11 +128,8 @@ def _train_one(cfg: CompareConfig, run: dict, out: Path, names: list[str], finis
     )
     for t in names:
         for split, short in (("test", "test"), ("validation", "val")):
-            r = summary[split][
-                t
-            ]  # a task without accuracy or macro-F1 (not a classification) fills in its primary score
-            row[f"{t}_{short}_acc"] = round(r.get("accuracy", r[r["primary"]]), 4)
-            row[f"{t}_{short}_f1"] = round(r.get("macro_f1", r[r["primary"]]), 4)
+            for metric in scored(summary["test"][t]):
+                row[f"{t}_{short}_{metric}"] = round(summary[split][t][metric], 4)
     return row
 
 
@@ -175,6 +172,16 @@ def compare(cfg: CompareConfig) -> list[dict]:
     return rows
 
 
+def scored(result: dict) -> list[str]:
+    """The metrics the table keeps of a task: its primary one, and accuracy beside it where it has one."""
+    return [result["primary"]] + (["accuracy"] if "accuracy" in result and result["primary"] != "accuracy" else [])
+
+
+def task_columns(row: dict, t: str) -> list[str]:
+    """A task's test columns of a result row (``test_<metric>``), its primary metric first."""
+    return [k[len(t) + 1 :] for k in row if k.startswith(f"{t}_test_")]
+
+
 def summarize(rows: list[dict], names: list[str]) -> list[dict]:
     """Mean and std over seeds per (scenario, weighting)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -190,7 +197,7 @@ def summarize(rows: list[dict], names: list[str]) -> list[dict]:
             "trainable_params": rs[0]["trainable_params"],
         }
         for t in names:
-            for m in ("test_acc", "test_f1"):
+            for m in task_columns(rs[0], t):
                 v = np.array([r[f"{t}_{m}"] for r in rs])
                 s[f"{t}_{m}"] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
         out.append(s)
@@ -208,6 +215,7 @@ def write_results(
             writer.writeheader()
             writer.writerows(rows)
     summary = summarize(rows, names)
+    columns = {t: task_columns(rows[0], t) if rows else [] for t in names}
     steps = sorted({r["steps"] for r in rows})
     length = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps" if steps else "no runs yet"
     lines = [
@@ -218,12 +226,12 @@ def write_results(
         f"wall time per run on {jax.default_backend()}.",
         "",
         "| scenario | weighting | seeds | "
-        + " | ".join(f"{t} acc | {t} macro-F1" for t in names)
+        + " | ".join(f"{t} {m[5:]}" for t in names for m in columns[t])
         + " | wall s | trainable params |",
-        "|---|---|---|" + "---|---|" * len(names) + "---|---|",
+        "|---|---|---|" + "---|" * sum(len(c) for c in columns.values()) + "---|---|",
     ]
     for s in summary:
-        cells = [f"{s[f'{t}_{m}'][0]:.3f} ± {s[f'{t}_{m}'][1]:.3f}" for t in names for m in ("test_acc", "test_f1")]
+        cells = [f"{s[f'{t}_{m}'][0]:.3f} ± {s[f'{t}_{m}'][1]:.3f}" for t in names for m in columns[t]]
         lines.append(
             f"| {s['scenario']} | {s['weighting']} | {s['seeds']} | "
             + " | ".join(cells)
@@ -233,11 +241,12 @@ def write_results(
     if probe is not None and len(summary) > 1:
         lines.append("")
         for t in names:
-            best = max(summary, key=lambda s: s[f"{t}_test_acc"][0])
-            gain = 100 * (best[f"{t}_test_acc"][0] - probe[f"{t}_test_acc"][0])
+            key = f"{t}_{columns[t][0]}"  # the primary metric
+            best = max(summary, key=lambda s: s[key][0])
+            gain = 100 * (best[key][0] - probe[key][0])
             lines.append(
-                f"- {t}: best `{best['scenario']}` ({best['weighting']}), {gain:+.1f} points of test accuracy "
-                f"over the frozen-backbone linear probe."
+                f"- {t}: best `{best['scenario']}` ({best['weighting']}), {gain:+.1f} points of test "
+                f"{columns[t][0][5:]} over the frozen-backbone linear probe."
             )
     if pending:
         lines += [

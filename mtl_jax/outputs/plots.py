@@ -63,14 +63,15 @@ def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> Non
 
 
 def plot_compare(summary: list[dict], tasks: Sequence[str], path: Path) -> None:
-    """Per task: mean test accuracy (+/- std over seeds) against mean wall time, one point per scenario."""
+    """Per task: its mean primary test score (+/- std over seeds) against mean wall time, one point per scenario."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
+        key = next(k for k in summary[0] if k.startswith(f"{t}_test_"))  # the primary metric comes first
         for i, s in enumerate(summary):
-            mean, std = s[f"{t}_test_acc"]
+            mean, std = s[key]
             label = s["scenario"] if s["weighting"] == "sum" else f"{s['scenario']} ({s['weighting']})"
             ax.errorbar(s["wall_s"], mean, yerr=std, fmt="o", color=f"C{i % 10}", capsize=3, label=label)
-        ax.set(xlabel="wall time per run (s)", ylabel="test accuracy", title=t)
+        ax.set(xlabel="wall time per run (s)", ylabel=key[len(t) + 1 :].replace("_", " ", 1), title=t)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")  # one legend for all panels
     _finish(fig, (), path)
