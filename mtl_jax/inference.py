@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtl_jax.data.packing import MAX_SEGMENTS, packed_calls, unit_length
+from mtl_jax.data.packing import MAX_SEGMENTS, gather, packed_calls, unit_length
 from mtl_jax.data.text import TextTokenizer, check_texts
 from mtl_jax.errors import MtlError
 from mtl_jax.model.multitask import MultiTaskModel, l2_normalize
@@ -138,19 +138,11 @@ class SentenceEncoder:
             progress = sys.stderr.isatty() and len(units) >= 10 * batch_size
         out: dict = {}
 
+        lengths = np.fromiter((unit_length(u) for u in units), np.int64, len(units))
+
         def collect(call, result):
             for name, r in result.items() if isinstance(result, dict) else [(None, result)]:
-                r = np.asarray(r)
-                if name in per_token:
-                    store = out.setdefault(name, np.empty(len(units), object))
-                    for slot in np.flatnonzero(call.first):
-                        row, at = call.tokens_of(slot)
-                        i = call.index[slot]
-                        store[i] = r[row, at : at + unit_length(units[i])]
-                    continue
-                r = r.reshape((-1,) + r.shape[2:])
-                store = out.setdefault(name, np.zeros((len(units),) + r.shape[1:], r.dtype))
-                store[call.index[call.first]] = r[call.first]
+                gather(out, name, call, np.asarray(r), lengths, name in per_token)
 
         pending = []
         with tqdm(total=len(units), unit="sent", disable=not progress, desc="encode") as bar:

@@ -156,6 +156,23 @@ def fill_rows(
     return call
 
 
+def gather(out: dict, name: str, call: PackedCall, values: np.ndarray, lengths: np.ndarray, per_token: bool) -> None:
+    """A call's outputs ``values`` into ``out[name]``, one entry per input (``len(lengths)`` of them):
+    per slot (``[R, S, ...]``) the value at each input's first slot, or per token (``[R, P, ...]``,
+    ``per_token``) the values of its ``lengths[i]`` tokens."""
+    first = np.flatnonzero(call.first)
+    if per_token:
+        store = out.setdefault(name, np.empty(len(lengths), object))
+        for slot in first:
+            row, at = call.tokens_of(slot)
+            i = call.index[slot]
+            store[i] = values[row, at : at + int(lengths[i])]
+        return
+    values = values.reshape((-1,) + values.shape[2:])
+    store = out.setdefault(name, np.zeros((len(lengths),) + values.shape[1:], values.dtype))
+    store[call.index[first]] = values[first]
+
+
 def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (rows split evenly over the devices)."""
     return -(-n // multiple) * multiple

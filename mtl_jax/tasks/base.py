@@ -233,6 +233,23 @@ class Task:
         """Its section of report.md from the run's summary (validation and test results)."""
         return []
 
+    def split_table(self, summary: dict, columns: tuple, count: str = "examples") -> list[str]:
+        """A report.md table of the validation and test results: a column per ``(header, metric key)``."""
+        lines = ["| split | " + " | ".join(h for h, _ in columns) + f" | {count} |", "|---" * (len(columns) + 2) + "|"]
+        for split in ("validation", "test"):
+            r = summary[split][self.name]
+            lines.append(f"| {split} | " + " | ".join(f"{r[k]:.3f}" for _, k in columns) + f" | {r['examples']} |")
+        return lines
+
+    def label_table(self, summary: dict) -> list[str]:
+        """A report.md table of the test result per label: precision, recall, F1 and support."""
+        r = summary["test"][self.name]
+        lines = ["| label (test) | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name in self.labels:
+            cells = f"{r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['class_f1'][name]:.3f}"
+            lines.append(f"| {name} | {cells} | {r['support'][name]} |")
+        return lines
+
     def plots(self, result: dict, folder: Path) -> list[str]:
         """Pictures of a test result written into ``folder``; their file names."""
         return []

@@ -100,17 +100,8 @@ class Classification(Task):
         return f"acc {result['accuracy']:.3f} F1 {result['macro_f1']:.3f}{extra}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = ["| split | accuracy | macro-F1 | examples |", "|---|---|---|---|"]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            lines.append(f"| {split} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
-        r = summary["test"][self.name]
-        lines += ["", "| label (test) | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        for name in self.labels:
-            lines.append(
-                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['class_f1'][name]:.3f} | {r['support'][name]} |"
-            )
-        return lines + ["", f"![confusion](confusion_{self.name}.png)"]
+        lines = self.split_table(summary, (("accuracy", "accuracy"), ("macro-F1", "macro_f1")))
+        return lines + [""] + self.label_table(summary) + ["", f"![confusion](confusion_{self.name}.png)"]
 
     def plots(self, result: dict, folder: Path) -> list[str]:
         from mtl_jax.outputs.plots import plot_confusion

@@ -81,17 +81,8 @@ class Multilabel(Task):
         return f"micro-F1 {result['micro_f1']:.3f} macro-F1 {result['macro_f1']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = ["| split | micro-F1 | macro-F1 | examples |", "|---|---|---|---|"]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            lines.append(f"| {split} | {r['micro_f1']:.3f} | {r['macro_f1']:.3f} | {r['examples']} |")
-        r = summary["test"][self.name]
-        lines += ["", "| label (test) | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        for name in self.labels:
-            lines.append(
-                f"| {name} | {r['precision'][name]:.3f} | {r['recall'][name]:.3f} | {r['class_f1'][name]:.3f} | {r['support'][name]} |"
-            )
-        return lines
+        lines = self.split_table(summary, (("micro-F1", "micro_f1"), ("macro-F1", "macro_f1")))
+        return lines + [""] + self.label_table(summary)
 
     def output(self, probabilities: np.ndarray) -> dict:
         chosen = [name for name, p in zip(self.labels, probabilities) if p >= self.config.threshold]

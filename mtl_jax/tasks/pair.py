@@ -26,12 +26,15 @@ ENCODINGS = ("bi", "cross")
 class PairText:
     """Two (or more) text columns per example, encoded separately (``bi``) or joined (``cross``)."""
 
-    width = 2  # the text columns an example has
+    roles = ("a", "b")  # what text_columns name, in order
 
     def check_pair(self) -> None:
         cols = self.config.text_columns
-        if not cols or len(cols) != self.width:
-            raise MtlError(f"task {self.name} ({self.type}): text_columns must name {self.width} columns, got {cols}")
+        if not cols or len(cols) != len(self.roles):
+            raise MtlError(
+                f"task {self.name} ({self.type}): text_columns must name {len(self.roles)} columns "
+                f"({', '.join(self.roles)}), got {cols}"
+            )
         if self.config.encoding not in ENCODINGS:
             raise MtlError(f"task {self.name}: unknown encoding {self.config.encoding!r} (bi, cross)")
 
@@ -57,7 +60,11 @@ class PairText:
         return (("encoding", self.config.encoding),)
 
     def accepts(self, value) -> bool:
-        return isinstance(value, (tuple, list)) and len(value) == self.width and all(isinstance(v, str) for v in value)
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(self.roles)
+            and all(isinstance(v, str) for v in value)
+        )
 
     def input_text(self, value):
         return (Segments if self.config.encoding == "bi" else Joined)(value)

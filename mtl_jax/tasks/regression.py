@@ -26,6 +26,11 @@ def parse_number(raw, what: str = "score") -> float | str:
     return value if math.isfinite(value) else f"{what} {raw!r} is not a finite number"
 
 
+def numbers(raws: Iterable) -> list[float]:
+    """The raw labels that are numbers (the others are refused row by row, with their lines)."""
+    return [v for v in map(parse_number, raws) if not isinstance(v, str)]
+
+
 def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, valid: jnp.ndarray) -> dict:
     """``{"loss_sum", "correct", "count"}`` of a squared error over the ``valid`` rows (no notion of correct)."""
     err = jnp.where(valid, pred - jnp.where(valid, target, 0.0), 0.0)
@@ -47,7 +52,7 @@ class Regression(Task):
         """The training targets' mean and standard deviation (the loss is on the standardised target)."""
         if self.stats:
             return self
-        y = np.asarray([v for v in map(parse_number, raw_train_labels) if not isinstance(v, str)], np.float64)
+        y = np.asarray(numbers(raw_train_labels), np.float64)
         mean, std = (float(y.mean()), float(y.std())) if len(y) else (0.0, 1.0)
         return dataclasses.replace(self, stats=(mean, std if std > 0 else 1.0))
 
@@ -75,11 +80,7 @@ class Regression(Task):
         return f"spearman {result['spearman']:.3f} rmse {result['rmse']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = ["| split | Pearson | Spearman | RMSE | examples |", "|---|---|---|---|---|"]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            lines.append(f"| {split} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['rmse']:.3f} | {r['examples']} |")
-        return lines
+        return self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman"), ("RMSE", "rmse")))
 
     def output(self, probabilities: np.ndarray) -> float:
         return float(probabilities[0])

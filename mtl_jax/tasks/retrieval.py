@@ -48,7 +48,7 @@ class Retrieval(PairText, Task):
     record_keys = ("loss", "mrr@10", "recall@1", "recall@10", "examples")
 
     def __post_init__(self):
-        self.check_pair()
+        self.check_pair()  # (the hard negative column is its own key)
         if self.config.encoding != "bi":
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
 
@@ -57,12 +57,7 @@ class Retrieval(PairText, Task):
             (self.config.negative_column,) if self.config.negative_column else ()
         )
 
-    def check_pair(self) -> None:
-        cols = self.config.text_columns
-        if not cols or len(cols) != 2:
-            raise MtlError(
-                f"task {self.name} (retrieval): text_columns must name 2 columns (query, positive), got {cols}"
-            )
+    roles = ("query", "positive")
 
     def columns(self) -> tuple[str, ...]:
         return ()
@@ -124,13 +119,8 @@ class Retrieval(PairText, Task):
         return f"MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = ["| split | MRR@10 | recall@1 | recall@10 | queries |", "|---|---|---|---|---|"]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            lines.append(
-                f"| {split} | {r['mrr@10']:.3f} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['examples']} |"
-            )
-        return lines
+        columns = (("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
+        return self.split_table(summary, columns, count="queries")
 
     def output(self, probabilities: np.ndarray) -> np.ndarray:
         return np.asarray(probabilities)

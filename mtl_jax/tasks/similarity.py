@@ -21,7 +21,7 @@ from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
 from mtl_jax.tasks.metrics import correlations
 from mtl_jax.tasks.pair import PairText
-from mtl_jax.tasks.regression import masked_mse, parse_number
+from mtl_jax.tasks.regression import masked_mse, numbers, parse_number
 
 COSENT_SCALE = 20.0  # CoSENT's lambda (as sentence-transformers' CoSENTLoss)
 LOSSES = ("cosent", "mse")
@@ -57,7 +57,7 @@ class Similarity(PairText, Task):
             return self
         if self.config.score_range:
             return dataclasses.replace(self, stats=tuple(self.config.score_range))
-        y = [v for v in map(parse_number, raw_train_labels) if not isinstance(v, str)]
+        y = numbers(raw_train_labels)
         lo, hi = (min(y), max(y)) if y else (0.0, 1.0)
         return dataclasses.replace(self, stats=(lo, hi if hi > lo else lo + 1.0))
 
@@ -107,11 +107,7 @@ class Similarity(PairText, Task):
         return f"pearson {result['pearson']:.3f} spearman {result['spearman']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = ["| split | Pearson | Spearman | pairs |", "|---|---|---|---|"]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            lines.append(f"| {split} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['examples']} |")
-        return lines
+        return self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman")), count="pairs")
 
     def output(self, probabilities: np.ndarray) -> float:
         return float(probabilities[0])

@@ -94,22 +94,17 @@ class Tagging(Classification):
         right = sum(int(np.sum(np.asarray(t) == np.asarray(p))) for t, p in zip(true, pred))
         words = sum(len(t) for t in true)
         out = {"token_accuracy": right / words if words else 0.0, "words": words, "examples": len(true)}
-        return out | (entity_scores(true, pred) if self.entities else {"entity_f1": 0.0})
+        no_entities = dict.fromkeys(("entity_precision", "entity_recall", "entity_f1"), 0.0)
+        return out | (entity_scores(true, pred) if self.entities else no_entities)
 
     def describe(self, result: dict) -> str:
         ent = f" entity F1 {result['entity_f1']:.3f}" if self.entities else ""
         return f"token acc {result['token_accuracy']:.3f}{ent}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        lines = [
-            "| split | token accuracy | entity P | entity R | entity F1 | sentences |",
-            "|---|---|---|---|---|---|",
-        ]
-        for split in ("validation", "test"):
-            r = summary[split][self.name]
-            cells = [f"{r.get(k, 0.0):.3f}" for k in ("entity_precision", "entity_recall", "entity_f1")]
-            lines.append(f"| {split} | {r['token_accuracy']:.3f} | {' | '.join(cells)} | {r['examples']} |")
-        return lines
+        columns = (("token accuracy", "token_accuracy"), ("entity P", "entity_precision"))
+        columns += (("entity R", "entity_recall"), ("entity F1", "entity_f1"))
+        return self.split_table(summary, columns, count="sentences")
 
     def plots(self, result: dict, folder) -> list[str]:
         return []

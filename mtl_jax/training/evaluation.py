@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.data.packing import gather
 from mtl_jax.tasks import Task
 from mtl_jax.tasks.base import has_label
 from mtl_jax.training.parallel import to_host
@@ -37,23 +38,6 @@ def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Token
     return out if out is not None else np.zeros((0, data.widest, 0), np.float32)
 
 
-def _store(out: dict, task: Task, call, pred: np.ndarray, data: Tokenized) -> None:
-    """A call's predictions of one task into ``out[task.name]``, one entry per example (a token-level
-    task's predictions are ``[R, P]``: each example gets those of its tokens)."""
-    first = np.flatnonzero(call.first)
-    examples = call.index[first]
-    name = task.name
-    if task.token_level:
-        store = out.setdefault(name, np.empty(len(data), object))
-        for slot, i in zip(first, examples):
-            r, at = call.tokens_of(slot)
-            store[i] = pred[r, at : at + int(data.lengths[i])]
-        return
-    pred = pred.reshape((-1,) + pred.shape[2:])
-    store = out.setdefault(name, np.zeros((len(data),) + pred.shape[1:], pred.dtype))
-    store[examples] = pred[first]
-
-
 def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task]) -> dict:
     """Each task's metrics (:meth:`Task.metrics`) and mean loss over every labelled example of ``data``
     exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run)."""
@@ -63,7 +47,7 @@ def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokeniz
     for call, result in _over_examples(eval_step, params, pipeline, data):
         p, losses = to_host(result)
         for t in tasks:
-            _store(preds, t, call, np.asarray(p[t.name]), data)
+            gather(preds, t.name, call, np.asarray(p[t.name]), data.lengths, t.token_level)
             loss_sums[t.name] += float(losses[t.name]["loss_sum"])
             counts[t.name] += int(losses[t.name]["count"])
     out = {}
