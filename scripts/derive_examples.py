@@ -10,6 +10,10 @@
   more by candidates, labelled "same" when both speakers are of one party, else "different";
 - multilabel, mfd_terms.jsonl: each Moral Foundations Dictionary 2.0 term and the set of its
   foundation categories (the dictionary's rows grouped by term);
+- tagging, mfd_tagged.conll: sentences of the 2012 convention speeches (6 to 40 words) in which
+  Moral Foundations Dictionary 2.0 terms are tagged BIO with their category (care.virtue,
+  fairness.vice, ...; the longest term wins), the sentences that hold a term; a sentence holding a
+  term of several categories is left out, so every occurrence of a term carries one tag;
 - similarity, whissell_pairs.csv: two words of Whissell's Dictionary of Affect scored by how close
   their pleasantness ratings are (5 minus twice the difference, within [0, 5]);
 - pair_classification, review_pairs.jsonl: a review's first half with its own second half
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -79,6 +84,41 @@ def mfd_terms() -> list[dict]:
     return [{"term": t, "foundations": sorted(c)} for t, c in sorted(cats.items())]
 
 
+WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+
+
+def _tag_terms(words: list[str], lexicon: dict[tuple, list[str]], longest: int) -> list[str] | None:
+    """BIO tags of the lexicon's terms in ``words`` (longest match first); None when a term found
+    has several categories."""
+    low, tags, i = [w.lower() for w in words], ["O"] * len(words), 0
+    while i < len(words):
+        n = next((n for n in range(longest, 0, -1) if tuple(low[i : i + n]) in lexicon), 0)
+        if not n:
+            i += 1
+            continue
+        cats = lexicon[tuple(low[i : i + n])]
+        if len(cats) > 1:
+            return None
+        tags[i : i + n] = [f"B-{cats[0]}"] + [f"I-{cats[0]}"] * (n - 1)
+        i += n
+    return tags
+
+
+def mfd_tagged(path: Path, terms: list[dict]) -> int:
+    lexicon = {tuple(t["term"].split()): t["foundations"] for t in terms}
+    longest = max(map(len, lexicon))
+    rows = read_rows(resolve_path("embedded:political_data.csv"), ["text"])
+    sentences = []
+    for r in rows:
+        for s in re.split(r"(?<=[.!?])\s+", r.fields.get("text") or ""):
+            words = WORD.findall(s)
+            tags = _tag_terms(words, lexicon, longest) if 6 <= len(words) <= 40 else None
+            if tags and any(t != "O" for t in tags):
+                sentences.append("".join(f"{w} {t}\n" for w, t in zip(words, tags)))
+    path.write_text("\n".join(sentences), encoding="utf-8")
+    return len(sentences)
+
+
 def whissell_pairs(path: Path, limit: int, rng) -> int:
     rows = read_rows(resolve_path("embedded:whissells_df.csv"), ["word", "pleasantness"])
     words = [(r.fields["word"], float(r.fields["pleasantness"])) for r in rows if r.fields.get("word")]
@@ -99,14 +139,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    halves = review_halves(6000)
+    halves, terms = review_halves(6000), mfd_terms()
     counts = {
         "rt_halves.jsonl": _jsonl(out / "rt_halves.jsonl", halves),
         "review_pairs.jsonl": _jsonl(
             out / "review_pairs.jsonl", review_pairs(halves, 4000, np.random.default_rng([args.seed, 1]))
         ),
         "debate_pairs.jsonl": _jsonl(out / "debate_pairs.jsonl", debate_pairs(4000, rng)),
-        "mfd_terms.jsonl": _jsonl(out / "mfd_terms.jsonl", mfd_terms()),
+        "mfd_terms.jsonl": _jsonl(out / "mfd_terms.jsonl", terms),
+        "mfd_tagged.conll": mfd_tagged(out / "mfd_tagged.conll", terms),
         "whissell_pairs.csv": whissell_pairs(out / "whissell_pairs.csv", 4000, rng),
     }
     for name, n in counts.items():

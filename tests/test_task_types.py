@@ -357,3 +357,82 @@ def test_cached_embeddings_train_pair_similarity_and_retrieval_heads_as_the_full
         for task, key in (("nli", "macro_f1"), ("sts", "spearman"), ("qa", "mrr@10"), ("topic", "macro_f1")):
             assert cached[split][task][key] == pytest.approx(full[split][task][key], abs=1e-4), (split, task)
             assert cached[split][task]["loss"] == pytest.approx(full[split][task]["loss"], rel=1e-4), (split, task)
+
+
+def _export_scores(run, names):
+    """Each task's primary metric recomputed from the run's export on its test split, as a user predicts:
+    sentences, pairs as tuples, a tagging sentence as its words joined by spaces."""
+    from mtl_jax.config import TaskConfig
+    from mtl_jax.tasks.base import has_label
+
+    cfg = json.loads((run / "config.json").read_text())
+    test = load_tasks([TaskConfig(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
+    model = load(run / "export")
+    tasks = {t.name: t for t in model.task_objects}
+    out = {}
+    for name in names:
+        task, y = tasks[name], test.labels[name]
+        has = np.flatnonzero(has_label(y))
+        inputs = [" ".join(test.texts[i]) if task.token_level else test.texts[i] for i in has]
+        inputs = [tuple(x) if isinstance(x, tuple) and not task.token_level else x for x in inputs]
+        probs = model.predict_proba(inputs)[name]
+        if task.token_level:
+            preds = [np.argmax(p, -1) for p in probs]
+        else:
+            preds = probs[:, 0] if task.outputs == 1 else np.argmax(probs, -1)
+        out[name] = task.metrics(y[has], np.array(preds, dtype=object) if task.token_level else preds)[task.primary]
+    return out
+
+
+def test_lora_trains_pair_similarity_retrieval_and_tagging_and_the_merged_export_gives_its_scores(tmp_path, tiny_bert):
+    """LoRA with every head kind beyond a sentence's Dense: (u, v, |u-v|), a cosine, in-batch negatives,
+    per-token. The adapters merged into the export give the run's own test scores."""
+    data = write_typed_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["--config", str(data / "types.yaml"), "--tasks", "nli,sts,qa,ner", "--encoder", str(tiny_bert)]
+    args += ["--batch-size", "8", "--lr", "2e-2", "--freeze", "lora", "--lora-rank", "4", "--lora-lr", "1e-3"]
+    res = cli("train", *args, "--epochs", "3", "--out", str(out), "--compile-cache", "off", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"]["lora"] > 0
+    test = summary["test"]
+    assert test["ner"]["entity_f1"] >= 0.5 and test["sts"]["spearman"] >= 0.5 and test["qa"]["mrr@10"] >= 0.3
+    got = _export_scores(out, ("nli", "sts", "ner"))
+    assert got == {t: pytest.approx(test[t][test[t]["primary"]], abs=1e-6) for t in got}
+
+
+@pytest.mark.slow  # three real runs on 4 forced devices: make test-slow
+def test_pair_similarity_retrieval_and_tagging_on_four_devices_with_fsdp_match_one_and_run_in_bf16(tmp_path, tiny_bert):
+    """The same run on 1 device and on 4 with FSDP: every logged loss and metric agree (the pairs, the
+    in-batch negatives and the token labels split over devices by rows); bf16 compute on 4 devices
+    trains to the same losses within bf16's precision."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = write_typed_data(tmp_path)
+
+    def run(name, devices, *extra):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        args = ["--config", str(data / "types.yaml"), "--tasks", "nli,sts,qa,ner,topic", "--encoder", str(tiny_bert),
+                "--batch-size", "16", "--lr", "2e-3", "--freeze", "none", "--max-steps", "8", "--log-every", "1",
+                "--eval-every", "4", "--compile-cache", "off", "--no-progress", "--out", str(tmp_path / name), *extra]  # fmt: skip
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True,
+                           text=True, env=env, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"({devices} device(s)" in r.stderr
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one, fsdp = run("one", 1), run("fsdp", 4, "--fsdp")
+    bf16 = run("bf16", 4, "--fsdp", "--dtype", "bfloat16")
+    assert [r["step"] for r in one] == [r["step"] for r in fsdp] == [r["step"] for r in bf16]
+    for a, b, c in zip(one, fsdp, bf16):
+        for task in ("nli", "sts", "qa", "ner", "topic"):
+            if task in a and a[task]["loss"] is not None:  # (a train record has the tasks of its step)
+                assert b[task]["loss"] == pytest.approx(a[task]["loss"], rel=1e-5, abs=1e-5), (a["step"], task)
+                assert c[task]["loss"] == pytest.approx(a[task]["loss"], rel=0.02), (a["step"], task)
+        if a["split"] == "validation":
+            for task, key in (("nli", "macro_f1"), ("sts", "spearman"), ("qa", "mrr@10"), ("ner", "entity_f1")):
+                assert b[task][key] == pytest.approx(a[task][key], abs=1e-6), (a["step"], task)
