@@ -295,3 +295,11 @@ def test_methods_keep_their_state_when_the_encoder_is_frozen():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown loss weighting 'gradnrom'; choose from sum, static"):
         make("gradnrom")
+
+
+def test_pcgrad_program_does_not_grow_with_the_number_of_tasks():
+    """T x T projections unrolled made nine tasks' step take minutes to compile; as loops the
+    program is the same size for two tasks and nine (and over a tree of many leaves)."""
+    tree = lambda n: {f"l{i}": jnp.ones((n, 3)) for i in range(20)}  # noqa: E731
+    size = lambda n: len(jax.make_jaxpr(pcgrad)(tree(n)).eqns)  # noqa: E731
+    assert size(9) == size(2)
