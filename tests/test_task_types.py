@@ -436,3 +436,26 @@ def test_pair_similarity_retrieval_and_tagging_on_four_devices_with_fsdp_match_o
         if a["split"] == "validation":
             for task, key in (("nli", "macro_f1"), ("sts", "spearman"), ("qa", "mrr@10"), ("ner", "entity_f1")):
                 assert b[task][key] == pytest.approx(a[task][key], abs=1e-6), (a["step"], task)
+
+
+@pytest.mark.slow  # ten short runs: make test-slow
+def test_every_loss_weighting_trains_pair_retrieval_tagging_and_regression_tasks(tmp_path, tiny_bert):
+    """Each weighting method (those that put every task in each step stack a retrieval task's pairs and
+    a tagging task's token labels per task), two with gradient accumulation: finite losses for every
+    task and every task scored on test."""
+    from mtl_jax.training.weighting import METHODS
+
+    data = write_typed_data(tmp_path)
+    for method in METHODS:
+        accum = ["--grad-accum", "2"] if method in ("famo", "pcgrad") else []
+        args = ["--config", str(data / "types.yaml"), "--tasks", "nli,qa,ner,stars", "--encoder", str(tiny_bert),
+                "--batch-size", "16", "--freeze", "none", "--max-steps", "3", "--log-every", "1", "--loss-weighting",
+                method, *accum, "--out", str(tmp_path / method), "--compile-cache", "off", "--no-progress"]  # fmt: skip
+        res = cli("train", *args)
+        assert res.returncode == 0, (method, res.stderr[-3000:])
+        records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        losses = [r[t]["loss"] for r in records for t in ("nli", "qa", "ner", "stars") if r.get(t, {}).get("loss")]
+        assert losses and all(math.isfinite(v) for v in losses), method
+        test = json.loads((tmp_path / method / "summary.json").read_text())["test"]
+        scores = {t: test[t][test[t]["primary"]] for t in ("nli", "qa", "ner", "stars")}
+        assert all(math.isfinite(v) for v in scores.values()), (method, scores)
