@@ -16,6 +16,7 @@ from mtl_jax import load
 from mtl_jax.config import TaskConfig
 from mtl_jax.data.load import BadRows, load_tasks
 from mtl_jax.tasks import build
+from mtl_jax.tasks.base import has_label
 from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, ranking_metrics
 from mtl_jax.tasks.retrieval import SCALE
 from mtl_jax.tasks.similarity import COSENT_SCALE
@@ -363,7 +364,6 @@ def _export_scores(run, names):
     """Each task's primary metric recomputed from the run's export on its test split, as a user predicts:
     sentences, pairs as tuples, a tagging sentence as its words joined by spaces."""
     from mtl_jax.config import TaskConfig
-    from mtl_jax.tasks.base import has_label
 
     cfg = json.loads((run / "config.json").read_text())
     test = load_tasks([TaskConfig(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
@@ -459,3 +459,28 @@ def test_every_loss_weighting_trains_pair_retrieval_tagging_and_regression_tasks
         test = json.loads((tmp_path / method / "summary.json").read_text())["test"]
         scores = {t: test[t][test[t]["primary"]] for t in ("nli", "qa", "ner", "stars")}
         assert all(math.isfinite(v) for v in scores.values()), (method, scores)
+
+
+def test_derived_examples_load_as_configs_types_embedded_names_them(tmp_path, monkeypatch):
+    """scripts/derive_examples.py writes every file the seven-type example config reads, and they load
+    without a bad row: the README's real-data command starts from here."""
+    import runpy
+    import sys
+
+    from mtl_jax.config import load_config_file
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["derive_examples.py"])
+    runpy.run_path(str(ROOT / "scripts" / "derive_examples.py"), run_name="__main__")
+    values = load_config_file(ROOT / "configs" / "types-embedded.yaml")
+    data = load_tasks(values["task_list"])
+    types = {t.name: t.config.type for t in data.tasks}
+    assert sorted(set(types.values())) == sorted(
+        ["classification", "pair_classification", "retrieval", "similarity", "multilabel", "tagging", "regression"]
+    )
+    train = data.splits["train"]
+    counts = {name: int(np.sum(has_label(train.labels[name]))) for name in types}
+    assert min(counts.values()) >= 1500, counts
+    tags = data.labels["moral_terms"]
+    assert "O" in tags and "B-care.virtue" in tags and "I-authority.virtue" in tags
