@@ -391,7 +391,7 @@ def test_lora_trains_pair_similarity_retrieval_and_tagging_and_the_merged_export
     out = tmp_path / "run"
     args = ["--config", str(data / "types.yaml"), "--tasks", "nli,sts,qa,ner", "--encoder", str(tiny_bert)]
     args += ["--batch-size", "8", "--lr", "2e-2", "--freeze", "lora", "--lora-rank", "4", "--lora-lr", "1e-3"]
-    res = cli("train", *args, "--epochs", "3", "--out", str(out), "--compile-cache", "off", "--no-progress")
+    res = cli("train", *args, "--epochs", "2", "--out", str(out), "--compile-cache", "off", "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parameters"]["lora"] > 0
