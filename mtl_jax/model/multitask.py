@@ -98,14 +98,14 @@ class MultiTaskModel(nn.Module):
         ``cls`` takes each sentence's first token, whose state alone the last layer computes
         (unless the token states are wanted).
         """
-        if self.pooling == "cls" and not tokens:
+        if self.pooling == "cls":
             first = (positions == 0)[..., None] & segment_members(segments, num_segments)  # [R, P, S]
-            queries = jnp.argmax(first, axis=1)  # a sentence's first token; 0 for an empty slot (never read)
-            return self.encoder(ids, positions, segments, deterministic, queries).astype(jnp.float32), None
+            starts = jnp.argmax(first, axis=1)  # [R, S] a sentence's first token; 0 for an empty slot (never read)
+            if not tokens:
+                return self.encoder(ids, positions, segments, deterministic, starts).astype(jnp.float32), None
         hidden = self.encoder(ids, positions, segments, deterministic)
         if self.pooling == "cls":
-            first = jnp.argmax((positions == 0)[..., None] & segment_members(segments, num_segments), axis=1)
-            pooled = jnp.take_along_axis(hidden, first[..., None], axis=1).astype(jnp.float32)
+            pooled = jnp.take_along_axis(hidden, starts[..., None], axis=1).astype(jnp.float32)
         else:
             pooled = pool_segments(hidden, segments, self.pooling, num_segments)
         return pooled, (hidden if tokens else None)
