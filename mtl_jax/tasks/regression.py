@@ -37,16 +37,35 @@ def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, valid: jnp.ndarray) -> di
     return {"loss_sum": jnp.sum(err * err), "correct": jnp.zeros((), jnp.int32), "count": jnp.sum(valid)}
 
 
-@register("regression")
-@dataclasses.dataclass(frozen=True)
-class Regression(Task):
+class OneScore(Task):
+    """What the types that predict one number per example share (regression, similarity): a numeric
+    label, one output, the prediction as its "probabilities", Pearson and Spearman (primary)."""
+
     primary = "spearman"
-    record_keys = ("loss", "pearson", "spearman", "rmse", "examples")
     label_dtype = np.float32
     train_accuracy = False
 
     def label_id(self, raw) -> float | str:
         return parse_number(raw)
+
+    @property
+    def outputs(self) -> int:
+        return 1
+
+    def probabilities(self, outputs):
+        return self.predict(outputs)[..., None]
+
+    def metrics(self, y_true, y_pred) -> dict:
+        return correlations(y_true, y_pred)
+
+    def output(self, probabilities: np.ndarray) -> float:
+        return float(probabilities[0])
+
+
+@register("regression")
+@dataclasses.dataclass(frozen=True)
+class Regression(OneScore):
+    record_keys = ("loss", "pearson", "spearman", "rmse", "examples")
 
     def with_labels(self, raw_train_labels: Iterable) -> Regression:
         """The training targets' mean and standard deviation (the loss is on the standardised target)."""
@@ -56,10 +75,6 @@ class Regression(Task):
         mean, std = (float(y.mean()), float(y.std())) if len(y) else (0.0, 1.0)
         return dataclasses.replace(self, stats=(mean, std if std > 0 else 1.0))
 
-    @property
-    def outputs(self) -> int:
-        return 1
-
     def loss_sums(self, outputs, y):
         mean, std = self.stats
         return masked_mse(outputs[..., 0].astype(jnp.float32), (y - mean) / std, self.present(y))
@@ -68,11 +83,8 @@ class Regression(Task):
         mean, std = self.stats
         return outputs[..., 0] * std + mean
 
-    def probabilities(self, outputs):
-        return self.predict(outputs)[..., None]
-
     def metrics(self, y_true, y_pred) -> dict:
-        out = correlations(y_true, y_pred)
+        out = super().metrics(y_true, y_pred)
         out["rmse"] = float(np.sqrt(np.mean((np.asarray(y_pred, np.float64) - y_true) ** 2))) if len(y_true) else 0.0
         return out
 
@@ -81,6 +93,3 @@ class Regression(Task):
 
     def report_lines(self, summary: dict) -> list[str]:
         return self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman"), ("RMSE", "rmse")))
-
-    def output(self, probabilities: np.ndarray) -> float:
-        return float(probabilities[0])

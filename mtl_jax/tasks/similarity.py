@@ -15,13 +15,11 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
-from mtl_jax.tasks.metrics import correlations
 from mtl_jax.tasks.pair import PairText
-from mtl_jax.tasks.regression import masked_mse, numbers, parse_number
+from mtl_jax.tasks.regression import OneScore, masked_mse, numbers
 
 COSENT_SCALE = 20.0  # CoSENT's lambda (as sentence-transformers' CoSENTLoss)
 LOSSES = ("cosent", "mse")
@@ -37,19 +35,13 @@ def cosent(cos: jnp.ndarray, score: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndar
 
 @register("similarity")
 @dataclasses.dataclass(frozen=True)
-class Similarity(PairText, Task):
-    primary = "spearman"
+class Similarity(PairText, OneScore):
     record_keys = ("loss", "pearson", "spearman", "examples")
-    label_dtype = np.float32
-    train_accuracy = False
 
     def __post_init__(self):
         self.check_pair()
         if (self.config.loss or "cosent") not in LOSSES:
             raise MtlError(f"task {self.name}: unknown loss {self.config.loss!r} (similarity: cosent, mse)")
-
-    def label_id(self, raw) -> float | str:
-        return parse_number(raw)
 
     def with_labels(self, raw_train_labels: Iterable) -> Similarity:
         """The scores' range: ``score_range``, else the training scores' min and max."""
@@ -63,10 +55,6 @@ class Similarity(PairText, Task):
 
     def head_options(self) -> tuple:
         return super().head_options() + (("loss", self.config.loss or "cosent"),)
-
-    @property
-    def outputs(self) -> int:
-        return 1
 
     @staticmethod
     def head(spec: HeadSpec, features: Features):
@@ -97,17 +85,8 @@ class Similarity(PairText, Task):
         lo, hi = self.stats
         return outputs[..., 0] if self.config.encoding == "bi" else lo + outputs[..., 0] * (hi - lo)
 
-    def probabilities(self, outputs):
-        return self.predict(outputs)[..., None]
-
-    def metrics(self, y_true, y_pred) -> dict:
-        return correlations(y_true, y_pred)
-
     def describe(self, result: dict) -> str:
         return f"pearson {result['pearson']:.3f} spearman {result['spearman']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
         return self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman")), count="pairs")
-
-    def output(self, probabilities: np.ndarray) -> float:
-        return float(probabilities[0])
