@@ -301,5 +301,6 @@ def test_pcgrad_program_does_not_grow_with_the_number_of_tasks():
     """T x T projections unrolled made nine tasks' step take minutes to compile; as loops the
     program is the same size for two tasks and nine (and over a tree of many leaves)."""
     tree = lambda n: {f"l{i}": jnp.ones((n, 3)) for i in range(20)}  # noqa: E731
-    size = lambda n: len(jax.make_jaxpr(pcgrad)(tree(n)).eqns)  # noqa: E731
+    size = lambda n, key=None: len(jax.make_jaxpr(pcgrad)(tree(n), key).eqns)  # noqa: E731
     assert size(9) == size(2)
+    assert size(9, jax.random.PRNGKey(0)) == size(2, jax.random.PRNGKey(0))  # the random orders too

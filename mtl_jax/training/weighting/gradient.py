@@ -180,7 +180,7 @@ def pcgrad(task_grads, key: jax.Array | None = None):
     if key is None:
         orders = jnp.tile(jnp.arange(n), (n, 1))
     else:
-        orders = jnp.stack([jax.random.permutation(jax.random.fold_in(key, i), n) for i in range(n)])
+        orders = jax.vmap(lambda i: jax.random.permutation(jax.random.fold_in(key, i), n))(jnp.arange(n))
 
     def project(i, g):
         def off(k, g):
