@@ -15,6 +15,7 @@ import pytest
 from mtl_jax import load
 from mtl_jax.config import TaskConfig
 from mtl_jax.data.load import BadRows, load_tasks
+from mtl_jax.data.text import Words
 from mtl_jax.tasks import build
 from mtl_jax.tasks.base import has_label
 from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, ranking_metrics
@@ -373,14 +374,16 @@ def _export_scores(run, names):
     for name in names:
         task, y = tasks[name], test.labels[name]
         has = np.flatnonzero(has_label(y))
-        inputs = [" ".join(test.texts[i]) if task.token_level else test.texts[i] for i in has]
-        inputs = [tuple(x) if isinstance(x, tuple) and not task.token_level else x for x in inputs]
+        texts = [test.texts[i] for i in has]
+        inputs = [" ".join(t) if isinstance(t, Words) else tuple(t) if isinstance(t, tuple) else t for t in texts]
         probs = model.predict_proba(inputs)[name]
-        if task.token_level:
-            preds = [np.argmax(p, -1) for p in probs]
+        if task.token_level:  # per sentence its words' tag ids (an object array, as the labels)
+            preds = np.empty(len(probs), object)
+            for i, p in enumerate(probs):
+                preds[i] = np.argmax(p, -1)
         else:
             preds = probs[:, 0] if task.outputs == 1 else np.argmax(probs, -1)
-        out[name] = task.metrics(y[has], np.array(preds, dtype=object) if task.token_level else preds)[task.primary]
+        out[name] = task.metrics(y[has], preds)[task.primary]
     return out
 
 
