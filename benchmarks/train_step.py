@@ -25,10 +25,10 @@ from transformers import DistilBertConfig
 from mtl_jax.config import TrainConfig
 from mtl_jax.data.batching import TokenBatch, single_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
-from mtl_jax.model.flops import train_step_flops
+from mtl_jax.model.flops import model_flops_utilization, train_step_flops
 from mtl_jax.model.lora import TARGETS, LoRA, with_lora
-from mtl_jax.model.multitask import MultiTaskModel
-from mtl_jax.training.freezing import encoder_frozen, frozen_groups, layer_index, param_groups
+from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
+from mtl_jax.training.freezing import encoder_frozen, frozen_groups, param_groups
 from mtl_jax.training.hostmem import reuse_host_memory
 from mtl_jax.training.optim import OptimConfig, count_numbers
 from mtl_jax.training.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
@@ -117,7 +117,7 @@ def main() -> None:
     model = MultiTaskModel(
         config,
         pooling=args.pooling,
-        dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+        dtype=compute_dtype(args.dtype),
         attention=args.attention,
     )
     rng = np.random.default_rng(0)
@@ -149,10 +149,9 @@ def main() -> None:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    trainable_layers = {layer_index(g) for g in groups - frozen if layer_index(g) is not None}
-    flops = train_step_flops(config, args.batch, args.seq, trainable_layers, args.pooling == "cls", len(model.tasks))
-    # (LoRA: the backward runs through every layer for the adapters; the FLOP count has no such case)
-    mfu = {} if args.freeze == "lora" else model_flops_utilization(flops, step_s, args.peak_tflops)
+    slots = MAX_SEGMENTS if args.per_row > 1 else 1
+    flops = train_step_flops(config, args.batch, args.seq, groups - frozen, args.pooling, slots)
+    mfu = model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
         mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
     trainable = sum(
@@ -341,29 +340,6 @@ def probe_overhead(model, state, step, batch, key, k: int) -> dict:
         out[f"{name}_{k}_steps_s"] = round(time.perf_counter() - t0, 3)
     plain = min(out[f"plain_{k}_steps_s"], out[f"plain_again_{k}_steps_s"])
     out["diagnostics_overhead"] = round(out[f"diagnostics_{k}_steps_s"] / plain - 1, 4)
-    return out
-
-
-# bf16 dense peak (TFLOP/s) by device kind, for the MFU figure
-PEAKS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "L4": 121.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
-}
-
-
-def model_flops_utilization(flops: float, step_s: float, peak_tflops: float | None) -> dict:
-    """Achieved TFLOP/s of the step's own matrix products (mtl_jax.model.flops) and, on known chips, the MFU."""
-    kind = str(jax.devices()[0].device_kind)
-    peak = peak_tflops or next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
-    out = {"step_tflop": round(flops / 1e12, 4), "model_tflops_per_s": round(flops / step_s / 1e12, 3)}
-    if peak:
-        out["mfu"] = round(flops / step_s / (peak * 1e12), 4)
-        out["peak_tflops"] = peak
     return out
 
 

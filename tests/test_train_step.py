@@ -254,23 +254,66 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     assert np.isfinite(float(m["loss"]))
 
 
-def test_flop_count_follows_what_the_step_computes():
-    from types import SimpleNamespace
+def test_compiled_dot_flops_reads_each_product_off_the_program():
+    from mtl_jax.model.flops import compiled_dot_flops
 
-    from mtl_jax.model.flops import train_step_flops
+    def flops(f, *shapes):
+        args = [jnp.ones(s, jnp.float32) for s in shapes]
+        return compiled_dot_flops(jax.jit(f).lower(*args).compile().as_text())
 
-    config = SimpleNamespace(n_layers=2, dim=32, hidden_dim=64)
-    B, L = 2, 8
-    n = B * L
-    # by hand, per layer: Q,K,V,out 4 x 2*n*d*d; FFN 2 x 2*n*d*h; scores + weighted sum 2 x 2*B*L*L*d
-    layer = 8 * n * 32 * 32 + 4 * n * 32 * 64 + 4 * B * L * L * 32
-    heads = 3 * 2 * B * 32 * 5
-    assert train_step_flops(config, B, L, {0, 1}, cls_pooling=False) == 3 * 2 * layer + heads
-    assert train_step_flops(config, B, L, set(), cls_pooling=False) == 2 * layer + heads  # frozen: forward only
-    assert train_step_flops(config, B, L, {1}, cls_pooling=False) == 2 * layer + 2 * layer + heads
-    # cls: the last layer runs one query per row; K and V still cover all tokens
-    last = 4 * n * 32 * 32 + 4 * B * 32 * 32 + 4 * B * 32 * 64 + 4 * B * L * 32
-    assert train_step_flops(config, B, L, set(), cls_pooling=True) == layer + last + heads
+    assert flops(jnp.dot, (3, 5), (5, 7)) == 2 * 3 * 5 * 7
+    assert flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), (4, 3, 5), (4, 5, 7)) == 4 * 2 * 3 * 5 * 7
+    two = flops(lambda a, b, c: jnp.dot(a, b).sum() + jnp.dot(a, c).sum(), (3, 5), (5, 7), (5, 2))
+    assert two == 2 * 3 * 5 * 7 + 2 * 3 * 5 * 2
+
+
+@pytest.mark.parametrize(
+    "freeze, pooling, targets",
+    [
+        ("none", "mean", None),
+        ("top:1", "cls", None),
+        ("lora", "mean", ("q", "k", "v", "out", "ffn")),
+        ("lora", "cls", ("k", "v")),
+    ],
+)
+def test_flop_count_is_what_xla_computes(freeze, pooling, targets):
+    """The MFU figures' FLOP count equals the dot products XLA keeps in the compiled train step, for
+    each freezing scenario (the backward products a frozen part does not need are gone) on packed rows."""
+    from transformers import DistilBertConfig
+
+    from benchmarks.train_step import random_batch
+    from mtl_jax.data.packing import MAX_SEGMENTS
+    from mtl_jax.model.flops import compiled_dot_flops, train_step_flops
+    from mtl_jax.model.lora import LoRA, with_lora
+
+    config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    if targets:
+        config = with_lora(config, LoRA(rank=4, alpha=8.0, targets=targets))
+    model = MultiTaskModel(config, tasks=TASKS, pooling=pooling)
+    batch = jax.tree.map(jnp.asarray, random_batch(np.random.default_rng(0), 4, 32, 4))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch.ids[:1], batch.segments[:1])["params"]
+    groups = set(jax.tree.leaves(param_groups(params)))
+    frozen = frozen_groups(freeze, groups)
+    tx, step = build_train_step(model, params, frozen, optim(100))
+    compiled = step.lower(TrainState.create(params, tx.init(params)), batch, jax.random.PRNGKey(1)).compile()
+    counted = train_step_flops(config, 4, 32, groups - frozen, pooling, MAX_SEGMENTS)
+    assert counted == compiled_dot_flops(compiled.as_text())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_embed_flop_count_is_what_xla_computes(tiny_bert, pooling):
+    """encode()'s packed calls: the forward FLOPs counted for its MFU figure are the compiled call's."""
+    from mtl_jax.data.packing import MAX_SEGMENTS, packed_calls
+    from mtl_jax.model.flops import compiled_dot_flops, embed_flops
+
+    enc = load_encoder(tiny_bert)
+    rng = np.random.default_rng(0)
+    ids = [list(rng.integers(1000, 2000, rng.integers(3, 40))) for _ in range(50)]
+    call = next(packed_calls(ids, 8, enc.tokenizer.pad_id))
+    args = (enc.params, call.ids, call.positions, call.segments)
+    compiled = enc._embed_fn.lower(*args, pooling=pooling, normalize=True).compile()
+    counted = embed_flops(enc.config, *call.ids.shape, pooling, MAX_SEGMENTS)
+    assert counted == compiled_dot_flops(compiled.as_text())
 
 
 @pytest.mark.parametrize("method", ["uncertainty", "famo", "gradnorm"])
