@@ -342,6 +342,13 @@ def test_predict_cli_input_forms_and_errors(tmp_path, reference):
     assert cli("predict", "--model", model, stdin="a vote in the senate\ngreat fun\n").stdout == r.stdout
     r5 = cli("predict", "--model", model, "--format", "table", "great fun")
     assert r5.returncode == 0 and "topic" in r5.stdout.splitlines()[0] and "great fun" in r5.stdout
+    # bfloat16: the same probabilities to bf16's precision
+    r6 = cli("predict", "--model", model, "--dtype", "bfloat16", "a vote in the senate", "great fun")
+    got16 = [
+        [json.loads(line)["topic"]["probs"][c] for c in ("politics", "sports", "tech")]
+        for line in r6.stdout.splitlines()
+    ]
+    np.testing.assert_allclose(got16, probs["topic"], atol=2e-2)
     # bad input: status 2, one line naming the file / line / flag, nothing on stdout
     errors = {
         "none: no such model directory": ["--model", str(tmp_path / "none"), "x"],

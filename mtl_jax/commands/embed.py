@@ -37,6 +37,12 @@ def parse_args(argv):
         help="L2-normalize embeddings (default: the checkpoint's setting)",
     )
     p.add_argument("--max-length", type=int, help="tokens per sentence (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (bfloat16: faster on accelerators; default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
 
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
         raise MtlError(f"{args.out}: folder {Path(args.out).parent} does not exist")
     from mtl_jax import load_encoder
 
-    encoder = load_encoder(args.model)
+    encoder = load_encoder(args.model, dtype=args.dtype)
     emb = encoder.encode(
         texts,
         batch_size=args.batch_size,

@@ -40,6 +40,12 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=5, help="with --corpus: matches per query (default: %(default)s)")
     p.add_argument("--format", choices=["jsonl", "table"], default="jsonl", help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (bfloat16: faster on accelerators; default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
 
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     texts = args.sentences or read_input(args.input, columns)
     from mtl_jax import load
 
-    predictor = load(args.model)
+    predictor = load(args.model, dtype=args.dtype)
     kw = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
     rows = predictor.predict(texts, **kw)
     if args.corpus:

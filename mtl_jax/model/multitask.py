@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.errors import MtlError
 from mtl_jax.model.encoder import ATTENTION, Encoder
 from mtl_jax.model.lora import add_adapters
 from mtl_jax.model.pretrained import POOLING_MODES
@@ -60,6 +61,16 @@ class Heads(nn.Module):
         from mtl_jax.tasks import REGISTRY
 
         return {h.name: REGISTRY[h.type].head(h, features) for h in map(as_head, self.tasks)}
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """``float32`` | ``bfloat16`` -> the jnp dtype the encoder computes in (parameters stay float32)."""
+    if name not in COMPUTE_DTYPES:
+        raise MtlError(f"dtype {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 class MultiTaskModel(nn.Module):

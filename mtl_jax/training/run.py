@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig, resume_fixed
@@ -24,7 +23,7 @@ from mtl_jax.data.load import SPLITS, TaskData, load_tasks
 from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model.lora import LoRA, with_lora
-from mtl_jax.model.multitask import MultiTaskModel, init_params
+from mtl_jax.model.multitask import MultiTaskModel, compute_dtype, init_params
 from mtl_jax.tasks.base import has_label
 from mtl_jax.training import weighting as loss_weighting
 from mtl_jax.training.compile_cache import use_compile_cache
@@ -140,7 +139,7 @@ def build_model(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, phas
         tasks=tuple(t.head_spec() for t in data.tasks),
         pooling=cfg.pooling or encoder.spec.pooling,
         head_dropout=cfg.head_dropout,
-        dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+        dtype=compute_dtype(cfg.dtype),
         attention=cfg.attention,
     )
 
