@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# The GPU benchmark, unattended, one table at the end (about 6 minutes on one H100):
-#   our train step (bf16; batch 256 with mean and cls pooling, batch 32, frozen backbone) and
-#   the PyTorch peer (eager bf16, torch.compile bf16, frozen eager bf16) at the same shapes,
-#   in the same run; our batch-256 step once more with cuBLAS-only GEMMs (a compile-time
-#   probe); then the default `scripts/train.py` twice, with an empty and a warm compile cache
-#   (wall time by part and test metrics from its summary.json).
-# On a GPU machine: put the wheels, the model and the data in .gpu/ beside the checkout (with an
-#   unpack.sh that installs them into .venv), then: source .gpu/unpack.sh && bash benchmarks/gpu.sh
+# The GPU benchmark, unattended, in parts, most important first, within a time budget; one table at the end.
+#   steps   our bf16 train step (distilbert-base size, sequence 128: batch 256 with mean and cls pooling,
+#           batch 32, a frozen backbone) and the PyTorch peer at the same shapes (torch.compile bf16,
+#           eager bf16, frozen eager bf16), in the same run; compile seconds and MFU of each of ours
+#   train   the default `scripts/train.py` twice, from an empty and from a warm compile cache: wall time
+#           by part, test metrics, compiled shapes
+#   encode  encode() on the 12,808 Rotten Tomatoes snippets in float32 and bfloat16 (MFU of the packed
+#           calls: the cached-embedding path runs the same pass) and sentence-transformers on the GPU, both
+#   types   the step of each task type against classification's on the same packed tokens (retrieval's
+#           in-batch negatives, tagging's per-token head, pairs), then the seven-type run on real text
+#           (configs/types-embedded.yaml, bf16)
+#   lora    our step under --freeze lora (MFU of the adapters' step)
+#   probe   our batch-256 step with cuBLAS-only GEMMs (no Triton GEMM autotuning): compile s and speed
+# Usage: bash benchmarks/gpu.sh [PART ...]          (default: every part, in the order above)
+# BUDGET (seconds, default 540): a part's item is skipped, and says so, when less time is left than it is
+# expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
+# $OUT/log.txt (on the device tool's machine $OUT comes back); runs and the compile cache go to $WORK.
+# On a GPU machine without a registry: `bash ../shared/gpu/pack.sh && bash benchmarks/gpu_carry.sh` here,
+# carry .gpu, then: source .gpu/unpack.sh && bash benchmarks/gpu.sh
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,33 +25,72 @@ PY=${PY:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 PEER_PY=${PEER_PY:-$PY}
 [ -x .peer/venv/bin/python ] && PEER_PY=.peer/venv/bin/python
-OUT=${OUT:-/tmp/mtl_gpu_bench}; rm -rf "$OUT"; mkdir -p "$OUT"
-J=$OUT/results.jsonl
+OUT=${OUT:-/tmp/mtl_gpu_bench}; WORK=${WORK:-/tmp/mtl_gpu_work}; BUDGET=${BUDGET:-540}
+mkdir -p "$OUT" "$WORK"; J=$OUT/results.jsonl; LOG=$OUT/log.txt; : > "$J"; : > "$LOG"
+PARTS=${*:-steps train encode types lora probe}
 if $PY -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
-  SIZE=base; SEQ=128; BIG=256; SMALL=32; DEV=cuda; STEPS=20; TRAIN=()
+  SIZE=base; SEQ=128; BIG=256; SMALL=32; DEV=cuda; STEPS=20; LIMIT=(); TRAIN=(); TYPES=(--max-steps 300)
 else
-  SIZE=minilm; SEQ=16; BIG=8; SMALL=4; DEV=cpu; STEPS=3; TRAIN=(--max-steps 30)
+  SIZE=minilm; SEQ=16; BIG=8; SMALL=4; DEV=cpu; STEPS=3; LIMIT=(--limit 200); TRAIN=(--max-steps 30)
+  TYPES=(--max-steps 10)
   echo "no GPU: a dry run on the CPU at tiny sizes" >&2
 fi
-ours() { timeout 300 $PY benchmarks/train_step.py --size $SIZE --seq $SEQ --steps $STEPS --dtype bfloat16 "$@" >> "$J" \
-  || echo "{\"failed\": \"ours $*\"}" >> "$J"; }
-peer() { timeout 300 $PEER_PY benchmarks/torch_mtl_step.py --size $SIZE --seq $SEQ --steps $STEPS --device $DEV --amp "$@" >> "$J" \
-  || echo "{\"failed\": \"peer $*\"}" >> "$J"; }
-ours --batch $BIG --pooling mean
-ours --batch $BIG --pooling cls
-ours --batch $SMALL --pooling mean
-ours --batch $BIG --pooling mean --freeze backbone
-# a probe: GEMMs through cuBLAS only (no Triton GEMM fusions to autotune): compile seconds and speed
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" ours --batch $BIG --pooling mean
-peer --batch $BIG
-peer --batch $BIG --compile
-peer --batch $SMALL
-peer --batch $BIG --freeze-backbone
-for cache in empty warm; do
-  timeout 600 $PY scripts/train.py --out "$OUT/run_$cache" --overwrite --no-progress --dtype bfloat16 \
-    --compile-cache "$OUT/xla" "${TRAIN[@]}" 2> "$OUT/run_$cache.log" >/dev/null
-  $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({'run': sys.argv[2], 'seconds': s['seconds'], \
-'test': {t: round(s['test'][t]['accuracy'], 4) for t in ('task_a', 'task_b')}, 'shapes': s['compiled_shapes']}))" \
-    "$OUT/run_$cache/summary.json" "$cache" >> "$J" 2>/dev/null || echo "{\"failed\": \"train $cache\"}" >> "$J"
+DATA=$($PY -c "from mtl_jax.data.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
+MODEL=$($PY -c "from mtl_jax.data.assets import embedded_model_dir as f; print(f())")
+
+# item NAME EXPECTED_S COMMAND...: its JSON lines into $J, its stderr into $LOG, or a line saying why not
+item() {
+  local name=$1 expected=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if (( left < expected )); then echo "{\"item\": \"$name\", \"skipped\": true, \"left_s\": $left}" >> "$J"; return 1; fi
+  echo "== $name ($(date +%T), ${left}s left)" >> "$LOG"
+  local t0=$SECONDS rc=0
+  timeout $((left < 4 * expected ? left : 4 * expected)) "$@" >> "$J" 2>> "$LOG" || rc=$?
+  echo "{\"item\": \"$name\", \"seconds\": $((SECONDS - t0)), \"rc\": $rc}" >> "$J"
+  return $rc
+}
+OURS=(benchmarks/train_step.py --size $SIZE --seq $SEQ --steps $STEPS --dtype bfloat16)
+PEER=(benchmarks/torch_mtl_step.py --size $SIZE --seq $SEQ --steps $STEPS --device $DEV --amp)
+TRAIN_PY=(scripts/train.py --overwrite --no-progress --dtype bfloat16)
+ENCODE=(benchmarks/encode.py --batch-size 256 "${LIMIT[@]}")
+ST=(benchmarks/st_encode.py --data "$DATA" --model "$MODEL" --device $DEV --batch-size 256 "${LIMIT[@]}")
+summary() {  # a run's summary.json as one JSON line: wall time by part, test metrics, compiled shapes
+  $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps({'run': sys.argv[2], 'seconds': s['seconds'],
+'examples_per_s': s['examples_per_s'], 'test': {t: {m['primary']: round(m[m['primary']], 4)} for t, m in s['test'].items()},
+'shapes': s['compiled_shapes']}))" "$WORK/$1/summary.json" "$1" >> "$J" 2>> "$LOG"
+}
+
+for part in $PARTS; do
+  case $part in
+  steps)
+    item "ours b$BIG mean" 70 $PY "${OURS[@]}" --batch $BIG --pooling mean
+    item "ours b$BIG cls" 70 $PY "${OURS[@]}" --batch $BIG --pooling cls
+    item "peer b$BIG compile" 60 $PEER_PY "${PEER[@]}" --batch $BIG --compile
+    item "ours b$SMALL mean" 60 $PY "${OURS[@]}" --batch $SMALL --pooling mean
+    item "peer b$SMALL eager" 30 $PEER_PY "${PEER[@]}" --batch $SMALL
+    item "ours b$BIG frozen" 50 $PY "${OURS[@]}" --batch $BIG --pooling mean --freeze backbone
+    item "peer b$BIG frozen" 30 $PEER_PY "${PEER[@]}" --batch $BIG --freeze-backbone ;;
+  train)
+    rm -rf "$WORK/xla"
+    for cache in empty warm; do
+      item "train, $cache compile cache" $([ $cache = empty ] && echo 120 || echo 60) \
+        $PY "${TRAIN_PY[@]}" --out "$WORK/$cache" --compile-cache "$WORK/xla" "${TRAIN[@]}" && summary $cache
+    done ;;
+  encode)
+    for dtype in float32 bfloat16; do item "encode $dtype" 40 $PY "${ENCODE[@]}" --dtype $dtype; done
+    for dtype in float32 bfloat16; do item "st $dtype" 40 $PEER_PY "${ST[@]}" --dtype $dtype; done ;;
+  types)
+    item "types step" 150 $PY "${OURS[@]}" --batch $((BIG / 2)) --per-row 2 --pooling mean \
+      --task-type classification pair_classification retrieval tagging
+    item "types derive" 30 $PY scripts/derive_examples.py
+    item "types run" 180 $PY "${TRAIN_PY[@]}" --out "$WORK/types" --config configs/types-embedded.yaml "${TYPES[@]}" \
+      && summary types ;;
+  lora)
+    item "ours b$BIG lora" 70 $PY "${OURS[@]}" --batch $BIG --pooling mean --freeze lora ;;
+  probe)
+    item "ours b$BIG mean, cuBLAS GEMMs" 70 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+      $PY "${OURS[@]}" --batch $BIG --pooling mean ;;
+  *) echo "unknown part $part (steps train encode types lora probe)" >&2; exit 2 ;;
+  esac
 done
-$PY benchmarks/gpu_table.py "$J"
+$PY benchmarks/gpu_table.py "$J" | tee "$OUT/table.md"

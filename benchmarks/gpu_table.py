@@ -1,38 +1,113 @@
 #!/usr/bin/env python
-"""The table of benchmarks/gpu.sh from its JSON lines: our step against the PyTorch peer in
-the same run (ratios of median steps), and the default training's wall time by part."""
+"""The tables of benchmarks/gpu.sh from its JSON lines, each figure beside its goal: our step against
+the PyTorch peer in the same run (ratios of median steps), compile seconds and MFU, the default
+training's wall time by part, encode() against sentence-transformers, the task types' steps against
+classification's, and what was skipped or failed."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+STEP_GOALS = {  # (batch is the larger one?, frozen) -> (peer implementation, goal ratio)
+    (True, False): ("torch-compile-bf16", 1.2),
+    (False, False): ("torch-eager-bf16", 2.5),
+    (True, True): ("torch-eager-bf16", 1.5),
+}
 
-def main(path: str) -> None:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+
+def rows_of(path: str) -> list[dict]:
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a script's own progress line
+    return rows
+
+
+def mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def rate(r: dict) -> str:
+    """Model TFLOP/s, and the MFU where the chip's peak is known."""
+    return f"{r['model_tflops_per_s']} TFLOP/s" + (f", MFU {r['mfu']:.1%}" if "mfu" in r else "")
+
+
+def steps(rows: list[dict]) -> None:
     ours = [r for r in rows if r.get("benchmark") == "train_step"]
     peer = {(r["impl"], r["batch"], r["freeze_backbone"]): r for r in rows if "impl" in r}
-    print("| step | ours ex/s | compile s | peer | peer ex/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    if not ours:
+        return
+    big = max(r["batch"] for r in ours)
+    print("| our step | ex/s | compile s (goal <= 15) | model FLOP/s | peer | peer ex/s | ratio | goal |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in ours:
         frozen = r["freeze"] == "backbone"
-        impl = "torch-eager-bf16" if frozen or r["batch"] < max(o["batch"] for o in ours) else "torch-compile-bf16"
+        impl, goal = STEP_GOALS.get((r["batch"] == big, frozen), ("-", None))
         p = peer.get((impl, r["batch"], frozen))
-        ratio = f"{r['examples_per_s'] / p['examples_per_s']:.2f}x" if p else "-"
-        label = f"{r['dtype']} batch {r['batch']} x {r['seq']}, {r['pooling']}" + (", frozen" if frozen else "")
+        ratio = r["examples_per_s"] / p["examples_per_s"] if p else None
+        label = f"{r['dtype']} {r['batch']} x {r['seq']}, {r['pooling']}, freeze {r['freeze']}"
         if r.get("xla_flags"):
             label += f", XLA_FLAGS={r['xla_flags'].strip()}"
-        print(
-            f"| {label} | {r['examples_per_s']:,.0f} | {r['compile_s']} | {impl} | "
-            f"{p['examples_per_s'] if p else '-'} | {ratio} |"
+        verdict = (
+            f">= {goal}x: {mark(ratio >= goal)}" if ratio and goal and r["freeze"] in ("none", "backbone") else "-"
         )
-    for r in rows:
-        if "impl" in r:
-            print(f"peer {r['impl']} batch {r['batch']} frozen={r['freeze_backbone']}: {r['examples_per_s']} ex/s")
-        if "run" in r:
-            print(f"default training, {r['run']} compile cache: {r['seconds']}; test accuracy {r['test']}")
-        if "failed" in r:
-            print(f"FAILED: {r['failed']}")
+        print(
+            f"| {label} | {r['examples_per_s']:,.0f} | {r['compile_s']} ({mark(r['compile_s'] <= 15)}) | "
+            f"{rate(r)} | {impl if p else '-'} | "
+            f"{p['examples_per_s'] if p else '-'} | {f'{ratio:.2f}x' if ratio else '-'} | {verdict} |"
+        )
+    for r in peer.values():
+        print(f"peer {r['impl']} batch {r['batch']} frozen={r['freeze_backbone']}: {r['examples_per_s']} ex/s")
+
+
+def training(rows: list[dict]) -> None:
+    goals = {"empty": 90, "warm": 45}
+    for r in (r for r in rows if "run" in r):
+        wall = r["seconds"]["wall"]
+        goal = f" (goal <= {goals[r['run']]} s: {mark(wall <= goals[r['run']])})" if r["run"] in goals else ""
+        print(f"\ntraining run {r['run']}: wall {wall} s{goal}; by part {r['seconds']}")
+        print(f"  {r['examples_per_s']} ex/s; test primary metrics {r['test']}; compiled shapes {r['shapes']}")
+
+
+def encoding(rows: list[dict]) -> None:
+    ours = {r["dtype"]: r for r in rows if r.get("benchmark") == "encode"}
+    st = {r["dtype"]: r for r in rows if r.get("benchmark") == "st_encode"}
+    for dtype, r in ours.items():
+        ref = st.get(dtype)
+        ratio = r["sentences_per_s"] / ref["sentences_per_s"] if ref else None
+        vs = (
+            f"; sentence-transformers {ref['sentences_per_s']}: {ratio:.2f}x (goal >= 3x: {mark(ratio >= 3)})"
+            if ref
+            else ""
+        )
+        print(f"\nencode() {dtype}: {r['sentences_per_s']} sentences/s, {rate(r)}{vs}")
+
+
+def types(rows: list[dict]) -> None:
+    for r in (r for r in rows if r.get("benchmark") == "task_types"):
+        ratios = ", ".join(f"{k} {v['vs_classification']}x" for k, v in r["types"].items())
+        print(
+            f"\ntask types' steps ({r['batch']} rows x {r['seq']}, {r['per_row']} a row), time against classification: {ratios}"
+        )
+
+
+def main(path: str) -> None:
+    rows = rows_of(path)
+    steps(rows)
+    training(rows)
+    encoding(rows)
+    types(rows)
+    print()
+    for r in (r for r in rows if "item" in r):
+        state = (
+            "skipped (time)"
+            if r.get("skipped")
+            else f"{r['seconds']} s" + (f", FAILED rc {r['rc']}" if r["rc"] else "")
+        )
+        print(f"{r['item']}: {state}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import io
 import json
 import time
 
+import torch
 from sentence_transformers import SentenceTransformer
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -17,10 +18,12 @@ p.add_argument("--data", required=True, help="rotten_tomatoes_corpus_full.csv.bz
 p.add_argument("--model", required=True, help="model directory")
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--limit", type=int)
+p.add_argument("--device", default="cpu", help="cpu | cuda")
+p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 a = p.parse_args()
 rows = csv.DictReader(io.StringIO(bz2.open(a.data, "rb").read().decode("utf-8"), newline=""))
 texts = [r["text"] for r in rows if r["category"] in ("fresh", "rotten")][: a.limit]
-model = SentenceTransformer(a.model, device="cpu")
+model = SentenceTransformer(a.model, device=a.device).to(getattr(torch, a.dtype))
 model.encode(texts, batch_size=a.batch_size)  # same warm-up as benchmarks/encode.py: one full pass
 t0 = time.perf_counter()
 model.encode(texts, batch_size=a.batch_size)
@@ -29,6 +32,8 @@ print(
     json.dumps(
         {
             "benchmark": "st_encode",
+            "device": a.device,
+            "dtype": a.dtype,
             "sentences": len(texts),
             "batch_size": a.batch_size,
             "seconds": round(seconds, 3),
