@@ -6,7 +6,8 @@ classification objective does: a softmax over ``(u, v, |u - v|)`` of their poole
 pooled embedding. The encoder has no token-type embedding (a BERT checkpoint's row 0 is folded
 into the positions), so the ``[SEP]`` between them is what marks the second sentence.
 
-:class:`PairText` is the part every pair type shares: which columns, what text a row makes.
+:class:`PairText` is the part every pair type shares: which columns, what text a row makes;
+:class:`PairInput` adds prediction on pairs.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class PairText:
     def head_options(self) -> tuple:
         return (("encoding", self.config.encoding),)
 
+
+class PairInput(PairText):
+    """A pair type whose ``predict`` takes pairs ``(a, b)`` (retrieval, a pair type too, takes sentences)."""
+
     def accepts(self, value) -> bool:
         return (
             isinstance(value, (tuple, list))
@@ -79,7 +84,7 @@ def pair_features(features: Features) -> jnp.ndarray:
 
 @register("pair_classification")
 @dataclasses.dataclass(frozen=True)
-class PairClassification(PairText, Classification):
+class PairClassification(PairInput, Classification):
     def __post_init__(self):
         super().__post_init__()
         self.check_pair()

@@ -64,13 +64,7 @@ class Retrieval(PairText, Task):
 
     @property
     def input_kind(self) -> str:
-        return "sentence"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str)  # a query (or a passage): its embedding
-
-    def input_text(self, value):
-        return value
+        return "sentence"  # predict takes a query (or a passage): its embedding
 
     def raw_label(self, fields: dict) -> str:
         return "1"  # every row is a (query, positive) pair

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
-from mtl_jax.tasks.pair import PairText
+from mtl_jax.tasks.pair import PairInput
 from mtl_jax.tasks.regression import OneScore, masked_mse, numbers
 
 COSENT_SCALE = 20.0  # CoSENT's lambda (as sentence-transformers' CoSENTLoss)
@@ -35,7 +35,7 @@ def cosent(cos: jnp.ndarray, score: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndar
 
 @register("similarity")
 @dataclasses.dataclass(frozen=True)
-class Similarity(PairText, OneScore):
+class Similarity(PairInput, OneScore):
     record_keys = ("loss", "pearson", "spearman", "examples")
 
     def __post_init__(self):
