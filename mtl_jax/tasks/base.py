@@ -195,9 +195,7 @@ class Task:
 
     def present(self, y: jax.Array) -> jax.Array:
         """Which rows (slots, tokens) of a label array ``[..., *label_shape]`` carry a label."""
-        xp = np if isinstance(y, np.ndarray) else jnp
-        first = y.reshape(y.shape[: y.ndim - len(self.label_shape)] + (-1,))[..., 0]
-        return ~xp.isnan(first) if xp.issubdtype(first.dtype, xp.floating) else first >= 0
+        return marks_label(y.reshape(y.shape[: y.ndim - len(self.label_shape)] + (-1,))[..., 0])
 
     def count(self, y: jax.Array) -> jax.Array:
         """How many labelled rows ``y`` holds: the denominator of the task's mean loss."""
@@ -269,8 +267,13 @@ def has_label(y: np.ndarray) -> np.ndarray:
     """``[N]`` bool: which examples of a host label array ``[N, ...]`` carry a label (see :func:`no_label_like`)."""
     if y.dtype == object:
         return np.fromiter((v is not None for v in y), bool, len(y))
-    first = y[(slice(None),) + (0,) * (y.ndim - 1)]  # an example's first label entry
-    return ~np.isnan(first) if np.issubdtype(first.dtype, np.floating) else first >= 0
+    return marks_label(y[(slice(None),) + (0,) * (y.ndim - 1)])  # an example's first label entry
+
+
+def marks_label(first):
+    """Whether each first label entry (host or device array) marks a label: not NaN (numbers), >= 0 (ids)."""
+    xp = np if isinstance(first, np.ndarray) else jnp
+    return ~xp.isnan(first) if xp.issubdtype(first.dtype, xp.floating) else first >= 0
 
 
 class BadText(str):
