@@ -16,6 +16,8 @@
 # BUDGET (seconds, default 540): a part's item is skipped, and says so, when less time is left than it is
 # expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
 # $OUT/log.txt (on the device tool's machine $OUT comes back); runs and the compile cache go to $WORK.
+# Within the device tool's 10-minute calls: `bash benchmarks/gpu.sh steps train`, then, the machine still
+# warm, `bash benchmarks/gpu.sh encode types lora probe`.
 # On a GPU machine without a registry: `bash ../shared/gpu/pack.sh && bash benchmarks/gpu_carry.sh` here,
 # carry .gpu, then: source .gpu/unpack.sh && bash benchmarks/gpu.sh
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
