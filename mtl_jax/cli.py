@@ -90,3 +90,13 @@ def read_lines(path: str | None) -> list[str]:
         raise MtlError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except OSError as e:
         raise MtlError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def add_dtype_option(parser) -> None:
+    """``--dtype float32 | bfloat16``: the encoder's compute dtype when embedding or predicting."""
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (bfloat16: faster on GPUs, TPUs and bf16 CPUs; default: %(default)s)",
+    )

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from mtl_jax.cli import read_lines, run_cli
+from mtl_jax.cli import add_dtype_option, read_lines, run_cli
 from mtl_jax.errors import MtlError
 
 
@@ -37,12 +37,7 @@ def parse_args(argv):
         help="L2-normalize embeddings (default: the checkpoint's setting)",
     )
     p.add_argument("--max-length", type=int, help="tokens per sentence (default: the checkpoint's)")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="compute dtype (bfloat16: faster on accelerators; default: %(default)s)",
-    )
+    add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
 

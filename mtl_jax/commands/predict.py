@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.cli import read_lines, run_cli
+from mtl_jax.cli import add_dtype_option, read_lines, run_cli
 from mtl_jax.errors import MtlError
 
 
@@ -40,12 +40,7 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=5, help="with --corpus: matches per query (default: %(default)s)")
     p.add_argument("--format", choices=["jsonl", "table"], default="jsonl", help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="compute dtype (bfloat16: faster on accelerators; default: %(default)s)",
-    )
+    add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
 
