@@ -83,7 +83,8 @@ def encoding(rows: list[dict]) -> None:
             if ref
             else ""
         )
-        print(f"\nencode() {dtype}: {r['sentences_per_s']} sentences/s, {rate(r)}{vs}")
+        cosine = f", min cosine to float32 {r['min_cosine_vs_float32']}" if "min_cosine_vs_float32" in r else ""
+        print(f"\nencode() {dtype}: {r['sentences_per_s']} sentences/s, {rate(r)}{cosine}{vs}")
 
 
 def types(rows: list[dict]) -> None:
