@@ -11,7 +11,8 @@
 #           in-batch negatives, tagging's per-token head, pairs), then the seven-type run on real text
 #           (configs/types-embedded.yaml, bf16)
 #   lora    our step under --freeze lora (MFU of the adapters' step)
-#   probe   our batch-256 step with cuBLAS-only GEMMs (no Triton GEMM autotuning): compile s and speed
+#   probe   our batch-256 step with cuBLAS-only GEMMs (no Triton GEMM autotuning), then with no autotuning
+#           at all: how much of a compile is autotuning, and what it buys
 # Usage: bash benchmarks/gpu.sh [PART ...]          (default: every part, in the order above)
 # BUDGET (seconds, default 540): a part's item is skipped, and says so, when less time is left than it is
 # expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
@@ -91,6 +92,8 @@ for part in $PARTS; do
     item "ours b$BIG lora" 70 $PY "${OURS[@]}" --batch $BIG --pooling mean --freeze lora ;;
   probe)
     item "ours b$BIG mean, cuBLAS GEMMs" 70 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+      $PY "${OURS[@]}" --batch $BIG --pooling mean
+    item "ours b$BIG mean, no autotuning" 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
       $PY "${OURS[@]}" --batch $BIG --pooling mean ;;
   *) echo "unknown part $part (steps train encode types lora probe)" >&2; exit 2 ;;
   esac
