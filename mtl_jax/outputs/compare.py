@@ -257,4 +257,4 @@ def write_results(
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"summary": summary, "pending": pending}, indent=2))
     if summary:
-        plot_compare(summary, names, out / "results.png")
+        plot_compare(summary, {t: columns[t][0] for t in names}, out / "results.png")

@@ -62,16 +62,16 @@ def plot_gradients(records: list[dict], tasks: Sequence[str], path: Path) -> Non
     _finish(fig, (ax_norm, ax_cos), path)
 
 
-def plot_compare(summary: list[dict], tasks: Sequence[str], path: Path) -> None:
-    """Per task: its mean primary test score (+/- std over seeds) against mean wall time, one point per scenario."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
-        key = next(k for k in summary[0] if k.startswith(f"{t}_test_"))  # the primary metric comes first
+def plot_compare(summary: list[dict], primary: dict[str, str], path: Path) -> None:
+    """Per task: its mean primary test score (``primary[task]``, a column such as ``test_macro_f1``;
+    +/- std over seeds) against mean wall time, one point per scenario."""
+    fig, axes = plt.subplots(1, len(primary), figsize=(5.5 * len(primary), 4.2), squeeze=False)
+    for ax, (t, column) in zip(axes[0], primary.items()):
         for i, s in enumerate(summary):
-            mean, std = s[key]
+            mean, std = s[f"{t}_{column}"]
             label = s["scenario"] if s["weighting"] == "sum" else f"{s['scenario']} ({s['weighting']})"
             ax.errorbar(s["wall_s"], mean, yerr=std, fmt="o", color=f"C{i % 10}", capsize=3, label=label)
-        ax.set(xlabel="wall time per run (s)", ylabel=key[len(t) + 1 :].replace("_", " ", 1), title=t)
+        ax.set(xlabel="wall time per run (s)", ylabel=column.replace("_", " ", 1), title=t)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")  # one legend for all panels
     _finish(fig, (), path)
