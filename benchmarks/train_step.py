@@ -28,11 +28,12 @@ from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.model.flops import model_flops_utilization, train_step_flops
 from mtl_jax.model.lora import TARGETS, LoRA, with_lora
 from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
+from mtl_jax.tasks import TaskConfig, build
 from mtl_jax.training.freezing import encoder_frozen, frozen_groups, param_groups
 from mtl_jax.training.hostmem import reuse_host_memory
 from mtl_jax.training.optim import OptimConfig, count_numbers
 from mtl_jax.training.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
-from mtl_jax.training.weighting import METHODS, make
+from mtl_jax.training.weighting import REGISTRY, make
 
 SIZES = {
     "tiny": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
@@ -80,7 +81,7 @@ def main() -> None:
     p.add_argument(
         "--loss-weighting",
         nargs="+",
-        choices=METHODS,
+        choices=list(REGISTRY),
         metavar="M",
         help="time these loss-weighting methods against sum in one run, rounds interleaved: step time and "
         "the compiled step's temporary memory, as ratios (famo and the gradient methods run the batch "
@@ -130,7 +131,9 @@ def main() -> None:
     if args.loss_weighting:
         print(json.dumps(compare_weighting(args, model, params, frozen, batch)))
         return
-    tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000))
+    tx, step = build_train_step(
+        model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000), tasks=heads(model)
+    )
     no_encoder_dropout = encoder_frozen(frozen, groups)
     state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
@@ -220,7 +223,8 @@ def compare_weighting(args, model, params, frozen, batch) -> dict:
     for m in methods:
         weighting = make(m)
         params = weighting.add_params(params, [t for t, _ in model.tasks])
-        tx, step = build_train_step(model, params, frozen, OptimConfig.from_config(TrainConfig(), 10_000), weighting)
+        optim = OptimConfig.from_config(TrainConfig(), 10_000)
+        tx, step = build_train_step(model, params, frozen, optim, weighting, tasks=heads(model))
         b = task_stacked(batch) if weighting.every_task else batch
         state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params), weighting.init(2))
         t0 = time.perf_counter()
@@ -293,19 +297,21 @@ def type_batch(task, batch: TokenBatch, rng: np.random.Generator) -> TokenBatch:
     return batch.replace(labels={task.name: jnp.asarray(y)})
 
 
+def heads(model: MultiTaskModel) -> tuple:
+    """The classification tasks of the model's ``(name, classes)`` heads."""
+    return tuple(build(TaskConfig(name, ""), tuple(map(str, range(n)))) for name, n in model.tasks)
+
+
 def compare_task_types(args, config) -> dict:
     """Median step time of each task type's packed step against classification's, same tokens, one process."""
     import dataclasses
-
-    from mtl_jax.config import TaskConfig
-    from mtl_jax.tasks import build
 
     key = jax.random.PRNGKey(1)
     rng = np.random.default_rng(0)
     tokens = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, max(args.per_row, 2)))
     runs = {}
     for kind in ["classification"] + [t for t in dict.fromkeys(args.task_type) if t != "classification"]:
-        task = build(TaskConfig("t", "", type=kind, **TYPE_SETTINGS[kind]))
+        task = build(TaskConfig.of("t", "", type=kind, **TYPE_SETTINGS[kind]))
         task = dataclasses.replace(task, stats=task.stats or (0.0, 5.0))
         model = MultiTaskModel(config, tasks=(task.head_spec(),), pooling=args.pooling)
         b = type_batch(task, tokens, rng)
@@ -327,7 +333,7 @@ def compare_task_types(args, config) -> dict:
 def probe_overhead(model, state, step, batch, key, k: int) -> dict:
     """Seconds for k steps without and with one task-gradient probe (half the batch per task), and their ratio."""
     stacked = task_stacked(batch)
-    probe = make_grad_probe(model)
+    probe = make_grad_probe(model, heads(model))
     jax.block_until_ready(probe(state.params, stacked))  # compile
     out = {}
     for name, with_probe in (("plain", False), ("diagnostics", True), ("plain_again", False)):

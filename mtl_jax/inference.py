@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from mtl_jax.data.packing import MAX_SEGMENTS, gather, packed_calls, unit_length
 from mtl_jax.data.text import TextTokenizer, check_texts
 from mtl_jax.errors import MtlError
-from mtl_jax.model.multitask import MultiTaskModel, compute_dtype, l2_normalize
+from mtl_jax.model.heads import l2_normalize
+from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
 from mtl_jax.model.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
 from mtl_jax.outputs.export import verify_export
 from mtl_jax.tasks import from_export
@@ -195,7 +196,7 @@ class Predictor:
         @functools.partial(jax.jit, static_argnames="names")
         def probs(params, ids, positions, segments, names):
             out = self.model.apply({"params": params}, ids, positions, segments, MAX_SEGMENTS, method="classify_packed")
-            return {t.name: t.probabilities(out[t.name]) for t in self.task_objects if t.name in names}
+            return {t.name: t.values(out[t.name]) for t in self.task_objects if t.name in names}
 
         self._probs = probs
 
@@ -233,7 +234,7 @@ class Predictor:
         return chosen
 
     def predict_proba(self, inputs, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
-        """Per task its :meth:`~mtl_jax.tasks.Task.probabilities` per input (tagging: per word), in input
+        """Per task its :meth:`~mtl_jax.tasks.Task.values` per input (tagging: per word), in input
         order, for the tasks that take these inputs (see :meth:`tasks_for`)."""
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         if batch_size < 1:

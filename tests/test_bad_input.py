@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, tiny_train_args
+from tests.helpers import cli, tiny_train_args
 
 TOPICS = {"sports": "match goal team", "politics": "vote senate law", "tech": "chip code robot"}
 

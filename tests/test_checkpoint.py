@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.training.checkpoint import Checkpoints
-from tests.conftest import ROOT, assert_export_reproduces_test_metrics, cli, tiny_train_args, torch_vectors
+from tests.helpers import ROOT, assert_export_reproduces_test_metrics, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
 # Runs scripts/train.py in-process after installing a fault (the test's own code, never the library's).

@@ -14,7 +14,7 @@ import pytest
 
 from mtl_jax import load_encoder
 from mtl_jax.training.compile_cache import use_compile_cache
-from tests.conftest import ROOT, cli, tiny_train_args
+from tests.helpers import ROOT, cli, tiny_train_args
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 

@@ -14,7 +14,7 @@ from mtl_jax.config import DEFAULT_TASKS, TaskConfig
 from mtl_jax.data.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
 from mtl_jax.data.load import BadRows, load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
-from tests.conftest import by_task
+from tests.helpers import by_task
 
 
 def _write(path: Path, content: str | bytes) -> Path:
@@ -25,7 +25,7 @@ def _write(path: Path, content: str | bytes) -> Path:
 
 
 def _task(path: Path, **kw) -> TaskConfig:
-    return TaskConfig(name=kw.pop("name", "t"), train=str(path), text_column="text", label_column="label", **kw)
+    return TaskConfig.of(kw.pop("name", "t"), str(path), text_column="text", label_column="label", **kw)
 
 
 def _rows(n=40, sep=","):
@@ -190,7 +190,7 @@ def test_uniform_sampling_draws_equally_per_source():
 
 def test_shipped_config_files_parse():
     from mtl_jax.config import load_config_file
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files

@@ -13,7 +13,7 @@ from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBe
 
 from mtl_jax.model.dense import Dense, affine, cpu_affine
 from mtl_jax.model.encoder import Attention, Encoder
-from tests.conftest import dot_products
+from tests.helpers import dot_products, of_heads
 
 
 @pytest.mark.parametrize("sinusoidal", [False, True])
@@ -109,7 +109,7 @@ def test_every_product_of_a_whole_float32_train_step_contracts_one_axis(tiny_ber
     labels = {"a": np.full((rows, 16), -1, np.int32), "b": np.full((rows, 16), -1, np.int32)}
     labels["a"][:, 0], labels["b"][:, 1] = 1, 0
     batch = TokenBatch(ids, positions, segments, labels)
-    spec = StepSpec(model, optax.adamw(1e-3))
+    spec = StepSpec(model, of_heads(model.tasks), optax.adamw(1e-3))
     state = TrainState.create(params, spec.tx.init(params))
     jaxpr = jax.make_jaxpr(lambda s, b: train_step(spec, s, b, jax.random.PRNGKey(0)))(state, batch).jaxpr
     contractions = [eqn.params["dimension_numbers"][0] for eqn in dot_products(jaxpr)]

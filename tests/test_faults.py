@@ -13,7 +13,7 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.training.checkpoint import Checkpoints
-from tests.conftest import cli
+from tests.helpers import cli, of_heads
 from tests.test_checkpoint import assert_same_run, faulty, outputs, train_args
 
 
@@ -40,20 +40,20 @@ def test_non_finite_step_leaves_state_unchanged(tiny_bert):
     from mtl_jax.inference import load_encoder
     from mtl_jax.model.multitask import MultiTaskModel, init_params
     from mtl_jax.training.steps import TrainState, build_train_step
-    from tests.conftest import optim
+    from tests.helpers import optim
 
     enc = load_encoder(tiny_bert)
     model = MultiTaskModel(enc.config, tasks=(("a", 2),))
     params = init_params(model, enc.params, jax.random.PRNGKey(0))
     params["heads"]["a"]["bias"] = jnp.asarray([np.nan, 0.0])
-    tx, step = build_train_step(model, params, frozenset(), optim(10))
+    tx, step = build_train_step(model, params, frozenset(), optim(10), tasks=of_heads(model.tasks))
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     before = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
     ids = np.full((2, 8), 2000, np.int32)
     batch = single_rows(ids, np.ones_like(ids), {"a": np.asarray([0, 1], np.int32)})
     for i in range(2):
         state, m = step(state, batch, jax.random.PRNGKey(0))
-        assert int(m["skipped"]) == 1 and int(state.nonfinite) == i + 1
+        assert int(m.totals.skipped) == 1 and int(state.nonfinite) == i + 1
     after = jax.tree.map(lambda x: np.asarray(x).tobytes(), (state.params, state.opt_state))
     assert after == before
 

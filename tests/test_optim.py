@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from mtl_jax.training.freezing import group_of
 from mtl_jax.training.optim import make_optimizer, schedule
-from tests.conftest import optim
+from tests.helpers import optim
 
 # a tree with every kind of parameter the groups and the decay mask tell apart
 PARAMS = {

@@ -19,7 +19,7 @@ from mtl_jax.model.encoder import Encoder, keep_mask
 from mtl_jax.model.multitask import MultiTaskModel, init_params
 from mtl_jax.training.steps import TrainState, make_loss_fn, make_train_step
 from mtl_jax.training.weighting import make
-from tests.conftest import by_task
+from tests.helpers import by_task, of_heads
 
 
 def test_pack_rows_places_every_sentence_once_in_nearly_full_rows():
@@ -217,18 +217,18 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
     for pooling in ("mean", "cls"):
         model = MultiTaskModel(config, tasks=(("task_a", 3), ("task_b", 2)), pooling=pooling, head_dropout=0.0)
         params = init_params(model, enc.params, jax.random.PRNGKey(0))
-        terms_fn = make_loss_fn(model)
+        terms_fn = make_loss_fn(model, of_heads(model.tasks))
         loss_fn = lambda p, b, k: (terms_fn(p, b, k)[0] @ jnp.array([1.0, 0.5]), None)  # noqa: E731
         value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
         (loss_p, _), grads_p = value_and_grad(params, packed, None)
         (loss_s, _), grads_s = value_and_grad(params, single, None)
         np.testing.assert_allclose(loss_p, loss_s, rtol=1e-6)
         chex.assert_trees_all_close(grads_p, grads_s, atol=1e-5, rtol=1e-5)
-        step = jax.jit(make_train_step(model, optax.sgd(0.5), make("static", task_weights=(1.0, 0.5))))
+        step = jax.jit(make_train_step(model, optax.sgd(0.5), make("static", (1.0, 0.5)), tasks=of_heads(model.tasks)))
         after = []
         for batch in (packed, single):
             state = TrainState.create(jax.tree.map(jnp.array, params), optax.sgd(0.5).init(params))
             state, m = step(state, batch, jax.random.PRNGKey(1))
             after.append(state.params)
-            assert int(m["tasks"]["task_a"]["count"]) == int((data.labels["task_a"] >= 0).sum())
+            assert int(m.totals.tasks["task_a"].count) == int((data.labels["task_a"] >= 0).sum())
         chex.assert_trees_all_close(after[0], after[1], atol=1e-5)

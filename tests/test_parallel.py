@@ -14,7 +14,7 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.training.parallel import check_batch_size, make_mesh
-from tests.conftest import ROOT, tiny_train_args
+from tests.helpers import ROOT, tiny_train_args
 
 # Three training steps of a tiny model on fixed batches, on the devices of ``make_mesh(devices)``.
 SETUP = r"""
@@ -29,6 +29,7 @@ from mtl_jax.config import TrainConfig
 from mtl_jax.training.optim import OptimConfig
 from mtl_jax.training.steps import TrainState, build_train_step
 from mtl_jax.training.weighting import make
+from tests.helpers import of_heads
 
 enc = load_encoder({model!r})
 model = MultiTaskModel(enc.config, tasks=(("a", 3), ("b", 2)))
@@ -43,12 +44,12 @@ for i in range(3):
 
 def train(devices, fsdp=False):
     mesh = make_mesh(devices)
-    tx, step = build_train_step(model, params, frozenset(), OptimConfig.from_config(TrainConfig(lr=1e-3, head_lr=1e-3, warmup=0.0), 10))
+    tx, step = build_train_step(model, params, frozenset(), OptimConfig.from_config(TrainConfig(lr=1e-3, head_lr=1e-3, warmup=0.0), 10), tasks=of_heads(model.tasks))
     state = place_state(TrainState.create(jax.tree.map(jnp.array, params), tx.init(params)), mesh, fsdp)
     losses = []
     for b in batches:
         state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
-        losses.append(float(m["loss"]))
+        losses.append(float(m.totals.loss))
     return losses, jax.device_get(state.params), state
 """
 

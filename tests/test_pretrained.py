@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from mtl_jax import MtlError, load_encoder
 from mtl_jax.data.assets import embedded_model_dir
 from mtl_jax.model.pretrained import flax_to_torch_state
-from tests.conftest import torch_vectors, write_tiny_bert
+from tests.helpers import torch_vectors, write_tiny_bert
 
 SENTENCES = [
     "A three-hour cinema master class.",
@@ -235,7 +235,7 @@ def test_bfloat16_encoder_computes_in_bf16_and_keeps_the_vectors(minilm):
     from scipy.stats import spearmanr
 
     from benchmarks.encode import rotten_tomatoes_texts
-    from tests.conftest import dot_products
+    from tests.helpers import dot_products
 
     texts = rotten_tomatoes_texts()[:300]
     bf16 = dataclasses.replace(minilm, dtype="bfloat16")

@@ -259,7 +259,7 @@ def test_a_lora_run_exports_merged_weights_that_give_its_trained_test_loss(tmp_p
     """Adapters trained with a non-zero learning rate, merged at export: the plain exported model gives
     the run's own test loss within 1e-5, and its encoder differs from the pretrained one."""
     from mtl_jax import load_encoder
-    from tests.conftest import assert_export_reproduces_test_metrics
+    from tests.helpers import assert_export_reproduces_test_metrics
 
     out = tmp_path / "run"
     summary, _ = _run(tiny_bert, tiny_data, out, epochs=2, freeze="lora", lora_rank=4, lora_lr=5e-2)

@@ -21,12 +21,12 @@ from mtl_jax.tasks.base import has_label
 from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, ranking_metrics
 from mtl_jax.tasks.retrieval import SCALE
 from mtl_jax.tasks.similarity import COSENT_SCALE
-from tests.conftest import cli
+from tests.helpers import cli
 from tests.typed_data import write_typed_data
 
 
 def _task(type_, **kw):
-    return build(TaskConfig(name="t", train="x", type=type_, **kw))
+    return build(TaskConfig.of("t", "x", type=type_, **kw))
 
 
 def test_cosent_and_mse_similarity_losses_against_numpy():
@@ -39,10 +39,10 @@ def test_cosent_and_mse_similarity_losses_against_numpy():
     s = np.where(ok, score, 0) / 5
     terms = [COSENT_SCALE * (cos[j] - cos[i]) for i in range(6) for j in range(6) if ok[i] and ok[j] and s[i] > s[j]]
     want = math.log(1 + sum(math.exp(t) for t in terms))
-    assert float(sums["loss_sum"]) / int(sums["count"]) == pytest.approx(want, rel=1e-5)
+    assert float(sums.loss_sum) / int(sums.count) == pytest.approx(want, rel=1e-5)
     mse = _task("similarity", text_columns=("a", "b"), score_range=(0.0, 5.0), loss="mse").with_labels([])
     got = mse.loss_sums(jnp.asarray(cos)[None, :, None], jnp.asarray(score)[None])
-    assert float(got["loss_sum"]) == pytest.approx(float(np.sum((cos[ok] - s[ok]) ** 2)), rel=1e-5)
+    assert float(got.loss_sum) == pytest.approx(float(np.sum((cos[ok] - s[ok]) ** 2)), rel=1e-5)
 
 
 def test_in_batch_negatives_loss_against_numpy():
@@ -58,7 +58,7 @@ def test_in_batch_negatives_loss_against_numpy():
     for k, i in enumerate(keep):
         z = SCALE * cands @ out[i, 0]
         want += np.log(np.exp(z - z.max()).sum()) + z.max() - z[k]
-    assert float(sums["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(sums["count"]) == 4
+    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 4
 
 
 def test_multilabel_and_regression_losses_against_numpy():
@@ -68,14 +68,14 @@ def test_multilabel_and_regression_losses_against_numpy():
     sums = task.loss_sums(jnp.asarray(z)[None], jnp.asarray(y)[None])
     p = 1 / (1 + np.exp(-z[:2]))
     want = -np.mean(y[:2] * np.log(p) + (1 - y[:2]) * np.log(1 - p), axis=1).sum()
-    assert float(sums["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(sums["count"]) == 2
+    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 2
     assert task.label_id("a").tolist() == [1, 0, 0] and "not in the labels" in task.label_id(("a", "x"))
     reg = _task("regression").with_labels(["1", "2", "3", "4"])
     mean, std = np.mean([1, 2, 3, 4]), np.std([1, 2, 3, 4])
     out = jnp.asarray([[[0.5], [-1.0], [7.0]]])
     got = reg.loss_sums(out, jnp.asarray([[2.0, 4.0, np.nan]]))
     want = (0.5 - (2 - mean) / std) ** 2 + (-1.0 - (4 - mean) / std) ** 2
-    assert float(got["loss_sum"]) == pytest.approx(want, rel=1e-5) and int(got["count"]) == 2
+    assert float(got.loss_sum) == pytest.approx(want, rel=1e-5) and int(got.count) == 2
     np.testing.assert_allclose(reg.predict(out)[0, :2], [0.5 * std + mean, -std + mean], rtol=1e-6)
 
 
@@ -189,7 +189,7 @@ def test_readers_parquet_datasets_folder_and_conll(tmp_path):
 def test_bad_rows_of_each_type_name_file_line_and_reason(tmp_path, config, file, content, message):
     (tmp_path / file).write_text(content)
     with pytest.raises(BadRows, match=message):
-        load_tasks([TaskConfig(name="t", train=str(tmp_path / file), **config)])
+        load_tasks([TaskConfig.of("t", str(tmp_path / file), **config)])
 
 
 def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert):
@@ -257,14 +257,14 @@ from mtl_jax.training.steps import make_loss_fn
 
 assert jax.device_count() == 4
 enc = load_encoder({model!r})
-task = build(TaskConfig("qa", "", type="retrieval", text_columns=("q", "p")))
+task = build(TaskConfig.of("qa", "", type="retrieval", text_columns=("q", "p")))
 model = MultiTaskModel(enc.config, tasks=(task.head_spec(),), head_dropout=0.0)
 params = init_params(model, enc.params, jax.random.PRNGKey(0))
 pairs = [(f"question {{i}} about {{w}}", f"the answer on {{w}} is {{i}}") for i, w in enumerate("abcdefghijklmnop")]
 ids = enc.tokenizer.encode_examples([Segments(p) for p in pairs], 32).ids
 data = Tokenized(ids, {{"qa": np.ones(16, np.int32)}}, np.zeros(16, np.int32), 0)
 batch, _ = pack_examples(data, np.arange(16), Grid(8, 32), enc.tokenizer.pad_id)
-loss_fn = make_loss_fn(model, tasks=(task,))
+loss_fn = make_loss_fn(model, (task,))
 f = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0].sum()))
 l1, g1 = f(params, batch)
 mesh = make_mesh(jax.devices())
@@ -282,7 +282,7 @@ def test_in_batch_negatives_on_four_devices_equal_one_device_holding_the_batch(t
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     code = IN_BATCH.format(root=str(ROOT), model=str(tiny_bert))
@@ -323,7 +323,7 @@ def test_a_pair_retrieval_and_tagging_run_killed_or_interrupted_resumes_to_the_s
 
 @pytest.mark.slow  # whole runs: make test-slow
 def test_configs_glue_trains_every_glue_task_in_one_run_on_a_glue_like_folder(tmp_path, tiny_bert, monkeypatch):
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
     from tests.typed_data import write_glue
 
     write_glue(tmp_path)
@@ -367,7 +367,7 @@ def _export_scores(run, names):
     from mtl_jax.config import TaskConfig
 
     cfg = json.loads((run / "config.json").read_text())
-    test = load_tasks([TaskConfig(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
+    test = load_tasks([TaskConfig.of(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
     model = load(run / "export")
     tasks = {t.name: t for t in model.task_objects}
     out = {}
@@ -413,7 +413,7 @@ def test_pair_similarity_retrieval_and_tagging_on_four_devices_with_fsdp_match_o
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     data = write_typed_data(tmp_path)
 
@@ -446,7 +446,7 @@ def test_every_loss_weighting_trains_pair_retrieval_tagging_and_regression_tasks
     """Each weighting method (those that put every task in each step stack a retrieval task's pairs and
     a tagging task's token labels per task), two with gradient accumulation: finite losses for every
     task and every task scored on test."""
-    from mtl_jax.training.weighting import METHODS
+    from mtl_jax.training.weighting import REGISTRY as METHODS
 
     data = write_typed_data(tmp_path)
     for method in METHODS:
@@ -471,7 +471,7 @@ def test_derived_examples_load_as_configs_types_embedded_names_them(tmp_path, mo
     import sys
 
     from mtl_jax.config import load_config_file
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["derive_examples.py"])

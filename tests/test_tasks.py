@@ -14,9 +14,10 @@ import pytest
 
 from mtl_jax import MtlError, load
 from mtl_jax.config import TaskConfig
-from mtl_jax.tasks import REGISTRY, Task, build, of_heads, register
+from mtl_jax.tasks import REGISTRY, Task, build, register
+from mtl_jax.tasks.base import LossSums
 from mtl_jax.tasks.metrics import classification_report
-from tests.conftest import cli, tiny_train_args
+from tests.helpers import cli, of_heads, tiny_train_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +38,12 @@ class Flag(Task):
         valid = y >= 0
         z = logits[..., 0].astype(jnp.float32)
         bce = jnp.maximum(z, 0) - z * jnp.maximum(y, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
-        return {
-            "loss_sum": jnp.sum(jnp.where(valid, bce, 0.0)),
-            "correct": jnp.sum(valid & ((z > 0) == (y == 1))),
-            "count": jnp.sum(valid),
-        }
+        return LossSums(jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(valid & ((z > 0) == (y == 1))), jnp.sum(valid))
 
     def predict(self, logits):
         return (logits[..., 0] > 0).astype(jnp.int32)
 
-    def probabilities(self, logits):
+    def values(self, logits):
         return jax.nn.sigmoid(logits)
 
     def metrics(self, y_true, y_pred):
@@ -55,8 +52,8 @@ class Flag(Task):
     def report_lines(self, summary):
         return [f"test accuracy {summary['test'][self.name]['accuracy']:.3f} (a toy flag)"]
 
-    def output(self, probabilities):
-        return {"flag": bool(probabilities[0] > 0.5), "p": float(probabilities[0])}
+    def output(self, values):
+        return {"flag": bool(values[0] > 0.5), "p": float(values[0])}
 
 
 @pytest.fixture
@@ -108,8 +105,8 @@ def test_classification_loss_and_metrics_are_the_tasks():
     y = jnp.asarray([0, 2, -1])
     sums = task.loss_sums(logits, y)
     logp = np.log(np.exp(np.asarray(logits, np.float64)) / np.exp(np.asarray(logits, np.float64)).sum(1, keepdims=True))
-    np.testing.assert_allclose(float(sums["loss_sum"]), -(logp[0, 0] + logp[1, 2]), rtol=1e-6)
-    assert int(sums["count"]) == 2 and int(sums["correct"]) == 2
+    np.testing.assert_allclose(float(sums.loss_sum), -(logp[0, 0] + logp[1, 2]), rtol=1e-6)
+    assert int(sums.count) == 2 and int(sums.correct) == 2
     y_true, y_pred = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2])
     assert task.metrics(y_true, y_pred) == classification_report(y_true, y_pred, ("0", "1", "2"))
     assert task.score(task.metrics(y_true, y_pred)) == pytest.approx((1 + 0 + 0.8) / 3)

@@ -15,7 +15,6 @@ from mtl_jax import MtlError
 from mtl_jax.data.batching import InputPipeline, Tokenized, single_rows
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.multitask import MultiTaskModel, init_params, pool_segments
-from mtl_jax.tasks import of_heads
 from mtl_jax.training.evaluation import evaluate
 from mtl_jax.training.freezing import (
     Phase,
@@ -30,7 +29,7 @@ from mtl_jax.training.freezing import (
 from mtl_jax.training.optim import carry_opt_state, count_numbers, make_optimizer
 from mtl_jax.training.steps import TrainState, build_train_step, make_eval_step, make_train_step, task_losses
 from mtl_jax.training.weighting import make, mean_losses
-from tests.conftest import by_task, dot_products, optim
+from tests.helpers import by_task, dot_products, of_heads, optim
 
 TASKS = (("task_a", 3), ("task_b", 2))
 
@@ -56,7 +55,7 @@ def _batch(seed=0, B=8, L=16, labels=None):
 
 
 def _state(model, params, frozen, lr=1e-2):
-    tx, step = build_train_step(model, params, frozen, optim(100, lr=lr, head_lr=lr))
+    tx, step = build_train_step(model, params, frozen, optim(100, lr=lr, head_lr=lr), tasks=of_heads(model.tasks))
     # copy: the step donates its state
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     return tx, step, state
@@ -165,7 +164,7 @@ def test_masked_loss_matches_numpy():
     means, present = mean_losses(per, ["a", "b"])
     np.testing.assert_allclose(means, [want_a, want_b], rtol=1e-6)
     np.testing.assert_array_equal(present, [1, 1])
-    assert int(per["a"]["count"]) == 2 and int(per["a"]["correct"]) == 2
+    assert int(per["a"].count) == 2 and int(per["a"].correct) == 2
     # a batch with no labels for a task adds exactly 0, never NaN
     none = by_task(jnp.full((3, 2), -1), ("a", "b"))
     means, present = mean_losses(task_losses(logits, none, of_heads((("a", 3), ("b", 2)))), ["a", "b"])
@@ -182,7 +181,7 @@ def test_jit_and_eager_steps_agree_and_second_call_does_not_recompile(setup):
         _, eager_step, _ = _state(model, params, frozen)
         eager_state, eager_m = eager_step(eager_state, _batch(0), jax.random.PRNGKey(1))
     state, m = step(state, _batch(0), jax.random.PRNGKey(1))
-    np.testing.assert_allclose(float(m["loss"]), float(eager_m["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m.totals.loss), float(eager_m.totals.loss), rtol=1e-5)
     chex.assert_trees_all_close(state.params, eager_state.params, atol=1e-5)
     compiled = step._cache_size()
     state, _ = step(state, _batch(1), jax.random.PRNGKey(1))
@@ -218,7 +217,7 @@ def test_evaluate_counts_every_example_once(setup):
     labels[:10, 1] = -1
     data = Tokenized(ids, by_task(labels), np.zeros(n, np.int32), 0)
     pipeline = InputPipeline({"test": data}, pad_id=0, max_length=64, batch_size=8, eval_batch_size=8, seed=0)
-    res = evaluate(make_eval_step(model), params, pipeline, data, of_heads(model.tasks))
+    res = evaluate(make_eval_step(model, of_heads(model.tasks)), params, pipeline, data, of_heads(model.tasks))
     assert res["task_a"]["examples"] == n and res["task_b"]["examples"] == n - 10
     assert np.asarray(res["task_a"]["confusion"]).sum() == n
     # the same confusion matrices as a forward pass of each example alone (padded, masked)
@@ -248,10 +247,10 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_loss(setup):
     assert len(bf16_dots) >= 8 * model.config.n_layers, operands
     np.testing.assert_allclose(logits16["task_a"], logits32["task_a"], atol=0.05)
     tx, _, state = _state(model, params, frozenset())
-    step = make_train_step(bf16, tx)
+    step = make_train_step(bf16, tx, tasks=of_heads(bf16.tasks))
     state, m = step(state, _batch(), jax.random.PRNGKey(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
-    assert np.isfinite(float(m["loss"]))
+    assert np.isfinite(float(m.totals.loss))
 
 
 def test_compiled_dot_flops_reads_each_product_off_the_program():
@@ -294,7 +293,7 @@ def test_flop_count_is_what_xla_computes(freeze, pooling, targets):
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch.ids[:1], batch.segments[:1])["params"]
     groups = set(jax.tree.leaves(param_groups(params)))
     frozen = frozen_groups(freeze, groups)
-    tx, step = build_train_step(model, params, frozen, optim(100))
+    tx, step = build_train_step(model, params, frozen, optim(100), tasks=of_heads(model.tasks))
     state = jax.eval_shape(lambda p: TrainState.create(p, tx.init(p)), params)  # shapes are all it needs
     compiled = step.lower(state, batch, jax.random.PRNGKey(1)).compile()
     counted = train_step_flops(config, 4, 32, groups - frozen, pooling, MAX_SEGMENTS)
@@ -338,15 +337,15 @@ def test_grad_accumulation_equals_the_whole_batch(setup, method):
     results = []
     for k in (1, 4):
         # (plain SGD: Adam's normalisation would magnify rounding in near-zero gradients)
-        step = make_train_step(quiet, optax.sgd(0.5), w, grad_accum=k)
+        step = make_train_step(quiet, optax.sgd(0.5), w, grad_accum=k, tasks=of_heads(quiet.tasks))
         state = TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.5).init(p0), w.init(2))
         for _ in range(2):  # famo and gradnorm move their state at the second step
             state, m = step(state, batch, jax.random.PRNGKey(0))
         results.append((state, m))
     (s1, m1) = results[0]
     for s, m in results[1:]:
-        np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-5)
-        chex.assert_trees_all_close(m["tasks"], m1["tasks"], rtol=1e-5)
+        np.testing.assert_allclose(float(m.totals.loss), float(m1.totals.loss), rtol=1e-5)
+        chex.assert_trees_all_close(m.totals.tasks, m1.totals.tasks, rtol=1e-5)
         chex.assert_trees_all_close(s.params, s1.params, atol=1e-5, rtol=1e-5)
         chex.assert_trees_all_close(s.weighting, s1.weighting, atol=1e-5, rtol=1e-5)
     assert not np.allclose(s1.params["heads"]["task_a"]["kernel"], params["heads"]["task_a"]["kernel"])
@@ -370,7 +369,9 @@ def test_lora_trains_only_adapters_and_heads_and_merges_exactly(setup, tiny_bert
     np.testing.assert_allclose(embed(adapted, params), embed(model, base_params), atol=1e-6)
     frozen = frozen_groups("lora", groups)
     assert frozen == {"embeddings", "layer_0", "layer_1"}
-    tx, step = build_train_step(adapted, params, frozen, optim(100, lr=1e-2, head_lr=1e-2, lora_lr=1e-2))
+    tx, step = build_train_step(
+        adapted, params, frozen, optim(100, lr=1e-2, head_lr=1e-2, lora_lr=1e-2), tasks=of_heads(adapted.tasks)
+    )
     state = TrainState.create(jax.tree.map(jnp.array, params), tx.init(params))
     # optimizer state for the adapters and heads only: Adam's two moments of each (and a few counts)
     trainable = n_adapters + sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["heads"]))

@@ -9,16 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.tasks import of_heads
+from mtl_jax.tasks.base import LossSums
 from mtl_jax.training.steps import own_task_labels, per_task_grads
 from mtl_jax.training.weighting import cosine_matrix, make, mean_losses, pcgrad, uncertainty_terms
+from tests.helpers import of_heads
 
 
 def _per_task(**loss_and_count):
-    return {
-        t: {"loss_sum": jnp.float32(s), "count": jnp.int32(c), "correct": jnp.int32(0)}
-        for t, (s, c) in loss_and_count.items()
-    }
+    return {t: LossSums(jnp.float32(s), jnp.int32(0), jnp.int32(c)) for t, (s, c) in loss_and_count.items()}
 
 
 def test_pcgrad_two_conflicting_tasks_by_hand():
@@ -135,7 +133,7 @@ def _adam(x, g, m, v, t, lr, decay=0.0):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_dwa_weights_follow_the_last_two_periods_loss_ratio(n):
-    w = make("dwa", dwa_temperature=2.0, dwa_period=5)
+    w = make("dwa", temperature=2.0, period=5)
     state, rng = w.init(n), np.random.default_rng(n)
     period_means = []
     for period in range(4):
@@ -165,7 +163,7 @@ def test_rlw_weights_are_a_softmax_of_normal_draws():
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_famo_matches_numpy(n):
-    w = make("famo", famo_lr=0.1, famo_decay=0.01)
+    w = make("famo", lr=0.1, decay=0.01)
     state, rng = w.init(n), np.random.default_rng(n)
     xi, m, v, prev = np.zeros(n), np.zeros(n), np.zeros(n), None
     for t in range(6):
@@ -230,7 +228,7 @@ def test_cagrad_matches_the_authors_solver(n, conflict):
 
     g = _grads(n, seed=10 + n, conflict=conflict)
     c = 0.5
-    grads, coef, _, _ = _combine("cagrad", g, np.zeros((n, 2)), cagrad_c=c)
+    grads, coef, _, _ = _combine("cagrad", g, np.zeros((n, 2)), c=c)
     # the authors' code: w = argmin_{simplex} w.A.b + c |g0| sqrt(w.A.w), b uniform, A the Gram matrix
     # (scaled to mean diagonal 1 for SLSQP's absolute tolerance; the minimiser does not change)
     a = g @ g.T / np.trace(g @ g.T) * n
@@ -257,7 +255,7 @@ def test_cagrad_matches_the_authors_solver(n, conflict):
 @pytest.mark.parametrize("n", [2, 3])
 def test_gradnorm_matches_numpy(n):
     alpha, lr = 1.5, 0.1
-    w = make("gradnorm", gradnorm_alpha=alpha, gradnorm_lr=lr)
+    w = make("gradnorm", alpha=alpha, lr=lr)
     state = w.init(n)
     rng = np.random.default_rng(n)
     ws, m, v, initial = np.ones(n), np.zeros(n), np.zeros(n), None

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from mtl_jax.training.weighting import METHODS
-from tests.conftest import ROOT
+from mtl_jax.training.weighting import REGISTRY as METHODS
+from tests.helpers import ROOT
 from tests.test_parallel import ENV, SETUP
 
 # Loss-weighting methods, two SGD steps each: 1 device, 4 devices with FSDP, and 4 devices with FSDP in bf16
@@ -32,14 +32,14 @@ params = model.init(jax.random.PRNGKey(0), batches[0].ids[:1], batches[0].segmen
 def sgd_steps(devices, method, fsdp=False, model=model):
     mesh, w = make_mesh(devices), make(method)
     p0 = w.add_params(params, ["a", "b"])
-    step = make_train_step(model, optax.sgd(0.1), w)
+    step = make_train_step(model, optax.sgd(0.1), w, tasks=of_heads(model.tasks))
     state = place_state(TrainState.create(jax.tree.map(jnp.array, p0), optax.sgd(0.1).init(p0), w.init(2)), mesh, fsdp)
     losses = []
     for b in batches[:2]:
         if w.every_task:  # two task sub-batches of 4 rows: [4, 2, ...]
             b = jax.tree.map(lambda v: np.stack([v[:4], v[4:]], axis=1), b)
         state, m = step(state, shard_batch(b, mesh), jax.random.PRNGKey(1))
-        losses.append(float(m["loss"]))
+        losses.append(float(m.totals.loss))
     return losses, jax.device_get(state.params), state
 
 bf16 = model.clone(dtype=jnp.bfloat16)

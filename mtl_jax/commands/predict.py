@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_jax.cli import add_dtype_option, read_lines, run_cli
+from mtl_jax.data.readers import format_of, read_rows, suffixes
 from mtl_jax.errors import MtlError
 
 
@@ -46,13 +47,11 @@ def parse_args(argv):
 
 
 def read_input(path: str | None, columns: list[str]) -> list:
-    """Texts (one column) or pairs (two) from a data file; lines of a text file or stdin."""
-    if path is None or Path(path).suffix.lower() not in (".csv", ".tsv", ".jsonl", ".json", ".gz", ".bz2", ".parquet"):
+    """Texts (one column) or pairs (two) from a data file a reader reads; lines of a text file or stdin."""
+    if path is None or not is_data_file(Path(path)):
         if len(columns) > 1:
-            raise MtlError("--text-columns needs --input with a data file (.csv, .tsv, .jsonl, .parquet)")
+            raise MtlError(f"--text-columns needs --input with a data file ({', '.join(suffixes())})")
         return read_lines(path)
-    from mtl_jax.data.load import read_rows
-
     rows = read_rows(Path(path), columns)
     for r in rows:
         missing = [c for c in columns if r.fields.get(c) is None]
@@ -61,11 +60,19 @@ def read_input(path: str | None, columns: list[str]) -> list:
     return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
 
 
+def is_data_file(path: Path) -> bool:
+    """Whether a reader reads ``path`` (else it is plain text, one input per line)."""
+    try:
+        return bool(format_of(path))
+    except MtlError:
+        return False
+
+
 def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -> None:
-    """Each retrieval task's output becomes the query's top ``k`` corpus texts by cosine, with scores."""
-    tasks = [t.name for t in predictor.task_objects if t.type == "retrieval" and rows and t.name in rows[0]]
+    """Each corpus-ranking task's output becomes the query's top ``k`` corpus texts by cosine, with scores."""
+    tasks = [t.name for t in predictor.task_objects if t.ranks_corpus and rows and t.name in rows[0]]
     if not tasks:
-        raise MtlError("--corpus: the model has no retrieval task")
+        raise MtlError("--corpus: the model has no task that ranks a corpus (retrieval)")
     passages = predictor.predict_proba(corpus, **kw)
     for name in tasks:
         queries = np.stack([row[name] for row in rows])
@@ -73,28 +80,6 @@ def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         for row, s, idx in zip(rows, scores, best):
             row[name] = [{"text": corpus[j], "score": float(s[j])} for j in idx]
-
-
-def as_json(output):
-    """A task's output as JSON: a Prediction as {"label", "probs"}, arrays as lists."""
-    if hasattr(output, "probs") and hasattr(output, "label"):
-        return {"label": output.label, "probs": output.probs}
-    return output.tolist() if hasattr(output, "tolist") else output
-
-
-def cell(output) -> str:
-    """A task's output in a table cell."""
-    if hasattr(output, "probs") and hasattr(output, "label"):
-        return f"{output.label} ({output.probs[output.label]:.2f})"
-    if isinstance(output, float):
-        return f"{output:.3f}"
-    if isinstance(output, list) and output and isinstance(output[0], dict):  # --corpus: the best match
-        return f"{output[0]['text'][:16]} ({output[0]['score']:.2f})"
-    if isinstance(output, list):  # tags
-        return " ".join(output)
-    if isinstance(output, dict):
-        return ",".join(output["labels"]) or "-"
-    return f"[{len(output)} numbers]"
 
 
 def main(argv=None) -> int:
@@ -108,11 +93,12 @@ def main(argv=None) -> int:
     predictor = load(args.model, dtype=args.dtype)
     kw = dict(batch_size=args.batch_size, progress=False if args.no_progress else None)
     rows = predictor.predict(texts, **kw)
+    task = {t.name: t for t in predictor.task_objects}
     if args.corpus:
         with_matches(predictor, rows, read_input(args.corpus, [args.text_column]), args.top_k, **kw)
     if args.format == "jsonl":
         for text, row in zip(texts, rows):
-            out = {"text": text} | {t: as_json(p) for t, p in row.items()}
+            out = {"text": text} | {t: task[t].output_json(p) for t, p in row.items()}
             print(json.dumps(out, ensure_ascii=False))
     else:
         names = list(rows[0]) if rows else []
@@ -121,7 +107,7 @@ def main(argv=None) -> int:
         print("text".ljust(width) + "".join(f"  {t:<24}" for t in names))
         for text, row in zip(texts, rows):
             short = text if len(text) <= width else text[: width - 1] + "…"
-            print(short.ljust(width) + "".join(f"  {cell(row[t]):<24}" for t in names))
+            print(short.ljust(width) + "".join(f"  {task[t].output_cell(row[t]):<24}" for t in names))
     return 0
 
 

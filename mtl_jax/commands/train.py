@@ -16,10 +16,10 @@ from mtl_jax.cli import run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from mtl_jax.cli import parse_config
-    from mtl_jax.config import TrainConfig
+    from mtl_jax.config import config_class
     from mtl_jax.training.trainer import train_and_evaluate
 
-    cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    cfg = parse_config(config_class(), sys.argv[1:] if argv is None else argv, __doc__)
     train_and_evaluate(cfg)
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import flax
@@ -63,7 +63,7 @@ class TokenBatch:
     def rows(self) -> int:
         return self.ids.shape[0]
 
-    def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
+    def outputs(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
         """``{task: [R, S, ...] or [R, P, ...]}``: every slot through the encoder and the heads."""
         return model.apply(
             variables, self.ids, self.positions, self.segments, self.num_segments, deterministic=deterministic,
@@ -86,7 +86,7 @@ class EmbeddingBatch:
     def rows(self) -> int:
         return self.embeddings.shape[0]
 
-    def logits(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
+    def outputs(self, model, variables, deterministic: bool, encoder_deterministic: bool, rngs) -> dict:
         """``{task: [R, S, ...]}``: the heads alone."""
         return model.apply(variables, self.embeddings, deterministic=deterministic, rngs=rngs, method="classify")
 
@@ -368,11 +368,16 @@ def _stack(built: list[Batch], task_stacked: bool) -> Batch:
     return jax.tree.map(lambda *parts: np.stack(parts, axis=1), *built)
 
 
+def unplaced(batch: Batch) -> Batch:
+    """A batch left as host arrays (one device, or tests that read them)."""
+    return batch
+
+
 @dataclass
 class InputPipeline:
     """What every batch of a run needs, in one place: the tokenized splits, the pad id, the
-    batch sizes, the sampling, the epochs the grids are sized for, and the device mesh
-    batches are split over.
+    batch sizes, the sampling, the epochs the grids are sized for, the number of devices a
+    batch is split over and how a batch gets onto them (``place``: the trainer's sharding).
 
     ``plan(epoch)`` gives an epoch's batches (example indices), ``train_batch`` one step's
     packed arrays on the devices, ``eval_batches`` every example of a split once.
@@ -389,7 +394,8 @@ class InputPipeline:
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
     grad_accum: int = 1  # training rows come in multiples of devices x micro-batches
-    mesh: object = None  # jax.sharding.Mesh; None: arrays stay on the host
+    devices: int = 1  # devices a step's rows are split over
+    place: Callable[[Batch], Batch] = unplaced  # a batch's host arrays onto the devices
 
     @property
     def train(self) -> Tokenized:
@@ -398,10 +404,6 @@ class InputPipeline:
     @property
     def num_tasks(self) -> int:
         return len(self.train.labels)
-
-    @property
-    def devices(self) -> int:
-        return 1 if self.mesh is None else self.mesh.devices.size
 
     @functools.cached_property
     def grids(self) -> dict[int, Grid]:
@@ -424,13 +426,13 @@ class InputPipeline:
         parts = idx if self.task_stacked else [idx]
         grid = self.grids[step_length(data, parts)]
         built = [pack_examples(data, p, grid, self.pad_id)[0] for p in parts]
-        return self._place(_stack(built, self.task_stacked))
+        return self.place(_stack(built, self.task_stacked))
 
     def probe_batch(self) -> TokenBatch:
         """The fixed task-stacked batch of the task-gradient diagnostics (its own grid)."""
         parts = probe_indices(self.train, self.batch_size, self.seed)
         (grid,) = plan_grids(self.train, [[parts]], task_stacked=True, row_multiple=self.devices).values()
-        return self._place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
+        return self.place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
 
     def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, Batch]]:
         """``(layout, batch)`` covering every example of ``data`` once (``layout.index``: the example each
@@ -441,14 +443,7 @@ class InputPipeline:
             for start in range(0, len(data), rows * per_row):
                 idx = np.arange(start, min(start + rows * per_row, len(data)))
                 arrays, call = embedding_batch(data, idx, rows)
-                yield call, self._place(arrays)
+                yield call, self.place(arrays)
             return
         for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
-            yield call, self._place(call_arrays(call, slot_labels(data, call)))
-
-    def _place(self, batch: Batch) -> Batch:
-        if self.mesh is None:
-            return batch
-        from mtl_jax.training.parallel import shard_batch
-
-        return shard_batch(batch, self.mesh)
+            yield call, self.place(call_arrays(call, slot_labels(data, call)))

@@ -1,6 +1,5 @@
-"""Data: readers (csv / tsv / jsonl, optionally .gz / .bz2, and the embedded corpora; Parquet and
-``datasets`` folders in ``mtl_jax.data.columnar``, CoNLL in ``mtl_jax.data.conll``),
-validation with ``file:line: reason`` errors, label vocabularies and seeded stratified
+"""Data: every task's files read (:mod:`mtl_jax.data.readers`, and the embedded corpora),
+validated with ``file:line: reason`` errors, label vocabularies and seeded stratified
 splits. (Tokens, sampling and batches: ``mtl_jax.data.batching``.)
 
 An example carries one label per task; ``-1`` means "no label for this task" (the
@@ -10,12 +9,6 @@ its rows, so one example can carry labels for several tasks.
 
 from __future__ import annotations
 
-import bz2
-import csv
-import gzip
-import io
-import json
-import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.config import TaskConfig
 from mtl_jax.data.assets import embedded_data_file
-from mtl_jax.data.columnar import read_datasets_folder, read_parquet
-from mtl_jax.data.conll import read_conll
+from mtl_jax.data.readers import Row, read_rows
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks import Task, build
+from mtl_jax.tasks import Task, TaskConfig, build
 from mtl_jax.tasks.base import DROP, BadText, has_label
 
 SPLITS = ("train", "validation", "test")
@@ -37,146 +28,10 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MAX_ERRORS_SHOWN = 20
 
 
-@dataclass
-class Row:
-    line: int  # 1-based line where the record starts
-    fields: dict[str, str | None]
-    problem: str | None = None  # set when the record itself is malformed
-
-
 def resolve_path(spec: str) -> Path:
     if spec.startswith("embedded:"):
         return embedded_data_file(spec[len("embedded:") :])
     return Path(spec).expanduser()
-
-
-def _read_text(path: Path) -> str:
-    """File contents as text; undecodable bytes become lone surrogates so the row can be named."""
-    if not path.is_file():
-        raise MtlError(f"{path}: file not found")
-    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except EOFError as e:  # gzip / bz2: the archive ends early
-        raise MtlError(f"{path}: cannot read (truncated archive: {e})") from None
-    except OSError as e:
-        raise MtlError(f"{path}: cannot read ({e})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    return raw.decode("utf-8", errors="surrogateescape")
-
-
-def _format(path: Path) -> str:
-    if path.is_dir():
-        return "datasets"
-    name = path.name.lower()
-    for ext in (".gz", ".bz2"):
-        name = name.removesuffix(ext)
-    for fmt in ("csv", "tsv", "jsonl", "parquet", "conll"):
-        if name.endswith("." + fmt):
-            return fmt
-    if name.endswith(".json") or name.endswith(".ndjson"):
-        return "jsonl"
-    raise MtlError(
-        f"{path}: unknown format (use .csv, .tsv, .jsonl (optionally .gz/.bz2), .parquet, .conll, or a datasets folder)"
-    )
-
-
-# Each format's reader: (path, columns in the order the task names them, the task's options) -> rows.
-READERS = {
-    "csv": lambda path, columns, options: _delimited_rows(path, _read_text(path), columns, ",", options),
-    "tsv": lambda path, columns, options: _delimited_rows(path, _read_text(path), columns, "\t", options),
-    "jsonl": lambda path, columns, options: _jsonl_rows(path, _read_text(path), columns),
-    "conll": lambda path, columns, options: read_conll(path, columns, _read_text(path)),
-    "parquet": lambda path, columns, options: read_parquet(path, columns),
-    "datasets": lambda path, columns, options: read_datasets_folder(path, columns),
-}
-
-
-def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None, options=None) -> list[Row]:
-    """Every record of a file (or ``datasets`` folder) with the line (row) it starts on; ``fmt``
-    (default: from the name) picks the reader in :data:`READERS`; ``options``: the task's config
-    (``header``, ``quoting`` of CSV / TSV files).
-
-    Missing columns are a file-level error; malformed records come back with ``problem`` set.
-    """
-    fmt = fmt or _format(path)
-    if fmt not in READERS:
-        raise MtlError(f"{path}: unknown format {fmt!r} (known: {', '.join(READERS)})")
-    if not path.exists():
-        raise MtlError(f"{path}: file not found")
-    return READERS[fmt](path, columns, options)
-
-
-def _json_field(value) -> str | tuple | None:
-    """A JSON value as the text a column holds: a number as written in a CSV (``1.0`` is ``1``),
-    NaN and null as a missing value, a list as a tuple of such texts (tokens, tags, label sets)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, list):
-        return tuple(_json_field(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> list[Row]:
-    rows: list[Row] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append(Row(n, {}, f"invalid JSON ({e.msg})"))
-            continue
-        if not isinstance(obj, dict):
-            rows.append(Row(n, {}, "expected a JSON object"))
-            continue
-        rows.append(Row(n, {c: _json_field(obj[c]) for c in columns if c in obj}))
-    seen = set().union(*(r.fields.keys() for r in rows if r.problem is None)) if rows else set()
-    missing = [c for c in columns if c not in seen]
-    if rows and missing:
-        raise MtlError(f"{path}: no field {', '.join(map(repr, missing))} in any record")
-    return rows
-
-
-def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: str, options=None) -> list[Row]:
-    """``options`` (a TaskConfig): ``header`` names the columns of a file without a header row;
-    ``quoting: false`` reads quote characters as text (GLUE's TSVs)."""
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text is data (the tokenizer truncates it)
-    quoting = csv.QUOTE_MINIMAL if options is None or options.quoting else csv.QUOTE_NONE
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    try:
-        header = list(options.header) if options is not None and options.header else next(reader)
-    except StopIteration:
-        return []
-    except csv.Error as e:
-        raise MtlError(f"{path}:1: malformed header ({e})") from None
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise MtlError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
-    index = {c: header.index(c) for c in columns}
-    rows: list[Row] = []
-    start = reader.line_num + 1
-    while True:
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            rows.append(Row(start, {}, f"malformed record ({e})"))
-            start = reader.line_num + 1
-            continue
-        if rec:
-            if len(rec) != len(header):
-                hint = " (an unterminated quote?)" if len(rec) < len(header) and "\n" in rec[-1] else ""
-                rows.append(Row(start, {}, f"{len(rec)} fields, header has {len(header)}{hint}"))
-            else:
-                rows.append(Row(start, {c: rec[i] for c, i in index.items()}))
-        start = reader.line_num + 1
-    return rows
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -288,7 +143,7 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
     columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, columns, group[0].config.format, group[0].config):
+    for row in read_rows(path, columns, group[0].config.format, group[0].config.options):
         raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1

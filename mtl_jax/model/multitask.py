@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from mtl_jax.errors import MtlError
 from mtl_jax.model.encoder import ATTENTION, Encoder
+from mtl_jax.model.heads import Features, as_head
 from mtl_jax.model.lora import add_adapters
 from mtl_jax.model.pretrained import POOLING_MODES
-from mtl_jax.tasks.base import Features, as_head
 
 
 def segment_members(segments: jax.Array, num_segments: int) -> jax.Array:
@@ -43,12 +43,6 @@ def pool_segments(hidden: jax.Array, segments: jax.Array, mode: str, num_segment
     raise ValueError(f"unknown pooling {mode!r} for pool_segments; choose mean or max")
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """``x`` at unit length along its last axis; an all-zero ``x`` (an empty slot) stays zero, with a
-    finite gradient (the norm's own gradient at zero is NaN)."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
 class Heads(nn.Module):
     """Each task's head, named after the task: what it is (a Dense layer over the pooled embedding,
     over a pair's features, over token states, or no parameters at all) is its type's
@@ -58,9 +52,7 @@ class Heads(nn.Module):
 
     @nn.compact
     def __call__(self, features: Features) -> dict[str, jax.Array]:
-        from mtl_jax.tasks import REGISTRY
-
-        return {h.name: REGISTRY[h.type].head(h, features) for h in map(as_head, self.tasks)}
+        return {h.name: h.build(h, features) for h in map(as_head, self.tasks)}
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -26,7 +26,7 @@ from mtl_jax.inference import load_encoder
 from mtl_jax.training.freezing import frozen_groups, parse_phases
 from mtl_jax.training.run import check_out_dir, log
 from mtl_jax.training.trainer import train_and_evaluate
-from mtl_jax.training.weighting import METHODS
+from mtl_jax.training.weighting import REGISTRY as METHODS
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
 

@@ -16,23 +16,19 @@ from mtl_jax.outputs.plots import plot_curves, plot_gradients
 
 
 def train_record(totals, step: int, epoch: int, tasks) -> dict:
-    """Mean loss and per-task loss / accuracy over the steps since the last record (fetches from device)."""
+    """Mean loss and per-task loss (and accuracy, for the types that have one: ``Task.train_accuracy``)
+    over the steps since the last record, from a :class:`~mtl_jax.training.steps.StepTotals` (fetched from
+    the device)."""
     m = jax.device_get(totals)
-    rec = {
-        "step": step,
-        "epoch": epoch,
-        "split": "train",
-        "loss": float(m["loss"]) / max(int(m["steps"]), 1),
-        "skipped": int(m["skipped"]),
-    }
+    steps = max(int(m.steps), 1)
+    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(m.loss) / steps, "skipped": int(m.skipped)}
     for t in tasks:
-        c = int(m["tasks"][t]["count"])
-        rec[t] = {
-            "loss": float(m["tasks"][t]["loss_sum"]) / c if c else None,
-            "accuracy": float(m["tasks"][t]["correct"]) / c if c else None,
-            "examples": c,
-            "weight": float(m["tasks"][t]["weight"]) / max(int(m["steps"]), 1),  # mean loss weight (see weighting)
-        }
+        sums = m.tasks[t.name]
+        c = int(sums.count)
+        rec[t.name] = {"loss": float(sums.loss_sum) / c if c else None}
+        if t.train_accuracy:
+            rec[t.name]["accuracy"] = float(sums.correct) / c if c else None
+        rec[t.name] |= {"examples": c, "weight": float(sums.weight) / steps}  # mean loss weight (see weighting)
     return rec
 
 
@@ -68,11 +64,11 @@ def mean_score(results: dict, tasks) -> float:
 def gradient_record(probe_out, step: int, epoch: int, tasks) -> dict:
     """Task-gradient diagnostics on the probe batch: per-task loss and encoder gradient norm, pairwise cosines."""
     m = jax.device_get(probe_out)
-    rec = {"step": step, "epoch": epoch, "split": "gradients", "loss": float(np.sum(m["loss"]))}
+    rec = {"step": step, "epoch": epoch, "split": "gradients", "loss": float(np.sum(m.loss))}
     for i, t in enumerate(tasks):
-        rec[t] = {"loss": float(m["loss"][i]), "grad_norm": float(m["grad_norm"][i])}
+        rec[t] = {"loss": float(m.loss[i]), "grad_norm": float(m.grad_norm[i])}
     rec["cosine"] = {
-        f"{a}|{b}": float(m["cosine"][i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j
+        f"{a}|{b}": float(m.cosine[i, j]) for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j
     }
     return rec
 

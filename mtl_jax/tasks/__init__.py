@@ -10,6 +10,7 @@ from mtl_jax.tasks import (  # noqa: F401  (each registers its type)
     similarity,
     tagging,
 )
-from mtl_jax.tasks.base import REGISTRY, Task, build, from_export, of_heads, register
+from mtl_jax.tasks.base import REGISTRY, Task, build, from_export, known_keys, register
+from mtl_jax.tasks.config import TaskConfig
 
-__all__ = ["REGISTRY", "Task", "build", "from_export", "of_heads", "register"]
+__all__ = ["REGISTRY", "Task", "TaskConfig", "build", "from_export", "known_keys", "register"]

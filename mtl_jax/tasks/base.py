@@ -6,12 +6,15 @@ and how its labels are stored (dtype, shape, "no label"), what head it has (buil
 model by :meth:`Task.head`), its loss over the labelled rows, its predictions, its metrics and
 the primary score that picks the best model and stops early, its lines in report.md and its
 plots, and what ``predict`` gives for it. Types are found by the ``type`` key of a task in the config file
-through :data:`REGISTRY`: a new type is one new module with a :func:`register`-ed class.
+through :data:`REGISTRY`: a new type is one new module with a :func:`register`-ed class, and its
+options (a frozen dataclass of :func:`mtl_jax.options.option` fields, the class's ``Options``) are
+config keys of its tasks, checked, exported and read back without other changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -20,50 +23,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.config import TaskConfig
+from mtl_jax.data.readers import option_names as reader_options
 from mtl_jax.errors import MtlError
+from mtl_jax.model.heads import Features, HeadSpec, slot_head
+from mtl_jax.options import declared, parsed
 from mtl_jax.registry import registrar
+from mtl_jax.tasks.config import TaskConfig
 
 DROP = "<drop>"  # a raw label of drop_labels: the row is left out for that task
 REGISTRY: dict[str, type[Task]] = {}
 register = registrar(REGISTRY, "type")  # @register("name"): the task type ``type: name`` of the config file
 
 
-class HeadSpec(NamedTuple):
-    """What the model needs to know of a task to build and run its head (hashable, for the Flax module)."""
+class LossSums(NamedTuple):
+    """A task's loss over a batch's labelled rows (slots, tokens), as sums: the mean is ``loss_sum / count``."""
 
-    name: str
-    outputs: int
-    type: str = "classification"
-    options: tuple = ()  # (key, value) pairs of the task's settings its head reads
-    tokens: bool = False  # the head reads token states (a token-level task)
-
-    def option(self, key: str, default=None):
-        return dict(self.options).get(key, default)
-
-
-class Features(NamedTuple):
-    """What a head reads: pooled embeddings per slot and, when a head needs them, token states."""
-
-    pooled: jax.Array  # [R, S, D] float32: slot s of row r, the s-th segment of the row
-    dropped: jax.Array  # [R, S, D] the same after the head dropout (training)
-    tokens: jax.Array | None  # [R, P, D] token states after the head dropout (token-level heads)
-
-
-def dense_head(spec: HeadSpec, x: jax.Array) -> jax.Array:
-    """``nn.Dense(spec.outputs)`` named after the task over the last axis of ``x`` ``[..., D]``, as one
-    2-D product (rows flattened: one contracted axis in the forward and the backward pass)."""
-    import flax.linen as nn
-
-    y = nn.Dense(spec.outputs, name=spec.name)(x.reshape(-1, x.shape[-1]))
-    return y.reshape(x.shape[:-1] + (spec.outputs,))
-
-
-def next_slot(x: jax.Array, k: int = 1) -> jax.Array:
-    """``x`` ``[R, S, ...]`` moved ``k`` slots to the left along S (zeros at the end): an example's
-    segments sit in consecutive slots of one row, so its k-th segment is ``next_slot(x, k)`` at its first slot."""
-    pad = jnp.zeros_like(x[:, :k])
-    return jnp.concatenate([x[:, k:], pad], axis=1)
+    loss_sum: jax.Array  # float32
+    correct: jax.Array  # int32: rows predicted right (0 where the type has no notion of right)
+    count: jax.Array  # int32: labelled rows
 
 
 def no_label_like(dtype) -> Any:
@@ -72,6 +49,11 @@ def no_label_like(dtype) -> Any:
     if dtype.kind == "O":
         return None
     return np.nan if np.issubdtype(dtype, np.floating) else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a type that declares none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +67,9 @@ class Task:
     token_level: ClassVar[bool] = False  # a label per token (its outputs and labels are [R, P, ...])
     label_dtype: ClassVar[Any] = np.int32  # the dtype of its label array (object: per-word tags)
     label_shape: ClassVar[tuple[int, ...]] = ()  # one example's label shape
-    train_accuracy: ClassVar[bool] = True  # the train records show the "correct" count as accuracy
+    train_accuracy: ClassVar[bool] = True  # the train records give the "correct" count as accuracy
+    ranks_corpus: ClassVar[bool] = False  # predict --corpus ranks a corpus by its values (unit embeddings)
+    Options: ClassVar[type] = NoOptions  # the type's own options (config keys of its tasks)
     config: TaskConfig
     labels: tuple[str, ...] = ()  # the label names (resolved from the training data when not configured)
     stats: tuple[float, ...] = ()  # numbers resolved from the training data (regression: mean, std)
@@ -93,6 +77,12 @@ class Task:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @functools.cached_property
+    def options(self):
+        """The type's options (an ``Options``): the task's config values, the rest at their defaults."""
+        names = {f.name for f in declared(self.Options)}
+        return self.Options(**parsed(self.Options, {k: v for k, v in self.config.options.items() if k in names}))
 
     # ---- data
 
@@ -182,7 +172,7 @@ class Task:
         raise NotImplementedError
 
     def head_spec(self) -> HeadSpec:
-        return HeadSpec(self.name, self.outputs, self.type, self.head_options(), self.token_level)
+        return HeadSpec(self.name, self.outputs, type(self).head, self.head_options(), self.token_level)
 
     def head_options(self) -> tuple:
         return ()
@@ -191,7 +181,7 @@ class Task:
     def head(spec: HeadSpec, features: Features) -> jax.Array:
         """The head's outputs, built inside the model (a Flax compact context): here a Dense layer over
         each slot's pooled embedding, ``[R, S, outputs]``."""
-        return dense_head(spec, features.dropped)
+        return slot_head(spec, features)
 
     def present(self, y: jax.Array) -> jax.Array:
         """Which rows (slots, tokens) of a label array ``[..., *label_shape]`` carry a label."""
@@ -201,16 +191,17 @@ class Task:
         """How many labelled rows ``y`` holds: the denominator of the task's mean loss."""
         return jnp.sum(self.present(y))
 
-    def loss_sums(self, outputs: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-        """``{"loss_sum", "correct", "count"}`` over the rows that carry a label (see :meth:`present`)."""
+    def loss_sums(self, outputs: jax.Array, y: jax.Array) -> LossSums:
+        """The loss over the rows that carry a label (see :meth:`present`)."""
         raise NotImplementedError
 
     def predict(self, outputs: jax.Array) -> jax.Array:
         """What evaluation compares with the labels, per slot (per token)."""
         raise NotImplementedError
 
-    def probabilities(self, outputs: jax.Array) -> jax.Array:
-        """What ``Predictor.predict_proba`` returns per slot."""
+    def values(self, outputs: jax.Array) -> jax.Array:
+        """What ``Predictor.predict_proba`` returns per slot: class probabilities, a score, or (retrieval) an
+        embedding."""
         raise NotImplementedError
 
     # ---- metrics and outputs (on the host)
@@ -252,14 +243,24 @@ class Task:
         """Pictures of a test result written into ``folder``; their file names."""
         return []
 
-    def output(self, probabilities: np.ndarray) -> Any:
-        """What ``predict`` gives for one input, from its :meth:`probabilities` row."""
+    def output(self, values: np.ndarray) -> Any:
+        """What ``predict`` gives for one input, from its :meth:`values` row."""
         raise NotImplementedError
 
+    def output_json(self, output) -> Any:
+        """An :meth:`output` as ``predict``'s JSON lines give it."""
+        return output.tolist() if hasattr(output, "tolist") else output
+
+    def output_cell(self, output) -> str:
+        """An :meth:`output` in a cell of ``predict --format table``."""
+        return str(output)
+
     def export_meta(self) -> dict:
-        """What the export's metadata keeps of the task, to rebuild it with :func:`from_export`."""
+        """What the export's metadata keeps of the task, to rebuild it with :func:`from_export`: its
+        type's options beside its name, type, labels and numbers."""
+        options = {f.name: getattr(self.options, f.name) for f in declared(self.Options)}
         return {"name": self.name, "type": self.type, "labels": list(self.labels), "stats": list(self.stats)} | {
-            k: v for k, v in dataclasses.asdict(self.config).items() if k in EXPORTED and v is not None
+            k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if v is not None
         }
 
 
@@ -289,31 +290,30 @@ def check_text(text: str | None, column: str) -> str:
     return text
 
 
+def known_keys(type_name: str) -> list[str]:
+    """The keys a task of type ``type_name`` may have: the common ones, its type's options, the readers'."""
+    common = [f.name for f in dataclasses.fields(TaskConfig) if f.name != "options"]
+    own = [f.name for f in declared(REGISTRY[type_name].Options)] if type_name in REGISTRY else []
+    return common + own + sorted(reader_options() - set(own))
+
+
 def build(config: TaskConfig, labels=None) -> Task:
     """The task object of a configured task (its ``type``, default ``classification``); ``labels``
-    default to the configured ones."""
+    default to the configured ones. Options no type or reader declares are refused."""
     if config.type not in REGISTRY:
         raise MtlError(f"task {config.name}: unknown type {config.type!r}; known: {', '.join(REGISTRY)}")
+    unknown = sorted(set(config.options) - set(known_keys(config.type)))
+    if unknown:
+        raise MtlError(
+            f"task {config.name}: unknown key(s) {', '.join(unknown)} for type {config.type}; "
+            f"known: {', '.join(known_keys(config.type))}"
+        )
     return REGISTRY[config.type](config, tuple((config.labels or ()) if labels is None else labels))
-
-
-EXPORTED = ("metric", "encoding", "loss", "threshold", "text_columns", "negative_column", "tokens_column")
 
 
 def from_export(meta: dict) -> Task:
     """A task of an exported model, from :meth:`Task.export_meta`."""
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in EXPORTED}
-    config = TaskConfig(name=meta["name"], train="", type=meta.get("type", "classification"), **settings)
+    type_name = meta.get("type", "classification")
+    own = {f.name for f in declared(REGISTRY[type_name].Options)} if type_name in REGISTRY else set()
+    config = TaskConfig(meta["name"], "", type=type_name, options={k: v for k, v in meta.items() if k in own})
     return dataclasses.replace(build(config, meta.get("labels", ())), stats=tuple(meta.get("stats", ())))
-
-
-def as_head(head) -> HeadSpec:
-    """A :class:`HeadSpec`; a plain ``(name, classes)`` pair is a classification head."""
-    return head if isinstance(head, HeadSpec) else HeadSpec(*head)
-
-
-def of_heads(heads) -> tuple[Task, ...]:
-    """Tasks for a model's heads (:class:`HeadSpec` or ``(name, classes)``), labels named ``0, 1, ...``:
-    what the steps assume when no task objects are given (tests, benchmarks)."""
-    specs = [as_head(h) for h in heads]
-    return tuple(build(TaskConfig(h.name, "", type=h.type), map(str, range(h.outputs))) for h in specs)

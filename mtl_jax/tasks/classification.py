@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks.base import Task, register
+from mtl_jax.options import option
+from mtl_jax.tasks.base import LossSums, Task, register
 from mtl_jax.tasks.metrics import classification_report
 
 
@@ -26,19 +27,26 @@ class Prediction:
     probs: dict[str, float]
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassificationOptions:
+    metric: Optional[str] = option(None, "the primary metric: accuracy, macro_f1 (default), f1 (binary), mcc")
+
+
 @register("classification")
 @dataclasses.dataclass(frozen=True)
 class Classification(Task):
     metrics_named: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "f1", "mcc")
+    Options = ClassificationOptions
 
     def __post_init__(self):
-        if self.config.metric not in (None,) + self.metrics_named:
+        metric = getattr(self.options, "metric", None)
+        if metric not in (None,) + self.metrics_named:
             known = ", ".join(self.metrics_named)
-            raise MtlError(f"task {self.name}: unknown metric {self.config.metric!r} (classification: {known})")
+            raise MtlError(f"task {self.name}: unknown metric {metric!r} (classification: {known})")
 
     @property
     def primary(self) -> str:
-        return self.config.metric or "macro_f1"
+        return self.options.metric or "macro_f1"
 
     @property
     def record_keys(self) -> tuple[str, ...]:
@@ -80,16 +88,13 @@ class Classification(Task):
         valid = y >= 0
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, C]
         nll = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
-        return {
-            "loss_sum": jnp.sum(jnp.where(valid, nll, 0.0)),
-            "correct": jnp.sum(valid & (jnp.argmax(logp, axis=-1) == y)),
-            "count": jnp.sum(valid),
-        }
+        correct = jnp.sum(valid & (jnp.argmax(logp, axis=-1) == y))
+        return LossSums(jnp.sum(jnp.where(valid, nll, 0.0)), correct, jnp.sum(valid))
 
     def predict(self, logits):
         return jnp.argmax(logits, axis=-1)
 
-    def probabilities(self, logits):
+    def values(self, logits):
         return jax.nn.softmax(logits, axis=-1)
 
     def metrics(self, y_true, y_pred) -> dict:
@@ -110,6 +115,12 @@ class Classification(Task):
         plot_confusion(result["confusion"], self.labels, f"{self.name} (test)", folder / name)
         return [name]
 
-    def output(self, probabilities: np.ndarray) -> Prediction:
-        p = probabilities
+    def output_json(self, output: Prediction) -> dict:
+        return {"label": output.label, "probs": output.probs}
+
+    def output_cell(self, output: Prediction) -> str:
+        return f"{output.label} ({output.probs[output.label]:.2f})"
+
+    def output(self, values: np.ndarray) -> Prediction:
+        p = values
         return Prediction(self.labels[int(np.argmax(p))], {label: float(x) for label, x in zip(self.labels, p)})

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.tasks.base import Task, register
+from mtl_jax.options import FRACTION, option
+from mtl_jax.tasks.base import LossSums, Task, register
 from mtl_jax.tasks.metrics import multilabel_report
+
+
+@dataclasses.dataclass(frozen=True)
+class MultilabelOptions:
+    label_separator: Optional[str] = option(None, "a text label is split on this (default: a list of labels)")
+    threshold: float = option(0.5, "a label is predicted when its probability reaches this", FRACTION)
 
 
 @register("multilabel")
@@ -24,6 +32,7 @@ class Multilabel(Task):
     primary = "micro_f1"
     record_keys = ("loss", "micro_f1", "macro_f1", "examples")
     label_dtype = np.int8
+    Options = MultilabelOptions
 
     @property
     def label_shape(self) -> tuple[int, ...]:
@@ -32,7 +41,7 @@ class Multilabel(Task):
     def split(self, raw) -> tuple[str, ...]:
         if isinstance(raw, tuple):
             return tuple(str(x).strip() for x in raw)
-        sep = self.config.label_separator
+        sep = self.options.label_separator
         return tuple(x.strip() for x in (raw.split(sep) if sep else [raw]) if x.strip())
 
     def raw_label(self, fields: dict):
@@ -61,17 +70,13 @@ class Multilabel(Task):
         valid = self.present(y)
         t = jnp.maximum(y, 0).astype(jnp.float32)
         bce = jnp.mean(jnp.maximum(z, 0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z))), axis=-1)
-        exact = jnp.all((z >= jax.scipy.special.logit(self.config.threshold)) == (t > 0), axis=-1)
-        return {
-            "loss_sum": jnp.sum(jnp.where(valid, bce, 0.0)),
-            "correct": jnp.sum(valid & exact),
-            "count": jnp.sum(valid),
-        }
+        exact = jnp.all((z >= jax.scipy.special.logit(self.options.threshold)) == (t > 0), axis=-1)
+        return LossSums(jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(valid & exact), jnp.sum(valid))
 
     def predict(self, logits):
-        return (jax.nn.sigmoid(logits) >= self.config.threshold).astype(jnp.int8)
+        return (jax.nn.sigmoid(logits) >= self.options.threshold).astype(jnp.int8)
 
-    def probabilities(self, logits):
+    def values(self, logits):
         return jax.nn.sigmoid(logits)
 
     def metrics(self, y_true, y_pred) -> dict:
@@ -84,6 +89,9 @@ class Multilabel(Task):
         lines = self.split_table(summary, (("micro-F1", "micro_f1"), ("macro-F1", "macro_f1")))
         return lines + [""] + self.label_table(summary)
 
-    def output(self, probabilities: np.ndarray) -> dict:
-        chosen = [name for name, p in zip(self.labels, probabilities) if p >= self.config.threshold]
-        return {"labels": chosen, "probs": {name: float(p) for name, p in zip(self.labels, probabilities)}}
+    def output_cell(self, output: dict) -> str:
+        return ",".join(output["labels"]) or "-"
+
+    def output(self, values: np.ndarray) -> dict:
+        chosen = [name for name, p in zip(self.labels, values) if p >= self.options.threshold]
+        return {"labels": chosen, "probs": {name: float(p) for name, p in zip(self.labels, values)}}

@@ -13,15 +13,29 @@ into the positions), so the ``[SEP]`` between them is what marks the second sent
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax.numpy as jnp
 
 from mtl_jax.data.text import Joined, Segments
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks.base import Features, HeadSpec, check_text, dense_head, next_slot, register
-from mtl_jax.tasks.classification import Classification
+from mtl_jax.model.heads import Features, HeadSpec, dense_head, next_slot
+from mtl_jax.options import names, option
+from mtl_jax.tasks.base import check_text, register
+from mtl_jax.tasks.classification import Classification, ClassificationOptions
 
 ENCODINGS = ("bi", "cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairOptions:
+    text_columns: Optional[tuple[str, ...]] = option(None, "the columns of an example's texts, in order", parse=names)
+    encoding: str = option("bi", "bi: each text encoded apart; cross: one sequence, [CLS] a [SEP] b [SEP]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairClassificationOptions(PairOptions, ClassificationOptions):
+    pass
 
 
 class PairText:
@@ -30,35 +44,35 @@ class PairText:
     roles = ("a", "b")  # what text_columns name, in order
 
     def check_pair(self) -> None:
-        cols = self.config.text_columns
+        cols = self.options.text_columns
         if not cols or len(cols) != len(self.roles):
             raise MtlError(
                 f"task {self.name} ({self.type}): text_columns must name {len(self.roles)} columns "
                 f"({', '.join(self.roles)}), got {cols}"
             )
-        if self.config.encoding not in ENCODINGS:
-            raise MtlError(f"task {self.name}: unknown encoding {self.config.encoding!r} (bi, cross)")
+        if self.options.encoding not in ENCODINGS:
+            raise MtlError(f"task {self.name}: unknown encoding {self.options.encoding!r} (bi, cross)")
 
     @property
     def segments(self) -> int:
-        return len(self.text_columns()) if self.config.encoding == "bi" else 1
+        return len(self.text_columns()) if self.options.encoding == "bi" else 1
 
     @property
     def text_kind(self) -> str:
-        return self.config.encoding
+        return self.options.encoding
 
     def text_columns(self) -> tuple[str, ...]:
-        return tuple(self.config.text_columns or ())
+        return tuple(self.options.text_columns or ())
 
     def text(self, fields: dict):
         texts = [check_text(fields.get(c), c) for c in self.text_columns()]
         bad = [t for t in texts if type(t) is not str]
         if bad:
             return bad[0]
-        return (Segments if self.config.encoding == "bi" else Joined)(texts)
+        return (Segments if self.options.encoding == "bi" else Joined)(texts)
 
     def head_options(self) -> tuple:
-        return (("encoding", self.config.encoding),)
+        return (("encoding", self.options.encoding),)
 
 
 class PairInput(PairText):
@@ -72,7 +86,7 @@ class PairInput(PairText):
         )
 
     def input_text(self, value):
-        return (Segments if self.config.encoding == "bi" else Joined)(value)
+        return (Segments if self.options.encoding == "bi" else Joined)(value)
 
 
 def pair_features(features: Features) -> jnp.ndarray:
@@ -85,6 +99,8 @@ def pair_features(features: Features) -> jnp.ndarray:
 @register("pair_classification")
 @dataclasses.dataclass(frozen=True)
 class PairClassification(PairInput, Classification):
+    Options = PairClassificationOptions
+
     def __post_init__(self):
         super().__post_init__()
         self.check_pair()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.tasks.base import Task, register
+from mtl_jax.tasks.base import LossSums, Task, register
 from mtl_jax.tasks.metrics import correlations
 
 
@@ -32,14 +32,14 @@ def numbers(raws: Iterable) -> list[float]:
 
 
 def masked_mse(pred: jnp.ndarray, target: jnp.ndarray, valid: jnp.ndarray) -> dict:
-    """``{"loss_sum", "correct", "count"}`` of a squared error over the ``valid`` rows (no notion of correct)."""
+    """The summed squared error over the ``valid`` rows (no notion of correct)."""
     err = jnp.where(valid, pred - jnp.where(valid, target, 0.0), 0.0)
-    return {"loss_sum": jnp.sum(err * err), "correct": jnp.zeros((), jnp.int32), "count": jnp.sum(valid)}
+    return LossSums(jnp.sum(err * err), jnp.zeros((), jnp.int32), jnp.sum(valid))
 
 
 class OneScore(Task):
     """What the types that predict one number per example share (regression, similarity): a numeric
-    label, one output, the prediction as its "probabilities", Pearson and Spearman (primary)."""
+    label, one output, the prediction as its values, Pearson and Spearman (primary)."""
 
     primary = "spearman"
     label_dtype = np.float32
@@ -52,14 +52,17 @@ class OneScore(Task):
     def outputs(self) -> int:
         return 1
 
-    def probabilities(self, outputs):
+    def values(self, outputs):
         return self.predict(outputs)[..., None]
 
     def metrics(self, y_true, y_pred) -> dict:
         return correlations(y_true, y_pred)
 
-    def output(self, probabilities: np.ndarray) -> float:
-        return float(probabilities[0])
+    def output_cell(self, output: float) -> str:
+        return f"{output:.3f}"
+
+    def output(self, values: np.ndarray) -> float:
+        return float(values[0])
 
 
 @register("regression")

@@ -13,15 +13,18 @@ recall@1 and recall@10. Prediction gives embeddings (``predict.py --corpus`` ran
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
+from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
+from mtl_jax.options import option
+from mtl_jax.tasks.base import LossSums, Task, register
 from mtl_jax.tasks.metrics import ranking_metrics
-from mtl_jax.tasks.pair import PairText
+from mtl_jax.tasks.pair import PairOptions, PairText
 
 SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
 
@@ -41,21 +44,27 @@ def in_batch_loss(out: jnp.ndarray, valid: jnp.ndarray) -> tuple[jnp.ndarray, jn
     return jnp.where(valid, nll, 0.0), valid & (jnp.argmax(scores, axis=-1) == jnp.arange(n))
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalOptions(PairOptions):
+    negative_column: Optional[str] = option(None, "a column holding a hard negative per row")
+
+
 @register("retrieval")
 @dataclasses.dataclass(frozen=True)
 class Retrieval(PairText, Task):
     primary = "mrr@10"
     record_keys = ("loss", "mrr@10", "recall@1", "recall@10", "examples")
+    Options = RetrievalOptions
+    ranks_corpus = True
 
     def __post_init__(self):
         self.check_pair()  # (the hard negative column is its own key)
-        if self.config.encoding != "bi":
+        if self.options.encoding != "bi":
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
 
     def text_columns(self) -> tuple[str, ...]:
-        return tuple(self.config.text_columns or ()) + (
-            (self.config.negative_column,) if self.config.negative_column else ()
-        )
+        negative = self.options.negative_column
+        return tuple(self.options.text_columns or ()) + ((negative,) if negative else ())
 
     roles = ("query", "positive")
 
@@ -89,8 +98,6 @@ class Retrieval(PairText, Task):
     @staticmethod
     def head(spec: HeadSpec, features: Features):
         """``[R, S, k, D]`` at each example's first slot: its k segments' unit-length embeddings (no parameters)."""
-        from mtl_jax.model.multitask import l2_normalize  # (the model imports the tasks)
-
         u = l2_normalize(features.pooled)
         return jnp.stack([u] + [next_slot(u, j) for j in range(1, spec.option("width"))], axis=2)
 
@@ -98,13 +105,13 @@ class Retrieval(PairText, Task):
         out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
         valid = self.present(y.reshape(-1))
         nll, correct = in_batch_loss(out, valid)
-        return {"loss_sum": jnp.sum(nll), "correct": jnp.sum(correct), "count": jnp.sum(valid)}
+        return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(valid))
 
     def predict(self, outputs):
         return outputs[:, :, :2]  # (query, positive)
 
-    def probabilities(self, outputs):
-        return outputs[:, :, 0]  # the query's embedding
+    def values(self, outputs):
+        return outputs[:, :, 0]  # the query's embedding (unit length)
 
     def metrics(self, y_true, y_pred) -> dict:
         return ranking_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]))
@@ -116,5 +123,11 @@ class Retrieval(PairText, Task):
         columns = (("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
         return self.split_table(summary, columns, count="queries")
 
-    def output(self, probabilities: np.ndarray) -> np.ndarray:
-        return np.asarray(probabilities)
+    def output_cell(self, output) -> str:
+        """The query's embedding, or (``predict --corpus``) its best match and score."""
+        if isinstance(output, list):
+            return f"{output[0]['text'][:16]} ({output[0]['score']:.2f})" if output else "-"
+        return f"[{len(output)} numbers]"
+
+    def output(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values)

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks.base import Features, HeadSpec, Task, next_slot, register
-from mtl_jax.tasks.pair import PairInput
+from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
+from mtl_jax.options import number_pair, option
+from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.tasks.pair import PairInput, PairOptions
 from mtl_jax.tasks.regression import OneScore, masked_mse, numbers
 
 COSENT_SCALE = 20.0  # CoSENT's lambda (as sentence-transformers' CoSENTLoss)
@@ -33,34 +36,41 @@ def cosent(cos: jnp.ndarray, score: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndar
     return jax.nn.logsumexp(logits)
 
 
+@dataclasses.dataclass(frozen=True)
+class SimilarityOptions(PairOptions):
+    loss: str = option("cosent", "bi: cosent (the ranking of the pairs' cosines) or mse")
+    score_range: Optional[tuple[float, float]] = option(
+        None, "the scores' range [low, high] (default: the training scores' min and max)", parse=number_pair
+    )
+
+
 @register("similarity")
 @dataclasses.dataclass(frozen=True)
 class Similarity(PairInput, OneScore):
     record_keys = ("loss", "pearson", "spearman", "examples")
+    Options = SimilarityOptions
 
     def __post_init__(self):
         self.check_pair()
-        if (self.config.loss or "cosent") not in LOSSES:
-            raise MtlError(f"task {self.name}: unknown loss {self.config.loss!r} (similarity: cosent, mse)")
+        if self.options.loss not in LOSSES:
+            raise MtlError(f"task {self.name}: unknown loss {self.options.loss!r} (similarity: cosent, mse)")
 
     def with_labels(self, raw_train_labels: Iterable) -> Similarity:
         """The scores' range: ``score_range``, else the training scores' min and max."""
         if self.stats:
             return self
-        if self.config.score_range:
-            return dataclasses.replace(self, stats=tuple(self.config.score_range))
+        if self.options.score_range:
+            return dataclasses.replace(self, stats=tuple(self.options.score_range))
         y = numbers(raw_train_labels)
         lo, hi = (min(y), max(y)) if y else (0.0, 1.0)
         return dataclasses.replace(self, stats=(lo, hi if hi > lo else lo + 1.0))
 
     def head_options(self) -> tuple:
-        return super().head_options() + (("loss", self.config.loss or "cosent"),)
+        return super().head_options() + (("loss", self.options.loss),)
 
     @staticmethod
     def head(spec: HeadSpec, features: Features):
         """``cross``: a one-output Dense layer; ``bi``: the cosine of the pair's embeddings (no parameters)."""
-        from mtl_jax.model.multitask import l2_normalize  # (the model imports the tasks)
-
         if spec.option("encoding") == "cross":
             return Task.head(spec, features)
         u = l2_normalize(features.pooled)
@@ -71,19 +81,15 @@ class Similarity(PairInput, OneScore):
         pred, y = outputs[..., 0].reshape(-1).astype(jnp.float32), y.reshape(-1)
         valid = self.present(y)
         scaled = (jnp.where(valid, y, lo) - lo) / (hi - lo)
-        if self.config.encoding == "bi" and (self.config.loss or "cosent") == "cosent":
+        if self.options.encoding == "bi" and self.options.loss == "cosent":
             count = jnp.sum(valid)
-            return {
-                "loss_sum": cosent(pred, scaled, valid) * count,
-                "correct": jnp.zeros((), jnp.int32),
-                "count": count,
-            }
+            return LossSums(cosent(pred, scaled, valid) * count, jnp.zeros((), jnp.int32), count)
         return masked_mse(pred, scaled, valid)
 
     def predict(self, outputs):
         """The cosine (``bi``) or the head's output mapped back into the score range (``cross``)."""
         lo, hi = self.stats
-        return outputs[..., 0] if self.config.encoding == "bi" else lo + outputs[..., 0] * (hi - lo)
+        return outputs[..., 0] if self.options.encoding == "bi" else lo + outputs[..., 0] * (hi - lo)
 
     def describe(self, result: dict) -> str:
         return f"pearson {result['pearson']:.3f} spearman {result['spearman']:.3f}"

@@ -17,7 +17,9 @@ from collections.abc import Iterable
 import numpy as np
 
 from mtl_jax.data.text import Words
-from mtl_jax.tasks.base import BadText, Features, HeadSpec, dense_head, register
+from mtl_jax.model.heads import Features, HeadSpec, dense_head
+from mtl_jax.options import option
+from mtl_jax.tasks.base import BadText, register
 from mtl_jax.tasks.classification import Classification
 from mtl_jax.tasks.metrics import entity_scores
 
@@ -27,12 +29,18 @@ def as_list(raw) -> tuple:
     return raw if isinstance(raw, tuple) else tuple(str(raw).split())
 
 
+@dataclasses.dataclass(frozen=True)
+class TaggingOptions:
+    tokens_column: str = option("tokens", "the column holding each row's words (a list)")
+
+
 @register("tagging")
 @dataclasses.dataclass(frozen=True)
 class Tagging(Classification):
     record_keys = ("loss", "token_accuracy", "entity_f1", "examples")
     token_level = True
     label_dtype = object
+    Options = TaggingOptions
 
     @property
     def primary(self) -> str:
@@ -48,12 +56,12 @@ class Tagging(Classification):
         return "words"
 
     def text_columns(self) -> tuple[str, ...]:
-        return (self.config.tokens_column,)
+        return (self.options.tokens_column,)
 
     def text(self, fields: dict):
-        words = as_list(fields.get(self.config.tokens_column) or ())
+        words = as_list(fields.get(self.options.tokens_column) or ())
         if not words or any(w is None for w in words):
-            return BadText(f"no words in column {self.config.tokens_column!r}")
+            return BadText(f"no words in column {self.options.tokens_column!r}")
         return Words(words)
 
     def accepts(self, value) -> bool:
@@ -109,10 +117,16 @@ class Tagging(Classification):
     def plots(self, result: dict, folder) -> list[str]:
         return []
 
-    def probabilities(self, logits):
+    def values(self, logits):
         import jax
 
         return jax.nn.softmax(logits, axis=-1)
 
-    def output(self, probabilities: np.ndarray) -> list[str]:
-        return [self.labels[int(i)] for i in np.argmax(probabilities, axis=-1)]
+    def output_json(self, output: list[str]) -> list[str]:
+        return output
+
+    def output_cell(self, output: list[str]) -> str:
+        return " ".join(output)
+
+    def output(self, values: np.ndarray) -> list[str]:
+        return [self.labels[int(i)] for i in np.argmax(values, axis=-1)]

@@ -48,8 +48,8 @@ def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokeniz
         p, losses = to_host(result)
         for t in tasks:
             gather(preds, t.name, call, np.asarray(p[t.name]), data.lengths, t.token_level)
-            loss_sums[t.name] += float(losses[t.name]["loss_sum"])
-            counts[t.name] += int(losses[t.name]["count"])
+            loss_sums[t.name] += float(losses[t.name].loss_sum)
+            counts[t.name] += int(losses[t.name].count)
     out = {}
     for task in tasks:
         y = data.labels[task.name]

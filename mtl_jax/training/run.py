@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig, resume_fixed
@@ -36,7 +37,7 @@ from mtl_jax.training.freezing import (
     phase_starts,
 )
 from mtl_jax.training.optim import OptimConfig
-from mtl_jax.training.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh
+from mtl_jax.training.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, shard_batch
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 
@@ -109,6 +110,7 @@ class Run:
     total_steps: int
     optim: OptimConfig
     weighting: loss_weighting.Method
+    mesh: Mesh  # the devices every step runs on
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -122,10 +124,6 @@ class Run:
     def starts(self) -> list[int]:
         """The step each phase starts at (read on every step)."""
         return phase_starts(self.phases, self.steps_per_epoch)
-
-    @property
-    def mesh(self):
-        return self.pipeline.mesh
 
     def encoder_frozen(self, phase: int) -> bool:
         return encoder_frozen(self.frozen_by_phase[phase], set(jax.tree.leaves(param_groups(self.params))))
@@ -144,9 +142,10 @@ def build_model(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, phas
     )
 
 
-def build_pipeline(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, task_stacked: bool) -> InputPipeline:
+def build_pipeline(
+    cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, task_stacked: bool, mesh: Mesh
+) -> InputPipeline:
     """The tokenized splits and the batching of the run, split over the devices' mesh."""
-    mesh = make_mesh()
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh, "--eval-batch-size")
     per_step = cfg.batch_size // len(data.tasks) if task_stacked else cfg.batch_size  # one task's examples in a step
@@ -167,7 +166,8 @@ def build_pipeline(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, t
         temperature=cfg.temperature,
         task_stacked=task_stacked,
         grad_accum=cfg.grad_accum,
-        mesh=mesh,
+        devices=mesh.devices.size,
+        place=functools.partial(shard_batch, mesh=mesh),
     )
 
 
@@ -183,16 +183,16 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
     model = build_model(cfg, data, encoder, phases)
-    weighting = loss_weighting.make(cfg.weighting_config(), tuple(t.weight for t in tasks))
-    pipeline = build_pipeline(cfg, data, encoder, weighting.every_task)
+    weighting = cfg.method(tuple(t.weight for t in tasks))
+    mesh = make_mesh()
+    pipeline = build_pipeline(cfg, data, encoder, weighting.every_task, mesh)
     if cfg.patience and len(pipeline.splits["validation"]) == 0:
         raise MtlError(f"--patience {cfg.patience}: there is no validation data to stop on")
     rng = jax.random.PRNGKey(cfg.seed)
     params = weighting.add_params(init_params(model, encoder.params, jax.random.fold_in(rng, 1)), data.names)
     groups = set(jax.tree.leaves(param_groups(params)))
     steps_per_epoch = len(pipeline.plan(0))
-    if cfg.dwa_period is None:  # DWA's period: one epoch, as in the paper
-        weighting = loss_weighting.make(cfg.weighting_config(), weighting.task_weights, dwa_period=steps_per_epoch)
+    weighting = weighting.with_epoch_length(steps_per_epoch)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
     return Run(
         cfg,
@@ -209,6 +209,7 @@ def setup(cfg: TrainConfig) -> Run:
         total_steps,
         OptimConfig.from_config(cfg, total_steps),
         weighting,
+        mesh,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -23,8 +23,8 @@ import optax
 
 from mtl_jax.data.batching import Batch, TokenBatch
 from mtl_jax.model.multitask import MultiTaskModel
-from mtl_jax.tasks import Task, of_heads
-from mtl_jax.tasks.base import as_head
+from mtl_jax.tasks import Task
+from mtl_jax.tasks.base import LossSums
 from mtl_jax.training.freezing import encoder_frozen, param_groups
 from mtl_jax.training.optim import OptimConfig, make_optimizer
 from mtl_jax.training.weighting import Method, cosine_matrix, make, mean_losses
@@ -44,31 +44,60 @@ class TrainState:
         return cls(zero(), params, opt_state, zero(), () if weighting is None else weighting)
 
 
+class TaskMetrics(NamedTuple):
+    """A task's sums over a train step's labelled rows, and the weight its loss had."""
+
+    loss_sum: jax.Array  # float32
+    correct: jax.Array  # int32
+    count: jax.Array  # int32
+    weight: jax.Array  # float32
+
+
+class StepTotals(NamedTuple):
+    """Train-step metrics summed since the last training record (device arrays: fetched when logged)."""
+
+    loss: jax.Array  # float32: the summed (weighted) loss
+    steps: jax.Array  # int32: steps that updated
+    skipped: jax.Array  # int32: steps skipped for a non-finite loss or gradient
+    tasks: dict[str, TaskMetrics]
+
+
+class StepMetrics(NamedTuple):
+    """What one train step returns besides the state: its totals and the non-finite streak."""
+
+    totals: StepTotals
+    streak: jax.Array  # int32: consecutive non-finite steps, this one included
+
+
+class Probe(NamedTuple):
+    """Task-gradient diagnostics of one probe batch (``[T]``, ``[T]``, ``[T, T]``)."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    cosine: jax.Array
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSpec:
     """What a compiled train step is made of (fixed for one freezing phase)."""
 
     model: MultiTaskModel
+    tasks: tuple[Task, ...]  # the model's tasks, in its heads' order
     tx: optax.GradientTransformation | None = None
     method: Method = dataclasses.field(default_factory=make)
     frozen_mask: Any = None  # a tree of bools like the params: True where frozen
     encoder_frozen: bool = False  # the whole encoder frozen: it runs without dropout
     grad_accum: int = 1
-    task_objects: tuple[Task, ...] | None = None  # the model's tasks (default: classification per head)
 
     @property
-    def tasks(self) -> list[str]:
-        return [as_head(h).name for h in self.model.tasks]
-
-    @property
-    def kinds(self) -> tuple[Task, ...]:
-        return self.task_objects or of_heads(self.model.tasks)
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
 
 
 # ---------------------------------------------------------------------------- losses
 
 
-def task_losses(outputs: dict[str, jax.Array], labels: dict, tasks: Sequence[Task]) -> dict[str, jax.Array]:
+def task_losses(outputs: dict[str, jax.Array], labels: dict, tasks: Sequence[Task]) -> dict[str, LossSums]:
     """Per task: its summed loss, correct count and example count over labelled rows (slots, tokens)."""
     return {task.name: task.loss_sums(outputs[task.name], labels[task.name]) for task in tasks}
 
@@ -81,7 +110,8 @@ def model_variables(params) -> dict:
 def forward(
     model: MultiTaskModel, params, batch: Batch, key=None, encoder_frozen: bool = False
 ) -> dict[str, jax.Array]:
-    """Logits ``[R * S, C]`` of a batch: packed token rows, or cached pooled embeddings (see
+    """Each head's outputs (logits, cosines, embeddings: per slot ``[R, S, ...]`` or token ``[R, P, ...]``)
+    of a batch: packed token rows, or cached pooled embeddings (see
     :mod:`mtl_jax.data.batching`).
 
     With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
@@ -89,7 +119,7 @@ def forward(
     """
     train = key is not None
     rngs = {"dropout": key} if train else {}
-    return batch.logits(model, model_variables(params), not train, encoder_frozen or not train, rngs)
+    return batch.outputs(model, model_variables(params), not train, encoder_frozen or not train, rngs)
 
 
 def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1.0):
@@ -101,14 +131,14 @@ def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1
     denominators and its ``share`` of the per-batch terms, so the micro-batches' terms add up
     to the batch's.
     """
-    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch.labels, spec.kinds)
-    means, present = mean_losses(per_task, spec.tasks, counts)
-    return spec.method.terms(params, means, present, spec.tasks, share), per_task
+    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch.labels, spec.tasks)
+    means, present = mean_losses(per_task, spec.names, counts)
+    return spec.method.terms(params, means, present, spec.names, share), per_task
 
 
-def make_loss_fn(model: MultiTaskModel, method: Method | None = None, tasks: Sequence[Task] | None = None) -> Callable:
+def make_loss_fn(model: MultiTaskModel, tasks: Sequence[Task], method: Method | None = None) -> Callable:
     """``loss_fn(params, batch, key, counts=None, share=1.0) -> (terms [T], per-task sums)`` (see :func:`loss_terms`)."""
-    return functools.partial(loss_terms, StepSpec(model, method=method or make(), task_objects=tasks))
+    return functools.partial(loss_terms, StepSpec(model, tuple(tasks), method=method or make()))
 
 
 def summed(loss_fn: Callable) -> Callable:
@@ -195,11 +225,11 @@ def combined_task_grads(spec: StepSpec, params, wstate, batch, key, wkey):
     micro-batches), combined by the method on the encoder's trainable part.
     Returns ``(loss, per-task sums, task coefficients [T], new weighting state), grads``."""
     k = spec.grad_accum
-    counts = label_counts(task_stacked_flat(batch, spec.kinds).labels, spec.kinds) if k > 1 else None
+    counts = label_counts(task_stacked_flat(batch, spec.tasks).labels, spec.tasks) if k > 1 else None
     micro_loss = summed(lambda p, b, key: loss_terms(spec, p, b, key, counts, 1.0 / k))
 
     def task_grads_of(mb, key):
-        (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key, spec.kinds)
+        (losses, per_task), task_grads = per_task_grads(micro_loss, params, mb, key, spec.tasks)
         return losses, per_task, task_grads
 
     losses, per_task, task_grads = accumulated(task_grads_of, batch, key, k)
@@ -216,7 +246,7 @@ def weighted_grads(spec: StepSpec, params, wstate, batch, key, wkey):
     """A loss method's step, one batch: the weights between the forward and the backward pass.
     Returns ``(loss, per-task sums, weights [T], new weighting state), grads``."""
     terms, pullback, per_task = jax.vjp(lambda p: loss_terms(spec, p, batch, key), params, has_aux=True)
-    _, present = mean_losses(per_task, spec.tasks)
+    _, present = mean_losses(per_task, spec.names)
     w, loss, wstate = spec.method.weights(wstate, terms, present, wkey)
     (grads,) = pullback(jax.lax.stop_gradient(w))
     return (loss, per_task, w, wstate), grads
@@ -227,7 +257,7 @@ def weighted_grads_accumulated(spec: StepSpec, params, wstate, batch, key, wkey)
     state alone or (``weights_from_losses``) from a forward pass over the micro-batches; the
     state moves on with the batch's losses after the backward passes."""
     k = spec.grad_accum
-    counts = label_counts(batch.labels, spec.kinds)
+    counts = label_counts(batch.labels, spec.tasks)
     present = (counts > 0).astype(jnp.float32)
     micro_terms = lambda p, mb, key: loss_terms(spec, p, mb, key, counts, 1.0 / k)  # noqa: E731
     known = None
@@ -252,7 +282,7 @@ def loss_and_grads(spec: StepSpec, params, wstate, batch, key):
     if spec.method.uses_task_grads:
         return combined_task_grads(spec, params, wstate, batch, key, wkey)
     if spec.method.every_task:
-        batch = task_stacked_flat(batch, spec.kinds)
+        batch = task_stacked_flat(batch, spec.tasks)
     if spec.grad_accum == 1:
         return weighted_grads(spec, params, wstate, batch, key, wkey)
     return weighted_grads_accumulated(spec, params, wstate, batch, key, wkey)
@@ -295,15 +325,14 @@ def train_step(spec: StepSpec, state: TrainState, batch, rng):
     finite = is_finite(spec, loss, grads)
     params, opt_state, wstate = guarded_update(spec, state, grads, wstate, finite)
     streak = jnp.where(finite, 0, state.nonfinite + 1)
-    per_task = {t: per_task[t] | {"weight": task_w[i]} for i, t in enumerate(spec.tasks)}
-    metrics = {
-        "loss": jnp.where(finite, loss, 0.0),
-        "steps": finite.astype(jnp.int32),
-        "skipped": 1 - finite.astype(jnp.int32),
-        "streak": streak,
-        "tasks": jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
-    }
-    return TrainState(state.step + 1, params, opt_state, streak, wstate), metrics
+    per_task = {t: TaskMetrics(*per_task[t], task_w[i]) for i, t in enumerate(spec.names)}
+    totals = StepTotals(
+        jnp.where(finite, loss, 0.0),
+        finite.astype(jnp.int32),
+        1 - finite.astype(jnp.int32),
+        jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), per_task),
+    )
+    return TrainState(state.step + 1, params, opt_state, streak, wstate), StepMetrics(totals, streak)
 
 
 def make_train_step(
@@ -313,9 +342,10 @@ def make_train_step(
     frozen_mask=None,
     encoder_frozen: bool = False,
     grad_accum: int = 1,
-    tasks: Sequence[Task] | None = None,
+    *,
+    tasks: Sequence[Task],
 ) -> Callable:
-    """``train_step(state, batch, rng) -> (state, metrics)``, jitted with the state donated.
+    """``train_step(state, batch, rng) -> (state, StepMetrics)``, jitted with the state donated.
 
     ``weighting`` (default ``sum``, see :mod:`mtl_jax.training.weighting`); methods with
     ``every_task`` need a task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token
@@ -323,7 +353,7 @@ def make_train_step(
     ``grad_accum`` K: the gradient is summed over K micro-batches of the batch's rows (its
     memory is one micro-batch's), equal to the whole batch's.
     """
-    spec = StepSpec(model, tx, weighting or make(), frozen_mask, encoder_frozen, grad_accum, tasks and tuple(tasks))
+    spec = StepSpec(model, tuple(tasks), tx, weighting or make(), frozen_mask, encoder_frozen, grad_accum)
     return jax.jit(functools.partial(train_step, spec), donate_argnums=0)
 
 
@@ -339,7 +369,8 @@ def build_train_step(
     optim: OptimConfig,
     weighting: Method | None = None,
     grad_accum: int = 1,
-    tasks: Sequence[Task] | None = None,
+    *,
+    tasks: Sequence[Task],
 ):
     """``(tx, train_step)`` for one freezing phase: the trainer, the benchmarks and the tests build it here.
 
@@ -349,22 +380,22 @@ def build_train_step(
     groups = set(jax.tree.leaves(param_groups(params)))
     tx = make_optimizer(params, frozen, optim, model.config.n_layers)
     mask = frozen_param_mask(params, frozen)
-    return tx, make_train_step(model, tx, weighting, mask, encoder_frozen(frozen, groups), grad_accum, tasks)
+    return tx, make_train_step(model, tx, weighting, mask, encoder_frozen(frozen, groups), grad_accum, tasks=tasks)
 
 
 # ---------------------------------------------------------------------------- evaluation and probes
 
 
-def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -> Callable:
-    """``eval_step(params, batch) -> ({task: predictions per slot [R, S, ...] or token [R, P]}, {task: loss sum, count})``."""
-    tasks = tuple(tasks or of_heads(model.tasks))
+def make_eval_step(model: MultiTaskModel, tasks: Sequence[Task]) -> Callable:
+    """``eval_step(params, batch) -> ({task: predictions per slot [R, S, ...] or token [R, P]}, {task: LossSums})``."""
+    tasks = tuple(tasks)
 
     @jax.jit
     def eval_step(params, batch):
-        logits = forward(model, params, batch)
-        per_task = task_losses(logits, batch.labels, tasks)
-        preds = {t.name: t.predict(logits[t.name]) for t in tasks}
-        return preds, {t: {"loss_sum": m["loss_sum"], "count": m["count"]} for t, m in per_task.items()}
+        outputs = forward(model, params, batch)
+        per_task = task_losses(outputs, batch.labels, tasks)
+        preds = {t.name: t.predict(outputs[t.name]) for t in tasks}
+        return preds, per_task
 
     return eval_step
 
@@ -387,39 +418,31 @@ def make_embed_step(model: MultiTaskModel) -> Callable:
     return embed_step
 
 
-def make_grad_probe(model: MultiTaskModel, tasks: Sequence[Task] | None = None) -> Callable:
-    """``probe(params, stacked) -> {"loss", "grad_norm" [T], "cosine" [T, T]}``: task-gradient diagnostics.
+def make_grad_probe(model: MultiTaskModel, tasks: Sequence[Task]) -> Callable:
+    """``probe(params, stacked) -> Probe``: task-gradient diagnostics.
 
     Each task's gradient of its mean loss over its own sub-batch of the task-stacked
     ``stacked`` (no dropout), measured on the shared encoder.
     """
-    tasks = tuple(tasks or of_heads(model.tasks))
-    loss_fn = summed(make_loss_fn(model, tasks=tasks))
+    tasks = tuple(tasks)
+    loss_fn = summed(make_loss_fn(model, tasks))
 
     @jax.jit
     def probe(params, stacked):
         (losses, _), grads = per_task_grads(loss_fn, params, stacked, None, tasks)
         norms, cosine = cosine_matrix(grads["encoder"])
-        return {"loss": losses, "grad_norm": norms, "cosine": cosine}
+        return Probe(losses, norms, cosine)
 
     return probe
 
 
-def zero_metrics(tasks: Sequence[str]) -> dict:
-    """The running sums a train step's metrics add into (see :func:`accumulate`)."""
-    z = lambda dtype: jnp.zeros((), dtype)  # noqa: E731
-    return {
-        "loss": z(jnp.float32),
-        "steps": z(jnp.int32),
-        "skipped": z(jnp.int32),
-        "tasks": {
-            t: {"loss_sum": z(jnp.float32), "correct": z(jnp.int32), "count": z(jnp.int32), "weight": z(jnp.float32)}
-            for t in tasks
-        },
-    }
+def zero_metrics(tasks: Sequence[str]) -> StepTotals:
+    """The running sums a train step's totals add into (see :func:`accumulate`)."""
+    f, i = (lambda: jnp.zeros((), jnp.float32)), (lambda: jnp.zeros((), jnp.int32))
+    return StepTotals(f(), i(), i(), {t: TaskMetrics(f(), i(), i(), f()) for t in tasks})
 
 
 @jax.jit
-def accumulate(total, metrics):
-    """Adds a step's metrics into the running sums, on the device (no host sync)."""
-    return jax.tree.map(jnp.add, total, {k: v for k, v in metrics.items() if k != "streak"})
+def accumulate(total: StepTotals, metrics: StepMetrics) -> StepTotals:
+    """Adds a step's totals into the running sums, on the device (no host sync)."""
+    return jax.tree.map(jnp.add, total, metrics.totals)

@@ -2,17 +2,16 @@
 
 It reads top to bottom: :func:`mtl_jax.training.run.setup` checks every input and builds the
 run; :class:`Trainer` holds the train state and the typed :class:`LoopState` (what a checkpoint
-saves and restores) and runs ``train_epoch`` then ``evaluate_and_checkpoint`` per epoch, with
-hooks (:mod:`mtl_jax.training.hooks`) for what happens every N steps and writers
-(:mod:`mtl_jax.outputs.writers`) for where records go; ``finish`` tests the best parameters and
-writes the summary, export, plots and report.
+saves and restores); :meth:`Trainer.fit` shows, per epoch, the steps, the validation, the best
+model, the move to the next epoch and the checkpoint, with hooks (:mod:`mtl_jax.training.hooks`)
+for what happens every N steps and writers (:mod:`mtl_jax.outputs.writers`) for where records go;
+``finish`` tests the best parameters and writes the summary, export, plots and report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from mtl_jax.training.checkpoint import Checkpoints, restore_latest
 from mtl_jax.training.compile_cache import RunClock
 from mtl_jax.training.evaluation import embed_all, evaluate
 from mtl_jax.training.freezing import group_sizes, phase_at, phase_end
-from mtl_jax.training.hooks import Hook, default_hooks
+from mtl_jax.training.hooks import Best, Hook, SignalStop, StepRecord
 from mtl_jax.training.optim import carry_opt_state, count_numbers
 from mtl_jax.training.parallel import is_primary, place_state, replicate, to_host
 from mtl_jax.training.run import Run, log, setup, write_run_start
@@ -46,7 +45,7 @@ from mtl_jax.training.steps import (
     zero_metrics,
 )
 
-CHECKPOINT_FORMAT = 4  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states
+CHECKPOINT_FORMAT = 5  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states; 5: typed metric totals
 
 
 @dataclass
@@ -58,10 +57,7 @@ class LoopState:
     phase: int = 0  # the freezing phase in force
     records: int = 0  # metrics.jsonl records written
     n_log: int = 0  # training examples since the last training record
-    best_score: float = -1.0  # the best evaluation's mean primary score (none yet: best_step -1)
-    best_epoch: int = -1
-    best_step: int = -1
-    since_best: int = 0  # evaluations since the best one (--patience)
+    best: Best = field(default_factory=Best)  # the best evaluation so far
     stopped_early: bool = False
     train_seconds: float = 0.0
     examples_seen: int = 0
@@ -74,7 +70,7 @@ class LoopState:
                 f"{where}: checkpoint written by another mtl_jax version (checkpoint format "
                 f"{meta.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); it cannot resume it: start the run again"
             )
-        return cls(**meta)
+        return cls(**(meta | {"best": Best.from_dict(meta["best"])}))
 
 
 @dataclass
@@ -87,7 +83,7 @@ class Trainer:
     state: TrainState = None
     loop: LoopState = field(default_factory=LoopState)
     records: list = field(default_factory=list)  # the metrics records written so far
-    totals: Any = None  # running metric sums since the last training record (on the device)
+    totals: Any = None  # running metric sums since the last training record (StepTotals, on the device)
     train_step: Callable = None  # the compiled step of the phase in force
     eval_step: Callable = None
     embed_step: Callable = None
@@ -97,8 +93,8 @@ class Trainer:
     writers: list[Writer] = field(default_factory=list)
     cache: dict | None = None  # cached embeddings of the phase in ``cache_phase``
     cache_phase: int | None = None
-    best_params: Any = None  # host copy of the best epoch's params, when trained in this process
-    stop_signal: int | None = None
+    best_params: Any = None  # host copy of the best evaluation's params, when trained in this process
+    signals: SignalStop = field(default_factory=SignalStop)
     step: int = 0  # steps taken: state.step, counted on the host (reading the device's would wait for it)
     saved_step: int = -1  # the step of the newest checkpoint written by this process
     t_log: float = 0.0  # when the examples since the last training record started
@@ -106,7 +102,7 @@ class Trainer:
 
     def __post_init__(self):
         run = self.run
-        self.hooks = self.hooks or default_hooks(run.cfg)
+        self.hooks = self.hooks or self.default_hooks()
         self.eval_step = self.noting_shapes(make_eval_step(run.model, run.data.tasks), "evaluation")
         self.embed_step = self.noting_shapes(make_embed_step(run.model), "embedding cache")
         if run.cfg.grad_diagnostics > 0:
@@ -126,7 +122,7 @@ class Trainer:
             run.optim,
             run.weighting,
             run.cfg.grad_accum,
-            run.data.tasks,
+            tasks=run.data.tasks,
         )
         return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
 
@@ -262,11 +258,33 @@ class Trainer:
 
     def check_nonfinite(self, metrics) -> None:
         """Stop when the last ``--max-nonfinite`` steps all had a non-finite loss or gradient."""
-        if metrics is not None and int(metrics["streak"]) >= self.run.cfg.max_nonfinite:
+        if metrics is not None and int(metrics.streak) >= self.run.cfg.max_nonfinite:
             raise MtlError(
-                f"step {self.step}: loss or gradients non-finite for {int(metrics['streak'])} consecutive "
+                f"step {self.step}: loss or gradients non-finite for {int(metrics.streak)} consecutive "
                 f"steps (each skipped); stopping without saving. Lower --lr or check the data"
             )
+
+    # ---- hooks
+
+    def default_hooks(self) -> list[Hook]:
+        """The loop's cadences from the run's options, in the order they run."""
+        cfg = self.run.cfg
+        return [
+            Hook("gradient probe", cfg.grad_diagnostics, self.probe_gradients, before=True),
+            Hook("log", cfg.log_every, self.log_training, at_epoch_end=True),
+            Hook("evaluate", cfg.eval_every, self.evaluate_mid_epoch),
+            Hook("checkpoint", cfg.save_every, lambda rec: self.save_once()),
+            Hook("signal", 1, lambda rec: self.stop_on_signal()),
+        ]
+
+    def run_hooks(self, before: bool, step: int, epoch: int, metrics=None, end_of_epoch: bool = False) -> None:
+        record = None
+        for hook in self.hooks:
+            if hook.before == before and hook.due(step, end_of_epoch):
+                record = record or StepRecord(self.step, epoch, metrics, self.state)
+                hook.run(record)
+                if self.loop.stopped_early:
+                    return
 
     # ---- one epoch
 
@@ -282,9 +300,7 @@ class Trainer:
             step = self.step
             self.enter(step)
             batch = run.pipeline.train_batch(plan[b], self.cache["train"] if self.cache else None)
-            for hook in self.hooks:
-                if hook.before and hook.due(step):
-                    hook.run(self, epoch)
+            self.run_hooks(True, step, epoch)
             self.state, m = self.train_step(self.state, batch, run.rng)
             self.totals = accumulate(self.totals, m)
             self.check_nonfinite(last)  # one step behind: the host does not wait for the step just queued
@@ -292,11 +308,9 @@ class Trainer:
             loop.position, loop.n_log = b + 1, loop.n_log + run.pipeline.examples_in(plan[b])
             bar.update(1)
             end_of_epoch = b == len(plan) - 1 or step + 1 == run.total_steps
-            for hook in self.hooks:
-                if not hook.before and hook.due(step + 1, end_of_epoch):
-                    hook.run(self, epoch)
-                    if loop.stopped_early:
-                        return
+            self.run_hooks(False, step + 1, epoch, m, end_of_epoch)
+            if loop.stopped_early:
+                return
         self.check_nonfinite(last)
 
     def enter(self, step: int) -> None:
@@ -306,25 +320,27 @@ class Trainer:
         if self.cache_phase != self.loop.phase:  # (inside the epoch's clock: caching is part of its cost)
             self.cache, self.cache_phase = self.cached_data(step), self.loop.phase
 
-    def probe_gradients(self, epoch: int) -> None:
-        rec = gradient_record(self.probe(self.state.params, self.probe_batch), self.step, epoch, self.run.names)
-        self.emit(rec)
+    def probe_gradients(self, rec: StepRecord) -> None:
+        out = self.probe(rec.state.params, self.probe_batch)
+        self.emit(gradient_record(out, rec.step, rec.epoch, self.run.names))
 
-    def log_training(self, epoch: int) -> None:
-        rec = train_record(self.totals, self.step, epoch, self.run.names)  # waits for the queued steps
+    def log_training(self, rec: StepRecord) -> None:
+        record = train_record(self.totals, rec.step, rec.epoch, self.run.data.tasks)  # waits for the queued steps
         seconds = time.perf_counter() - self.t_log
         self.loop.train_seconds += seconds
         self.loop.examples_seen += self.loop.n_log
-        if rec["skipped"]:
-            log(f"step {self.step}: skipped {rec['skipped']} update(s) with a non-finite loss or gradient")
-        self.emit(rec)
+        if record["skipped"]:
+            log(f"step {rec.step}: skipped {record['skipped']} update(s) with a non-finite loss or gradient")
+        self.emit(record)
         self.totals, self.loop.n_log = zero_metrics(self.run.names), 0
         self.t_log = time.perf_counter()
 
-    def evaluate_and_checkpoint(self, epoch: int, epoch_s: float | None = None) -> None:
-        """Validation metrics, the best evaluation so far, early stopping, and a checkpoint (the end of an
-        epoch, or every ``--eval-every`` steps; ``epoch_s`` only at the end of an epoch)."""
-        run, loop = self.run, self.loop
+    # ---- evaluation, the best model, checkpoints
+
+    def validate(self, epoch: int, epoch_s: float | None = None) -> float:
+        """The validation metrics (a record and a log line); their mean primary score. ``epoch_s``: the
+        epoch's seconds, at the end of an epoch."""
+        run = self.run
         val = self.cache["validation"] if self.cache else run.pipeline.splits["validation"]
         with self.clock.part("evaluation"):
             results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.tasks)
@@ -337,38 +353,51 @@ class Trainer:
             + " validation: "
             + ", ".join(f"{t.name} {t.describe(results[t.name])}" for t in run.data.tasks)
         )
-        score = mean_score(results, run.data.tasks)
-        self.keep_if_best(score, epoch)
-        # a --max-steps stop mid-epoch keeps its place, so a longer --resume continues this epoch
-        if loop.position == run.steps_per_epoch:
-            loop.epoch, loop.position = epoch + 1, 0
-        self.save(score=score)
-        self.stop_on_signal()
+        return mean_score(results, run.data.tasks)
 
     def keep_if_best(self, score: float, epoch: int) -> None:
         """The best evaluation so far (a host copy of its parameters) and --patience's early stop."""
         run, loop = self.run, self.loop
-        if loop.best_step < 0 or score > loop.best_score:
-            loop.best_score, loop.best_epoch, loop.best_step = score, epoch, self.step
-            loop.since_best = 0
+        if loop.best.consider(score, epoch, self.step):
             self.best_params = to_host(self.state.params)
-        else:
-            loop.since_best += 1
-        if run.cfg.patience and loop.since_best >= run.cfg.patience and self.step < run.total_steps:
+        if loop.best.exhausted(run.cfg.patience) and self.step < run.total_steps:
             loop.stopped_early = True
             log(
-                f"step {self.step}: no better mean validation score in {loop.since_best} evaluations "
-                f"(--patience {run.cfg.patience}); stopping, the best was step {loop.best_step}"
+                f"step {self.step}: no better mean validation score in {loop.best.since} evaluations "
+                f"(--patience {run.cfg.patience}); stopping, the best was step {loop.best.step}"
             )
 
+    def evaluate_mid_epoch(self, rec: StepRecord) -> None:
+        """``--eval-every``: validation, the best model and a checkpoint inside an epoch."""
+        score = self.validate(rec.epoch)
+        self.keep_if_best(score, rec.epoch)
+        self.save(score)
+
     def fit(self) -> None:
-        """Every remaining epoch; SIGINT / SIGTERM save a checkpoint and stop with 130 / 143."""
+        """Every remaining epoch: its steps, its validation, the best model, the next epoch, a checkpoint.
+        SIGINT / SIGTERM save a checkpoint and stop with 130 / 143."""
+        run, loop = self.run, self.loop
+        with self.signals, self.progress_bar() as bar:
+            for epoch in range(loop.epoch, run.epochs):
+                if self.step >= run.total_steps or loop.stopped_early:  # resuming a run that already finished
+                    break
+                if epoch != loop.epoch:
+                    loop.epoch, loop.position, loop.n_log = epoch, 0, 0
+                t_epoch = time.perf_counter()
+                with self.clock.part("train"):
+                    self.train_epoch(epoch, bar)
+                if loop.stopped_early:
+                    break
+                score = self.validate(epoch, time.perf_counter() - t_epoch)
+                self.keep_if_best(score, epoch)
+                if loop.position == run.steps_per_epoch:  # (a --max-steps stop mid-epoch keeps its place)
+                    loop.epoch, loop.position = epoch + 1, 0
+                self.save(score)
+                self.stop_on_signal()
+
+    def progress_bar(self) -> tqdm:
+        """The steps' progress bar (primary process), fed the training records too."""
         run = self.run
-
-        def on_signal(signum, _frame):
-            self.stop_signal = signum
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(
             total=run.total_steps,
             initial=self.step,
@@ -378,35 +407,19 @@ class Trainer:
             file=sys.stderr,
         )
         self.writers.append(ProgressWriter(bar, run.names))
-        try:
-            for epoch in range(self.loop.epoch, run.epochs):
-                if self.step >= run.total_steps or self.loop.stopped_early:  # resuming a run that already finished
-                    break
-                if epoch != self.loop.epoch:
-                    self.loop.epoch, self.loop.position, self.loop.n_log = epoch, 0, 0
-                t_epoch = time.perf_counter()
-                with self.clock.part("train"):
-                    self.train_epoch(epoch, bar)
-                if self.loop.stopped_early:
-                    break
-                self.evaluate_and_checkpoint(epoch, time.perf_counter() - t_epoch)
-        finally:
-            bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return bar
 
     def stop_on_signal(self) -> None:
         """After SIGINT / SIGTERM: a checkpoint of this step, then stop (exit status 128 + the signal)."""
-        if self.stop_signal is None:
+        if self.signals.received is None:
             return
         self.save_once()
         self.ckpts.close()
         self.close_writers()
-        name = signal.Signals(self.stop_signal).name
         raise Interrupted(
-            f"{name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
+            f"{self.signals.name} at step {self.step}: checkpoint saved; resume with: python scripts/train.py "
             f"--out {self.run.out} --resume (plus the same options)",
-            128 + self.stop_signal,
+            128 + self.signals.received,
         )
 
     # ---- the end
@@ -416,7 +429,7 @@ class Trainer:
         placed as the training state is, so the test evaluation reuses the validation's programs."""
         if self.best_params is not None:  # the host copy
             return place_state(self.best_params, self.run.mesh, self.run.cfg.fsdp)
-        step = self.loop.best_step  # restored into the checkpoint target, which is placed as the state
+        step = self.loop.best.step  # restored into the checkpoint target, which is placed as the state
         tree, _ = self.ckpts.restore(step, self.checkpoint_target(self.ckpts.restore_meta(step)))
         return tree["state"].params
 
@@ -427,15 +440,15 @@ class Trainer:
             best = self.best()
             self.ckpts.close()
             summary = {
-                "best_epoch": loop.best_epoch + 1,
-                "best_step": loop.best_step,
+                "best_epoch": loop.best.epoch + 1,
+                "best_step": loop.best.step,
                 "steps": self.step,
                 "stopped_early": loop.stopped_early,
             }
             for split in ("validation", "test"):
                 data = run.pipeline.splits[split]
                 summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.tasks)
-        self.emit(eval_record(summary["test"], self.step, loop.best_epoch, "test", run.data.tasks))
+        self.emit(eval_record(summary["test"], self.step, loop.best.epoch, "test", run.data.tasks))
         self.close_writers()
         summary |= {
             "examples_per_s": loop.examples_seen / max(loop.train_seconds, 1e-9),

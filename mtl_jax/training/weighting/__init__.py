@@ -12,7 +12,8 @@ The train step asks a method what it needs instead of naming it:
 
 Loss methods (``loss.py``, ``dwa.py``, ``rlw.py``, ``famo.py``): ``sum``, ``static``, ``uncertainty``,
 ``rlw``, ``dwa``, ``famo``. Gradient methods (``gradient.py``): ``pcgrad``, ``mgda``,
-``cagrad``, ``gradnorm``. A new method is a new module with a registered class.
+``cagrad``, ``gradnorm``. A new method is a new module with a registered class; its options are
+its fields (see :mod:`mtl_jax.training.weighting.base`).
 """
 
 # ruff: noqa: I001  (the modules register their methods in this order, which the error messages and compare.py follow)
@@ -22,18 +23,17 @@ from mtl_jax.training.weighting import rlw  # noqa: F401
 from mtl_jax.training.weighting import famo  # noqa: F401
 from mtl_jax.training.weighting import gradient  # noqa: F401
 
-from mtl_jax.training.weighting.base import REGISTRY, Method, NoState, make, mean_losses, register
+from mtl_jax.training.weighting.base import REGISTRY, Method, NoState, flat_options, make, mean_losses, register
 from mtl_jax.training.weighting.gradient import cosine_matrix, gram_matrix, pcgrad
 from mtl_jax.training.weighting.loss import uncertainty_terms
 
-METHODS = tuple(REGISTRY)
 
 __all__ = [
-    "METHODS",
     "REGISTRY",
     "Method",
     "NoState",
     "cosine_matrix",
+    "flat_options",
     "gram_matrix",
     "make",
     "mean_losses",

@@ -1,14 +1,19 @@
-"""The loss-weighting method interface, its registry, and what every method shares."""
+"""The loss-weighting method interface, its registry, and what every method shares.
+
+A method's options are its own fields, declared with :func:`mtl_jax.options.option`; the flag of
+option ``lr`` of method ``famo`` is ``--famo-lr`` (config key ``famo_lr``), derived by
+:mod:`mtl_jax.config`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.config import WeightingConfig
+from mtl_jax.options import declared
 from mtl_jax.registry import registrar
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -27,16 +32,15 @@ class Method:
     methods) or ``combine`` (gradient methods); every function is pure."""
 
     name: ClassVar[str] = ""
+    about: ClassVar[str] = ""  # a few words for --loss-weighting's help
     every_task: ClassVar[bool] = False  # every step holds every task (task-stacked batches)
     uses_task_grads: ClassVar[bool] = False  # combine() on per-task gradients
     weights_from_losses: ClassVar[bool] = False  # its weights need this batch's losses before the backward pass
     task_weights: tuple[float, ...] = ()  # the tasks' config weights (``static``)
 
-    @classmethod
-    def from_config(cls, cfg: WeightingConfig, task_weights: tuple[float, ...] = ()) -> Method:
-        """The method with its hyperparameters from ``cfg`` (the fields its class declares)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"task_weights"}
-        return cls(task_weights=tuple(task_weights), **{n: getattr(cfg, n) for n in names})
+    def with_epoch_length(self, steps: int) -> Method:
+        """The method for a run of ``steps`` per epoch (what it does per epoch: DWA's period)."""
+        return self
 
     def init(self, n_tasks: int) -> NamedTuple:
         """The method's running state for ``n_tasks`` tasks."""
@@ -64,14 +68,16 @@ class Method:
         raise NotImplementedError(f"{self.name} weights losses; it does not combine per-task gradients")
 
 
-def make(cfg: WeightingConfig | str = "sum", task_weights=(), **hyper) -> Method:
-    """The method ``cfg.method`` (or the name given), its hyperparameters from ``cfg`` and ``hyper``."""
-    if isinstance(cfg, str):
-        cfg = WeightingConfig(method=cfg)
-    cfg = dataclasses.replace(cfg, **hyper)
-    if cfg.method not in REGISTRY:
-        raise ValueError(f"unknown loss weighting {cfg.method!r}; choose from {', '.join(REGISTRY)}")
-    return REGISTRY[cfg.method].from_config(cfg, task_weights)
+def make(name: str = "sum", task_weights=(), **options) -> Method:
+    """The method registered as ``name`` with its ``options`` (the others at their defaults)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown loss weighting {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name](task_weights=tuple(task_weights), **options)
+
+
+def flat_options(values: Mapping[str, Any], name: str) -> dict:
+    """Method ``name``'s options out of flat config values (``famo_lr`` is famo's ``lr``)."""
+    return {f.name: values[f"{name}_{f.name}"] for f in declared(REGISTRY[name]) if f"{name}_{f.name}" in values}
 
 
 def mean_losses(per_task: dict, tasks, counts=None) -> tuple[jax.Array, jax.Array]:
@@ -80,6 +86,6 @@ def mean_losses(per_task: dict, tasks, counts=None) -> tuple[jax.Array, jax.Arra
     ``counts`` [T]: the denominators instead of the rows here (a micro-batch: the whole batch's).
     """
     if counts is None:
-        counts = jnp.stack([per_task[t]["count"] for t in tasks]).astype(jnp.float32)
-    means = jnp.stack([per_task[t]["loss_sum"] for t in tasks]) / jnp.maximum(counts, 1)
+        counts = jnp.stack([per_task[t].count for t in tasks]).astype(jnp.float32)
+    means = jnp.stack([per_task[t].loss_sum for t in tasks]) / jnp.maximum(counts, 1)
     return means, (counts > 0).astype(jnp.float32)

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.options import AT_LEAST_1, POSITIVE, option
 from mtl_jax.training.weighting.base import Method, register
 
 
@@ -27,8 +28,14 @@ class DwaState(NamedTuple):
 @register("dwa")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Dwa(Method):
-    dwa_temperature: float
-    dwa_period: Optional[int]  # steps per period (None: 1 here; the trainer passes an epoch's steps)
+    about = "Dynamic Weight Average (Liu et al. 2019)"
+    temperature: float = option(2.0, "softmax temperature over the tasks' loss ratios", POSITIVE)
+    period: Optional[int] = option(
+        None, "steps over which each task's training loss is averaged (default: one epoch, as in the paper)", AT_LEAST_1
+    )
+
+    def with_epoch_length(self, steps: int) -> Dwa:
+        return self if self.period is not None else dataclasses.replace(self, period=steps)
 
     def init(self, n_tasks: int) -> DwaState:
         # (a fresh array per field: the train state is donated, and one buffer may not be donated twice)
@@ -37,8 +44,8 @@ class Dwa(Method):
         return DwaState(zeros(), zeros(), jnp.ones((2, n_tasks), jnp.float32), count(), count())
 
     def weights(self, state, losses, present, key):
-        w = dwa_weights(state.history, state.periods, self.dwa_temperature)
-        return w, jnp.sum(w * losses), dwa_update(state, losses, present, self.dwa_period or 1)
+        w = dwa_weights(state.history, state.periods, self.temperature)
+        return w, jnp.sum(w * losses), dwa_update(state, losses, present, self.period or 1)
 
 
 def dwa_weights(history, periods, temperature: float) -> jax.Array:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.options import NON_NEGATIVE, POSITIVE, option
 from mtl_jax.training.weighting.base import Method, register
 
 
@@ -29,14 +30,15 @@ class FamoState(NamedTuple):
 @register("famo")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Famo(Method):
+    about = "Fast Adaptive Multitask Optimization (Liu et al. 2023)"
     every_task = True
     weights_from_losses = True
-    famo_lr: float  # Adam learning rate of the task logits
-    famo_decay: float  # gamma: L2 decay of the task logits
+    lr: float = option(0.025, "Adam learning rate of the task logits", POSITIVE)
+    decay: float = option(0.001, "gamma, the L2 decay of the task logits", NON_NEGATIVE)
 
     def tx(self) -> optax.GradientTransformation:
         # torch's Adam(weight_decay=gamma): L2 added to the gradient before the moments
-        return optax.chain(optax.add_decayed_weights(self.famo_decay), optax.adam(self.famo_lr))
+        return optax.chain(optax.add_decayed_weights(self.decay), optax.adam(self.lr))
 
     def init(self, n_tasks: int) -> FamoState:
         zeros = lambda: jnp.zeros((n_tasks,), jnp.float32)  # noqa: E731

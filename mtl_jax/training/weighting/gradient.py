@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from optax.projections import projection_simplex
 
+from mtl_jax.options import NON_NEGATIVE, POSITIVE, option
 from mtl_jax.training.weighting.base import Method, register
 
 
@@ -62,6 +63,8 @@ class GradientMethod(Method):
 @register("pcgrad")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PCGrad(GradientMethod):
+    about = "projects each task's encoder gradient off the others' it conflicts with (Yu et al. 2020)"
+
     def encoder_grads(self, shared, key):
         return pcgrad(shared, key), jnp.ones((jax.tree.leaves(shared)[0].shape[0],), jnp.float32)
 
@@ -69,6 +72,8 @@ class PCGrad(GradientMethod):
 @register("mgda")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MGDA(GradientMethod):
+    about = "the min-norm point of the task gradients' hull (Sener & Koltun 2018)"
+
     def encoder_grads(self, shared, key):
         coef = min_norm_weights(gram_matrix(shared))
         return weighted_sum(coef, shared), coef
@@ -77,10 +82,11 @@ class MGDA(GradientMethod):
 @register("cagrad")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CAGrad(GradientMethod):
-    cagrad_c: float  # radius of the ball around the mean gradient, relative to its norm
+    about = "the best worst-task improvement near the mean gradient (Liu et al. 2021)"
+    c: float = option(0.5, "c, the radius of the ball around the mean gradient, relative to its norm", NON_NEGATIVE)
 
     def encoder_grads(self, shared, key):
-        coef = cagrad_coefficients(gram_matrix(shared), self.cagrad_c)
+        coef = cagrad_coefficients(gram_matrix(shared), self.c)
         return weighted_sum(coef, shared), coef
 
 
@@ -94,21 +100,18 @@ class GradNormState(NamedTuple):
 @register("gradnorm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GradNorm(GradientMethod):
-    gradnorm_alpha: float  # restoring force towards equal training rates
-    gradnorm_lr: float  # Adam learning rate of the weights
+    about = "weights learned towards equal training rates (Chen et al. 2018)"
+    alpha: float = option(1.5, "the restoring force alpha towards equal training rates", NON_NEGATIVE)
+    lr: float = option(0.025, "Adam learning rate of the task weights", POSITIVE)
 
     def init(self, n_tasks: int) -> GradNormState:
         w = jnp.ones((n_tasks,), jnp.float32)
-        return GradNormState(
-            w, optax.adam(self.gradnorm_lr).init(w), jnp.zeros((n_tasks,), jnp.float32), jnp.zeros((), bool)
-        )
+        return GradNormState(w, optax.adam(self.lr).init(w), jnp.zeros((n_tasks,), jnp.float32), jnp.zeros((), bool))
 
     def combine(self, state, losses, task_grads, shared, key):
         coef = state.w
         if shared is not None:
-            state = gradnorm_update(
-                state, losses, gram_matrix(shared), self.gradnorm_alpha, optax.adam(self.gradnorm_lr)
-            )
+            state = gradnorm_update(state, losses, gram_matrix(shared), self.alpha, optax.adam(self.lr))
         return weighted_sum(coef, task_grads), coef, jnp.sum(coef * losses), state
 
 

@@ -22,11 +22,15 @@ from mtl_jax.training.weighting.base import Method, register
 class Sum(Method):
     """Every task's mean loss with weight 1."""
 
+    about = "every task's mean loss, weight 1"
+
 
 @register("static")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Static(Method):
     """Each task's mean loss times its config ``weight``."""
+
+    about = "each task's config weight"
 
     def weights(self, state, losses, present, key):
         w = jnp.asarray(self.task_weights, jnp.float32)
@@ -37,6 +41,8 @@ class Static(Method):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Uncertainty(Method):
     """Learned log-variances: the terms are ``exp(-s_t) L_t + s_t / 2``, weighted 1."""
+
+    about = "learned (Kendall et al. 2018)"
 
     def add_params(self, params: dict, tasks) -> dict:
         return params | {"loss_weights": {t: jnp.zeros((), jnp.float32) for t in tasks}}

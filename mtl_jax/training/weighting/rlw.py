@@ -16,6 +16,8 @@ from mtl_jax.training.weighting.base import Method, register
 class RandomWeights(Method):
     """A softmax of standard normal draws, new at every step."""
 
+    about = "random weights (Lin et al. 2021)"
+
     def weights(self, state, losses, present, key):
         w = jax.nn.softmax(jax.random.normal(key, losses.shape))
         return w, jnp.sum(w * losses), state

@@ -7,11 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtl_jax.data.readers.base import Row, read_text, register
 
-def read_conll(path: Path, columns: Sequence[str], text: str) -> list:
+
+@register("conll", [".conll"])
+def read_conll(path: Path, columns: Sequence[str], options=None) -> list[Row]:
     """Records ``{columns[0]: words, columns[1]: tags}`` (the tagging task's tokens and label columns)."""
-    from mtl_jax.data.load import Row
-
+    text = read_text(path)
     tokens_col, tags_col = columns
     rows, words, tags, start = [], [], [], 0
     for n, line in enumerate(text.splitlines() + [""], start=1):

@@ -11,33 +11,28 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.ipc
+import pyarrow.parquet
+
+from mtl_jax.data.readers.base import Row, json_field, register
 from mtl_jax.errors import MtlError
 
 
-def _pyarrow():
+@register("parquet", [".parquet"])
+def read_parquet(path: Path, columns: Sequence[str], options=None) -> list[Row]:
     try:
-        import pyarrow
-        import pyarrow.ipc  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise MtlError("reading Parquet or datasets folders needs pyarrow (pip install pyarrow)") from None
-    return pyarrow
-
-
-def read_parquet(path: Path, columns: Sequence[str]) -> list:
-    pa = _pyarrow()
-    try:
-        schema = pa.parquet.read_schema(path)
+        schema = pyarrow.parquet.read_schema(path)
         _check_columns(path, columns, schema.names)
-        table = pa.parquet.read_table(path, columns=list(columns))
+        table = pyarrow.parquet.read_table(path, columns=list(columns))
     except (OSError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read as Parquet ({e})") from None
     return _rows(table, columns, {})
 
 
-def read_datasets_folder(path: Path, columns: Sequence[str]) -> list:
+@register("datasets", folder=True)
+def read_datasets_folder(path: Path, columns: Sequence[str], options=None) -> list[Row]:
     """A ``Dataset.save_to_disk`` folder: ``state.json`` lists its Arrow files (stream format)."""
-    pa = _pyarrow()
     state, info = path / "state.json", path / "dataset_info.json"
     if not state.is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file()) if path.is_dir() else []
@@ -45,7 +40,7 @@ def read_datasets_folder(path: Path, columns: Sequence[str]) -> list:
         raise MtlError(f"{path}: not a datasets folder: no state.json{hint}")
     try:
         files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+        tables = [pyarrow.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
         features = json.loads(info.read_text()).get("features", {}) if info.is_file() else {}
     except (OSError, KeyError, ValueError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read the datasets folder ({e})") from None
@@ -61,9 +56,7 @@ def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str]) -> N
         raise MtlError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(have)})")
 
 
-def _rows(table, columns: Sequence[str], class_names: dict) -> list:
-    from mtl_jax.data.load import Row, _json_field
-
+def _rows(table, columns: Sequence[str], class_names: dict) -> list[Row]:
     data = {c: table.column(c).to_pylist() for c in columns}
     rows = []
     for i in range(table.num_rows):
@@ -72,6 +65,6 @@ def _rows(table, columns: Sequence[str], class_names: dict) -> list:
             value = data[c][i]
             if c in class_names and isinstance(value, int) and 0 <= value < len(class_names[c]):
                 value = class_names[c][value]
-            fields[c] = _json_field(value)
+            fields[c] = json_field(value)
         rows.append(Row(i + 1, fields))
     return rows
