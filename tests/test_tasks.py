@@ -14,18 +14,29 @@ import pytest
 
 from mtl_jax import MtlError, load
 from mtl_jax.config import TaskConfig
+from mtl_jax.data import readers
+from mtl_jax.data.readers import Row
+from mtl_jax.options import FRACTION, POSITIVE, option
 from mtl_jax.tasks import REGISTRY, Task, build, register
 from mtl_jax.tasks.base import LossSums
 from mtl_jax.tasks.metrics import classification_report
+from mtl_jax.training import weighting
 from tests.helpers import cli, of_heads, tiny_train_args
 
 
 @dataclasses.dataclass(frozen=True)
+class FlagOptions:
+    cutoff: float = option(0.5, "predict says yes from this probability on", FRACTION)
+
+
+@dataclasses.dataclass(frozen=True)
 class Flag(Task):
-    """A toy type: a yes/no flag scored by one logit (sigmoid cross-entropy), primary metric accuracy."""
+    """A toy type: a yes/no flag scored by one logit (sigmoid cross-entropy), primary metric accuracy;
+    an option of its own (``cutoff``)."""
 
     primary = "accuracy"
     record_keys = ("loss", "accuracy", "examples")
+    Options = FlagOptions
 
     def label_id(self, raw):
         return {"yes": 1, "no": 0}.get(raw.lower(), f"flag {raw!r} is neither yes nor no")
@@ -53,7 +64,38 @@ class Flag(Task):
         return [f"test accuracy {summary['test'][self.name]['accuracy']:.3f} (a toy flag)"]
 
     def output(self, values):
-        return {"flag": bool(values[0] > 0.5), "p": float(values[0])}
+        return {"flag": bool(values[0] >= self.options.cutoff), "p": float(values[0])}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Scaled(weighting.Method):
+    """A toy weighting method with an option of its own: every task's loss times ``factor``."""
+
+    about = "every loss times a factor"
+    factor: float = option(1.0, "what every task's loss is multiplied by", POSITIVE)
+
+    def weights(self, state, losses, present, key):
+        w = jnp.full(losses.shape, self.factor, jnp.float32)
+        return w, jnp.sum(w * losses), state
+
+
+@dataclasses.dataclass(frozen=True)
+class BarOptions:
+    separator: str = option("|", "what parts a line's fields")
+
+
+def read_bar(path, columns, options: BarOptions):
+    """A toy format: a header line of field names, then one record per line, fields parted by ``separator``."""
+    lines = path.read_text().splitlines()
+    names = lines[0].split(options.separator)
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split(options.separator)
+        if len(parts) != len(names):
+            rows.append(Row(n, {}, f"{len(parts)} fields, header has {len(names)}"))
+        else:
+            rows.append(Row(n, {c: parts[names.index(c)] for c in columns}))
+    return rows
 
 
 @pytest.fixture
@@ -63,21 +105,44 @@ def flag_type():
     del REGISTRY["flag"]
 
 
-def test_a_task_type_registered_from_a_test_file_trains_end_to_end(tmp_path, tiny_bert, tiny_data, flag_type):
+@pytest.fixture
+def plugins(flag_type):
+    """A task type, a weighting method and a reader, each with an option of its own, registered from here."""
+    weighting.register("scaled")(Scaled)
+    readers.register("bar", [".bar"], BarOptions)(read_bar)
+    yield
+    del weighting.REGISTRY["scaled"], readers.READERS["bar"]
+
+
+def test_a_type_a_weighting_method_and_a_reader_from_a_test_file_train_export_and_predict(
+    tmp_path, tiny_bert, tiny_data, plugins
+):
+    """Nothing under mtl_jax/ names them: each brings its options, which reach the flags, the config
+    file, the checks, the export and predict."""
     rows = [("a match goal team story", "no"), ("great fun", "yes"), ("dull mess", "no"), ("great fun again", "yes")]
-    with open(tmp_path / "flags.jsonl", "w") as f:
-        for i in range(120):
-            text, flag = rows[i % 4]
-            f.write(json.dumps({"text": f"{text} #{i}", "flag": flag}) + "\n")
-    (tmp_path / "tasks.yaml").write_text(
-        (tiny_data / "tasks.yaml").read_text().replace("train: ", f"train: {tiny_data}/")
-        + "  - name: fun\n    type: flag\n    train: flags.jsonl\n    text_column: text\n    label_column: flag\n"
-    )
+    lines = ["text;flag"] + [f"{rows[i % 4][0]} #{i};{rows[i % 4][1]}" for i in range(120)]
+    (tmp_path / "flags.bar").write_text("\n".join(lines) + "\n")  # the reader's option: separator ";"
+    fun = "  - name: fun\n    type: flag\n    train: flags.bar\n    label_column: flag\n    separator: ';'\n"
+    tasks = (tiny_data / "tasks.yaml").read_text().replace("train: ", f"train: {tiny_data}/") + fun
+    (tmp_path / "tasks.yaml").write_text(tasks + "    cutoff: 0.25\n")
     out = tmp_path / "run"
     args = tiny_train_args(tiny_bert, tiny_data, "--freeze", "none", "--epochs", "3", "--out", str(out))
     args[1] = str(tmp_path / "tasks.yaml")
-    r = cli("train", *args)
+    refused = cli("train", *args, "--loss-weighting", "scaled", "--scaled-factor", "0")
+    assert refused.returncode == 2 and "--scaled-factor 0.0: must be positive" in refused.stderr
+    (tmp_path / "typo.yaml").write_text(tasks + "    cutof: 0.25\n")
+    typo = cli("train", *args[:1], str(tmp_path / "typo.yaml"), *args[2:])
+    assert typo.returncode == 2 and "unknown task key(s) cutof; known: name" in typo.stderr
+    assert "cutoff" in typo.stderr and "separator" in typo.stderr
+    r = cli("train", *args, "--loss-weighting", "scaled", "--scaled-factor", "0.5")
     assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["scaled_factor"] == 0.5
+    train = [
+        rec for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if rec["split"] == "train"
+    ]
+    assert {rec[t]["weight"] for rec in train for t in ("topic", "sentiment", "fun")} == {0.5}
+    meta = json.loads((out / "export" / "mtl_jax.json").read_text())
+    assert next(t for t in meta["tasks"] if t["name"] == "fun")["cutoff"] == 0.25
     summary = json.loads((out / "summary.json").read_text())
     # every task learns well above chance (1/3, 1/2, 1/2): each is learnable from one word
     assert summary["test"]["topic"]["accuracy"] >= 0.75 and summary["test"]["topic"]["macro_f1"] >= 0.7
@@ -90,8 +155,15 @@ def test_a_task_type_registered_from_a_test_file_trains_end_to_end(tmp_path, tin
     assert "mean_primary" in val[-1]  # the tasks' primary metrics differ: macro_f1 and accuracy
     assert "a toy flag" in (out / "report.md").read_text()
     predictor = load(out / "export")
+    assert next(t for t in predictor.task_objects if t.name == "fun").options.cutoff == 0.25
     (row,) = predictor.predict(["great fun #999"])
     assert row["fun"]["flag"] is True and row["topic"].label in ("sports", "politics", "tech")
+    (tmp_path / "queries.bar").write_text("id|text\n1|dull mess #998\n2|great fun #999\n")  # the default separator
+    res = cli("predict", "--model", str(out / "export"), "--input", str(tmp_path / "queries.bar"))
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [g["text"] for g in got] == ["dull mess #998", "great fun #999"]
+    assert got[1]["fun"]["flag"] is True and got[1]["fun"]["p"] >= 0.25
 
 
 def test_an_unknown_task_type_is_refused_with_the_task_named():
