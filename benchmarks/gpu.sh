@@ -19,8 +19,10 @@
 # $OUT/log.txt (on the device tool's machine $OUT comes back); runs and the compile cache go to $WORK.
 # Within the device tool's 10-minute calls: `bash benchmarks/gpu.sh steps train`, then, the machine still
 # warm, `bash benchmarks/gpu.sh encode types lora probe`.
-# On a GPU machine without a registry: `bash ../shared/gpu/pack.sh && bash benchmarks/gpu_carry.sh` here,
-# carry .gpu, then: source .gpu/unpack.sh && bash benchmarks/gpu.sh
+# On a GPU machine with a package registry: `make install peer` (with a CUDA build of jax:
+# `.venv/bin/pip install -U "jax[cuda12]"`), then `bash benchmarks/gpu.sh`. On one without a registry,
+# bring a wheel folder with the project (a `.gpu/` folder holding them, the model and the data, with an
+# `unpack.sh` that installs them) and `bash benchmarks/gpu_carry.sh` adds the three other corpora it reads.
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."

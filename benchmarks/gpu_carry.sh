@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# After `bash ../shared/gpu/pack.sh` (which carries the two default corpora): the three other embedded
-# files configs/types-embedded.yaml and scripts/derive_examples.py read, into .gpu/data, so that
-# benchmarks/gpu.sh's `types` part runs on a GPU machine without a registry (about 1 MB).
+# For a GPU machine without a package registry, whose `.gpu/` folder (wheels, model, the two default
+# corpora) was packed beforehand: the three other embedded files configs/types-embedded.yaml and
+# scripts/derive_examples.py read, into .gpu/data, so that benchmarks/gpu.sh's `types` part runs there (about 1 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

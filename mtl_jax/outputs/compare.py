@@ -26,7 +26,7 @@ from mtl_jax.inference import load_encoder
 from mtl_jax.training.freezing import frozen_groups, parse_phases
 from mtl_jax.training.run import check_out_dir, log
 from mtl_jax.training.trainer import train_and_evaluate
-from mtl_jax.training.weighting import REGISTRY as METHODS
+from mtl_jax.training.weighting import REGISTRY as WEIGHTING_METHODS
 
 GRADUAL = "backbone,top:2@step:60,none@step:120"
 
@@ -71,7 +71,7 @@ def plan_runs(cfg: CompareConfig, task_names: list[str]) -> list[dict]:
             scenarios.append(s)
     methods = []
     if cfg.weighting:
-        methods = [m for m in METHODS if m != "static" or len({t.weight for t in cfg.selected_tasks()}) > 1]
+        methods = [m for m in WEIGHTING_METHODS if m != "static" or len({t.weight for t in cfg.selected_tasks()}) > 1]
     runs = []
     for seed in cfg.seeds:
         for s in scenarios:
