@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
 from mtl_jax.training.checkpoint import Checkpoints
+from mtl_jax.training.trainer import CHECKPOINT_FORMAT
 from tests.helpers import ROOT, assert_export_reproduces_test_metrics, cli, tiny_train_args, torch_vectors
 from tests.test_cli import ENV, run
 
@@ -191,7 +192,9 @@ def test_a_checkpoint_of_another_format_is_refused_and_every_damaged_one_stops_t
         f.write_text(json.dumps(json.loads(f.read_text()) | {"format": 3}))
     damage(steps[-1])
     r = cli("train", *args, "--resume")
-    assert r.returncode == 2 and "checkpoint format 3, this version reads 4" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and f"checkpoint format 3, this version reads {CHECKPOINT_FORMAT}" in r.stderr, r.stderr[
+        -2000:
+    ]
     assert Checkpoints(out / "checkpoints").steps() == steps  # refused, not moved aside as damaged
     for s, f in metas.items():
         f.write_text(original[s])
