@@ -24,7 +24,7 @@ reuse_host_memory()  # as the scripts do, before JAX's first computation
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import write_tiny_bert  # noqa: E402
+from tests.helpers import cli, train_args, write_tiny_bert  # noqa: E402
 
 # Test files, longest first (seconds on 2 cores, cold): make test hands whole files to its two
 # workers in collection order, so the long ones start first and the short ones fill the gaps.
@@ -89,3 +89,12 @@ def tiny_data(tmp_path_factory) -> Path:
         "  - name: sentiment\n    train: reviews.jsonl\n    text_column: review\n    label_column: stars\n"
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_bert, tiny_data) -> Path:
+    """One finished checkpointed tiny run (:func:`tests.helpers.train_args`), for the tests that only read it."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = cli("train", *train_args(tiny_bert, tiny_data, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

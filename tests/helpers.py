@@ -161,8 +161,39 @@ def optim(total_steps: int = 100, **options):
     return OptimConfig.from_config(TrainConfig(**({"warmup": 0.0} | options)), total_steps)
 
 
+def train_args(tiny_bert: Path, tiny_data: Path, out: Path, *extra: str) -> list[str]:
+    """The checkpointed tiny run the fault and export tests share: 12 steps, a checkpoint every 3, a
+    freezing phase change and famo's state (what a resume must restore)."""
+    return tiny_train_args(
+        tiny_bert,
+        tiny_data,
+        *("--out", str(out), "--max-steps", "12", "--save-every", "3", "--log-every", "1"),
+        *("--freeze", "backbone,none@step:4", "--keep", "5"),
+        *("--loss-weighting", "famo"),  # task logits and their Adam state: state a resume must restore too
+        *extra,
+    )
+
+
 def of_heads(heads) -> tuple:
     """Classification tasks for a model's ``(name, classes)`` heads, labels named ``0, 1, ...``."""
     from mtl_jax.tasks import TaskConfig, build
 
     return tuple(build(TaskConfig(name, ""), tuple(map(str, range(n)))) for name, n in heads)
+
+
+def write_file(path: Path, content: str | bytes) -> Path:
+    """``content`` (text as UTF-8, or bytes as they are) written to ``path``."""
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def yes_no_rows(n: int = 40, sep: str = ",") -> str:
+    """``n`` rows of a text and a yes / no label, without a header."""
+    return "".join(f"sentence number {i}{sep}{'yes' if i % 2 else 'no'}\n" for i in range(n))
+
+
+def file_task(path: Path, **kw):
+    """A classification task on ``path``'s ``text`` and ``label`` columns (``kw``: its other keys)."""
+    from mtl_jax.tasks import TaskConfig
+
+    return TaskConfig.of(kw.pop("name", "t"), str(path), text_column="text", label_column="label", **kw)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, tiny_train_args
+from mtl_jax.data.load import BadRows, load_tasks
+from mtl_jax.errors import MtlError
+from mtl_jax.tasks import TaskConfig
+from tests.helpers import cli, file_task, tiny_train_args, write_file, yes_no_rows
 
 TOPICS = {"sports": "match goal team", "politics": "vote senate law", "tech": "chip code robot"}
 
@@ -169,3 +172,149 @@ def test_valid_inputs_train_as_meant(tmp_path, tiny_bert, tiny_data):
     }  # (the repeated topic once, in the order first named)
     # each of the two tasks on one file has its own examples: 60 rows read twice, split 80/10/10 per task
     assert run["summary"]["test"]["topic"]["examples"] == 6 and run["summary"]["test"]["mood"]["examples"] == 6
+
+
+def test_embed_errors_are_one_line_with_status_2(tmp_path, tiny_bert):
+    (tmp_path / "s.txt").write_text("one\n")
+    errors = {
+        "nope: no such directory": ["--model", str(tmp_path / "nope"), "x"],
+        "missing.txt: file not found": ["--input", str(tmp_path / "missing.txt")],
+        "give sentences as arguments or --input, not both": ["x", "--input", str(tmp_path / "s.txt")],
+        "batch_size must be positive, got 0": ["--batch-size", "0", "x"],
+        f"{tmp_path / 'no' / 'e.npy'}: folder {tmp_path / 'no'} does not exist": [
+            "--out",
+            str(tmp_path / "no" / "e.npy"),
+            "x",
+        ],
+    }
+    for message, args in errors.items():
+        r = cli("embed", "--model", str(tiny_bert), *args)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (args, r)
+    assert not (tmp_path / "no").exists()
+
+
+def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "text,label\n" + "ok,a\n ,b\nfine,\n" + "".join(f"s{i},{'a' if i % 2 else 'b'}\n" for i in range(30))
+    )
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"tasks": [{"name": "t", "train": str(bad)}]}))
+    out = tmp_path / "run"
+    r = cli("train", "--config", str(cfg), "--encoder", str(tiny_bert), "--out", str(out))
+    assert r.returncode == 2
+    assert f"{bad}:3: empty text" in r.stderr and f"{bad}:4: missing label in column 'label'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--loss-weighting", "gradnrom"], "invalid choice 'gradnrom' for argument '--loss-weighting'"),
+        (["--grad-accum", "3"], "--grad-accum 3: does not divide --batch-size 8"),
+        (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+        (["--gradnorm-alpha", "-1"], "--gradnorm-alpha -1.0: must be 0 or more"),
+        (["--dwa-period", "0"], "--dwa-period 0: must be at least 1"),
+        (["--patience", "2", "--empty-validation"], "--patience 2: there is no validation data to stop on"),
+        (["--eval-every", "x"], "Error parsing --eval-every: invalid literal for int()"),
+    ],
+)
+def test_train_bad_options_exit_2_with_one_line_naming_the_flag(tmp_path, tiny_bert, tiny_data, options, message):
+    config = tiny_data / "tasks.yaml"
+    if "--empty-validation" in options:  # the topic task's validation file holds no rows
+        options = [o for o in options if o != "--empty-validation"]
+        (tmp_path / "empty.csv").write_text("text,label\n")
+        config = tmp_path / "tasks.yaml"
+        config.write_text(
+            f"tasks:\n  - name: topic\n    train: {tiny_data / 'topic.csv'}\n    validation: {tmp_path / 'empty.csv'}\n"
+        )
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_bert, tiny_data, "--out", str(out), *options)
+    args[args.index("--config") + 1] = str(config)
+    r = cli("train", *args)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("text,label\n   ,x\n" + yes_no_rows(), r"a\.csv:2: empty text"),
+        ("text,label\nhello,\n" + yes_no_rows(), r"a\.csv:2: missing label in column 'label'"),
+        ("text,label\nhello,x,extra\n" + yes_no_rows(), r"a\.csv:2: 3 fields, header has 2"),
+        (b"text,label\nbad \xff byte,x\n" + yes_no_rows().encode(), r"a\.csv:2: invalid UTF-8"),
+    ],
+)
+def test_bad_rows_are_named_by_file_and_line(tmp_path, content, message):
+    p = write_file(tmp_path / "a.csv", content)
+    with pytest.raises(BadRows, match=message):
+        load_tasks([file_task(p)])
+    data = load_tasks([file_task(p)], skip_bad_rows=True)
+    assert len(data.splits["train"]) + len(data.splits["validation"]) + len(data.splits["test"]) == 40
+    assert any("skipped 1 bad rows" in n for n in data.notes)
+
+
+def test_label_outside_explicit_list(tmp_path):
+    p = write_file(tmp_path / "a.csv", "text,label\n" + yes_no_rows() + "odd one,maybe\n")
+    with pytest.raises(BadRows, match=r"a\.csv:42: label 'maybe' not in the labels of task t \(no, yes\)"):
+        load_tasks([file_task(p, labels=("no", "yes"))])
+
+
+def test_many_bad_rows_are_listed_up_to_a_limit(tmp_path):
+    p = write_file(tmp_path / "a.csv", "text,label\n" + " ,x\n" * 30 + yes_no_rows())
+    with pytest.raises(BadRows) as e:
+        load_tasks([file_task(p)])
+    assert len(e.value.problems) == 30
+    assert "... and 10 more bad rows" in str(e.value) and "30 bad rows" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.csv", None, r"missing\.csv: file not found"),
+        ("a.csv", "txt,label\nx,y\n", r"a\.csv:1: no column 'text' \(columns: txt, label\)"),
+        ("a.csv", "text,label\n", r"task t has no training examples"),
+        ("a.csv", "text,label\n" + "".join(f"s{i},same\n" for i in range(20)), r"needs at least two classes"),
+        ("a.xlsx", "x", r"unknown format"),
+    ],
+)
+def test_file_level_errors(tmp_path, name, content, message):
+    p = tmp_path / name
+    if content is not None:
+        write_file(p, content)
+    with pytest.raises(MtlError, match=message):
+        load_tasks([file_task(p)])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from mtl_jax.config import load_config_file
+
+    bad = write_file(tmp_path / "c.yaml", "tasks:\n  - name: x\n    train: a.csv\n    colour: red\n")
+    with pytest.raises(MtlError, match=r"c\.yaml: tasks\[0\]: unknown task key\(s\) colour"):
+        load_config_file(bad)
+    bad = write_file(tmp_path / "d.yaml", "epochs: [1\n")
+    with pytest.raises(MtlError, match=r"d\.yaml:\d+: invalid YAML"):
+        load_config_file(bad)
+    bad = write_file(tmp_path / "e.yaml", "epoch: 3\n")
+    with pytest.raises(MtlError, match=r"e\.yaml: unknown option\(s\) epoch"):
+        load_config_file(bad)
+
+
+@pytest.mark.parametrize(
+    "config,file,content,message",
+    [
+        ({"type": "tagging", "tokens_column": "w", "label_column": "t"}, "a.jsonl",
+         '{"w": ["a", "b"], "t": ["O"]}\n', r"a\.jsonl:1: 2 words but 1 tags"),
+        ({"type": "similarity", "text_columns": ["a", "b"], "label_column": "s"}, "a.csv",
+         "a,b,s\nx,y,1\nx,y,high\n", r"a\.csv:3: score 'high' is not a number"),
+        ({"type": "pair_classification", "text_columns": ["a", "b"], "label_column": "l"}, "a.csv",
+         "a,b,l\nx,y,yes\nx,,no\n", r"a\.csv:3: empty text in column 'b'"),
+        ({"type": "multilabel", "label_column": "l", "labels": ["x", "y"], "text_column": "text"}, "a.jsonl",
+         '{"text": "t", "l": ["x"]}\n{"text": "u", "l": ["z"]}\n', r"a\.jsonl:2: label 'z' not in the labels"),
+    ],
+)  # fmt: skip
+def test_bad_rows_of_each_type_name_file_line_and_reason(tmp_path, config, file, content, message):
+    (tmp_path / file).write_text(content)
+    with pytest.raises(BadRows, match=message):
+        load_tasks([TaskConfig.of("t", str(tmp_path / file), **config)])

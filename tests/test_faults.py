@@ -13,8 +13,8 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.training.checkpoint import Checkpoints
-from tests.helpers import cli, of_heads
-from tests.test_checkpoint import assert_same_run, faulty, outputs, train_args
+from tests.helpers import cli, of_heads, train_args
+from tests.test_checkpoint import assert_same_run, faulty, outputs
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_bert, tiny_data):

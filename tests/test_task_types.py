@@ -14,7 +14,7 @@ import pytest
 
 from mtl_jax import load
 from mtl_jax.config import TaskConfig
-from mtl_jax.data.load import BadRows, load_tasks
+from mtl_jax.data.load import load_tasks
 from mtl_jax.data.text import Words
 from mtl_jax.tasks import build
 from mtl_jax.tasks.base import has_label
@@ -171,25 +171,6 @@ def test_readers_parquet_datasets_folder_and_conll(tmp_path):
     (tmp_path / "x.conll").write_text("-DOCSTART- O\n\nJohn B-PER\nruns O\n\nMary B-PER\n")
     data = load_tasks([TaskConfig("n", str(tmp_path / "x.conll"), type="tagging", label_column="tag")] * 1, seed=0)
     assert data.labels["n"] == ("B-PER", "O")
-
-
-@pytest.mark.parametrize(
-    "config,file,content,message",
-    [
-        ({"type": "tagging", "tokens_column": "w", "label_column": "t"}, "a.jsonl",
-         '{"w": ["a", "b"], "t": ["O"]}\n', r"a\.jsonl:1: 2 words but 1 tags"),
-        ({"type": "similarity", "text_columns": ["a", "b"], "label_column": "s"}, "a.csv",
-         "a,b,s\nx,y,1\nx,y,high\n", r"a\.csv:3: score 'high' is not a number"),
-        ({"type": "pair_classification", "text_columns": ["a", "b"], "label_column": "l"}, "a.csv",
-         "a,b,l\nx,y,yes\nx,,no\n", r"a\.csv:3: empty text in column 'b'"),
-        ({"type": "multilabel", "label_column": "l", "labels": ["x", "y"], "text_column": "text"}, "a.jsonl",
-         '{"text": "t", "l": ["x"]}\n{"text": "u", "l": ["z"]}\n', r"a\.jsonl:2: label 'z' not in the labels"),
-    ],
-)  # fmt: skip
-def test_bad_rows_of_each_type_name_file_line_and_reason(tmp_path, config, file, content, message):
-    (tmp_path / file).write_text(content)
-    with pytest.raises(BadRows, match=message):
-        load_tasks([TaskConfig.of("t", str(tmp_path / file), **config)])
 
 
 def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert):

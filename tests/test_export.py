@@ -1,0 +1,120 @@
+"""The export and predict: a trained run's exported model, loaded by mtl_jax, by PyTorch and by
+predict.py, gives the run's own numbers; a damaged export is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mtl_jax import MtlError, load
+from tests.helpers import assert_export_reproduces_test_metrics, cli, torch_vectors
+from tests.test_cli import run
+
+
+def test_export_round_trip_reproduces_test_metrics(reference):
+    predictor = assert_export_reproduces_test_metrics(reference)
+    # the exported encoder is a plain checkpoint directory too
+    emb = predictor.encode(["a sports story"])
+    assert emb.shape == (1, predictor.encoder.dim)
+
+
+def test_export_with_missing_or_altered_file_is_refused(tmp_path, reference):
+    d = tmp_path / "export"
+    shutil.copytree(reference / "export", d)
+    heads = d / "heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    data[-1] ^= 0xFF
+    heads.write_bytes(bytes(data))
+    with pytest.raises(MtlError, match=r"heads\.safetensors: altered or corrupted"):
+        load(d)
+    shutil.copy(reference / "export" / "heads.safetensors", heads)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(MtlError, match=r"tokenizer\.json: missing from the exported model"):
+        load(d)
+    shutil.copy(reference / "export" / "tokenizer.json", d / "tokenizer.json")
+    # shapes are checked against the config even when the checksums were updated to match
+    raw = load_file(str(heads))
+    raw["topic.kernel"] = raw["topic.kernel"][:, :2]
+    save_file(raw, str(heads))
+    meta = json.loads((d / "mtl_jax.json").read_text())
+    import hashlib
+
+    meta["files"]["heads.safetensors"] = hashlib.sha256(heads.read_bytes()).hexdigest()
+    (d / "mtl_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(MtlError, match=r"topic\.kernel has shape \(32, 2\), expected \(32, 3\)"):
+        load(d)
+
+
+def test_predict_cli_input_forms_and_errors(tmp_path, reference):
+    model = str(reference / "export")
+    r = run("predict.py", "--model", model, "a vote in the senate", "great fun")  # the script itself, once
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["a vote in the senate", "great fun"]
+    assert set(rows[0]["topic"]["probs"]) == {"politics", "sports", "tech"}
+    assert rows[0]["topic"]["label"] == max(rows[0]["topic"]["probs"], key=rows[0]["topic"]["probs"].get)
+    probs = load(model).predict_proba(["a vote in the senate", "great fun"])
+    got = np.asarray([[row["topic"]["probs"][c] for c in ("politics", "sports", "tech")] for row in rows])
+    np.testing.assert_allclose(got, probs["topic"], rtol=1e-6)
+    (tmp_path / "s.txt").write_text("a vote in the senate\ngreat fun\n")
+    assert cli("predict", "--model", model, "--input", str(tmp_path / "s.txt")).stdout == r.stdout
+    (tmp_path / "s.csv").write_text('id,body\n1,"a vote in the senate"\n2,great fun\n')
+    r3 = cli("predict", "--model", model, "--input", str(tmp_path / "s.csv"), "--text-column", "body")
+    assert r3.stdout == r.stdout
+    assert cli("predict", "--model", model, stdin="a vote in the senate\ngreat fun\n").stdout == r.stdout
+    r5 = cli("predict", "--model", model, "--format", "table", "great fun")
+    assert r5.returncode == 0 and "topic" in r5.stdout.splitlines()[0] and "great fun" in r5.stdout
+    # bfloat16: the same probabilities to bf16's precision
+    r6 = cli("predict", "--model", model, "--dtype", "bfloat16", "a vote in the senate", "great fun")
+    got16 = [
+        [json.loads(line)["topic"]["probs"][c] for c in ("politics", "sports", "tech")]
+        for line in r6.stdout.splitlines()
+    ]
+    np.testing.assert_allclose(got16, probs["topic"], atol=2e-2)
+    # bad input: status 2, one line naming the file / line / flag, nothing on stdout
+    errors = {
+        "none: no such model directory": ["--model", str(tmp_path / "none"), "x"],
+        "give sentences as arguments or --input, not both": ["--model", model, "x", "--input", str(tmp_path / "s.txt")],
+        f"{tmp_path / 's.csv'}:1: no column 'text' (columns: id, body)": [
+            "--model",
+            model,
+            "--input",
+            str(tmp_path / "s.csv"),
+        ],
+        "missing.txt: file not found": ["--model", model, "--input", str(tmp_path / "missing.txt")],
+        "batch_size must be positive, got 0": ["--model", model, "--batch-size", "0", "x"],
+    }
+    for missing in ("mtl_jax.json", "model.safetensors"):  # an export missing its metadata or its weights
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(model, broken)
+        (broken / missing).unlink()
+        errors[
+            f"{broken / missing}: missing"
+            if missing == "mtl_jax.json"
+            else f"{missing}: missing from the exported model"
+        ] = [
+            "--model",
+            str(broken),
+            "x",
+        ]
+    for message, args in errors.items():
+        r = cli("predict", *args)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and message in r.stderr, (args, r)
+
+
+@pytest.mark.parametrize(
+    "venv",
+    [".peer/venv", ".peer/st6"],  # sentence-transformers 5 + transformers 4.57; 6 + transformers 5 (make peer)
+)
+def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
+    """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included)."""
+    sentences = ["a vote in the senate", "great fun", "", "café naïve — 東京 🙂", " ".join(["word"] * 300)]
+    got = torch_vectors(reference / "export", sentences, venv)
+    assert got["inputs"] == ["attention_mask", "input_ids"]  # DistilBERT takes no token_type_ids
+    want = load(reference / "export").encode(sentences)
+    for side in ("st", "auto"):
+        np.testing.assert_allclose(got[side], want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
