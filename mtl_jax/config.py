@@ -152,6 +152,8 @@ class RunConfig:
     """Steps per training record in metrics.jsonl (and progress-bar update)."""
     eval_batch_size: int = adjustable(128)
     """Examples per evaluation batch."""
+    eval_limit: int = adjustable(0)
+    """Validate during training on at most N examples per task (a seeded sample; 0: all of them); the best model is evaluated on the full splits at the end."""
     out: str = adjustable("runs/default")
     """Run directory: config, metrics, plots, report, checkpoints, export."""
     overwrite: bool = adjustable(False)
@@ -206,6 +208,7 @@ class RunConfig:
             ("--eval-every", self.eval_every, self.eval_every >= 0, "0 or more"),
             ("--patience", self.patience, self.patience >= 0, "0 or more"),
             ("--eval-batch-size", self.eval_batch_size, self.eval_batch_size >= 1, "at least 1"),
+            ("--eval-limit", self.eval_limit, self.eval_limit >= 0, "0 or more"),
             ("--save-every", self.save_every, self.save_every >= 0, "0 or more"),
             ("--keep", self.keep, self.keep >= 1, "at least 1"),
             ("--max-nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "at least 1"),
@@ -325,7 +328,7 @@ SECTIONS = {
     "lora": tuple(f.name for f in dataclasses.fields(LoraConfig)),
     "outputs": (
         "out", "overwrite", "resume", "save_every", "keep", "export", "log_every", "eval_every", "patience",
-        "eval_batch_size", "progress", "grad_diagnostics", "compile_cache",
+        "eval_batch_size", "eval_limit", "progress", "grad_diagnostics", "compile_cache",
     ),
     "parallel": ("fsdp", "coordinator", "num_processes", "process_id"),
 }  # fmt: skip

@@ -25,7 +25,6 @@ WRAPPER = """
 import os, signal, sys, runpy
 sys.path.insert(0, {root!r})
 fault, at = {fault!r}, {at!r}
-import mtl_jax.data.batching as batching
 import mtl_jax.training.checkpoint as ckpt_mod
 calls = {{"batches": 0, "armed": False}}
 if fault == "kill-after-save":
@@ -36,7 +35,8 @@ if fault == "kill-after-save":
             calls["armed"] = True
     ckpt_mod.Checkpoints.save = save
 if fault in ("kill-after-save", "term-at-batch", "int-at-batch"):
-    train_batch = batching.InputPipeline.train_batch
+    import mtl_jax.training.trainer as trainer_mod  # steps counted on the loop's thread, as each is queued
+    accumulate = trainer_mod.accumulate
     def counting(*a, **k):
         calls["batches"] += 1
         if fault == "kill-after-save" and calls["armed"] and calls["batches"] >= at + 3:
@@ -45,8 +45,8 @@ if fault in ("kill-after-save", "term-at-batch", "int-at-batch"):
             os.kill(os.getpid(), signal.SIGTERM)
         if fault == "int-at-batch" and calls["batches"] == at:
             os.kill(os.getpid(), signal.SIGINT)
-        return train_batch(*a, **k)
-    batching.InputPipeline.train_batch = counting
+        return accumulate(*a, **k)
+    trainer_mod.accumulate = counting
 if fault == "kill-during-write":  # orbax commits a checkpoint by renaming its temporary folder
     rename = os.rename
     def dying(src, dst, *a, **k):
@@ -76,16 +76,17 @@ if fault in ("kill-at-event", "count-events"):  # events: checkpoint saves, eval
     export.shutil.rmtree = lambda *a, **k: (shutil.rmtree(*a, **k), counted(lambda: None)())
     if fault == "count-events":
         atexit.register(lambda: print("EVENTS", calls["batches"], file=sys.stderr))
-if fault == "disk-full-at-batch":  # from that batch on no file may grow: writes fail as on a full disk
+if fault == "disk-full-at-batch":  # from that step on no file may grow: writes fail as on a full disk
     import resource
-    train_batch = batching.InputPipeline.train_batch
+    import mtl_jax.training.trainer as trainer_mod
+    accumulate = trainer_mod.accumulate
     def filling(*a, **k):
         calls["batches"] += 1
         if calls["batches"] == at:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-        return train_batch(*a, **k)
-    batching.InputPipeline.train_batch = filling
+        return accumulate(*a, **k)
+    trainer_mod.accumulate = filling
 sys.argv = ["train.py"] + {args!r}
 runpy.run_path({script!r}, run_name="__main__")
 """

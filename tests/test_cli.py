@@ -102,7 +102,7 @@ def test_train_end_to_end_writes_every_output(tmp_path, tiny_bert, tiny_data):
     assert summary["examples_per_s"] > 0 and summary["wall_s"] > 0
     # the wall time split into its parts (compile seconds taken out of the part they happened in)
     seconds = summary["seconds"]
-    assert {"setup", "compile", "train", "evaluation", "checkpoint", "export"} <= set(seconds)
+    assert {"setup", "compile", "train", "input", "evaluation", "checkpoint", "export"} <= set(seconds)
     assert all(v >= 0 for v in seconds.values()) and seconds["compile"] > 0
     assert abs(sum(v for k, v in seconds.items() if k != "wall") - seconds["wall"]) < 0.05
     # packed training batches: at most two step shapes per phase

@@ -36,7 +36,7 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
     import jax.numpy as jnp
 
     from mtl_jax.model.multitask import Heads
-    from mtl_jax.tasks.base import Features
+    from mtl_jax.model.heads import Features
 
     zeros = jnp.zeros((1, 1, 32))
     init = Heads((("topic", 3), ("sentiment", 2))).init(
@@ -268,3 +268,15 @@ def test_a_lora_run_exports_merged_weights_that_give_its_trained_test_loss(tmp_p
     sentences = ["a goal story", "dull mess #3"]
     moved = np.abs(predictor.encode(sentences) - load_encoder(tiny_bert).encode(sentences)).max()
     assert moved > 1e-3  # the merged adapters changed the encoder
+
+
+def test_eval_limit_validates_on_a_sample_per_task_and_tests_the_best_on_the_full_splits(
+    tmp_path, tiny_bert, tiny_data
+):
+    summary, records = _run(tiny_bert, tiny_data, tmp_path / "run", epochs=2, eval_limit=4, eval_every=5)
+    during = [r for r in records if r["split"] == "validation"]
+    assert len(during) >= 3 and all(r[t]["examples"] == 4 for r in during for t in ("topic", "sentiment"))
+    full = {t: summary["validation"][t]["examples"] for t in ("topic", "sentiment")}
+    assert full == {"topic": 9, "sentiment": 8}  # the whole split, for the best model
+    again, records_again = _run(tiny_bert, tiny_data, tmp_path / "again", epochs=2, eval_limit=4, eval_every=5)
+    assert [r.get("mean_macro_f1") for r in records_again] == [r.get("mean_macro_f1") for r in records]  # seeded

@@ -124,6 +124,20 @@ def test_correlations_mcc_and_ranking_against_references():
     assert r["mrr@10"] == pytest.approx(np.mean([1 / (k + 1) for k in ranks]))
 
 
+def test_ranking_in_chunks_equals_the_whole_matrix(monkeypatch):
+    """Queries are ranked a few at a time (memory chunk x n): the figures are the whole matrix's."""
+    from mtl_jax.tasks import metrics
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(300, 8))
+    p = q + 2 * rng.normal(size=(300, 8))
+    p[7] = p[3]  # a tie between two positives
+    q, p = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, p))
+    whole = metrics.ranking_metrics(q, p)
+    monkeypatch.setattr(metrics, "RANK_CHUNK_NUMBERS", 300 * 7)  # 7 queries a chunk, the last one short
+    assert metrics.ranking_metrics(q, p) == whole and 0 < whole["recall@1"] < 1
+
+
 def test_pair_embeddings_through_packed_rows_equal_each_sentence_alone(minilm):
     from mtl_jax.data.batching import Grid, Tokenized, pack_examples
     from mtl_jax.data.text import Segments

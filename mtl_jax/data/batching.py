@@ -109,6 +109,23 @@ class Tokenized:
     def lengths(self) -> np.ndarray:
         return np.fromiter((unit_length(s) for s in self.ids), np.int64, len(self.ids))
 
+    def take(self, idx: np.ndarray) -> Tokenized:
+        """Examples ``idx`` (in that order) as a split of their own."""
+        emb = None if self.embeddings is None else self.embeddings[idx]
+        labels = {k: v[idx] for k, v in self.labels.items()}
+        return Tokenized([self.ids[i] for i in idx], labels, self.source[idx], self.truncated, emb)
+
+    def sample(self, per_task: int, seed: int) -> Tokenized:
+        """At most ``per_task`` labelled examples of each task (a seeded sample, in the split's order)."""
+        rng = np.random.default_rng([seed, 13])
+        chosen = [m if len(m) <= per_task else rng.choice(m, per_task, replace=False) for m in task_members(self)]
+        return self.take(np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64))
+
+    @functools.cached_property
+    def longest(self) -> int:
+        """The most tokens an example has (read at every step: computed once)."""
+        return int(self.lengths.max()) if len(self.ids) else 1
+
     @functools.cached_property
     def widest(self) -> int:
         """The most segments an example has."""
@@ -246,7 +263,7 @@ def single_rows(ids: np.ndarray, mask: np.ndarray, labels: dict) -> TokenBatch:
 def step_length(data: Tokenized, parts: Sequence[np.ndarray]) -> int:
     """The row length of a step holding ``parts``: the shortest of the training row lengths that fits."""
     longest = max(int(data.lengths[p].max()) for p in parts if len(p))
-    return bucket_for(longest, row_lengths(int(data.lengths.max())))
+    return bucket_for(longest, row_lengths(data.longest))
 
 
 def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_multiple: int = 1) -> dict[int, Grid]:

@@ -64,13 +64,22 @@ def correlations(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return {"pearson": pearson, "spearman": spearman, "examples": n}
 
 
+RANK_CHUNK_NUMBERS = 1 << 24  # similarities held at once while ranking (128 MiB of float64)
+
+
 def ranking_metrics(queries: np.ndarray, positives: np.ndarray) -> dict:
     """Each query ranked against every positive (unit vectors ``[n, D]``; query i's own is positive i):
-    MRR@10, recall@1 and recall@10. A tie with the own positive counts against it."""
-    sims = np.asarray(queries, np.float64) @ np.asarray(positives, np.float64).T
-    own = np.diag(sims)
-    rank = (sims >= own[:, None]).sum(axis=1) - 1  # others scoring at least as high
-    n = len(own)
+    MRR@10, recall@1 and recall@10. A tie with the own positive counts against it.
+
+    Queries are ranked a chunk at a time, so memory is ``chunk x n`` similarities, never ``n x n``."""
+    queries, positives = np.asarray(queries, np.float64), np.asarray(positives, np.float64)
+    n = len(queries)
+    chunk = max(1, RANK_CHUNK_NUMBERS // max(n, 1))
+    rank = np.zeros(n, np.int64)  # others scoring at least as high as the own positive
+    for start in range(0, n, chunk):
+        sims = queries[start : start + chunk] @ positives.T  # [chunk, n]
+        own = sims[np.arange(len(sims)), np.arange(start, start + len(sims))]
+        rank[start : start + len(sims)] = (sims >= own[:, None]).sum(axis=1) - 1
     mean = (lambda x: float(np.mean(x))) if n else (lambda x: 0.0)
     return {
         "mrr@10": mean(np.where(rank < 10, 1.0 / (rank + 1), 0.0)),

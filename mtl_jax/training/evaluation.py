@@ -38,13 +38,16 @@ def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Token
     return out if out is not None else np.zeros((0, data.widest, 0), np.float32)
 
 
-def evaluate(eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task]) -> dict:
+def evaluate(
+    eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task], bar=None
+) -> dict:
     """Each task's metrics (:meth:`Task.metrics`) and mean loss over every labelled example of ``data``
-    exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run)."""
+    exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run).
+    ``bar``: a progress bar the examples are counted on as their batches are queued."""
     preds: dict[str, np.ndarray] = {}
     loss_sums = {t.name: 0.0 for t in tasks}
     counts = {t.name: 0 for t in tasks}
-    for call, result in _over_examples(eval_step, params, pipeline, data):
+    for call, result in _over_examples(eval_step, params, pipeline, data, bar):
         p, losses = to_host(result)
         for t in tasks:
             gather(preds, t.name, call, np.asarray(p[t.name]), data.lengths, t.token_level)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig, resume_fixed
-from mtl_jax.data.batching import InputPipeline, tokenize
+from mtl_jax.data.batching import InputPipeline, Tokenized, tokenize
 from mtl_jax.data.load import SPLITS, TaskData, load_tasks
 from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
@@ -115,6 +115,12 @@ class Run:
     @property
     def names(self) -> tuple[str, ...]:
         return self.data.names
+
+    @functools.cached_property
+    def validation(self) -> Tokenized:
+        """The validation examples evaluated during training (``--eval-limit``: a sample per task)."""
+        full = self.pipeline.splits["validation"]
+        return full.sample(self.cfg.eval_limit, self.cfg.seed) if self.cfg.eval_limit else full
 
     @property
     def epochs(self) -> int:
@@ -231,6 +237,8 @@ def write_run_start(run: Run) -> None:
         d = pipeline.splits[s]
         per_task = {t: int(has_label(d.labels[t]).sum()) for t in run.names}
         log(f"{s}: {len(d)} examples {per_task}, {d.truncated} truncated at {pipeline.max_length} tokens")
+    if cfg.eval_limit:
+        log(f"validation during training: {len(run.validation)} examples (--eval-limit {cfg.eval_limit} per task)")
     log(
         f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "
         f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps"

@@ -10,6 +10,7 @@ for what happens every N steps and writers (:mod:`mtl_jax.outputs.writers`) for 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,6 +35,7 @@ from mtl_jax.training.freezing import group_sizes, phase_at, phase_end
 from mtl_jax.training.hooks import Best, Hook, SignalStop, StepRecord
 from mtl_jax.training.optim import carry_opt_state, count_numbers
 from mtl_jax.training.parallel import is_primary, place_state, replicate, to_host
+from mtl_jax.training.prefetch import BatchAhead
 from mtl_jax.training.run import Run, log, setup, write_run_start
 from mtl_jax.training.steps import (
     TrainState,
@@ -95,6 +97,7 @@ class Trainer:
     cache_phase: int | None = None
     best_params: Any = None  # host copy of the best evaluation's params, when trained in this process
     signals: SignalStop = field(default_factory=SignalStop)
+    ahead: BatchAhead = field(default_factory=BatchAhead)  # the next step's batch, built while a step runs
     step: int = 0  # steps taken: state.step, counted on the host (reading the device's would wait for it)
     saved_step: int = -1  # the step of the newest checkpoint written by this process
     t_log: float = 0.0  # when the examples since the last training record started
@@ -234,16 +237,9 @@ class Trainer:
             return None
         if phase_end(run.starts, step, run.total_steps) - step < run.steps_per_epoch:
             return None  # each example would be seen at most once: encoding them all first saves nothing
-        todo = {s: run.pipeline.splits[s] for s in ("train", "validation")}
+        todo = {"train": run.pipeline.splits["train"], "validation": run.validation}
         t0 = time.perf_counter()
-        with tqdm(
-            total=sum(len(d) for d in todo.values()),
-            disable=not run.cfg.progress,
-            unit="ex",
-            desc="caching embeddings",
-            leave=False,
-            file=sys.stderr,
-        ) as bar:
+        with self.examples_bar(sum(len(d) for d in todo.values()), "caching embeddings") as bar:
             out = {
                 s: dataclasses.replace(
                     d, embeddings=embed_all(self.embed_step, self.state.params, run.pipeline, d, bar)
@@ -299,9 +295,12 @@ class Trainer:
                 break
             step = self.step
             self.enter(step)
-            batch = run.pipeline.train_batch(plan[b], self.cache["train"] if self.cache else None)
+            with self.clock.part("input"):  # (the host's wait for the batch: none when built ahead in time)
+                batch = self.ahead.get((epoch, b, self.cache_phase), self.batch_builder(plan, b))
             self.run_hooks(True, step, epoch)
             self.state, m = self.train_step(self.state, batch, run.rng)
+            if b + 1 < len(plan) and step + 1 < run.total_steps:
+                self.ahead.ahead((epoch, b + 1, self.cache_phase), self.batch_builder(plan, b + 1))
             self.totals = accumulate(self.totals, m)
             self.check_nonfinite(last)  # one step behind: the host does not wait for the step just queued
             last, self.step = m, step + 1
@@ -310,8 +309,15 @@ class Trainer:
             end_of_epoch = b == len(plan) - 1 or step + 1 == run.total_steps
             self.run_hooks(False, step + 1, epoch, m, end_of_epoch)
             if loop.stopped_early:
-                return
-        self.check_nonfinite(last)
+                break
+        self.ahead.drop()
+        if not loop.stopped_early:
+            self.check_nonfinite(last)
+
+    def batch_builder(self, plan: list, b: int) -> Callable:
+        """Builds batch ``b`` of ``plan`` from the data in force (cached embeddings or tokens)."""
+        cache = self.cache["train"] if self.cache else None
+        return lambda: self.run.pipeline.train_batch(plan[b], cache)
 
     def enter(self, step: int) -> None:
         """The freezing phase of ``step`` in force, and its cached embeddings (when it caches them)."""
@@ -341,9 +347,9 @@ class Trainer:
         """The validation metrics (a record and a log line); their mean primary score. ``epoch_s``: the
         epoch's seconds, at the end of an epoch."""
         run = self.run
-        val = self.cache["validation"] if self.cache else run.pipeline.splits["validation"]
-        with self.clock.part("evaluation"):
-            results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.tasks)
+        val = self.cache["validation"] if self.cache else run.validation
+        with self.clock.part("evaluation"), self.examples_bar(len(val), "validation") as bar:
+            results = evaluate(self.eval_step, self.state.params, run.pipeline, val, run.data.tasks, bar)
         rec = eval_record(results, self.step, epoch, "validation", run.data.tasks)
         if epoch_s is not None:
             rec["epoch_s"] = round(epoch_s, 3)
@@ -377,7 +383,7 @@ class Trainer:
         """Every remaining epoch: its steps, its validation, the best model, the next epoch, a checkpoint.
         SIGINT / SIGTERM save a checkpoint and stop with 130 / 143."""
         run, loop = self.run, self.loop
-        with self.signals, self.progress_bar() as bar:
+        with self.signals, self.progress_bar() as bar, contextlib.closing(self.ahead):
             for epoch in range(loop.epoch, run.epochs):
                 if self.step >= run.total_steps or loop.stopped_early:  # resuming a run that already finished
                     break
@@ -408,6 +414,13 @@ class Trainer:
         )
         self.writers.append(ProgressWriter(bar, run.names))
         return bar
+
+    def examples_bar(self, total: int, desc: str) -> tqdm:
+        """A bar over a split's examples (examples per second, time left), gone when done."""
+        show = self.run.cfg.progress and is_primary()
+        return tqdm(
+            total=total, desc=desc, unit="ex", leave=False, disable=not show, file=sys.stderr, dynamic_ncols=True
+        )
 
     def stop_on_signal(self) -> None:
         """After SIGINT / SIGTERM: a checkpoint of this step, then stop (exit status 128 + the signal)."""
@@ -447,7 +460,8 @@ class Trainer:
             }
             for split in ("validation", "test"):
                 data = run.pipeline.splits[split]
-                summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.tasks)
+                with self.examples_bar(len(data), f"{split} (best)") as bar:
+                    summary[split] = evaluate(self.eval_step, best, run.pipeline, data, run.data.tasks, bar)
         self.emit(eval_record(summary["test"], self.step, loop.best.epoch, "test", run.data.tasks))
         self.close_writers()
         summary |= {
