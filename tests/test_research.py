@@ -35,8 +35,8 @@ def test_cached_embeddings_train_the_same_heads_as_the_full_forward(tmp_path, ti
     import jax
     import jax.numpy as jnp
 
-    from mtl_jax.model.multitask import Heads
     from mtl_jax.model.heads import Features
+    from mtl_jax.model.multitask import Heads
 
     zeros = jnp.zeros((1, 1, 32))
     init = Heads((("topic", 3), ("sentiment", 2))).init(
