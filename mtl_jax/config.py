@@ -170,6 +170,8 @@ class RunConfig:
     """Write the best model to <out>/export (sentence-transformers layout + heads)."""
     skip_bad_rows: bool = fixed(False)
     """Drop bad data rows (reported per reason) instead of stopping."""
+    data_cache: str = adjustable("auto")
+    """Folder of prepared (tokenized, memory-mapped) data, reused by the next run of the same data and settings and by --resume: auto ($MTL_JAX_DATA_CACHE, else ~/.cache/mtl_jax/data), a folder, or off."""
     progress: bool = adjustable(True)
     """Show a progress bar."""
     fsdp: bool = adjustable(False)
@@ -321,7 +323,7 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
 # A config file may group options by concern: a section's keys are the options' names, or their
 # names without the section's prefix (``lora: {rank: 16}`` is ``lora_rank: 16``). Flat keys load too.
 SECTIONS = {
-    "data": ("sampling", "temperature", "split_seed", "skip_bad_rows", "max_length", "cache_embeddings"),
+    "data": ("sampling", "temperature", "split_seed", "skip_bad_rows", "max_length", "cache_embeddings", "data_cache"),
     "model": ("encoder", "pooling", "head_dropout", "dtype", "attention"),
     "training": ("freeze", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_nonfinite"),
     "optimizer": ("lr", "head_lr", "lora_lr", "warmup", "decay", "weight_decay", "clip_norm", "layer_decay"),

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # JAX is imported): each tiny model's steps compile once, not once per process.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Prepared data (tokenized, memory-mapped) of the tests' runs goes here, not to the user's cache.
+os.environ.setdefault("MTL_JAX_DATA_CACHE", str(ROOT / ".pytest_cache" / "data"))
 # Every test runs on the CPU whatever jax build is installed (a GPU build would run in-process tests
 # on the GPU and compare them with subprocess runs): set before JAX is imported, inherited by every
 # process the tests start.

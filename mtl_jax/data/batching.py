@@ -29,6 +29,7 @@ from mtl_jax.data.load import Examples
 from mtl_jax.data.packing import (
     MAX_SEGMENTS,
     PackedCall,
+    StoredUnits,
     bucket_for,
     fill_rows,
     pack_rows,
@@ -96,7 +97,7 @@ Batch = TokenBatch | EmbeddingBatch
 
 @dataclass
 class Tokenized:
-    ids: list  # per example: token ids (an array, or a tuple of arrays: its segments)
+    ids: list | StoredUnits  # per example: token ids (an array, or a tuple of arrays: its segments)
     labels: dict[str, np.ndarray]  # task -> [N, ...]; a token-level task: [N] object, ids per token (-1: none)
     source: np.ndarray  # [N]
     truncated: int
@@ -107,6 +108,8 @@ class Tokenized:
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
+        if isinstance(self.ids, StoredUnits):
+            return self.ids.lengths
         return np.fromiter((unit_length(s) for s in self.ids), np.int64, len(self.ids))
 
     def take(self, idx: np.ndarray) -> Tokenized:
@@ -129,6 +132,8 @@ class Tokenized:
     @functools.cached_property
     def widest(self) -> int:
         """The most segments an example has."""
+        if isinstance(self.ids, StoredUnits):
+            return self.ids.widest
         return max((len(unit_segments(s)) for s in self.ids), default=1)
 
 

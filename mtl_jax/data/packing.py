@@ -55,6 +55,57 @@ class PackedCall:
         return slot // MAX_SEGMENTS, int(self.offset[slot])
 
 
+class StoredUnits:
+    """Every example's token ids (packing units) as views of flat arrays: the ids ``[T]`` (any integer
+    dtype, e.g. uint16 memory-mapped from a store), each segment's start ``[S + 1]``, each example's
+    first segment ``[N + 1]`` and whether it is a tuple of segments ``[N]``. ``units[i]`` is what a
+    list of units would hold (int32)."""
+
+    def __init__(self, ids: np.ndarray, segment_starts: np.ndarray, example_starts: np.ndarray, is_tuple: np.ndarray):
+        self.ids, self.segment_starts, self.example_starts, self.is_tuple = (
+            ids,
+            segment_starts,
+            example_starts,
+            is_tuple,
+        )
+
+    def __len__(self) -> int:
+        return len(self.is_tuple)
+
+    def __getitem__(self, i: int):
+        first, last = int(self.example_starts[i]), int(self.example_starts[i + 1])
+        segments = tuple(
+            np.asarray(self.ids[self.segment_starts[s] : self.segment_starts[s + 1]], np.int32)
+            for s in range(first, last)
+        )
+        return segments if self.is_tuple[i] else segments[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``[N]`` int64: each example's tokens (all its segments), without reading the ids."""
+        starts = self.segment_starts[self.example_starts]
+        return (starts[1:] - starts[:-1]).astype(np.int64)
+
+    @property
+    def widest(self) -> int:
+        return int(np.diff(self.example_starts).max()) if len(self) else 1
+
+    @classmethod
+    def of(cls, units: list, dtype=np.int32) -> StoredUnits:
+        """Units (arrays, or tuples of arrays) as flat arrays of ``dtype``."""
+        segments = [unit_segments(u) for u in units]
+        flat = [seg for segs in segments for seg in segs]
+        seg_starts = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum([len(seg) for seg in flat], out=seg_starts[1:])
+        ex_starts = np.zeros(len(units) + 1, np.int64)
+        np.cumsum([len(segs) for segs in segments], out=ex_starts[1:])
+        ids = np.concatenate(flat).astype(dtype) if flat else np.zeros(0, dtype)
+        return cls(ids, seg_starts, ex_starts, np.array([isinstance(u, tuple) for u in units], bool))
+
+
 def unit_segments(unit) -> tuple[np.ndarray, ...]:
     """The segments of one packing unit: an example's token ids (an array, or a tuple of arrays
     that must share a row, e.g. the two sentences of a pair)."""

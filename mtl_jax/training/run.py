@@ -19,8 +19,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig, resume_fixed
-from mtl_jax.data.batching import InputPipeline, Tokenized, tokenize
-from mtl_jax.data.load import SPLITS, TaskData, load_tasks
+from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.data.load import SPLITS
+from mtl_jax.data.store import DataKey, Prepared, changed_files, data_key, prepare
 from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model.lora import LoRA, with_lora
@@ -79,6 +80,16 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
         raise MtlError(f"{saved_path}: --resume with a different {', '.join(changed)}; use the original options")
 
 
+def check_same_data(out: Path, key: DataKey) -> None:
+    """A resumed run reads the data it started with (the same files, unchanged)."""
+    saved = json.loads((out / "config.json").read_text())
+    if saved.get("data_fingerprint", key.fingerprint) == key.fingerprint:
+        return
+    changed = changed_files(saved.get("data_files", {}), key.files)
+    what = f"{', '.join(changed)} changed" if changed else "the data's settings changed"
+    raise MtlError(f"{out}: --resume: {what} since the run started; resume with the data it started with")
+
+
 def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
@@ -98,7 +109,7 @@ class Run:
 
     cfg: TrainConfig
     out: Path
-    data: TaskData
+    data: Prepared
     encoder: SentenceEncoder
     model: MultiTaskModel
     pipeline: InputPipeline
@@ -135,7 +146,7 @@ class Run:
         return encoder_frozen(self.frozen_by_phase[phase], set(jax.tree.leaves(param_groups(self.params))))
 
 
-def build_model(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, phases: list[Phase]) -> MultiTaskModel:
+def build_model(cfg: TrainConfig, data: Prepared, encoder: SentenceEncoder, phases: list[Phase]) -> MultiTaskModel:
     """The encoder (with LoRA adapters when a phase trains them) and one head per task."""
     lora = LoRA.from_config(cfg.lora_config()) if any(p.spec.strip() == "lora" for p in phases) else None
     return MultiTaskModel(
@@ -149,7 +160,7 @@ def build_model(cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, phas
 
 
 def build_pipeline(
-    cfg: TrainConfig, data: TaskData, encoder: SentenceEncoder, task_stacked: bool, mesh: Mesh
+    cfg: TrainConfig, data: Prepared, encoder: SentenceEncoder, task_stacked: bool, mesh: Mesh
 ) -> InputPipeline:
     """The tokenized splits and the batching of the run, split over the devices' mesh."""
     check_batch_size(cfg.batch_size, mesh)
@@ -159,11 +170,10 @@ def build_pipeline(
         check_batch_size(per_step, mesh, f"--batch-size / {len(data.tasks)} tasks")
     for task in data.tasks:
         task.check_batch(per_step)
-    max_length = min(cfg.max_length, encoder.spec.max_length)
     return InputPipeline(
-        {s: tokenize(data.splits[s], encoder.tokenizer, max_length) for s in SPLITS},
+        data.splits,
         encoder.tokenizer.pad_id,
-        max_length,
+        min(cfg.max_length, encoder.spec.max_length),
         cfg.batch_size,
         cfg.eval_batch_size,
         cfg.seed,
@@ -186,8 +196,12 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.check()
     tasks = cfg.selected_tasks()
     phases = parse_phases(cfg.freeze)
-    data = load_tasks(tasks, seed=cfg.resolved_split_seed(), skip_bad_rows=cfg.skip_bad_rows)
     encoder = load_encoder(cfg.encoder)
+    max_length = min(cfg.max_length, encoder.spec.max_length)
+    key = data_key(tasks, encoder.tokenizer, max_length, cfg.resolved_split_seed(), cfg.skip_bad_rows)
+    if cfg.resume:
+        check_same_data(out, key)
+    data = prepare(tasks, encoder.tokenizer, key, cfg.data_cache, log)
     model = build_model(cfg, data, encoder, phases)
     weighting = cfg.method(tuple(t.weight for t in tasks))
     mesh = make_mesh()
@@ -229,6 +243,7 @@ def write_run_start(run: Run) -> None:
     if not cfg.resume and is_primary():
         _prepare_out_dir(run.out)
         resolved = {"labels": run.data.labels, "resolved_max_length": pipeline.max_length}
+        resolved |= {"data_fingerprint": run.data.fingerprint, "data_files": run.data.files}
         with writing(run.out / "config.json"):
             (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
     for note in run.data.notes:
