@@ -126,13 +126,13 @@ def test_prepare_ahead_then_train_and_resume_read_no_file_and_changed_data_is_re
     r = cli("prepare", *base)
     assert r.returncode == 0, r.stderr
     folder = r.stdout.split(":")[0]
-    assert os.path.isdir(folder) and "train 136, validation 17, test 17 examples" in r.stdout
+    assert os.path.isdir(folder) and "train 136, validation 17, test 17 examples (prepared now)" in r.stdout
     out = tmp_path / "run"
     r = cli("train", *base, "--out", str(out), "--max-steps", "4", "--save-every", "2")
-    assert r.returncode == 0 and "prepared" not in r.stderr, r.stderr  # read from the store
+    assert r.returncode == 0 and f"data: {folder} (reused)" in r.stderr, r.stderr  # read from the store
     assert json.loads((out / "config.json").read_text())["data_fingerprint"] == os.path.basename(folder)
     r = cli("train", *base, "--out", str(out), "--max-steps", "6", "--resume")
-    assert r.returncode == 0 and "prepared" not in r.stderr, r.stderr
+    assert r.returncode == 0 and f"data: {folder} (reused)" in r.stderr, r.stderr
     with open(data / "topic.csv", "a") as f:
         f.write('"a vote story, number 999",politics\n')
     r = cli("train", *base, "--out", str(out), "--max-steps", "8", "--resume")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in data.notes:
         print(note, file=sys.stderr)
     counts = ", ".join(f"{s} {len(d)}" for s, d in data.splits.items())
-    print(f"{data.folder}: {counts} examples")
+    print(f"{data.folder}: {counts} examples ({'reused' if data.reused else 'prepared now'})")
     return 0
 
 

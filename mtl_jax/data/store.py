@@ -45,6 +45,7 @@ class Prepared:
     fingerprint: str
     files: dict[str, list[int]]
     folder: Path | None = None  # the store (None: --data-cache off)
+    reused: bool = False  # read from a store an earlier run prepared
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -130,7 +131,7 @@ def prepare(
     store = None if folder is None else folder / fp
     if store is not None and store.exists():
         try:
-            return open_store(store, tasks)
+            return dataclasses.replace(open_store(store, tasks), reused=True)
         except DamagedStore as e:
             log(f"{store}: damaged ({e}); removed, preparing it again")
             shutil.rmtree(store, ignore_errors=True)
@@ -140,7 +141,6 @@ def prepare(
     if store is None:
         return prepared
     write_store(store, prepared, vocab_size=tokenizer.backend.get_vocab_size())
-    log(f"prepared {store}")
     return open_store(store, tasks)
 
 

@@ -246,6 +246,8 @@ def write_run_start(run: Run) -> None:
         resolved |= {"data_fingerprint": run.data.fingerprint, "data_files": run.data.files}
         with writing(run.out / "config.json"):
             (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
+    if run.data.folder is not None:
+        log(f"data: {run.data.folder} ({'reused' if run.data.reused else 'prepared now'})")
     for note in run.data.notes:
         log(note)
     for s in SPLITS:
