@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Data at GLUE's scale: a folder in GLUE's own layout and row counts (949,733 training rows over
+nine tasks; texts drawn from the embedded corpora, random labels), then ``configs/glue.yaml`` on
+it, each measurement in a fresh process: the time before the first step (setup, the plans and the
+first batch; compile aside) and the peak resident memory, with an empty data cache (cold) and with
+the store the cold run prepared (warm); and the floor: reading the same files with the csv module
+plus ``encode_batch`` of every text. One JSON line per figure, then one with the ratios.
+
+    python benchmarks/data_scale.py --folder /tmp/glue_scale            # writes glue_data/ once, then measures
+    python benchmarks/data_scale.py --folder /tmp/glue_scale --scale 0.1 # a tenth of GLUE's rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# GLUE's rows per task: (train, dev) and MNLI's second dev set
+ROWS = {"CoLA": (8551, 1043), "SST-2": (67349, 872), "MRPC": (3668, 408), "STS-B": (5749, 1500),
+        "QQP": (363846, 40430), "MNLI": (392702, 9815), "QNLI": (104743, 5463), "RTE": (2490, 277),
+        "WNLI": (635, 71)}  # fmt: skip
+
+
+def write_glue_like(folder: Path, scale: float, seed: int = 0) -> Path:
+    """``folder/glue_data`` with GLUE's file names, headers and row counts (times ``scale``)."""
+    import numpy as np
+
+    from mtl_jax.data.load import load_tasks
+    from mtl_jax.tasks import TaskConfig
+    from tests.typed_data import GLUE_HEADERS
+
+    g = folder / "glue_data"
+    if (g / "done").exists():
+        return g
+    rt = TaskConfig("rt", "embedded:rotten_tomatoes_corpus_full.csv.bz2", label_column="category")
+    texts = load_tasks([rt], skip_bad_rows=True)
+    pool = [t.replace("\t", " ").replace("\n", " ") for t in texts.splits["train"].texts]
+    rng = np.random.default_rng(seed)
+    s = lambda: pool[rng.integers(len(pool))]  # noqa: E731
+    nli = ["entailment", "contradiction", "neutral"]
+    row = {
+        "CoLA": lambda i: ["gj04", i % 2, "", s()],
+        "SST-2": lambda i: [s(), i % 2],
+        "MRPC": lambda i: [i % 2, i, i + 1, s(), s()],
+        "STS-B": lambda i: [i, "main", "f", "2012", i, "s", "s", s(), s(), round(5 * rng.random(), 2)],
+        "QQP": lambda i: [i, 2 * i, 2 * i + 1, s(), s(), i % 2],
+        "MNLI": lambda i: [i, i, i, "fiction", "(", "(", "(", "(", s(), s(), nli[i % 3], nli[i % 3]],
+        "QNLI": lambda i: [i, s(), s(), ["entailment", "not_entailment"][i % 2]],
+        "RTE": lambda i: [i, s(), s(), ["entailment", "not_entailment"][i % 2]],
+        "WNLI": lambda i: [i, s(), s(), i % 2],
+    }
+    for task, (n_train, n_dev) in ROWS.items():
+        dev_names = ["dev_matched", "dev_mismatched"] if task == "MNLI" else ["dev"]
+        for name, n in [("train", n_train)] + [(d, n_dev) for d in dev_names]:
+            path = g / task / f"{name}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                if task in GLUE_HEADERS:
+                    f.write("\t".join(GLUE_HEADERS[task]) + "\n")
+                for i in range(max(1, round(n * scale))):
+                    f.write("\t".join(str(x) for x in row[task](i)) + "\n")
+    (g / "done").write_text("")
+    return g
+
+
+def to_first_step(folder: Path, cache: Path) -> dict:
+    """In this process: setup, the epoch plan and the first training batch of configs/glue.yaml."""
+    from mtl_jax.config import TrainConfig, load_config_file
+    from mtl_jax.training.hostmem import reuse_host_memory
+    from mtl_jax.training.run import setup
+
+    reuse_host_memory()
+    os.chdir(folder)
+    values = load_config_file(ROOT / "configs" / "glue.yaml")
+    t0 = time.perf_counter()
+    cfg = TrainConfig(
+        **values, out=str(folder / "run"), overwrite=True, max_steps=3, data_cache=str(cache), progress=False
+    )
+    run = setup(cfg)
+    run.pipeline.train_batch(run.pipeline.plan(0)[0])
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2), "reused": run.data.reused}
+
+
+def floor(folder: Path) -> dict:
+    """Reading every file with the csv module and encode_batch of every text (the same tokenizer)."""
+    from mtl_jax.inference import load_encoder
+
+    tok = load_encoder("sentence-transformers/all-MiniLM-L6-v2").tokenizer.backend
+    tok.enable_truncation(128)
+    t0 = time.perf_counter()
+    n = 0
+    csv.field_size_limit(1 << 30)
+    for path in sorted((folder / "glue_data").rglob("*.tsv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        texts = [r[-2] if len(r) > 1 else r[0] for r in rows] + [r[-3] for r in rows if len(r) > 3]
+        for start in range(0, len(texts), 10_000):
+            tok.encode_batch(texts[start : start + 10_000])
+        n += len(rows)
+    return {"seconds": round(time.perf_counter() - t0, 1), "rows": n, "peak_rss_gb": round(peak_rss_gb(), 2)}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def in_fresh_process(what: str, folder: Path, cache: Path) -> dict:
+    """``what`` measured by this script in a new process (its own peak memory, nothing imported before)."""
+    cmd = [sys.executable, __file__, "--folder", str(folder), "--measure", what, "--cache", str(cache)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default="/tmp/glue_scale")
+    p.add_argument("--scale", type=float, default=1.0, help="a fraction of GLUE's rows")
+    p.add_argument("--measure", choices=["floor", "to_first_step"], help=argparse.SUPPRESS)  # (the child process)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    folder = Path(args.folder)
+    if args.measure:
+        print(json.dumps(floor(folder) if args.measure == "floor" else to_first_step(folder, Path(args.cache))))
+        return
+    write_glue_like(folder, args.scale)
+    cache = folder / "cache"
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    out = {"floor": in_fresh_process("floor", folder, cache)}
+    out["cold"] = in_fresh_process("to_first_step", folder, cache)
+    out["warm"] = in_fresh_process("to_first_step", folder, cache)
+    for name, figure in out.items():
+        print(json.dumps({"benchmark": "data_scale", "scale": args.scale, "figure": name} | figure))
+    ratios = {"cold_vs_floor": round(out["cold"]["seconds"] / out["floor"]["seconds"], 2)}
+    ratios["warm_s"] = out["warm"]["seconds"]
+    print(json.dumps({"benchmark": "data_scale", "scale": args.scale} | ratios))
+
+
+if __name__ == "__main__":
+    main()
