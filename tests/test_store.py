@@ -145,3 +145,23 @@ def test_data_cache_off_prepares_nothing(tmp_path, tiny_bert, tiny_data):
     tasks = [TaskConfig.of("t", str(tiny_data / "topic.csv"))]
     key = store.data_key(tasks, load_encoder(str(tiny_bert)).tokenizer, 64, 0, False)
     assert store.prepare(tasks, load_encoder(str(tiny_bert)).tokenizer, key, "off").folder is None
+
+
+def test_tokenizing_in_chunks_gives_the_ids_of_one_call(minilm, monkeypatch):
+    from mtl_jax.data import text
+    from mtl_jax.data.text import Joined, Segments, Words
+
+    examples = [f"sentence {i} " + "word " * (i % 40) for i in range(50)]
+    examples += [Segments((f"a {i}", f"b {i} " * (i % 9))) for i in range(20)]
+    examples += [Joined((f"q {i}", "p " * 90)) for i in range(20)]
+    examples += [Words(("Carol", "went", "to", f"Oslo{i}") * (1 + i % 30)) for i in range(20)]
+    whole = minilm.tokenizer.encode_examples(examples, 64)
+    monkeypatch.setattr(text, "ENCODE_CHUNK", 7)
+    chunked = minilm.tokenizer.encode_examples(examples, 64)
+    np.testing.assert_array_equal(whole.truncated, chunked.truncated)
+    assert whole.truncated.any()
+    for a, b in zip(whole.ids, chunked.ids, strict=True):
+        for p, q in zip(unit_segments(a), unit_segments(b), strict=True):
+            np.testing.assert_array_equal(p, q)
+    for a, b in zip(whole.word_starts, chunked.word_starts, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)

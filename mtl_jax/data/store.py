@@ -136,8 +136,11 @@ def prepare(
             log(f"{store}: damaged ({e}); removed, preparing it again")
             shutil.rmtree(store, ignore_errors=True)
     data = load_tasks(tasks, seed=key.split_seed, skip_bad_rows=key.skip_bad_rows)
-    splits = {s: tokenize(data.splits[s], tokenizer, max_length) for s in SPLITS}
+    splits = {}
+    for s in SPLITS:  # each split's texts let go once tokenized
+        splits[s] = tokenize(data.splits.pop(s), tokenizer, max_length)
     prepared = Prepared(data.tasks, splits, data.notes, fp, files)
+    del data
     if store is None:
         return prepared
     write_store(store, prepared, vocab_size=tokenizer.backend.get_vocab_size())

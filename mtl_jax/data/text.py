@@ -29,6 +29,9 @@ def check_texts(sentences, what: str = "sentences") -> list[str]:
     return out
 
 
+ENCODE_CHUNK = 8192  # texts per encode_batch call
+
+
 class Segments(tuple):
     """Texts of one example that are encoded separately (each gets its own embedding)."""
 
@@ -71,10 +74,11 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Token ids per text (special tokens included, at most ``max_length``) and a truncated flag."""
-        encodings = self._encode(list(texts), str, max_length)
-        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
-        return ids, truncated
+        ids, truncated = [], []
+        for encodings in self._encode_chunks(list(texts), str, max_length):
+            ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+            truncated += [bool(e.overflowing) for e in encodings]
+        return ids, np.array(truncated, dtype=bool)
 
     def encode_examples(self, texts: Sequence, max_length: int) -> Encoded:
         """Every example's token ids, each kind of text (see the module) tokenized as it needs;
@@ -93,15 +97,23 @@ class TextTokenizer:
                     ids[i] = tuple(p[0][k] for p in parts)
                     truncated[i] = any(p[1][k] for p in parts)
                 continue
-            encodings = self._encode([texts[i] for i in members], kind, max_length)
-            for k, i in enumerate(members):
-                e = encodings[k]
-                ids[i] = np.asarray(e.ids, dtype=np.int32)
-                truncated[i] = bool(e.overflowing)
-                if kind is Words:
-                    starts[i], cut = word_starts(e.word_ids, len(texts[i]))
-                    truncated[i] |= cut
+            done = 0
+            for encodings in self._encode_chunks([texts[i] for i in members], kind, max_length):
+                for k, e in enumerate(encodings, start=done):
+                    i = members[k]
+                    ids[i] = np.asarray(e.ids, dtype=np.int32)
+                    truncated[i] = bool(e.overflowing)
+                    if kind is Words:
+                        starts[i], cut = word_starts(e.word_ids, len(texts[i]))
+                        truncated[i] |= cut
+                done += len(encodings)
         return Encoded(ids, starts, truncated)
+
+    def _encode_chunks(self, texts: list, kind: type, max_length: int):
+        """:meth:`_encode` a chunk at a time: the tokenizer's Encoding objects (tokens, offsets, masks:
+        several times the ids' memory) live for one chunk, not for every text of a large split."""
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            yield self._encode(texts[start : start + ENCODE_CHUNK], kind, max_length)
 
     def _encode(self, texts: list, kind: type, max_length: int):
         clean = (lambda t: t.strip().lower()) if self.lowercase else str.strip
