@@ -16,6 +16,7 @@ pack into the same row lengths.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -141,26 +142,31 @@ def pack_rows(
     opens a row of the smallest allowed length that holds it. A row closes when it cannot
     take another ``widest`` segments (the most segments a unit has) within ``max_segments``.
     """
-    longest = lengths_allowed[-1]
-    open_at = np.zeros(longest + 1, np.int64)  # open rows by free space
-    rows_at: list[list[int]] = [[] for _ in range(longest + 1)]
+    free_sizes: list[int] = []  # the free spaces some open row has, ascending
+    rows_at: dict[int, list[int]] = {}  # open rows by free space
     rows: list[tuple[int, list[int]]] = []
-    for i in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable"):
-        n = int(lengths[i])
-        fits = np.flatnonzero(open_at[n:])
-        if fits.size:
-            free = n + int(fits[0])
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sizes = lengths.tolist()
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = sizes[i]
+        k = bisect.bisect_left(free_sizes, n)  # the tightest open row that fits
+        if k < len(free_sizes):
+            free = free_sizes[k]
             r = rows_at[free].pop()
-            open_at[free] -= 1
+            if not rows_at[free]:
+                del free_sizes[k], rows_at[free]
         else:
             r = len(rows)
             free = bucket_for(n, lengths_allowed)
             rows.append((free, []))
         members = rows[r][1]
-        members.append(int(i))
+        members.append(i)
         if (len(members) + 1) * widest <= max_segments:  # room for one more unit of any width
-            rows_at[free - n].append(r)
-            open_at[free - n] += 1
+            left = free - n
+            if left not in rows_at:
+                bisect.insort(free_sizes, left)
+                rows_at[left] = []
+            rows_at[left].append(r)
     return rows
 
 

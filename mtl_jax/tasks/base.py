@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -281,11 +282,14 @@ class BadText(str):
     """Why a row has no usable text (a reason, not a text)."""
 
 
+UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, as the readers decode it (surrogateescape)
+
+
 def check_text(text: str | None, column: str) -> str:
     """``text``, or :class:`BadText` when it is empty or not valid UTF-8."""
     if text is None or not str(text).strip():
         return BadText(f"empty text in column {column!r}")
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
+    if UNDECODED.search(text):
         return BadText("invalid UTF-8")
     return text
 

@@ -72,12 +72,12 @@ def ranking_metrics(queries: np.ndarray, positives: np.ndarray) -> dict:
     MRR@10, recall@1 and recall@10. A tie with the own positive counts against it.
 
     Queries are ranked a chunk at a time, so memory is ``chunk x n`` similarities, never ``n x n``."""
-    queries, positives = np.asarray(queries, np.float64), np.asarray(positives, np.float64)
+    positives = np.asarray(positives, np.float64)
     n = len(queries)
     chunk = max(1, RANK_CHUNK_NUMBERS // max(n, 1))
     rank = np.zeros(n, np.int64)  # others scoring at least as high as the own positive
     for start in range(0, n, chunk):
-        sims = queries[start : start + chunk] @ positives.T  # [chunk, n]
+        sims = np.asarray(queries[start : start + chunk], np.float64) @ positives.T  # [chunk, n]
         own = sims[np.arange(len(sims)), np.arange(start, start + len(sims))]
         rank[start : start + len(sims)] = (sims >= own[:, None]).sum(axis=1) - 1
     mean = (lambda x: float(np.mean(x))) if n else (lambda x: 0.0)
