@@ -185,7 +185,7 @@ def main() -> None:
                 "compile_s": round(compile_s, 2),
                 "trainable_params": trainable,
                 "optimizer_state_numbers": count_numbers(state.opt_state),
-                "loss": float(m["loss"]),
+                "loss": float(m.totals.loss),
             }
             | mfu
         )

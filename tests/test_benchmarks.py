@@ -1,11 +1,17 @@
 """benchmarks/gpu_table.py: the GPU run's lines come back as a table with each goal's verdict,
-whatever was skipped or failed (the GPU call is rare: its table must not break)."""
+whatever was skipped or failed (the GPU call is rare: its table must not break); and the CPU
+benchmarks still run against the library as it is."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 from benchmarks import gpu_table
+from tests.helpers import ROOT
 
 
 def test_gpu_table_puts_each_figure_beside_its_goal(tmp_path, capsys):
@@ -32,3 +38,20 @@ def test_gpu_table_puts_each_figure_beside_its_goal(tmp_path, capsys):
     assert "wall 95.0 s (goal <= 90 s: **no**)" in out
     assert "4.00x (goal >= 3x: yes)" in out
     assert "types run: skipped (time)" in out and "st float32: 3 s, FAILED rc 1" in out
+
+
+@pytest.mark.slow  # each compiles a step: make test-slow
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["benchmarks/train_step.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--grad-diagnostics", "2"],
+        ["benchmarks/train_step.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--loss-weighting", "famo"],
+        ["benchmarks/train_step.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--task-type", "retrieval"],
+        ["benchmarks/input_wait.py", "--steps", "6", "--rounds", "1"],
+    ],
+)
+def test_benchmarks_run_and_print_json(args):
+    """The benchmarks drive the library's own steps and loop: a change there must not leave them broken."""
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
