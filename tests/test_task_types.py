@@ -83,10 +83,14 @@ def test_entity_f1_matches_seqeval_on_random_tag_sequences():
     seqeval = pytest.importorskip("seqeval.metrics")
     rng = np.random.default_rng(0)
     for scheme in (
-        ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
-        ["O", "B-PER", "I-PER", "E-PER", "S-LOC", "B-LOC", "E-LOC"],
+        ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],  # BIO
+        ["O", "I-PER", "I-LOC", "B-LOC", "I-MISC"],  # IOB1
+        ["O", "B-PER", "I-PER", "E-PER", "S-LOC", "B-LOC", "E-LOC"],  # IOBES
+        ["O", "B-PER", "I-PER", "L-PER", "U-LOC", "B-LOC", "L-LOC"],  # BILOU
+        ["O", "B-PER", "I-PER", "X", "B-LOC", "PER"],  # unprefixed tags beside prefixed ones
+        ["O", "B-NEW-YORK", "I-NEW-YORK", "S-X-Y"],  # types with hyphens
     ):
-        for _ in range(200):
+        for _ in range(300):
             true = [[str(t) for t in rng.choice(scheme, rng.integers(1, 12))] for _ in range(rng.integers(1, 5))]
             pred = [[str(t) for t in rng.choice(scheme, len(s))] for s in true]
             got = entity_scores(true, pred)

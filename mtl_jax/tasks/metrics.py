@@ -115,29 +115,43 @@ def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[s
     }
 
 
-def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """``(type, start, end)`` of the entities in a BIO / IOB2 / IOBES tag sequence, as seqeval's
-    default (conlleval) mode reads them: an ``I-`` after ``O`` or another type starts an entity."""
-    found, start, kind = set(), None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, _, typ = tag.partition("-") if tag != "O" else ("O", "", "")
-        ends = kind is not None and (
-            prefix in ("O", "B", "S") or typ != kind or (i > 0 and tags[i - 1].startswith(("E-", "S-")))
-        )
-        if ends:
-            found.add((kind, start, i - 1))
-            kind = None
-        starts = prefix in ("B", "S") or (prefix in ("I", "E") and kind is None)
-        if starts:
-            start, kind = i, typ
+def entities(sentences: Sequence[Sequence[str]]) -> set[tuple[str, int, int]]:
+    """``(type, start, end)`` of every entity in tagged sentences, read exactly as seqeval's default
+    (conlleval) mode reads them, whatever the scheme (BIO, IOB1, IOBES, BILOU, unprefixed tags):
+    the sentences one sequence with an ``O`` after each, a tag's first character its prefix and the
+    rest after the first ``-`` its type."""
+    found: set[tuple[str, int, int]] = set()
+    prev_tag, prev_type, begin = "O", "", 0
+    flat = [tag for sentence in sentences for tag in [*sentence, "O"]]
+    for i, chunk in enumerate([*flat, "O"]):
+        tag, type_ = chunk[0], chunk[1:].split("-", maxsplit=1)[-1] or "_"
+        if _chunk_ends(prev_tag, tag, prev_type, type_):
+            found.add((prev_type, begin, i - 1))
+        if _chunk_starts(prev_tag, tag, prev_type, type_):
+            begin = i
+        prev_tag, prev_type = tag, type_
     return found
 
 
+def _chunk_ends(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    return (
+        prev_tag in ("E", "S")
+        or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+        or (prev_tag not in ("O", ".") and prev_type != type_)
+    )
+
+
+def _chunk_starts(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    return (
+        tag in ("B", "S")
+        or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
+        or (tag not in ("O", ".") and prev_type != type_)
+    )
+
+
 def entity_scores(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
-    """Entity precision, recall and F1 over sentences (an entity counts when type and span match)."""
-    tp = fp = fn = 0
-    for t, p in zip(true, pred):
-        et, ep = entities(t), entities(p)
-        tp, fp, fn = tp + len(et & ep), fp + len(ep - et), fn + len(et - ep)
-    prec, rec, f1 = _f1(tp, fp, fn)
+    """Entity precision, recall and F1 over sentences (an entity counts when type and span match), as
+    seqeval's default mode computes them."""
+    et, ep = entities(true), entities(pred)
+    prec, rec, f1 = _f1(len(et & ep), len(ep - et), len(et - ep))
     return {"entity_precision": float(prec), "entity_recall": float(rec), "entity_f1": float(f1)}
