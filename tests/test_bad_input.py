@@ -66,6 +66,16 @@ def _empty_file(d: Path):
     return [_task("t", d / "empty.csv")], r"task t has no training examples"
 
 
+def _empty_split(name: str, content: bytes):
+    def make(d: Path):
+        (d / name).write_bytes(content)
+        split = "validation" if name.endswith(".jsonl") else "test"
+        task = _task("t", _topic_csv(d / "topic.csv")) + f"    {split}: {d / name}\n"
+        return [task], rf"{name}: no examples \(the {split} split of task\(s\) t\)"
+
+    return make
+
+
 def _unterminated_quote(d: Path):
     path = _topic_csv(d / "q.csv", extra='"an open quote,tech\nmore,tech\n')
     return [_task("t", path)], r"q\.csv:62: 1 fields, header has 2 \(an unterminated quote\?\)"
@@ -91,6 +101,9 @@ ERRORS = {  # case -> (files and tasks, expected message) or (flags, expected me
     "truncated .gz": _truncated(".gz", gzip.open),
     "truncated .bz2": _truncated(".bz2", bz2.open),
     "0-byte file": _empty_file,
+    "0-byte CoNLL test file": _empty_split("empty.conll", b""),
+    "0-byte JSONL validation file": _empty_split("empty.jsonl", b""),
+    "CSV test file with a header only": _empty_split("header.csv", b"text,label\n"),
     "unterminated quote": _unterminated_quote,
     "bad JSONL row": _bad_jsonl_row,
     "--batch-size 0": (["--batch-size", "0"], r"--batch-size 0: must be at least 1"),

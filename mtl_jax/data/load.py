@@ -262,6 +262,7 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         objects.append(t.with_labels(r[col] for r in rows[key].raw if r[col] is not DROP))
     sources: list[tuple] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
+    empty: list[str] = []  # validation / test files with no example
     for (split, spec, key), task_ids in files.items():
         file_rows = rows[(split, spec, key)]
         group = [objects[ti] for ti in task_ids]
@@ -269,8 +270,12 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         sources.append((spec, key))
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
         by_split[split].append(Examples(list(file_rows.texts), labels, source).take(np.flatnonzero(keep)))
+        if split != "train" and not keep.any():
+            empty.append(f"{resolve_path(spec)}: no examples (the {split} split of task(s) {', '.join(t.name for t in group)})")
     if problems.listed:
         raise BadRows(problems.listed)
+    if empty:  # (an empty training file: Task.check_train says which task has nothing to learn from)
+        raise MtlError("\n".join(empty))
     notes += [f"skipped {n} bad rows: {reason}" for reason, n in sorted(problems.skipped.items())]
     splits = _split_off({s: Examples.concat(by_split[s], objects) for s in SPLITS}, objects, sources, seed)
     _check_train(splits["train"], objects)
