@@ -159,27 +159,33 @@ def _train(tmp_path: Path, tiny_bert: Path, tiny_data: Path, tasks: list[str], *
 
 def test_valid_inputs_train_as_meant(tmp_path, tiny_bert, tiny_data):
     """In one run: a field longer than csv's default limit is a long text (truncated, counted); JSON 1
-    and 1.0 are one label; two tasks reading one file through different text columns each get their
+    and 1.0 are one label, and so are a CSV's 1, 1.0 and 1e0 (numbers in numeric order); two tasks reading one file through different text columns each get their
     own examples; a task named twice in --tasks trains once."""
     long = _topic_csv(tmp_path / "long.csv", extra=f'"{"word " * 40_000}",tech\n')  # 200,000 characters
     numbers = [
         {"text": f"a {w} story {i}", "label": lab} for i, (w, lab) in enumerate([("goal", 1), ("vote", 2.0)] * 20)
     ]
     numbers += [{"text": "another goal", "label": 1.0}]
+    spellings = ["1", "1.0", "1e0", "2", "2.00", "10"]  # a CSV's numbers as written: three labels, in numeric order
+    (tmp_path / "n.csv").write_text(
+        "text,label\n" + "".join(f"a {w} story {i},{spellings[i % 6]}\n" for i, w in enumerate(["goal", "vote"] * 30))
+    )
     both = [{"title": f"a {w} story {i}", "body": f"{mood} {i}", "topic": t, "mood": m}
             for i, (w, t, mood, m) in enumerate([("goal", "sports", "great fun", "pos"), ("vote", "politics", "dull mess", "neg")] * 30)]  # fmt: skip
     tasks = [
         _task("long", long),
         _task("numbers", _jsonl(tmp_path / "n.jsonl", numbers)),
+        _task("csv_numbers", tmp_path / "n.csv"),
         _task("topic", _jsonl(tmp_path / "both.jsonl", both), "title", "topic"),
         _task("mood", tmp_path / "both.jsonl", "body", "mood"),
     ]
-    run = _train(tmp_path, tiny_bert, tiny_data, tasks, "--tasks", "long,numbers,topic,mood,topic")
+    run = _train(tmp_path, tiny_bert, tiny_data, tasks, "--tasks", "long,numbers,csv_numbers,topic,mood,topic")
     truncated = run["summary"]["truncated"]
     assert truncated["train"] + truncated["validation"] + truncated["test"] == 1
     assert run["labels"] == {
         "long": ["politics", "sports", "tech"],
         "numbers": ["1", "2"],
+        "csv_numbers": ["1", "2", "10"],
         "topic": ["politics", "sports"],
         "mood": ["neg", "pos"],
     }  # (the repeated topic once, in the order first named)

@@ -7,6 +7,8 @@ the primary score.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -25,6 +27,17 @@ from mtl_jax.tasks.metrics import classification_report
 class Prediction:
     label: str
     probs: dict[str, float]
+
+
+def as_number(raw: str) -> str | None:
+    """A label written as a finite number, in one spelling (``1``, ``1.0``, ``1e0``: ``1``; ``0.5``), or None."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +67,28 @@ class Classification(Task):
         return ("loss", "accuracy", "macro_f1") + extra + ("examples",)
 
     def with_labels(self, raw_train_labels: Iterable[str]) -> Classification:
-        """Configured ``labels``, else the sorted (mapped) values of the training file."""
+        """Configured ``labels``, else the sorted (mapped) values of the training file; values that are
+        all numbers are one label per number (``1``, ``1.0`` and ``1e0`` are ``1``), in numeric order."""
         if self.labels:
             return self
         mapping = self.config.label_map or {}
-        return dataclasses.replace(self, labels=tuple(sorted({mapping.get(r, r) for r in raw_train_labels})))
+        names = {mapping.get(r, r) for r in raw_train_labels}
+        numbers = {as_number(n) for n in names}
+        if names and None not in numbers:
+            return dataclasses.replace(self, labels=tuple(sorted(numbers, key=float)))
+        return dataclasses.replace(self, labels=tuple(sorted(names)))
+
+    @functools.cached_property
+    def numeric(self) -> bool:
+        """Whether the label names are numbers (then a raw label is read as a number too)."""
+        return bool(self.labels) and all(as_number(n) == n for n in self.labels)
 
     def label_id(self, raw) -> int | str:
         if not isinstance(raw, str):
             return f"expected one label, got {raw!r}"
         label = (self.config.label_map or {}).get(raw, raw)
+        if self.numeric:
+            label = as_number(label) or label
         if label not in self.labels:
             return f"label {raw!r} not in the labels of task {self.name} ({', '.join(self.labels)})"
         return self.labels.index(label)
