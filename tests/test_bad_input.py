@@ -240,13 +240,11 @@ def test_train_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_bert):
 )
 def test_train_bad_options_exit_2_with_one_line_naming_the_flag(tmp_path, tiny_bert, tiny_data, options, message):
     config = tiny_data / "tasks.yaml"
-    if "--empty-validation" in options:  # the topic task's validation file holds no rows
+    if "--empty-validation" in options:  # four examples per class: the 10% validation split rounds to none
         options = [o for o in options if o != "--empty-validation"]
-        (tmp_path / "empty.csv").write_text("text,label\n")
+        (tmp_path / "few.csv").write_text("text,label\n" + "".join(f"a {w} {i},{w}\n" for i in range(4) for w in "xy"))
         config = tmp_path / "tasks.yaml"
-        config.write_text(
-            f"tasks:\n  - name: topic\n    train: {tiny_data / 'topic.csv'}\n    validation: {tmp_path / 'empty.csv'}\n"
-        )
+        config.write_text(f"tasks:\n  - name: topic\n    train: {tmp_path / 'few.csv'}\n")
     out = tmp_path / "run"
     args = tiny_train_args(tiny_bert, tiny_data, "--out", str(out), *options)
     args[args.index("--config") + 1] = str(config)
