@@ -63,14 +63,10 @@ class Examples:
         )
 
 
-@dataclass
-class TaskData:
-    """The three splits, the tasks (their label names resolved), and what was dropped."""
+class OfTasks:
+    """What a run's data says of its tasks (``tasks``: their label names resolved)."""
 
     tasks: tuple[Task, ...]
-    splits: dict[str, Examples]
-    sources: list[str]
-    notes: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -80,6 +76,16 @@ class TaskData:
     def labels(self) -> dict[str, tuple[str, ...]]:
         """Each task's label names."""
         return {t.name: t.labels for t in self.tasks}
+
+
+@dataclass
+class TaskData(OfTasks):
+    """The three splits, the tasks (their label names resolved), and what was dropped."""
+
+    tasks: tuple[Task, ...]
+    splits: dict[str, Examples]
+    sources: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 class BadRows(MtlError):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_jax.data.batching import Tokenized, tokenize
-from mtl_jax.data.load import SPLITS, load_tasks, resolve_path
+from mtl_jax.data.load import SPLITS, OfTasks, load_tasks, resolve_path
 from mtl_jax.data.packing import StoredUnits
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
@@ -35,7 +35,7 @@ META = "meta.json"
 
 
 @dataclasses.dataclass
-class Prepared:
+class Prepared(OfTasks):
     """A run's data, tokenized: the tasks (label names resolved), each split, what was left out, and
     where it came from (the fingerprint, each input file's size and modification time, the store)."""
 
@@ -46,14 +46,6 @@ class Prepared:
     files: dict[str, list[int]]
     folder: Path | None = None  # the store (None: --data-cache off)
     reused: bool = False  # read from a store an earlier run prepared
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tasks)
-
-    @property
-    def labels(self) -> dict[str, tuple[str, ...]]:
-        return {t.name: t.labels for t in self.tasks}
 
 
 def cache_folder(setting: str) -> Path | None:
