@@ -274,6 +274,7 @@ class Trainer:
         ]
 
     def run_hooks(self, before: bool, step: int, epoch: int, metrics=None, end_of_epoch: bool = False) -> None:
+        """The hooks due ahead of (``before``) or after step ``step``, each given the same read-only record."""
         record = None
         for hook in self.hooks:
             if hook.before == before and hook.due(step, end_of_epoch):
