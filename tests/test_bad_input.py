@@ -189,6 +189,8 @@ def test_valid_inputs_train_as_meant(tmp_path, tiny_bert, tiny_data):
         "topic": ["politics", "sports"],
         "mood": ["neg", "pos"],
     }  # (the repeated topic once, in the order first named)
+    meta = {t["name"]: t for t in json.loads((tmp_path / "run" / "export" / "mtl_jax.json").read_text())["tasks"]}
+    assert meta["csv_numbers"]["labels_are_numbers"] and not meta["topic"]["labels_are_numbers"]
     # each of the two tasks on one file has its own examples: 60 rows read twice, split 80/10/10 per task
     assert run["summary"]["test"]["topic"]["examples"] == 6 and run["summary"]["test"]["mood"]["examples"] == 6
 

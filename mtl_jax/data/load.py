@@ -277,7 +277,9 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
         by_split[split].append(Examples(list(file_rows.texts), labels, source).take(np.flatnonzero(keep)))
         if split != "train" and not keep.any():
-            empty.append(f"{resolve_path(spec)}: no examples (the {split} split of task(s) {', '.join(t.name for t in group)})")
+            empty.append(
+                f"{resolve_path(spec)}: no examples (the {split} split of task(s) {', '.join(t.name for t in group)})"
+            )
     if problems.listed:
         raise BadRows(problems.listed)
     if empty:  # (an empty training file: Task.check_train says which task has nothing to learn from)

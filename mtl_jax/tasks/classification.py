@@ -83,6 +83,10 @@ class Classification(Task):
         """Whether the label names are numbers (then a raw label is read as a number too)."""
         return bool(self.labels) and all(as_number(n) == n for n in self.labels)
 
+    def export_meta(self) -> dict:
+        """The export says how the labels were read: as numbers (``labels_are_numbers``) or as text."""
+        return super().export_meta() | {"labels_are_numbers": self.numeric}
+
     def label_id(self, raw) -> int | str:
         if not isinstance(raw, str):
             return f"expected one label, got {raw!r}"

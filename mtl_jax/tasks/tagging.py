@@ -41,6 +41,7 @@ class Tagging(Classification):
     token_level = True
     label_dtype = object
     Options = TaggingOptions
+    numeric = False  # tags are read as text, whatever they look like
 
     @property
     def primary(self) -> str:
