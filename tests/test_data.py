@@ -241,3 +241,53 @@ def test_out_of_range_options_name_the_flag(option, value, flag):
     negative = (TaskConfig(name="a", train="x.csv", weight=-1.0),)
     with pytest.raises(MtlError, match="task a: weight -1.0: must be 0 or more"):
         TrainConfig(task_list=negative).check()
+
+
+def _retrieval_beside_classification(pairs: int = 100, others: int = 1000) -> Tokenized:
+    """A retrieval task of ``pairs`` (query, positive) examples, two of which share their positive
+    text, beside a classification task of ``others`` sentences (two sources)."""
+    rng = np.random.default_rng(5)
+    ids = [
+        (rng.integers(1000, 2000, rng.integers(3, 9)), rng.integers(2000, 3000, rng.integers(3, 20)))
+        for _ in range(pairs)
+    ]
+    ids[7] = (ids[7][0], ids[3][1].copy())  # a positive text that appears twice in the data
+    ids += [rng.integers(3000, 4000, rng.integers(3, 30)) for _ in range(others)]
+    n = pairs + others
+    qa = np.where(np.arange(n) < pairs, 1, -1).astype(np.int32)
+    cls = np.where(np.arange(n) >= pairs, np.arange(n) % 3, -1).astype(np.int32)
+    return Tokenized(ids, {"qa": qa, "cls": cls}, (np.arange(n) >= pairs).astype(np.int32), 0)
+
+
+def _repeats(batch, data) -> int:
+    """Examples of the retrieval task in ``batch`` that share a text with an earlier one."""
+    seen, repeats = set(), 0
+    for i in batch:
+        if data.labels["qa"][i] < 0:
+            continue
+        texts = {np.asarray(s).tobytes() for s in data.ids[i]}
+        repeats += bool(seen & texts)
+        seen |= texts
+    return repeats
+
+
+@pytest.mark.parametrize("sampling", ["temperature", "uniform", "every task"])
+def test_no_retrieval_step_holds_an_example_or_a_text_twice(sampling):
+    """A small retrieval task drawn more often than its size got copies of a pair into one batch (and
+    a positive written twice in the data, both rows): in-batch negatives scored them as negatives."""
+    data = _retrieval_beside_classification()
+    plain = InputPipeline(
+        {"train": data}, 0, 128, 32, 32, seed=0, sampling=sampling, task_stacked=sampling == "every task"
+    )
+    distinct = InputPipeline({"train": data}, 0, 128, 32, 32, seed=0, sampling=sampling,
+                             task_stacked=sampling == "every task", distinct=("qa",))  # fmt: skip
+    flat = lambda plan: [np.concatenate(step) if isinstance(step, list) else step for step in plan]  # noqa: E731
+    for epoch in range(3):
+        before, after = flat(plain.plan(epoch)), flat(distinct.plan(epoch))
+        assert sum(_repeats(b, data) for b in before) > 0  # the old plans repeat
+        assert sum(_repeats(b, data) for b in after) == 0
+        drawn = lambda plan: np.bincount(np.concatenate(plan), minlength=len(data))  # noqa: E731
+        assert np.abs(drawn(after) - drawn(before)).sum() <= 2 * sum(_repeats(b, data) for b in before)
+        assert all(
+            np.array_equal(a, b) for a, b in zip(after, flat(distinct.plan(epoch)), strict=True)
+        )  # (seed, epoch)

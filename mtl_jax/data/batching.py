@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -289,7 +290,9 @@ def task_members(data: Tokenized) -> list[np.ndarray]:
     return [np.flatnonzero(has_label(y)) for y in data.labels.values()]
 
 
-def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64) -> list[list[np.ndarray]]:
+def task_plan(
+    data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64, texts: Sequence | None = None
+) -> list[list[np.ndarray]]:
     """Steps that hold every task (weighting methods with ``every_task``): each holds ``batch_size // T``
     examples of every task.
 
@@ -297,7 +300,8 @@ def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: i
     through its own shuffled examples (so every task weighs the same, whatever its size).
     Per task, sub-batches are balanced inside windows (``_balanced_batches``); the k-th
     shortest sub-batches of all tasks form one step (those holding long examples go
-    together, so few steps need the long rows), then the steps are shuffled.
+    together, so few steps need the long rows), then the steps are shuffled. ``texts``: see
+    :func:`_balanced_batches`.
     """
     members = task_members(data)
     rows = batch_size // len(members)
@@ -308,7 +312,7 @@ def task_plan(data: Tokenized, batch_size: int, seed: int, epoch: int, window: i
     lengths = data.lengths
     per_task = []
     for m in members:
-        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, rows, window)
+        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, rows, window, texts)
         subs.sort(key=lambda idx: int(lengths[idx].max()))
         per_task.append(subs)
     plan = [list(step) for step in zip(*per_task)]
@@ -331,6 +335,7 @@ def epoch_plan(
     sampling: str = "proportional",
     temperature: float = 2.0,
     window: int = 64,
+    texts: Sequence | None = None,
 ) -> list[np.ndarray]:
     """The example indices of every batch of one epoch, a pure function of (seed, epoch).
 
@@ -338,8 +343,8 @@ def epoch_plan(
     task's file), so a small task's few examples are not up-weighted by sharing a batch,
     and thus a per-task mean, with a large one. Inside a source the drawn examples are
     shuffled and dealt into batches of nearly equal token counts inside windows of
-    ``window`` batches (``_balanced_batches``: every step fits a small packed grid); then
-    all batches are shuffled together.
+    ``window`` batches (``_balanced_batches``: every step fits a small packed grid; with ``texts``,
+    no batch holds one text twice); then all batches are shuffled together.
     """
     rng = np.random.default_rng([seed, epoch])
     sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
@@ -350,7 +355,7 @@ def epoch_plan(
         if n == 0 or k == 0:
             continue
         order = _draw(np.flatnonzero(data.source == src), k, rng)
-        batches += _balanced_batches(order, lengths, batch_size, window)
+        batches += _balanced_batches(order, lengths, batch_size, window, texts)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -360,13 +365,17 @@ def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(reps)[:k]
 
 
-def _balanced_batches(order: np.ndarray, lengths: np.ndarray, rows: int, window: int) -> list[np.ndarray]:
+def _balanced_batches(
+    order: np.ndarray, lengths: np.ndarray, rows: int, window: int, texts: Sequence | None = None
+) -> list[np.ndarray]:
     """Batches of about ``rows`` from ``order`` whose token counts are nearly equal (so every step
     fits a small packed grid), inside windows of ``window`` batches.
 
     In a window, the examples longer than the short row length (``packing.row_lengths``) go
     into batches of their own (topped up with the next longest), which then pack into the long
     rows; each group is dealt longest first in snake order (batch 1, 2, ..., n, n, ..., 1, ...).
+    With ``texts`` (per example the keys of its texts, or None), no batch holds two examples that
+    share a text (:func:`_spread_repeats`).
     """
     short = row_lengths(int(lengths.max()) if len(lengths) else 1)[0]
     batches = []
@@ -379,8 +388,56 @@ def _balanced_batches(order: np.ndarray, lengths: np.ndarray, rows: int, window:
             k = np.arange(len(group))
             turn, place = np.divmod(k, n) if n else (k, k)
             batch_of = np.where(turn % 2 == 1, n - 1 - place, place)
-            batches.extend(group[batch_of == b] for b in range(n))
+            dealt = [group[batch_of == b] for b in range(n)]
+            batches.extend(dealt if texts is None else _spread_repeats(dealt, texts, lengths))
     return batches
+
+
+def _spread_repeats(batches: list[np.ndarray], texts: Sequence, lengths: np.ndarray) -> list[np.ndarray]:
+    """``batches`` with no two examples of a batch sharing a text (``texts[i]``: example i's text keys,
+    or None): a repeat trades places with the example of another batch closest in length that
+    repeats nothing on either side, or, when none can, leaves its batch (which gets one smaller).
+    In-batch negatives then never score an example against a copy of its own text."""
+    batches = [list(b) for b in batches]
+    held = [Counter(k for i in b if texts[i] for k in texts[i]) for b in batches]
+    for b, batch in enumerate(batches):
+        j = 0
+        while j < len(batch):
+            i = batch[j]
+            if not texts[i] or all(held[b][k] == 1 for k in texts[i]):
+                j += 1
+                continue
+            swap = _trade(b, i, batches, held, texts, lengths)
+            held[b].subtract(texts[i])
+            if swap is None:
+                batch.pop(j)
+                continue
+            c, jj = swap
+            p = batches[c][jj]
+            batches[c][jj], batch[j] = i, p
+            held[c].subtract(texts[p] or ())
+            held[c].update(texts[i])
+            held[b].update(texts[p] or ())
+            j += 1
+    return [np.asarray(b, dtype=np.int64) for b in batches]
+
+
+def _trade(b: int, i: int, batches: list[list], held: list[Counter], texts: Sequence, lengths: np.ndarray):
+    """``(batch, position)`` of the example closest in length to ``i`` in another batch that ``i`` can
+    trade places with (neither then holds a text twice), or None."""
+    mine = texts[i]
+    best = None
+    for c, other in enumerate(batches):
+        if c == b or any(held[c][k] > 0 for k in mine):
+            continue
+        for jj, p in enumerate(other):
+            theirs = texts[p] or ()
+            fits_b = all(held[b][k] - (k in mine) == 0 for k in theirs)
+            fits_c = all(held[c][k] - (k in theirs) == 0 for k in mine)
+            gap = abs(int(lengths[p]) - int(lengths[i]))
+            if fits_b and fits_c and (best is None or gap < best[0]):
+                best = (gap, c, jj)
+    return None if best is None else best[1:]
 
 
 def _stack(built: list[Batch], task_stacked: bool) -> Batch:
@@ -416,6 +473,7 @@ class InputPipeline:
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
     grad_accum: int = 1  # training rows come in multiples of devices x micro-batches
+    distinct: tuple[str, ...] = ()  # tasks whose examples a step must not repeat (in-batch negatives)
     devices: int = 1  # devices a step's rows are split over
     place: Callable[[Batch], Batch] = unplaced  # a batch's host arrays onto the devices
 
@@ -436,8 +494,22 @@ class InputPipeline:
     def plan(self, epoch: int) -> list:
         """The batches of one epoch: example indices per step (per task and step when task-stacked)."""
         if self.task_stacked:
-            return task_plan(self.train, self.batch_size, self.seed, epoch)
-        return epoch_plan(self.train, self.batch_size, self.seed, epoch, self.sampling, self.temperature)
+            return task_plan(self.train, self.batch_size, self.seed, epoch, texts=self.text_keys)
+        return epoch_plan(
+            self.train, self.batch_size, self.seed, epoch, self.sampling, self.temperature, texts=self.text_keys
+        )
+
+    @functools.cached_property
+    def text_keys(self) -> list | None:
+        """Per training example of a ``distinct`` task, the keys of its texts (each segment's ids), else
+        None: what a step must not hold twice."""
+        if not self.distinct:
+            return None
+        keys: list = [None] * len(self.train)
+        for name in self.distinct:
+            for i in np.flatnonzero(has_label(self.train.labels[name])):
+                keys[i] = frozenset(hash(np.asarray(s).tobytes()) for s in unit_segments(self.train.ids[i]))
+        return keys
 
     def examples_in(self, idx) -> int:
         return sum(len(i) for i in idx) if self.task_stacked else len(idx)

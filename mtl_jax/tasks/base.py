@@ -70,6 +70,7 @@ class Task:
     label_shape: ClassVar[tuple[int, ...]] = ()  # one example's label shape
     train_accuracy: ClassVar[bool] = True  # the train records give the "correct" count as accuracy
     ranks_corpus: ClassVar[bool] = False  # predict --corpus ranks a corpus by its values (unit embeddings)
+    distinct_in_batch: ClassVar[bool] = False  # a step never holds one of its texts twice (in-batch negatives)
     Options: ClassVar[type] = NoOptions  # the type's own options (config keys of its tasks)
     config: TaskConfig
     labels: tuple[str, ...] = ()  # the label names (resolved from the training data when not configured)

@@ -56,6 +56,7 @@ class Retrieval(PairText, Task):
     record_keys = ("loss", "mrr@10", "recall@1", "recall@10", "examples")
     Options = RetrievalOptions
     ranks_corpus = True
+    distinct_in_batch = True  # a repeated query or passage would be scored as its own negative
 
     def __post_init__(self):
         self.check_pair()  # (the hard negative column is its own key)

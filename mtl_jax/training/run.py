@@ -182,6 +182,7 @@ def build_pipeline(
         temperature=cfg.temperature,
         task_stacked=task_stacked,
         grad_accum=cfg.grad_accum,
+        distinct=tuple(t.name for t in data.tasks if t.distinct_in_batch),
         devices=mesh.devices.size,
         place=functools.partial(shard_batch, mesh=mesh),
     )
