@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from mtl_jax import MtlError, load
-from tests.helpers import assert_export_reproduces_test_metrics, cli, torch_vectors
+from tests.helpers import ROOT, assert_export_reproduces_test_metrics, cli, torch_vectors
 from tests.test_cli import run
 
 
@@ -118,3 +119,39 @@ def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
     want = load(reference / "export").encode(sentences)
     for side in ("st", "auto"):
         np.testing.assert_allclose(got[side], want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
+
+
+@pytest.mark.slow  # the embedded encoder trained a step and exported, then sentence-transformers: make test-slow
+def test_retrieval_figures_equal_sentence_transformers_information_retrieval_evaluator(tmp_path):
+    """On a fixture with a passage written twice and a query with two positives, the test figures a run
+    reports equal those InformationRetrievalEvaluator computes from its export (1e-3)."""
+    topics = ["football", "elections", "microchips", "gardening", "jazz", "volcanoes", "chess", "baking"]
+    rows = [(f"tell me about {t}", f"an article on {t}, number {i}") for i, t in enumerate(topics * 3)]
+    rows += [(rows[0][0], "more on football and its leagues")]  # a query with two positives
+    rows += [("which article covers molten rock?", rows[5][1])]  # a passage written twice
+    rows += [
+        (f"question number {i}", f"a note about {topics[(3 * i) % 8]} and {topics[(5 * i) % 8]}") for i in range(6)
+    ]
+    lines = "".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in rows)
+    (tmp_path / "qa.jsonl").write_text(lines)
+    qa = tmp_path / "qa.jsonl"
+    (tmp_path / "t.yaml").write_text(
+        f"tasks:\n  - name: qa\n    type: retrieval\n    train: {qa}\n    validation: {qa}\n    test: {qa}\n"
+        "    text_columns: [query, positive]\n"
+    )
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "t.yaml"), "--freeze", "all", "--max-steps", "1", "--batch-size", "8"]
+    r = cli("train", *args, "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads((out / "summary.json").read_text())["test"]["qa"]
+    python = ROOT / ".peer" / "venv" / "bin" / "python"
+    theirs = subprocess.run(
+        [str(python), str(ROOT / "tests" / "torch_ir.py"), str(out / "export")],
+        input=json.dumps(rows), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    st = json.loads(theirs.stdout)
+    assert ours["examples"] == 15  # distinct queries (eight topics asked three times each, seven more)
+    for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10", "map@100"):
+        assert ours[name] == pytest.approx(st[name], abs=1e-3), (name, ours[name], st[name])
+    assert 0 < st["ndcg@10"] < 1

@@ -18,7 +18,7 @@ from mtl_jax.data.load import load_tasks
 from mtl_jax.data.text import Words
 from mtl_jax.tasks import build
 from mtl_jax.tasks.base import has_label
-from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, ranking_metrics
+from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, retrieval_metrics
 from mtl_jax.tasks.retrieval import SCALE
 from mtl_jax.tasks.similarity import COSENT_SCALE
 from tests.helpers import cli
@@ -51,7 +51,8 @@ def test_in_batch_negatives_loss_against_numpy():
     out /= np.linalg.norm(out, axis=-1, keepdims=True)
     valid = np.array([1, 1, 0, 1, 1], np.int32)
     task = _task("retrieval", text_columns=("q", "p"), negative_column="n")
-    sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(np.where(valid, 1, -1))[None])
+    labels = np.where(valid[:, None], np.arange(20).reshape(5, 4), -1)  # [5, 4]: the texts' keys, or none
+    sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(labels)[None])
     keep = np.flatnonzero(valid)
     cands = np.concatenate([out[keep, 1], out[keep, 2]])  # every valid pair's positive and negative
     want = 0.0
@@ -116,30 +117,47 @@ def test_correlations_mcc_and_ranking_against_references():
     tn, fp, fn, tp = c.ravel()
     want = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert matthews(c) == pytest.approx(want)
-    # ranking, hand counted: query 0 ranks its own first, query 1 second, query 2 third
-    q = np.eye(3)
-    p = np.array([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0.6, 0.0]])
-    p[2] = [0.9, 0.1, 0.3]
-    p /= np.linalg.norm(p, axis=1, keepdims=True)
-    r = ranking_metrics(q, p)  # sims: q0 -> own 1.0 best; q1 -> p1 .8 beats p2; q2 -> own .3 below p0 (0), p1 (0)?
-    sims = q @ p.T
-    ranks = [(sims[i] >= sims[i, i]).sum() - 1 for i in range(3)]
+    # ranking, hand counted (distinct texts: every query has one relevant passage)
+    q = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.6, 0.1]])
+    p = np.array([[1.0, 0, 0], [0.6, 0.8, 0], [0.9, 0.1, 0.3]])
+    r = retrieval_metrics(q, p, ["q0", "q1", "q2"], ["p0", "p1", "p2"])
+    sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+    ranks = [int((sims[i] > sims[i, i]).sum()) for i in range(3)]
+    assert ranks == [0, 0, 1]
     assert r["recall@1"] == pytest.approx(np.mean([k == 0 for k in ranks]))
     assert r["mrr@10"] == pytest.approx(np.mean([1 / (k + 1) for k in ranks]))
+    assert r["ndcg@10"] == pytest.approx(np.mean([1 / np.log2(k + 2) for k in ranks]))
+
+
+def test_retrieval_groups_repeated_passages_and_queries_with_several_positives():
+    """A passage written twice is one document; a query with two positives has both relevant; a tie
+    goes to the passage seen first."""
+    e = np.eye(4)
+    queries = np.array([e[0], e[0], e[1], e[2]])  # query "a" twice (positives "p" and "s"), "b", "c"
+    positives = np.array([e[0], e[3], e[1], e[1]])  # "p", "s", and "x" written twice (for "b" and for "c")
+    r = retrieval_metrics(queries, positives, ["a", "a", "b", "c"], ["p", "s", "x", "x"])
+    # a: p (1.0), then s and x tie at 0: s seen first -> ranks 1, 2 relevant. b: x first.
+    # c: every passage at 0: p, s, x in the order seen -> x third.
+    assert r["examples"] == 3
+    assert r["recall@1"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert r["mrr@10"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+    assert r["ndcg@10"] == pytest.approx((1 + 1 + 1 / np.log2(4)) / 3)
+    assert r["map@100"] == pytest.approx((1 + 1 + 1 / 3) / 3)
 
 
 def test_ranking_in_chunks_equals_the_whole_matrix(monkeypatch):
-    """Queries are ranked a few at a time (memory chunk x n): the figures are the whole matrix's."""
+    """Queries are ranked a few at a time (memory chunk x passages): the figures are the whole matrix's."""
     from mtl_jax.tasks import metrics
 
     rng = np.random.default_rng(0)
     q = rng.normal(size=(300, 8))
     p = q + 2 * rng.normal(size=(300, 8))
-    p[7] = p[3]  # a tie between two positives
-    q, p = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, p))
-    whole = metrics.ranking_metrics(q, p)
-    monkeypatch.setattr(metrics, "RANK_CHUNK_NUMBERS", 300 * 7)  # 7 queries a chunk, the last one short
-    assert metrics.ranking_metrics(q, p) == whole and 0 < whole["recall@1"] < 1
+    keys = [f"p{i}" for i in range(300)]
+    keys[7] = keys[3]  # a passage written twice
+    whole = metrics.retrieval_metrics(q, p, [f"q{i}" for i in range(300)], keys)
+    monkeypatch.setattr(metrics, "RANK_CHUNK_NUMBERS", 299 * 7)  # 7 queries a chunk, the last one short
+    assert metrics.retrieval_metrics(q, p, [f"q{i}" for i in range(300)], keys) == whole
+    assert 0 < whole["recall@1"] < 1
 
 
 def test_pair_embeddings_through_packed_rows_equal_each_sentence_alone(minilm):
@@ -201,7 +219,7 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     summary = json.loads((out / "summary.json").read_text())
     test = summary["test"]
     assert {t: test[t]["primary"] for t in test if isinstance(test[t], dict) and "primary" in test[t]} == {
-        "nli": "macro_f1", "sts": "spearman", "qa": "mrr@10", "ner": "entity_f1", "tags": "micro_f1",
+        "nli": "macro_f1", "sts": "spearman", "qa": "ndcg@10", "ner": "entity_f1", "tags": "micro_f1",
         "stars": "spearman", "topic": "macro_f1",
     }  # fmt: skip
     assert test["sts"]["spearman"] >= 0.7 and test["ner"]["entity_f1"] >= 0.9 and test["stars"]["spearman"] >= 0.8
@@ -209,7 +227,7 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert test["nli"]["macro_f1"] >= 0.6
     assert len(summary["compiled_shapes"]["train step, phase 0 (none)"]) <= 2  # seven types, two step shapes at most
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert record["qa"]["primary"] == "mrr@10" and "recall@10" in record["qa"]
+    assert record["qa"]["primary"] == "ndcg@10" and {"mrr@10", "recall@10", "map@100"} <= set(record["qa"])
     model = load(out / "export")
     one = model.predict(["yesterday Carol smith went to Oslo"])[0]
     assert one["ner"] == ["O", "B-PER", "I-PER", "O", "O", "B-LOC"] and isinstance(one["stars"], float)
@@ -261,7 +279,7 @@ model = MultiTaskModel(enc.config, tasks=(task.head_spec(),), head_dropout=0.0)
 params = init_params(model, enc.params, jax.random.PRNGKey(0))
 pairs = [(f"question {{i}} about {{w}}", f"the answer on {{w}} is {{i}}") for i, w in enumerate("abcdefghijklmnop")]
 ids = enc.tokenizer.encode_examples([Segments(p) for p in pairs], 32).ids
-data = Tokenized(ids, {{"qa": np.ones(16, np.int32)}}, np.zeros(16, np.int32), 0)
+data = Tokenized(ids, {{"qa": np.arange(64, dtype=np.int32).reshape(16, 4)}}, np.zeros(16, np.int32), 0)
 batch, _ = pack_examples(data, np.arange(16), Grid(8, 32), enc.tokenizer.pad_id)
 loss_fn = make_loss_fn(model, (task,))
 f = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0].sum()))

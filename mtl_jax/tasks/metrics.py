@@ -64,29 +64,67 @@ def correlations(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return {"pearson": pearson, "spearman": spearman, "examples": n}
 
 
-RANK_CHUNK_NUMBERS = 1 << 24  # similarities held at once while ranking (128 MiB of float64)
+RANK_CHUNK_NUMBERS = 1 << 24  # similarities held at once while ranking (64 MiB of float32)
+RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "map@100")
 
 
-def ranking_metrics(queries: np.ndarray, positives: np.ndarray) -> dict:
-    """Each query ranked against every positive (unit vectors ``[n, D]``; query i's own is positive i):
-    MRR@10, recall@1 and recall@10. A tie with the own positive counts against it.
+def retrieval_metrics(queries: np.ndarray, positives: np.ndarray, query_keys, positive_keys) -> dict:
+    """sentence-transformers' InformationRetrievalEvaluator's figures (cosine) for (query, positive) rows.
 
-    Queries are ranked a chunk at a time, so memory is ``chunk x n`` similarities, never ``n x n``."""
-    positives = np.asarray(positives, np.float64)
-    n = len(queries)
-    chunk = max(1, RANK_CHUNK_NUMBERS // max(n, 1))
-    rank = np.zeros(n, np.int64)  # others scoring at least as high as the own positive
-    for start in range(0, n, chunk):
-        sims = np.asarray(queries[start : start + chunk], np.float64) @ positives.T  # [chunk, n]
-        own = sims[np.arange(len(sims)), np.arange(start, start + len(sims))]
-        rank[start : start + len(sims)] = (sims >= own[:, None]).sum(axis=1) - 1
-    mean = (lambda x: float(np.mean(x))) if n else (lambda x: 0.0)
+    Queries and passages are grouped by text (``*_keys``: one hashable key per row's text): each
+    distinct query is ranked against the distinct passages, and every passage some row pairs with it
+    is relevant, so a passage written twice is one document and a query with several positives has
+    them all. ``ndcg@10`` (primary), ``mrr@10``, ``recall@1``, ``recall@10``, ``map@100``, as that
+    evaluator computes them; ties go to the passage seen first. Queries are ranked a chunk at a time
+    (memory: chunk x passages), never all at once.
+    """
+    q_keys, p_keys = list(map(_key, query_keys)), list(map(_key, positive_keys))
+    q_first = list(dict.fromkeys(q_keys))
+    doc_of = {k: j for j, k in enumerate(dict.fromkeys(p_keys))}
+    relevant: dict = {k: set() for k in q_first}
+    for q, p in zip(q_keys, p_keys):
+        relevant[q].add(doc_of[p])
+    q_rows = {k: i for i, k in reversed(list(enumerate(q_keys)))}  # each query's first row
+    p_rows = {k: i for i, k in reversed(list(enumerate(p_keys)))}
+    docs = _unit(np.asarray(positives)[[p_rows[k] for k in doc_of]])
+    qs = _unit(np.asarray(queries)[[q_rows[k] for k in q_first]])
+    sums = dict.fromkeys(RETRIEVAL_METRICS, 0.0)
+    k_max = min(100, len(docs))
+    chunk = max(1, RANK_CHUNK_NUMBERS // max(len(docs), 1))
+    for start in range(0, len(qs), chunk):
+        sims = qs[start : start + chunk] @ docs.T  # [chunk, docs] float32
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k_max]  # best first; a tie: the passage seen first
+        for row, key in zip(top, q_first[start : start + chunk]):
+            for name, value in _ranked(row, relevant[key]).items():
+                sums[name] += value
+    n = len(qs)
+    return {name: s / n if n else 0.0 for name, s in sums.items()} | {"examples": n}
+
+
+def _ranked(top: np.ndarray, relevant: set) -> dict:
+    """One query's figures from its ranked passages ``top`` (best first) and its relevant ones."""
+    hit = np.array([d in relevant for d in top], np.float64)
+    discount = 1.0 / np.log2(np.arange(2, len(hit) + 2))
+    ideal = discount[: min(len(relevant), 10)].sum()
+    first = np.flatnonzero(hit[:10])
+    precisions = np.cumsum(hit[:100]) / np.arange(1, len(hit[:100]) + 1)
     return {
-        "mrr@10": mean(np.where(rank < 10, 1.0 / (rank + 1), 0.0)),
-        "recall@1": mean(rank < 1),
-        "recall@10": mean(rank < 10),
-        "examples": n,
+        "ndcg@10": float((hit[:10] * discount[:10]).sum() / ideal),
+        "mrr@10": 1.0 / (first[0] + 1) if len(first) else 0.0,
+        "recall@1": hit[:1].sum() / len(relevant),
+        "recall@10": hit[:10].sum() / len(relevant),
+        "map@100": float((precisions * hit[:100]).sum() / min(100, len(relevant))),
     }
+
+
+def _key(value):
+    return value.tobytes() if isinstance(value, np.ndarray) else value
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows at unit length (float32), as the evaluator's cosine takes them."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _f1(tp, fp, fn):

@@ -6,13 +6,17 @@ positive: sentence-transformers' MultipleNegativesRankingLoss. The step's arrays
 the devices, so the negatives come from every device of the step; with ``--grad-accum`` K, from
 the micro-batch. Needs two pairs in a step at least.
 
-Evaluation ranks each query of a split against all positives of the split: MRR@10 (primary),
-recall@1 and recall@10. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
+Evaluation computes what sentence-transformers' InformationRetrievalEvaluator computes: a split's
+queries and positives grouped by text (a passage written twice is one document; a query with several
+positives has them all), each distinct query ranked against the split's distinct passages: nDCG@10
+(primary), MRR@10, recall@1, recall@10 and MAP@100. An example's label is its two texts' keys, which
+is what lets evaluation group them. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Optional
 
 import jax
@@ -23,7 +27,7 @@ from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
 from mtl_jax.options import option
 from mtl_jax.tasks.base import LossSums, Task, register
-from mtl_jax.tasks.metrics import ranking_metrics
+from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
 from mtl_jax.tasks.pair import PairOptions, PairText
 
 SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
@@ -44,6 +48,12 @@ def in_batch_loss(out: jnp.ndarray, valid: jnp.ndarray) -> tuple[jnp.ndarray, jn
     return jnp.where(valid, nll, 0.0), valid & (jnp.argmax(scores, axis=-1) == jnp.arange(n))
 
 
+def text_key(text: str) -> tuple[int, int]:
+    """A text's identity as two non-negative 31-bit numbers (a stable hash: the same in every run)."""
+    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+    return (digest >> 33) & 0x7FFFFFFF, (digest >> 2) & 0x7FFFFFFF
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalOptions(PairOptions):
     negative_column: Optional[str] = option(None, "a column holding a hard negative per row")
@@ -52,8 +62,9 @@ class RetrievalOptions(PairOptions):
 @register("retrieval")
 @dataclasses.dataclass(frozen=True)
 class Retrieval(PairText, Task):
-    primary = "mrr@10"
-    record_keys = ("loss", "mrr@10", "recall@1", "recall@10", "examples")
+    primary = "ndcg@10"
+    record_keys = ("loss",) + RETRIEVAL_METRICS + ("examples",)
+    label_shape = (4,)  # the keys of its query's and its positive's texts, two 31-bit halves each
     Options = RetrievalOptions
     ranks_corpus = True
     distinct_in_batch = True  # a repeated query or passage would be scored as its own negative
@@ -76,11 +87,13 @@ class Retrieval(PairText, Task):
     def input_kind(self) -> str:
         return "sentence"  # predict takes a query (or a passage): its embedding
 
-    def raw_label(self, fields: dict) -> str:
-        return "1"  # every row is a (query, positive) pair
+    def raw_label(self, fields: dict):
+        """The row's query and positive texts: every row is a pair, its label the texts' identity."""
+        query, positive = self.options.text_columns
+        return (fields.get(query), fields.get(positive))
 
-    def label_id(self, raw) -> int:
-        return 1
+    def label_id(self, raw) -> np.ndarray:
+        return np.array([half for text in raw for half in text_key(text)], np.int32)
 
     def check_batch(self, examples_per_step: int) -> None:
         if examples_per_step < 2:
@@ -104,7 +117,7 @@ class Retrieval(PairText, Task):
 
     def loss_sums(self, outputs, y):
         out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
-        valid = self.present(y.reshape(-1))
+        valid = self.present(y).reshape(-1)
         nll, correct = in_batch_loss(out, valid)
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(valid))
 
@@ -115,14 +128,15 @@ class Retrieval(PairText, Task):
         return outputs[:, :, 0]  # the query's embedding (unit length)
 
     def metrics(self, y_true, y_pred) -> dict:
-        return ranking_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]))
+        y_true = np.asarray(y_true)
+        return retrieval_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]), y_true[:, :2], y_true[:, 2:])
 
     def describe(self, result: dict) -> str:
-        return f"MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
+        return f"nDCG@10 {result['ndcg@10']:.3f} MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        columns = (("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
-        return self.split_table(summary, columns, count="queries")
+        columns = (("nDCG@10", "ndcg@10"), ("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
+        return self.split_table(summary, columns + (("MAP@100", "map@100"),), count="queries")
 
     def output_cell(self, output) -> str:
         """The query's embedding, or (``predict --corpus``) its best match and score."""
