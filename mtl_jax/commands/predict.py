@@ -28,6 +28,7 @@ import numpy as np
 from mtl_jax.cli import add_dtype_option, read_lines, run_cli
 from mtl_jax.data.readers import format_of, read_rows, suffixes
 from mtl_jax.errors import MtlError
+from mtl_jax.tasks.metrics import top_k
 
 
 def parse_args(argv):
@@ -76,10 +77,9 @@ def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -
     passages = predictor.predict_proba(corpus, **kw)
     for name in tasks:
         queries = np.stack([row[name] for row in rows])
-        scores = queries @ np.asarray(passages[name]).T  # unit vectors: cosine
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        for row, s, idx in zip(rows, scores, best):
-            row[name] = [{"text": corpus[j], "score": float(s[j])} for j in idx]
+        for start, best, scores in top_k(queries, np.asarray(passages[name]), k):  # unit vectors: cosine
+            for row, idx, s in zip(rows[start : start + len(best)], best, scores):
+                row[name] = [{"text": corpus[j], "score": float(v)} for j, v in zip(idx, s)]
 
 
 def main(argv=None) -> int:

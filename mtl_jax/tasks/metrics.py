@@ -89,16 +89,24 @@ def retrieval_metrics(queries: np.ndarray, positives: np.ndarray, query_keys, po
     docs = _unit(np.asarray(positives)[[p_rows[k] for k in doc_of]])
     qs = _unit(np.asarray(queries)[[q_rows[k] for k in q_first]])
     sums = dict.fromkeys(RETRIEVAL_METRICS, 0.0)
-    k_max = min(100, len(docs))
-    chunk = max(1, RANK_CHUNK_NUMBERS // max(len(docs), 1))
-    for start in range(0, len(qs), chunk):
-        sims = qs[start : start + chunk] @ docs.T  # [chunk, docs] float32
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k_max]  # best first; a tie: the passage seen first
-        for row, key in zip(top, q_first[start : start + chunk]):
+    for start, top, _ in top_k(qs, docs, 100):
+        for row, key in zip(top, q_first[start : start + len(top)]):
             for name, value in _ranked(row, relevant[key]).items():
                 sums[name] += value
     n = len(qs)
     return {name: s / n if n else 0.0 for name, s in sums.items()} | {"examples": n}
+
+
+def top_k(queries: np.ndarray, docs: np.ndarray, k: int):
+    """``(first query, indices [chunk, k], cosines [chunk, k])`` per chunk of queries: each query's ``k``
+    best documents by the product of unit vectors, best first (a tie: the document seen first). Memory
+    is a chunk's similarities (:data:`RANK_CHUNK_NUMBERS`), never queries x documents."""
+    k = min(k, len(docs))
+    chunk = max(1, RANK_CHUNK_NUMBERS // max(len(docs), 1))
+    for start in range(0, len(queries), chunk):
+        sims = np.asarray(queries[start : start + chunk], np.float32) @ np.asarray(docs, np.float32).T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        yield start, top, np.take_along_axis(sims, top, axis=1)
 
 
 def _ranked(top: np.ndarray, relevant: set) -> dict:
