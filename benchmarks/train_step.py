@@ -311,7 +311,7 @@ def compare_task_types(args, config) -> dict:
     tokens = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, max(args.per_row, 2)))
     runs = {}
     for kind in ["classification"] + [t for t in dict.fromkeys(args.task_type) if t != "classification"]:
-        task = build(TaskConfig.of("t", "", type=kind, **TYPE_SETTINGS[kind]))
+        task = build(TaskConfig("t", "", type=kind, **TYPE_SETTINGS[kind]))
         task = dataclasses.replace(task, stats=task.stats or (0.0, 5.0))
         model = MultiTaskModel(config, tasks=(task.head_spec(),), pooling=args.pooling)
         b = type_batch(task, tokens, rng)

@@ -317,7 +317,7 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
             d |= parsed(options, {k: v for k, v in d.items() if k in own})
     except ValueError as e:
         raise MtlError(f"{where}: {e}") from None
-    return TaskConfig.of(**d)
+    return TaskConfig(**d)
 
 
 # A config file may group options by concern: a section's keys are the options' names, or their

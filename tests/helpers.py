@@ -96,7 +96,7 @@ def assert_export_reproduces_test_metrics(run: Path):
 
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
-    tasks = [TaskConfig.of(**t) for t in cfg["task_list"]]
+    tasks = [TaskConfig(**t) for t in cfg["task_list"]]
     test = load_tasks(tasks, seed=cfg["seed"]).splits["test"]
     predictor = load(run / "export")
     probs = predictor.predict_proba(test.texts, batch_size=5)
@@ -196,4 +196,4 @@ def file_task(path: Path, **kw):
     """A classification task on ``path``'s ``text`` and ``label`` columns (``kw``: its other keys)."""
     from mtl_jax.tasks import TaskConfig
 
-    return TaskConfig.of(kw.pop("name", "t"), str(path), text_column="text", label_column="label", **kw)
+    return TaskConfig(kw.pop("name", "t"), str(path), text_column="text", label_column="label", **kw)

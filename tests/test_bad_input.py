@@ -336,4 +336,4 @@ def test_config_file_errors_name_the_file(tmp_path):
 def test_bad_rows_of_each_type_name_file_line_and_reason(tmp_path, config, file, content, message):
     (tmp_path / file).write_text(content)
     with pytest.raises(BadRows, match=message):
-        load_tasks([TaskConfig.of("t", str(tmp_path / file), **config)])
+        load_tasks([TaskConfig("t", str(tmp_path / file), **config)])

