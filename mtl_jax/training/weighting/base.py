@@ -69,9 +69,11 @@ class Method:
 
 
 def make(name: str = "sum", task_weights=(), **options) -> Method:
-    """The method registered as ``name`` with its ``options`` (the others at their defaults)."""
+    """The method registered as ``name`` with its ``options`` (the others at their defaults), named as
+    the method declares them (``lr``) or as the flags do (``famo_lr``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown loss weighting {name!r}; choose from {', '.join(REGISTRY)}")
+    options = {k.removeprefix(f"{name}_"): v for k, v in options.items()}
     return REGISTRY[name](task_weights=tuple(task_weights), **options)
 
 
