@@ -103,6 +103,7 @@ store.prepare(tasks, tokenizer, store.data_key(tasks, tokenizer, 64, 0, False), 
 """
 
 
+@pytest.mark.slow  # real processes killed: make test-slow
 @pytest.mark.parametrize("at", [1, 9, 30])
 def test_a_preparation_killed_at_any_moment_leaves_no_store_a_later_run_uses(tmp_path, tiny_bert, at):
     config = write_typed_data(tmp_path) / "types.yaml"
