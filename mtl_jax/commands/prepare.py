@@ -20,24 +20,20 @@ from mtl_jax.cli import run_cli
 def main(argv: list[str] | None = None) -> int:
     from mtl_jax.cli import parse_config
     from mtl_jax.config import config_class
-    from mtl_jax.data.store import data_key, prepare
+    from mtl_jax.data.store import prepare
     from mtl_jax.errors import MtlError
     from mtl_jax.inference import load_encoder
+    from mtl_jax.training.run import run_data_key
 
     cfg = parse_config(config_class(), sys.argv[1:] if argv is None else argv, __doc__)
     if cfg.data_cache == "off":
         raise MtlError("--data-cache off: there is nowhere to prepare the data into")
     cfg.check()
-    tasks = cfg.selected_tasks()
     encoder = load_encoder(cfg.encoder)
-    key = data_key(
-        tasks,
-        encoder.tokenizer,
-        min(cfg.max_length, encoder.spec.max_length),
-        cfg.resolved_split_seed(),
-        cfg.skip_bad_rows,
+    key = run_data_key(cfg, encoder)
+    data = prepare(
+        cfg.selected_tasks(), encoder.tokenizer, key, cfg.data_cache, log=lambda m: print(m, file=sys.stderr)
     )
-    data = prepare(tasks, encoder.tokenizer, key, cfg.data_cache, log=lambda msg: print(msg, file=sys.stderr))
     for note in data.notes:
         print(note, file=sys.stderr)
     counts = ", ".join(f"{s} {len(d)}" for s, d in data.splits.items())

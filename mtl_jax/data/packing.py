@@ -63,12 +63,10 @@ class StoredUnits:
     list of units would hold (int32)."""
 
     def __init__(self, ids: np.ndarray, segment_starts: np.ndarray, example_starts: np.ndarray, is_tuple: np.ndarray):
-        self.ids, self.segment_starts, self.example_starts, self.is_tuple = (
-            ids,
-            segment_starts,
-            example_starts,
-            is_tuple,
-        )
+        self.ids = ids
+        self.segment_starts = segment_starts
+        self.example_starts = example_starts
+        self.is_tuple = is_tuple
 
     def __len__(self) -> int:
         return len(self.is_tuple)

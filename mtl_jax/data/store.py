@@ -37,13 +37,12 @@ META = "meta.json"
 @dataclasses.dataclass
 class Prepared(OfTasks):
     """A run's data, tokenized: the tasks (label names resolved), each split, what was left out, and
-    where it came from (the fingerprint, each input file's size and modification time, the store)."""
+    what it was made from (its :class:`DataKey`) and where it is stored."""
 
     tasks: tuple[Task, ...]
     splits: dict[str, Tokenized]
     notes: list[str]
-    fingerprint: str
-    files: dict[str, list[int]]
+    key: DataKey
     folder: Path | None = None  # the store (None: --data-cache off)
     reused: bool = False  # read from a store an earlier run prepared
 
@@ -118,25 +117,24 @@ def prepare(
 ) -> Prepared:
     """The tasks' data tokenized: read from its store when one was prepared, else read, tokenized
     and (unless ``cache`` is off) stored for the next run."""
-    fp, files, max_length = key.fingerprint, key.files, key.max_length
     folder = cache_folder(cache)
-    store = None if folder is None else folder / fp
+    store = None if folder is None else folder / key.fingerprint
     if store is not None and store.exists():
         try:
-            return dataclasses.replace(open_store(store, tasks), reused=True)
+            return dataclasses.replace(open_store(store, tasks, key), reused=True)
         except DamagedStore as e:
             log(f"{store}: damaged ({e}); removed, preparing it again")
             shutil.rmtree(store, ignore_errors=True)
     data = load_tasks(tasks, seed=key.split_seed, skip_bad_rows=key.skip_bad_rows)
     splits = {}
     for s in SPLITS:  # each split's texts let go once tokenized
-        splits[s] = tokenize(data.splits.pop(s), tokenizer, max_length)
-    prepared = Prepared(data.tasks, splits, data.notes, fp, files)
+        splits[s] = tokenize(data.splits.pop(s), tokenizer, key.max_length)
+    prepared = Prepared(data.tasks, splits, data.notes, key)
     del data
     if store is None:
         return prepared
     write_store(store, prepared, vocab_size=tokenizer.backend.get_vocab_size())
-    return open_store(store, tasks)
+    return open_store(store, tasks, key)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -153,8 +151,8 @@ def write_store(store: Path, data: Prepared, vocab_size: int) -> None:
         splits = {s: _write_split(tmp / s, d, data.tasks, dtype) for s, d in data.splits.items()}
         meta = {
             "format": FORMAT,
-            "fingerprint": data.fingerprint,
-            "files": data.files,
+            "fingerprint": data.key.fingerprint,
+            "files": data.key.files,
             "notes": data.notes,
             "tasks": [{"name": t.name, "labels": list(t.labels), "stats": list(t.stats)} for t in data.tasks],
             "splits": splits,
@@ -205,8 +203,9 @@ class DamagedStore(Exception):
     """A store that cannot be read back (the reason)."""
 
 
-def open_store(store: Path, tasks: Sequence[TaskConfig]) -> Prepared:
-    """The store at ``store``, its arrays memory-mapped; :class:`DamagedStore` when it cannot be read."""
+def open_store(store: Path, tasks: Sequence[TaskConfig], key: DataKey) -> Prepared:
+    """The store at ``store`` (made from ``key``), its arrays memory-mapped; :class:`DamagedStore` when
+    it cannot be read."""
     try:
         meta = json.loads((store / META).read_text())
     except (OSError, ValueError) as e:
@@ -219,7 +218,7 @@ def open_store(store: Path, tasks: Sequence[TaskConfig]) -> Prepared:
         for t in tasks
     )
     splits = {s: _read_split(store / s, objects, meta["splits"][s]) for s in SPLITS}
-    return Prepared(objects, splits, meta["notes"], meta["fingerprint"], meta["files"], store)
+    return Prepared(objects, splits, meta["notes"], key, store)
 
 
 def _load(folder: Path, name: str) -> np.ndarray:

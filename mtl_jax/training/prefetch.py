@@ -21,11 +21,10 @@ class BatchAhead:
         self._pending = (key, self._pool.submit(build))
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == key:
+        if self._pending is not None and self._pending[0] == key:
+            pending, self._pending = self._pending, None
             return pending[1].result()
-        if pending is not None:
-            pending[1].result()  # (finished, not used: the thread is free again)
+        self.drop()  # (another batch's, not used: the thread is free again)
         return build()
 
     def drop(self) -> None:

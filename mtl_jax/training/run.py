@@ -80,6 +80,12 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
         raise MtlError(f"{saved_path}: --resume with a different {', '.join(changed)}; use the original options")
 
 
+def run_data_key(cfg: TrainConfig, encoder: SentenceEncoder) -> DataKey:
+    """The key of a run's data: its tasks, as the encoder's tokenizer cuts them at the run's max length."""
+    max_length = min(cfg.max_length, encoder.spec.max_length)
+    return data_key(cfg.selected_tasks(), encoder.tokenizer, max_length, cfg.resolved_split_seed(), cfg.skip_bad_rows)
+
+
 def check_same_data(out: Path, key: DataKey) -> None:
     """A resumed run reads the data it started with (the same files, unchanged)."""
     saved = json.loads((out / "config.json").read_text())
@@ -173,7 +179,7 @@ def build_pipeline(
     return InputPipeline(
         data.splits,
         encoder.tokenizer.pad_id,
-        min(cfg.max_length, encoder.spec.max_length),
+        data.key.max_length,
         cfg.batch_size,
         cfg.eval_batch_size,
         cfg.seed,
@@ -198,8 +204,7 @@ def setup(cfg: TrainConfig) -> Run:
     tasks = cfg.selected_tasks()
     phases = parse_phases(cfg.freeze)
     encoder = load_encoder(cfg.encoder)
-    max_length = min(cfg.max_length, encoder.spec.max_length)
-    key = data_key(tasks, encoder.tokenizer, max_length, cfg.resolved_split_seed(), cfg.skip_bad_rows)
+    key = run_data_key(cfg, encoder)
     if cfg.resume:
         check_same_data(out, key)
     data = prepare(tasks, encoder.tokenizer, key, cfg.data_cache, log)
@@ -244,7 +249,7 @@ def write_run_start(run: Run) -> None:
     if not cfg.resume and is_primary():
         _prepare_out_dir(run.out)
         resolved = {"labels": run.data.labels, "resolved_max_length": pipeline.max_length}
-        resolved |= {"data_fingerprint": run.data.fingerprint, "data_files": run.data.files}
+        resolved |= {"data_fingerprint": run.data.key.fingerprint, "data_files": run.data.key.files}
         with writing(run.out / "config.json"):
             (run.out / "config.json").write_text(json.dumps(cfg.to_json() | resolved, indent=2))
     if run.data.folder is not None:
