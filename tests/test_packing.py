@@ -111,7 +111,7 @@ def test_encode_packed_equals_each_sentence_alone(minilm, mode):
         np.testing.assert_allclose(together[i], minilm.encode([text], pooling=mode, normalize=False)[0], atol=2e-5)
 
 
-def test_keep_mask_drops_at_the_rate_with_independent_halves():
+def test_keep_mask_drops_at_the_rate_with_independent_draws_and_the_same_mask_for_more_rows():
     n = 1_000_001  # odd: the last word's second half is unused
     keep, keep_prob = keep_mask(jax.random.PRNGKey(3), (n,), 0.1)
     keep = np.asarray(keep)
@@ -127,6 +127,10 @@ def test_keep_mask_drops_at_the_rate_with_independent_halves():
     # a typed key works too; 0.25 is exact in 16 bits
     typed, p = keep_mask(jax.random.key(3), (7, 5), 0.25)
     assert typed.shape == (7, 5) and p == 0.75
+    # more rows (a grid rounded up for more devices) leave the first rows' mask as it was
+    rows, _ = keep_mask(jax.random.PRNGKey(3), (11, 7, 5), 0.5)
+    more, _ = keep_mask(jax.random.PRNGKey(3), (12, 7, 5), 0.5)
+    assert (np.asarray(more[:11]) == np.asarray(rows)).all()
 
 
 def _labelled(rng, n: int, long: int = 0) -> Tokenized:

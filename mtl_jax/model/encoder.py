@@ -33,16 +33,21 @@ from mtl_jax.model.lora import LoRADense, lora_of
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
     """Dropout's Bernoulli mask (True = keep) and its exact keep probability, from 16-bit draws.
 
-    Each draw is half of a Threefry-2x32 output word in counter mode (one hash gives two
-    words, so four draws), about a third of the random-bit cost of ``jax.random.bernoulli``
-    (one 64-bit hash per element). The drop probability is ``round(rate * 2**16) / 2**16``,
-    within 8e-6 of ``rate``; the returned keep probability is that exact value.
+    Each draw is half of a Threefry-2x32 output word in counter mode: the hash of counter
+    ``(i, 0)`` gives two words, so the draws of elements ``4i`` to ``4i + 3`` (in row-major order),
+    about a third of the random-bit cost of ``jax.random.bernoulli`` (one 64-bit hash per element).
+    An element's draw depends on its index only, not on the shape's leading size, so a batch with
+    more padding rows (a grid rounded up for more devices) gives its real rows the same mask. The
+    drop probability is ``round(rate * 2**16) / 2**16``, within 8e-6 of ``rate``; the returned
+    keep probability is that exact value.
     """
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     n = math.prod(shape)
-    words = threefry_2x32(key, jnp.arange((n + 1) // 2, dtype=jnp.uint32))
-    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:n].reshape(shape)
+    counters = jnp.arange(-(-n // 4), dtype=jnp.uint32)
+    first, second = jnp.split(threefry_2x32(key, jnp.concatenate([counters, jnp.zeros_like(counters)])), 2)
+    halves = [first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16]
+    draws = jnp.stack(halves, axis=-1).reshape(-1)[:n].reshape(shape)
     threshold = round(rate * 65536)
     return draws >= threshold, 1.0 - threshold / 65536
 
