@@ -8,11 +8,14 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from mtl_jax.data.readers import format_of, read_rows, suffixes
+from mtl_jax.errors import Interrupted, MtlError
 
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main``; an :class:`MtlError` prints its message (no traceback) and returns 2."""
-    from mtl_jax.errors import Interrupted, MtlError
     from mtl_jax.training.hostmem import reuse_host_memory
 
     reuse_host_memory()  # before JAX's first computation
@@ -39,7 +42,6 @@ def parse_config(cls, argv: list[str], description: str):
     import tyro
 
     from mtl_jax.config import load_config_file
-    from mtl_jax.errors import MtlError
 
     defaults = cls()
     config_file = _config_arg(argv)
@@ -76,10 +78,6 @@ def _config_arg(argv: list[str]) -> str | None:
 
 def read_lines(path: str | None) -> list[str]:
     """Lines of a UTF-8 text file (stdin when ``path`` is None), or a one-line error naming the file."""
-    from pathlib import Path
-
-    from mtl_jax.errors import MtlError
-
     try:
         if path is None:
             return sys.stdin.read().splitlines()
@@ -100,3 +98,25 @@ def add_dtype_option(parser) -> None:
         default="float32",
         help="compute dtype (bfloat16: faster on GPUs, TPUs and bf16 CPUs; default: %(default)s)",
     )
+
+
+def read_input(path: str | None, columns: list[str]) -> list:
+    """Texts (one column) or pairs (two) from a data file a reader reads; lines of a text file or stdin."""
+    if path is None or not is_data_file(Path(path)):
+        if len(columns) > 1:
+            raise MtlError(f"--text-columns needs --input with a data file ({', '.join(suffixes())})")
+        return read_lines(path)
+    rows = read_rows(Path(path), columns)
+    for r in rows:
+        missing = [c for c in columns if r.fields.get(c) is None or not str(r.fields[c]).strip()]
+        if r.problem or missing:
+            raise MtlError(f"{path}:{r.line}: {r.problem or f'no text in field {missing[0]!r}'}")
+    return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
+
+
+def is_data_file(path: Path) -> bool:
+    """Whether a reader reads ``path`` (else it is plain text, one input per line)."""
+    try:
+        return bool(format_of(path))
+    except MtlError:
+        return False

@@ -18,7 +18,12 @@
   their pleasantness ratings are (5 minus twice the difference, within [0, 5]);
 - pair_classification, review_pairs.jsonl: a review's first half with its own second half
   ("same") or with another review's ("other"), half and half: the fixture docs/task-types.md
-  measures the bi- and cross-encodings on.
+  measures the bi- and cross-encodings on;
+- retrieval, movie_halves_{train,validation,test}.jsonl: a critic's review (12 words or more, plot
+  summaries left out) cut in half, the first half the query and the second its positive, split by
+  film (80/10/10 of the 508 films): every film's other reviews are in the same split, so each
+  positive has look-alikes (about 20 reviews of one film) among the passages it is ranked against;
+  the fixture docs/task-types.md measures hard negatives on.
 The regression example reads Whissell's dictionary as it ships (a word and its pleasantness).
 """
 
@@ -50,6 +55,23 @@ def review_halves(limit: int) -> list[dict]:
             half = len(words) // 2
             out.append({"query": " ".join(words[:half]), "positive": " ".join(words[half:])})
     return out[:limit]
+
+
+def movie_halves(rng) -> dict[str, list[dict]]:
+    rows = read_rows(resolve_path("embedded:rotten_tomatoes_corpus_full.csv.bz2"), ["text", "category", "movie_name"])
+    by_film = defaultdict(list)
+    for r in rows:
+        words = (r.fields.get("text") or "").split()
+        if r.fields.get("category") != "plot" and len(words) >= 12:
+            half = len(words) // 2
+            by_film[r.fields["movie_name"]].append(
+                {"query": " ".join(words[:half]), "positive": " ".join(words[half:])}
+            )
+    films = sorted(by_film)
+    films = [films[i] for i in rng.permutation(len(films))]
+    cut = [int(len(films) * 0.8), int(len(films) * 0.9)]
+    parts = {"train": films[: cut[0]], "validation": films[cut[0] : cut[1]], "test": films[cut[1] :]}
+    return {split: [row for film in sorted(names) for row in by_film[film]] for split, names in parts.items()}
 
 
 def review_pairs(halves: list[dict], limit: int, rng) -> list[dict]:
@@ -150,6 +172,8 @@ def main() -> None:
         "mfd_tagged.conll": mfd_tagged(out / "mfd_tagged.conll", terms),
         "whissell_pairs.csv": whissell_pairs(out / "whissell_pairs.csv", 4000, rng),
     }
+    for split, rows in movie_halves(np.random.default_rng([args.seed, 2])).items():
+        counts[f"movie_halves_{split}.jsonl"] = _jsonl(out / f"movie_halves_{split}.jsonl", rows)
     for name, n in counts.items():
         print(f"{out / name}: {n} rows")
 

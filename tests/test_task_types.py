@@ -16,6 +16,7 @@ from mtl_jax import load
 from mtl_jax.config import TaskConfig
 from mtl_jax.data.load import load_tasks
 from mtl_jax.data.text import Words
+from mtl_jax.errors import MtlError
 from mtl_jax.tasks import build
 from mtl_jax.tasks.base import has_label
 from mtl_jax.tasks.metrics import correlations, entity_scores, matthews, retrieval_metrics
@@ -45,21 +46,35 @@ def test_cosent_and_mse_similarity_losses_against_numpy():
     assert float(got.loss_sum) == pytest.approx(float(np.sum((cos[ok] - s[ok]) ** 2)), rel=1e-5)
 
 
-def test_in_batch_negatives_loss_against_numpy():
+def test_in_batch_negatives_loss_with_hard_negatives_masks_the_ones_a_row_lacks_against_numpy():
     rng = np.random.default_rng(1)
-    out = rng.normal(size=(5, 3, 8)).astype(np.float32)  # query, positive, negative
+    out = rng.normal(size=(5, 4, 8)).astype(np.float32)  # query, positive, two hard negatives
     out /= np.linalg.norm(out, axis=-1, keepdims=True)
-    valid = np.array([1, 1, 0, 1, 1], np.int32)
-    task = _task("retrieval", text_columns=("q", "p"), negative_column="n")
-    labels = np.where(valid[:, None], np.arange(20).reshape(5, 4), -1)  # [5, 4]: the texts' keys, or none
+    texts = np.array([4, 3, 0, 2, 4])  # row 1 has one negative, row 3 none, row 2 no label
+    task = _task("retrieval", text_columns=("q", "p", "n1", "n2"))
+    keys = np.arange(20).reshape(5, 4)
+    labels = np.where(texts[:, None] > 0, np.concatenate([keys, texts[:, None]], axis=1), -1)  # [5, 5]
     sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(labels)[None])
-    keep = np.flatnonzero(valid)
-    cands = np.concatenate([out[keep, 1], out[keep, 2]])  # every valid pair's positive and negative
+    cands = np.stack([out[i, j] for j in (1, 2, 3) for i in range(5) if j < texts[i]])  # what each query meets
     want = 0.0
-    for k, i in enumerate(keep):
+    for i in np.flatnonzero(texts):
         z = SCALE * cands @ out[i, 0]
-        want += np.log(np.exp(z - z.max()).sum()) + z.max() - z[k]
-    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 4
+        own = SCALE * out[i, 1] @ out[i, 0]
+        want += np.log(np.exp(z - z.max()).sum()) + z.max() - own
+    assert len(cands) == 4 + 5 and float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 4
+
+
+def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not_padded():
+    task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
+    assert task.text_columns() == ("q", "p", "n", "more")
+    full = {"q": "a", "p": "b", "n": "c", "more": ("d", "e")}
+    assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[2] == 5
+    short = {"q": "a", "p": "b", "n": " ", "more": ("d",)}
+    assert task.text(short) == ("a", "b", "d") and task.label_id(task.raw_label(short))[4] == 3
+    assert task.with_labels([task.raw_label(full), task.raw_label(short)]).width == 5
+    assert "at most 14" in task.text({"q": "a", "p": "b", "more": tuple("n" * 15)})
+    with pytest.raises(MtlError, match="up to 14 hard negative columns"):
+        _task("retrieval", text_columns=("q",))
 
 
 def test_multilabel_and_regression_losses_against_numpy():

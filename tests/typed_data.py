@@ -29,6 +29,7 @@ tasks:
     type: retrieval
     train: qa.jsonl
     text_columns: [query, answer]
+    negatives_column: negatives
   - name: ner
     type: tagging
     train: ner.conll
@@ -80,7 +81,14 @@ def write_typed_data(folder: Path, n: int = 96, seed: int = 0) -> Path:
     qa = []
     for i in range(n):
         w = word(topic_of(i))
-        qa.append({"query": f"who {NAMES[i % 4]} {w}", "answer": f"{NAMES[i % 4]} likes the {w} {i}"})
+        others = [f"{NAMES[(i + k) % 4]} likes the {w} {i}" for k in (1, 2)]  # hard negatives: none, one or two
+        qa.append(
+            {
+                "query": f"who {NAMES[i % 4]} {w}",
+                "answer": f"{NAMES[i % 4]} likes the {w} {i}",
+                "negatives": others[: i % 3],
+            }
+        )
     _jsonl(folder / "qa.jsonl", qa)
     lines = []
     for i in range(n):

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.cli import add_dtype_option, read_lines, run_cli
-from mtl_jax.data.readers import format_of, read_rows, suffixes
+from mtl_jax.cli import add_dtype_option, read_input, run_cli
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks.metrics import top_k
 
@@ -45,28 +43,6 @@ def parse_args(argv):
     add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
-
-
-def read_input(path: str | None, columns: list[str]) -> list:
-    """Texts (one column) or pairs (two) from a data file a reader reads; lines of a text file or stdin."""
-    if path is None or not is_data_file(Path(path)):
-        if len(columns) > 1:
-            raise MtlError(f"--text-columns needs --input with a data file ({', '.join(suffixes())})")
-        return read_lines(path)
-    rows = read_rows(Path(path), columns)
-    for r in rows:
-        missing = [c for c in columns if r.fields.get(c) is None]
-        if r.problem or missing:
-            raise MtlError(f"{path}:{r.line}: {r.problem or f'no field {missing[0]!r}'}")
-    return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
-
-
-def is_data_file(path: Path) -> bool:
-    """Whether a reader reads ``path`` (else it is plain text, one input per line)."""
-    try:
-        return bool(format_of(path))
-    except MtlError:
-        return False
 
 
 def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -> None:

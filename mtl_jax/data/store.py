@@ -30,7 +30,7 @@ from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks import Task, TaskConfig, build
 
-FORMAT = 1
+FORMAT = 2
 META = "meta.json"
 
 

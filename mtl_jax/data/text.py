@@ -90,12 +90,13 @@ class TextTokenizer:
         for i, t in enumerate(texts):
             kinds.setdefault(type(t), []).append(i)
         for kind, members in kinds.items():
-            if kind is Segments:
-                width = len(texts[members[0]])
-                parts = [self([texts[i][j] for i in members], max_length) for j in range(width)]
-                for k, i in enumerate(members):
-                    ids[i] = tuple(p[0][k] for p in parts)
-                    truncated[i] = any(p[1][k] for p in parts)
+            if kind is Segments:  # (examples may have different numbers of segments: retrieval's negatives)
+                flat, cut = self([s for i in members for s in texts[i]], max_length)
+                at = 0
+                for i in members:
+                    width = len(texts[i])
+                    ids[i], truncated[i] = tuple(flat[at : at + width]), cut[at : at + width].any()
+                    at += width
                 continue
             done = 0
             for encodings in self._encode_chunks([texts[i] for i in members], kind, max_length):

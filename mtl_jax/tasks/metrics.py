@@ -4,8 +4,11 @@ recall@k), multi-label F1 and seqeval-style entity F1 over BIO / IOBES tags."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -98,15 +101,26 @@ def retrieval_metrics(queries: np.ndarray, positives: np.ndarray, query_keys, po
 
 
 def top_k(queries: np.ndarray, docs: np.ndarray, k: int):
-    """``(first query, indices [chunk, k], cosines [chunk, k])`` per chunk of queries: each query's ``k``
-    best documents by the product of unit vectors, best first (a tie: the document seen first). Memory
-    is a chunk's similarities (:data:`RANK_CHUNK_NUMBERS`), never queries x documents."""
+    """``(first query, indices [chunk, k], scores [chunk, k])`` per chunk of queries: each query's ``k``
+    best documents by the product of unit vectors, best first (a tie: the document seen first),
+    computed on the device (``jax.lax.top_k``: no full sort). Memory is the documents and a chunk's
+    similarities (:data:`RANK_CHUNK_NUMBERS`), never queries x documents."""
     k = min(k, len(docs))
-    chunk = max(1, RANK_CHUNK_NUMBERS // max(len(docs), 1))
+    chunk = max(1, min(len(queries), RANK_CHUNK_NUMBERS // max(len(docs), 1)))
+    on_device = jnp.asarray(docs, jnp.float32)
     for start in range(0, len(queries), chunk):
-        sims = np.asarray(queries[start : start + chunk], np.float32) @ np.asarray(docs, np.float32).T
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        yield start, top, np.take_along_axis(sims, top, axis=1)
+        part = np.asarray(queries[start : start + chunk], np.float32)
+        n = len(part)
+        if n < chunk:  # the last chunk: padded to the others' shape (one compiled program)
+            part = np.concatenate([part, np.zeros((chunk - n,) + part.shape[1:], np.float32)])
+        scores, top = _best(jnp.asarray(part), on_device, k)
+        yield start, np.asarray(top)[:n], np.asarray(scores)[:n]
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _best(queries: jax.Array, docs: jax.Array, k: int):
+    sims = jnp.matmul(queries, docs.T, precision=jax.lax.Precision.HIGHEST)  # (no TF32 on GPUs)
+    return jax.lax.top_k(sims, k)
 
 
 def _ranked(top: np.ndarray, relevant: set) -> dict:

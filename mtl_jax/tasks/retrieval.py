@@ -1,16 +1,21 @@
-"""``retrieval``: (query, positive) pairs trained with in-batch negatives.
+"""``retrieval``: (query, positive) pairs trained with in-batch negatives, and hard negatives.
 
-Each query is scored against every positive of the step (and every hard negative, with
-``negative_column``) by the cosine scaled by 20, and trained with cross-entropy towards its own
-positive: sentence-transformers' MultipleNegativesRankingLoss. The step's arrays are global over
-the devices, so the negatives come from every device of the step; with ``--grad-accum`` K, from
-the micro-batch. Needs two pairs in a step at least.
+Each query is scored against every positive and every hard negative of the step by the cosine
+scaled by 20, and trained with cross-entropy towards its own positive: sentence-transformers'
+MultipleNegativesRankingLoss. Hard negatives are the columns after the positive in
+``text_columns`` (``[query, positive, neg_1, ..., neg_k]``) and/or ``negatives_column``, a column
+holding a list of them (a JSON or Arrow list; a plain text is one). A row may have fewer negatives
+than others (an empty cell, a shorter list): the missing ones are left out of the scores (masked),
+not filled with copies. The step's arrays are global over the devices, so the negatives come from
+every device of the step; with ``--grad-accum`` K, from the micro-batch. Needs two pairs in a step
+at least. ``mtl-mine`` (:mod:`mtl_jax.commands.mine`) writes hard negatives mined with a model.
 
 Evaluation computes what sentence-transformers' InformationRetrievalEvaluator computes: a split's
 queries and positives grouped by text (a passage written twice is one document; a query with several
 positives has them all), each distinct query ranked against the split's distinct passages: nDCG@10
-(primary), MRR@10, recall@1, recall@10 and MAP@100. An example's label is its two texts' keys, which
-is what lets evaluation group them. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
+(primary), MRR@10, recall@1, recall@10 and MAP@100 (hard negatives are not in that corpus). An
+example's label is its query's and positive's text keys, which is what lets evaluation group them,
+and how many texts it has. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
 """
 
 from __future__ import annotations
@@ -23,26 +28,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.data.packing import MAX_SEGMENTS
+from mtl_jax.data.text import Segments
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
-from mtl_jax.options import option
-from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.options import names, option
+from mtl_jax.tasks.base import BadText, LossSums, Task, check_text, register
 from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
 from mtl_jax.tasks.pair import PairOptions, PairText
 
 SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
 
 
-def in_batch_loss(out: jnp.ndarray, valid: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Per query (``out`` ``[N, k, D]``: query, positive and k - 2 negatives, unit length; ``valid`` [N]):
-    the cross-entropy of its own positive among every valid example's positive and negatives, and
-    whether its own scores highest."""
-    n = out.shape[0]
+def in_batch_loss(out: jnp.ndarray, texts: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per query (``out`` ``[N, k, D]``: query, positive and k - 2 negatives, unit length; ``texts`` [N]:
+    how many of the k an example has, 0 for none): the cross-entropy of its own positive among every
+    example's positive and negatives, and whether its own scores highest."""
+    n, k = out.shape[:2]
+    valid = texts >= 2
     candidates = jnp.moveaxis(out[:, 1:], 1, 0).reshape(-1, out.shape[-1])  # [(k - 1) N, D]: positives, then negatives
+    present = (jnp.arange(1, k)[:, None] < texts[None, :]).reshape(-1)  # [(k - 1) N], in the candidates' order
     scores = SCALE * out[:, 0] @ candidates.T  # [N, (k - 1) N]
-    scores = jnp.where(
-        jnp.tile(valid, out.shape[1] - 1)[None, :], scores, -1e9
-    )  # (finite: a row with no pair stays finite)
+    scores = jnp.where(present[None, :], scores, -1e9)  # (finite: a row with no pair stays finite)
     own = scores[jnp.arange(n), jnp.arange(n)]
     nll = jax.nn.logsumexp(scores, axis=-1) - own
     return jnp.where(valid, nll, 0.0), valid & (jnp.argmax(scores, axis=-1) == jnp.arange(n))
@@ -54,9 +61,15 @@ def text_key(text: str) -> tuple[int, int]:
     return (digest >> 33) & 0x7FFFFFFF, (digest >> 2) & 0x7FFFFFFF
 
 
+MOST_NEGATIVES = MAX_SEGMENTS - 2  # an example's texts share one packed row
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalOptions(PairOptions):
-    negative_column: Optional[str] = option(None, "a column holding a hard negative per row")
+    text_columns: Optional[tuple[str, ...]] = option(
+        None, "query, positive, then any hard negative columns", parse=names
+    )
+    negatives_column: Optional[str] = option(None, "a column holding a list of hard negatives per row")
 
 
 @register("retrieval")
@@ -64,21 +77,56 @@ class RetrievalOptions(PairOptions):
 class Retrieval(PairText, Task):
     primary = "ndcg@10"
     record_keys = ("loss",) + RETRIEVAL_METRICS + ("examples",)
-    label_shape = (4,)  # the keys of its query's and its positive's texts, two 31-bit halves each
+    label_shape = (5,)  # the keys of its query's and its positive's texts (two 31-bit halves each), its texts
     Options = RetrievalOptions
     ranks_corpus = True
     distinct_in_batch = True  # a repeated query or passage would be scored as its own negative
 
+    roles = ("query", "positive")
+
     def __post_init__(self):
-        self.check_pair()  # (the hard negative column is its own key)
+        cols = self.options.text_columns or ()
+        if not 2 <= len(cols) <= MAX_SEGMENTS:
+            raise MtlError(
+                f"task {self.name} (retrieval): text_columns must name the query, the positive and up to "
+                f"{MOST_NEGATIVES} hard negative columns, got {self.options.text_columns}"
+            )
         if self.options.encoding != "bi":
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
 
     def text_columns(self) -> tuple[str, ...]:
-        negative = self.options.negative_column
-        return tuple(self.options.text_columns or ()) + ((negative,) if negative else ())
+        listed = self.options.negatives_column
+        return tuple(self.options.text_columns) + ((listed,) if listed else ())
 
-    roles = ("query", "positive")
+    def negatives(self, fields: dict) -> list:
+        """A row's hard negatives: its negative columns', then its list's, empty ones left out."""
+        values = [fields.get(c) for c in self.options.text_columns[2:]]
+        listed = fields.get(self.options.negatives_column) if self.options.negatives_column else None
+        values += list(listed) if isinstance(listed, tuple) else [listed]
+        return [v for v in values if v is not None and str(v).strip()]
+
+    def text(self, fields: dict):
+        """The query, the positive and the hard negatives, each its own segment."""
+        query, positive = self.options.text_columns[:2]
+        texts = [check_text(fields.get(query), query), check_text(fields.get(positive), positive)]
+        texts += [check_text(v, "negatives") for v in self.negatives(fields)]
+        bad = [t for t in texts if isinstance(t, BadText)]
+        if bad:
+            return bad[0]
+        if len(texts) > MAX_SEGMENTS:
+            return BadText(f"{len(texts) - 2} hard negatives (at most {MOST_NEGATIVES})")
+        return Segments(texts)
+
+    @property
+    def width(self) -> int:
+        """The most texts an example has (the training data's, else the configured columns')."""
+        return int(self.stats[0]) if self.stats else len(self.options.text_columns)
+
+    def with_labels(self, raw_train_labels) -> Retrieval:
+        if self.stats:
+            return self
+        widest = max((raw[2] for raw in raw_train_labels), default=len(self.options.text_columns))
+        return dataclasses.replace(self, stats=(float(min(widest, MAX_SEGMENTS)),))
 
     def columns(self) -> tuple[str, ...]:
         return ()
@@ -88,12 +136,12 @@ class Retrieval(PairText, Task):
         return "sentence"  # predict takes a query (or a passage): its embedding
 
     def raw_label(self, fields: dict):
-        """The row's query and positive texts: every row is a pair, its label the texts' identity."""
-        query, positive = self.options.text_columns
-        return (fields.get(query), fields.get(positive))
+        """The row's query and positive texts (their identity is its label) and how many texts it has."""
+        query, positive = self.options.text_columns[:2]
+        return (fields.get(query), fields.get(positive), 2 + len(self.negatives(fields)))
 
     def label_id(self, raw) -> np.ndarray:
-        return np.array([half for text in raw for half in text_key(text)], np.int32)
+        return np.array([half for text in raw[:2] for half in text_key(text)] + [raw[2]], np.int32)
 
     def check_batch(self, examples_per_step: int) -> None:
         if examples_per_step < 2:
@@ -107,7 +155,7 @@ class Retrieval(PairText, Task):
         return 0
 
     def head_options(self) -> tuple:
-        return (("width", len(self.text_columns())),)
+        return (("width", self.width),)
 
     @staticmethod
     def head(spec: HeadSpec, features: Features):
@@ -117,9 +165,10 @@ class Retrieval(PairText, Task):
 
     def loss_sums(self, outputs, y):
         out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
-        valid = self.present(y).reshape(-1)
-        nll, correct = in_batch_loss(out, valid)
-        return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(valid))
+        y = y.reshape(-1, y.shape[-1])
+        texts = jnp.where(self.present(y), y[:, 4], 0)
+        nll, correct = in_batch_loss(out, texts)
+        return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):
         return outputs[:, :, :2]  # (query, positive)
@@ -129,7 +178,7 @@ class Retrieval(PairText, Task):
 
     def metrics(self, y_true, y_pred) -> dict:
         y_true = np.asarray(y_true)
-        return retrieval_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]), y_true[:, :2], y_true[:, 2:])
+        return retrieval_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]), y_true[:, :2], y_true[:, 2:4])
 
     def describe(self, result: dict) -> str:
         return f"nDCG@10 {result['ndcg@10']:.3f} MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
