@@ -13,7 +13,7 @@ from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax.data.batching import Grid, InputPipeline, Tokenized, pack_examples, single_rows
-from mtl_jax.data.packing import MAX_SEGMENTS, pack_rows, packed_calls, row_lengths
+from mtl_jax.data.packing import MAX_SEGMENTS, pack_length, pack_rows, packed_calls, row_lengths
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.encoder import Encoder, keep_mask
 from mtl_jax.model.multitask import MultiTaskModel, init_params
@@ -109,6 +109,15 @@ def test_encode_packed_equals_each_sentence_alone(minilm, mode):
     together = minilm.encode(texts, pooling=mode, normalize=False, batch_size=4)
     for i, text in enumerate(texts):
         np.testing.assert_allclose(together[i], minilm.encode([text], pooling=mode, normalize=False)[0], atol=2e-5)
+
+
+def test_examples_of_three_texts_share_longer_rows_and_pairs_and_sentences_keep_64():
+    rng = np.random.default_rng(0)
+    texts = rng.integers(8, 26, (4000, 3))  # a query, a positive, a hard negative
+    texts[:40] += 30  # a few long ones: rows of up to 128 tokens exist anyway
+    assert pack_length(texts.sum(axis=1), widest=3) == 128  # 64-token rows hold one such example
+    assert pack_length(texts[:, :2].sum(axis=1), widest=2) == 64
+    assert pack_length(texts[:, 0], widest=1) == 64
 
 
 def test_keep_mask_drops_at_the_rate_with_independent_draws_and_the_same_mask_for_more_rows():

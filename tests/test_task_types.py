@@ -66,7 +66,7 @@ def test_in_batch_negatives_loss_with_hard_negatives_masks_the_ones_a_row_lacks_
 
 def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not_padded():
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
-    assert task.text_columns() == ("q", "p", "n", "more")
+    assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")
     full = {"q": "a", "p": "b", "n": "c", "more": ("d", "e")}
     assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[2] == 5
     short = {"q": "a", "p": "b", "n": " ", "more": ("d",)}
@@ -75,6 +75,36 @@ def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not
     assert "at most 14" in task.text({"q": "a", "p": "b", "more": tuple("n" * 15)})
     with pytest.raises(MtlError, match="up to 14 hard negative columns"):
         _task("retrieval", text_columns=("q",))
+
+
+def test_hard_negatives_load_from_csv_columns_and_jsonl_lists_and_evaluation_files_need_none(tmp_path):
+    (tmp_path / "train.csv").write_text("q,p,negative_1,negative_2\nq1,p1,n1,n2\nq2,p2,n3,\nq3,p3,,\n")
+    (tmp_path / "train.jsonl").write_text(
+        '{"q": "q1", "p": "p1", "neg": ["n1", "n2", "n3"]}\n{"q": "q2", "p": "p2", "neg": []}\n{"q": "q3", "p": "p3"}\n'
+    )
+    (tmp_path / "eval.jsonl").write_text('{"q": "q4", "p": "p4"}\n{"q": "q5", "p": "p5"}\n')
+    eval_files = {"validation": str(tmp_path / "eval.jsonl"), "test": str(tmp_path / "eval.jsonl")}
+    columns = TaskConfig(
+        "c",
+        str(tmp_path / "train.csv"),
+        type="retrieval",
+        text_columns=("q", "p", "negative_1", "negative_2"),
+        **eval_files,
+    )
+    listed = TaskConfig(
+        "l",
+        str(tmp_path / "train.jsonl"),
+        type="retrieval",
+        text_columns=("q", "p"),
+        negatives_column="neg",
+        **eval_files,
+    )
+    for config, widths, widest in ((columns, [4, 3, 2], 4), (listed, [5, 2, 2], 5)):
+        data = load_tasks([config])
+        (task,) = data.tasks
+        assert [len(t) for t in data.splits["train"].texts] == widths and task.width == widest
+        assert data.splits["train"].labels[task.name][:, 4].tolist() == widths
+        assert [len(t) for t in data.splits["test"].texts] == [2, 2]
 
 
 def test_multilabel_and_regression_losses_against_numpy():

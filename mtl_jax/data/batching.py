@@ -33,6 +33,7 @@ from mtl_jax.data.packing import (
     StoredUnits,
     bucket_for,
     fill_rows,
+    pack_length,
     pack_rows,
     packed_calls,
     round_up,
@@ -129,6 +130,11 @@ class Tokenized:
     def longest(self) -> int:
         """The most tokens an example has (read at every step: computed once)."""
         return int(self.lengths.max()) if len(self.ids) else 1
+
+    @functools.cached_property
+    def short_rows(self) -> int:
+        """The row length short examples share (``packing.pack_length``)."""
+        return row_lengths(self.longest, pack_length(self.lengths, self.widest))[0]
 
     @functools.cached_property
     def widest(self) -> int:
@@ -269,7 +275,7 @@ def single_rows(ids: np.ndarray, mask: np.ndarray, labels: dict) -> TokenBatch:
 def step_length(data: Tokenized, parts: Sequence[np.ndarray]) -> int:
     """The row length of a step holding ``parts``: the shortest of the training row lengths that fits."""
     longest = max(int(data.lengths[p].max()) for p in parts if len(p))
-    return bucket_for(longest, row_lengths(data.longest))
+    return bucket_for(longest, row_lengths(data.longest, data.short_rows))
 
 
 def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_multiple: int = 1) -> dict[int, Grid]:
@@ -312,7 +318,7 @@ def task_plan(
     lengths = data.lengths
     per_task = []
     for m in members:
-        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, rows, window, texts)
+        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, data.short_rows, rows, window, texts)
         subs.sort(key=lambda idx: int(lengths[idx].max()))
         per_task.append(subs)
     plan = [list(step) for step in zip(*per_task)]
@@ -355,7 +361,7 @@ def epoch_plan(
         if n == 0 or k == 0:
             continue
         order = _draw(np.flatnonzero(data.source == src), k, rng)
-        batches += _balanced_batches(order, lengths, batch_size, window, texts)
+        batches += _balanced_batches(order, lengths, data.short_rows, batch_size, window, texts)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -366,18 +372,17 @@ def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _balanced_batches(
-    order: np.ndarray, lengths: np.ndarray, rows: int, window: int, texts: Sequence | None = None
+    order: np.ndarray, lengths: np.ndarray, short: int, rows: int, window: int, texts: Sequence | None = None
 ) -> list[np.ndarray]:
     """Batches of about ``rows`` from ``order`` whose token counts are nearly equal (so every step
     fits a small packed grid), inside windows of ``window`` batches.
 
-    In a window, the examples longer than the short row length (``packing.row_lengths``) go
+    In a window, the examples longer than the ``short`` row length (``Tokenized.short_rows``) go
     into batches of their own (topped up with the next longest), which then pack into the long
     rows; each group is dealt longest first in snake order (batch 1, 2, ..., n, n, ..., 1, ...).
     With ``texts`` (per example the keys of its texts, or None), no batch holds two examples that
     share a text (:func:`_spread_repeats`).
     """
-    short = row_lengths(int(lengths.max()) if len(lengths) else 1)[0]
     batches = []
     for start in range(0, len(order), rows * window):
         chunk = order[start : start + rows * window]

@@ -147,9 +147,10 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
     """The rows of one file that the tasks of ``group`` read (they share its text columns)."""
     label_cols = [t.config.label_column for t in group]
     columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
+    optional = list(dict.fromkeys(c for t in group for c in t.optional_columns()))
     out = FileRows([], [], [])
     dropped: Counter = Counter()
-    for row in read_rows(path, columns, group[0].config.format, group[0].config.options):
+    for row in read_rows(path, columns, group[0].config.format, group[0].config.options, optional):
         raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
@@ -239,7 +240,7 @@ def _check_train(train: Examples, tasks: Sequence[Task]) -> None:
 
 def text_key(task: Task) -> tuple:
     """What makes an example's text: tasks with the same key on one file share its rows."""
-    return (task.text_kind, task.text_columns())
+    return (task.text_kind, task.text_columns(), task.optional_columns())
 
 
 def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:

@@ -96,6 +96,10 @@ class Task:
         """The columns a file of this task must have besides the text columns."""
         return (self.config.label_column,)
 
+    def optional_columns(self) -> tuple[str, ...]:
+        """Columns read where a file has them (retrieval's hard negatives: evaluation files need none)."""
+        return ()
+
     def text(self, fields: dict) -> Any:
         """An example's text from its row's fields: a string here (one sentence; see
         :mod:`mtl_jax.data.text` for the other kinds), or :class:`BadText` with the reason."""

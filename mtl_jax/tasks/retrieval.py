@@ -95,8 +95,12 @@ class Retrieval(PairText, Task):
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
 
     def text_columns(self) -> tuple[str, ...]:
+        return tuple(self.options.text_columns[:2])
+
+    def optional_columns(self) -> tuple[str, ...]:
+        """The hard negatives' columns: a file without them (validation, test) has none."""
         listed = self.options.negatives_column
-        return tuple(self.options.text_columns) + ((listed,) if listed else ())
+        return tuple(self.options.text_columns[2:]) + ((listed,) if listed else ())
 
     def negatives(self, fields: dict) -> list:
         """A row's hard negatives: its negative columns', then its list's, empty ones left out."""

@@ -1,7 +1,8 @@
 """What every reader shares: the record it yields (:class:`Row`), a JSON value as a column's
 text, a file's text, and the registry that picks a reader by a file's suffix (or ``format:``).
 
-A reader is a function ``read(path, columns, options) -> list[Row]`` registered with
+A reader is a function ``read(path, columns, options, optional) -> list[Row]`` (``optional``: columns
+it reads where the file has them) registered with
 :func:`register` under a name, the suffixes it reads and, when it has options of its own (a CSV's
 ``header``), their frozen dataclass (see :mod:`mtl_jax.options`): a task's config keys of that
 name reach the reader as that dataclass. A new format is one new module.
@@ -31,7 +32,7 @@ class Row:
 
 
 class Reader(NamedTuple):
-    read: Callable[[Path, Sequence[str], Any], list[Row]]
+    read: Callable[..., list[Row]]  # (path, columns, options, optional columns)
     suffixes: tuple[str, ...]  # lower case, with the dot (a folder reader: none)
     options: type | None = None  # the frozen dataclass of its options
     folder: bool = False  # reads a folder, not a file
@@ -79,9 +80,16 @@ def format_of(path: Path) -> str:
     raise MtlError(f"{path}: unknown format (use {known})")
 
 
-def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None, options: Mapping | None = None) -> list[Row]:
+def read_rows(
+    path: Path,
+    columns: Sequence[str],
+    fmt: str | None = None,
+    options: Mapping | None = None,
+    optional: Sequence[str] = (),
+) -> list[Row]:
     """Every record of a file (or folder) with the line (row) it starts on; ``fmt`` (default: from the
-    suffix) picks the reader; ``options``: a task's reader options by name (the reader takes its own).
+    suffix) picks the reader; ``options``: a task's reader options by name (the reader takes its own);
+    ``optional``: columns read where the file has them (a row without one has no such field).
 
     Missing columns are a file-level error; malformed records come back with ``problem`` set.
     """
@@ -95,7 +103,7 @@ def read_rows(path: Path, columns: Sequence[str], fmt: str | None = None, option
     if reader.options is not None:
         names = {f.name for f in declared(reader.options)}
         own = reader.options(**parsed(reader.options, {k: v for k, v in (options or {}).items() if k in names}))
-    return reader.read(path, columns, own)
+    return reader.read(path, columns, own, optional)
 
 
 def json_field(value) -> str | tuple | None:

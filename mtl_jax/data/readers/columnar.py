@@ -20,18 +20,18 @@ from mtl_jax.errors import MtlError
 
 
 @register("parquet", [".parquet"])
-def read_parquet(path: Path, columns: Sequence[str], options=None) -> list[Row]:
+def read_parquet(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
     try:
         schema = pyarrow.parquet.read_schema(path)
-        _check_columns(path, columns, schema.names)
-        table = pyarrow.parquet.read_table(path, columns=list(columns))
+        columns = _check_columns(path, columns, schema.names, optional)
+        table = pyarrow.parquet.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read as Parquet ({e})") from None
     return _rows(table, columns, {})
 
 
 @register("datasets", folder=True)
-def read_datasets_folder(path: Path, columns: Sequence[str], options=None) -> list[Row]:
+def read_datasets_folder(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
     """A ``Dataset.save_to_disk`` folder: ``state.json`` lists its Arrow files (stream format)."""
     state, info = path / "state.json", path / "dataset_info.json"
     if not state.is_file():
@@ -45,15 +45,17 @@ def read_datasets_folder(path: Path, columns: Sequence[str], options=None) -> li
     except (OSError, KeyError, ValueError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read the datasets folder ({e})") from None
     table = pa.concat_tables(tables) if tables else None
-    _check_columns(path, columns, table.column_names if table is not None else [])
+    columns = _check_columns(path, columns, table.column_names if table is not None else [], optional)
     names = {c: f["names"] for c, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
     return _rows(table.select(list(columns)), columns, names)
 
 
-def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str]) -> None:
+def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str], optional: Sequence[str]) -> list[str]:
+    """The columns to read: every one of ``columns`` (else an error), the ``optional`` ones the file has."""
     missing = [c for c in columns if c not in have]
     if missing:
         raise MtlError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(have)})")
+    return list(columns) + [c for c in optional if c in have]
 
 
 def _rows(table, columns: Sequence[str], class_names: dict) -> list[Row]:

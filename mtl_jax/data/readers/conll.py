@@ -11,7 +11,7 @@ from mtl_jax.data.readers.base import Row, read_text, register
 
 
 @register("conll", [".conll"])
-def read_conll(path: Path, columns: Sequence[str], options=None) -> list[Row]:
+def read_conll(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
     """Records ``{columns[0]: words, columns[1]: tags}`` (the tagging task's tokens and label columns)."""
     text = read_text(path)
     tokens_col, tags_col = columns

@@ -23,17 +23,22 @@ class DelimitedOptions:
 
 
 @register("csv", [".csv"], DelimitedOptions)
-def read_csv(path: Path, columns: Sequence[str], options: DelimitedOptions) -> list[Row]:
-    return delimited_rows(path, read_text(path), columns, ",", options)
+def read_csv(path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()) -> list[Row]:
+    return delimited_rows(path, read_text(path), columns, ",", options, optional)
 
 
 @register("tsv", [".tsv"], DelimitedOptions)
-def read_tsv(path: Path, columns: Sequence[str], options: DelimitedOptions) -> list[Row]:
-    return delimited_rows(path, read_text(path), columns, "\t", options)
+def read_tsv(path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()) -> list[Row]:
+    return delimited_rows(path, read_text(path), columns, "\t", options, optional)
 
 
 def delimited_rows(
-    path: Path, text: str, columns: Sequence[str], delimiter: str, options: DelimitedOptions
+    path: Path,
+    text: str,
+    columns: Sequence[str],
+    delimiter: str,
+    options: DelimitedOptions,
+    optional: Sequence[str] = (),
 ) -> list[Row]:
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text is data (the tokenizer truncates it)
     quoting = csv.QUOTE_MINIMAL if options.quoting else csv.QUOTE_NONE
@@ -47,7 +52,7 @@ def delimited_rows(
     missing = [c for c in columns if c not in header]
     if missing:
         raise MtlError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
-    index = {c: header.index(c) for c in columns}
+    index = {c: header.index(c) for c in [*columns, *optional] if c in header}
     rows: list[Row] = []
     start = reader.line_num + 1
     while True:

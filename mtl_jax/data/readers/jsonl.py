@@ -11,7 +11,8 @@ from mtl_jax.errors import MtlError
 
 
 @register("jsonl", [".jsonl", ".json", ".ndjson"])
-def read_jsonl(path: Path, columns: Sequence[str], options=None) -> list[Row]:
+def read_jsonl(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
+    wanted = list(columns) + list(optional)
     rows: list[Row] = []
     for n, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -24,7 +25,7 @@ def read_jsonl(path: Path, columns: Sequence[str], options=None) -> list[Row]:
         if not isinstance(obj, dict):
             rows.append(Row(n, {}, "expected a JSON object"))
             continue
-        rows.append(Row(n, {c: json_field(obj[c]) for c in columns if c in obj}))
+        rows.append(Row(n, {c: json_field(obj[c]) for c in wanted if c in obj}))
     seen = set().union(*(r.fields.keys() for r in rows if r.problem is None)) if rows else set()
     missing = [c for c in columns if c not in seen]
     if rows and missing:

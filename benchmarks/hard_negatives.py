@@ -1,0 +1,105 @@
+"""Retrieval with in-batch negatives only against the same with a mined hard negative per query, on
+the review-halves fixture split by film (configs/movie-halves*.yaml), a few seeds each; prints JSON.
+
+    python scripts/derive_examples.py
+    python benchmarks/hard_negatives.py --seeds 0 1 2 > hard_negatives.json
+
+Mines data/derived/movie_halves_mined.jsonl first when it is missing (scripts/mine.py, one negative,
+no ratio filter: in this fixture every other review half is a true negative). Each run trains one
+epoch at batch 32, lr 5e-5, nothing frozen; the figures are the test split's, and the step time is
+the run's training seconds. The pretrained encoder's figures come first; with the PyTorch venv
+(`make peer`), the same recipes with sentence-transformers follow (benchmarks/st_hard_negatives.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mtl_jax.inference import load_encoder
+from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DERIVED = ROOT / "data" / "derived"
+RECIPES = {"in-batch": "configs/movie-halves.yaml", "mined": "configs/movie-halves-mined.yaml"}
+SETTINGS = ["--epochs", "1", "--batch-size", "32", "--lr", "5e-5", "--freeze", "none", "--no-progress"]
+
+
+def pretrained() -> dict:
+    rows = [json.loads(line) for line in (DERIVED / "movie_halves_test.jsonl").read_text().splitlines()]
+    encoder = load_encoder()
+    q = encoder.encode([r["query"] for r in rows], normalize=True)
+    p = encoder.encode([r["positive"] for r in rows], normalize=True)
+    return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows])
+
+
+def train(config: str, seed: int, out: Path) -> dict:
+    start = time.perf_counter()
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config, "--seed", str(seed)]
+    subprocess.run(cmd + SETTINGS + ["--out", str(out), "--overwrite"], cwd=ROOT, check=True, capture_output=True)
+    summary = json.loads((out / "summary.json").read_text())
+    result = summary["test"]["halves"]
+    return {k: result[k] for k in RETRIEVAL_METRICS} | {
+        "train_seconds": summary["seconds"]["train"],
+        "steps": summary["steps"],
+        "examples_per_s": summary["examples_per_s"],
+        "wall": round(time.perf_counter() - start, 1),
+    }
+
+
+def peer(python: str, seeds: list[int]) -> dict:
+    """The same recipes with sentence-transformers (benchmarks/st_hard_negatives.py in the PyTorch venv)."""
+    model = str(load_encoder().source)
+    files = {"in-batch": DERIVED / "movie_halves_train.jsonl", "mined": DERIVED / "movie_halves_mined.jsonl"}
+    out: dict = {}
+    for name, train_file in files.items():
+        runs = []
+        for seed in seeds:
+            cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(train_file)]
+            cmd += [str(DERIVED / "movie_halves_test.jsonl"), "--seed", str(seed)]
+            runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        scores = np.array([r["ndcg@10"] for r in runs])
+        out[name] = {"runs": runs, "ndcg@10_mean": float(scores.mean()), "ndcg@10_spread": float(np.ptp(scores))}
+        print(json.dumps({f"sentence-transformers {name}": runs}), file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/hard-negatives", help="the runs' folder (default: %(default)s)")
+    p.add_argument(
+        "--peer", default=".peer/venv/bin/python", help="the PyTorch venv's python (`make peer`); none: skip"
+    )
+    args = p.parse_args()
+    mined = DERIVED / "movie_halves_mined.jsonl"
+    if not mined.exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "mine.py"), "--input", str(DERIVED / "movie_halves_train.jsonl"),
+             "--negatives", "1", "--max-ratio", "off", "--out", str(mined), "--no-progress"],
+            check=True,
+        )  # fmt: skip
+    report: dict = {"benchmark": "hard_negatives", "pretrained": pretrained(), "runs": {}}
+    for name, config in RECIPES.items():
+        runs = [train(config, seed, Path(args.out) / f"{name}-{seed}") for seed in args.seeds]
+        report["runs"][name] = runs
+        scores = np.array([r["ndcg@10"] for r in runs])
+        report[name] = {"ndcg@10_mean": float(scores.mean()), "ndcg@10_spread": float(np.ptp(scores))}
+        print(json.dumps({name: runs}), file=sys.stderr)
+    per_step = {n: np.mean([r["train_seconds"] for r in report["runs"][n]]) for n in RECIPES}
+    report["step_cost_ratio"] = float(per_step["mined"] / per_step["in-batch"])
+    if Path(args.peer).exists():
+        report["sentence_transformers"] = st = peer(args.peer, args.seeds)
+        seconds = {n: np.mean([r["train_seconds"] for r in st[n]["runs"]]) for n in RECIPES}
+        report["wall_ratio_vs_sentence_transformers"] = {n: float(per_step[n] / seconds[n]) for n in RECIPES}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

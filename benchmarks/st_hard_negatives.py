@@ -1,0 +1,106 @@
+"""The hard-negatives recipe with sentence-transformers (run with the PyTorch venv's python, `make
+peer`; nothing here imports mtl_jax): MultipleNegativesRankingLoss over (query, positive[, negative])
+batches with no repeated text in a batch, AdamW at lr 5e-5 with 6% linear warm-up then linear decay,
+weight decay 0.01, gradients clipped at norm 1, one epoch at batch 32; then the test split's figures
+from InformationRetrievalEvaluator. Prints JSON.
+
+    .peer/venv/bin/python benchmarks/st_hard_negatives.py MODEL_DIR TRAIN.jsonl TEST.jsonl --seed 0
+
+The loop is written out (the trainer needs `datasets` and `accelerate`, which the peer venv does
+not carry); the loss, the model and the evaluator are sentence-transformers' own.
+"""
+
+import argparse
+import json
+import random
+import time
+
+import torch
+from sentence_transformers import SentenceTransformer, losses
+from sentence_transformers.evaluation import InformationRetrievalEvaluator
+from transformers import get_linear_schedule_with_warmup
+
+
+def batches(rows, size, rng):
+    """Shuffled batches of ``size`` with no text twice in a batch (as NoDuplicatesBatchSampler deals them)."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    out = []
+    while order:
+        batch, seen, rest = [], set(), []
+        for i in order:
+            texts = set(rows[i])
+            if len(batch) < size and not texts & seen:
+                batch.append(i)
+                seen |= texts
+            else:
+                rest.append(i)
+        out.append(batch)
+        order = rest
+    return [b for b in out if len(b) == size]  # (drop_last)
+
+
+def evaluate(model, test):
+    query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(r["query"] for r in test))}
+    doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(r["positive"] for r in test))}
+    relevant = {}
+    for r in test:
+        relevant.setdefault(query_id[r["query"]], set()).add(doc_id[r["positive"]])
+    evaluator = InformationRetrievalEvaluator(
+        {i: q for q, i in query_id.items()},
+        {i: p for p, i in doc_id.items()},
+        relevant,
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        accuracy_at_k=[1],
+        precision_recall_at_k=[1, 10],
+        map_at_k=[100],
+        show_progress_bar=False,
+    )
+    return {k.split("cosine_", 1)[1]: v for k, v in evaluator(model).items() if "cosine_" in k}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("train")
+    p.add_argument("test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    args = p.parse_args()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]  # noqa: E731
+    train, test = read(args.train), read(args.test)
+    rows = [[r["query"], r["positive"]] + list(r.get("negatives", []))[:1] for r in train]
+    model = SentenceTransformer(args.model, device="cpu")
+    model.max_seq_length = 128
+    loss = losses.MultipleNegativesRankingLoss(model)
+    plan = batches(rows, args.batch_size, random.Random(args.seed))
+    decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
+    other = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}], lr=args.lr
+    )
+    sched = get_linear_schedule_with_warmup(opt, round(0.06 * len(plan)), len(plan))
+    model.train()
+    start = time.perf_counter()
+    for batch in plan:
+        width = min(len(rows[i]) for i in batch)
+        features = [model.tokenize([rows[i][j] for i in batch]) for j in range(width)]
+        value = loss(features, None)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    seconds = time.perf_counter() - start
+    model.eval()
+    print(
+        json.dumps({"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)} | evaluate(model, test))
+    )
+
+
+if __name__ == "__main__":
+    main()
