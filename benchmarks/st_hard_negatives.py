@@ -13,12 +13,16 @@ not carry); the loss, the model and the evaluator are sentence-transformers' own
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer, losses
-from sentence_transformers.evaluation import InformationRetrievalEvaluator
 from transformers import get_linear_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from torch_ir import ir_figures  # noqa: E402  (the evaluator, as the tests call it)
 
 
 def batches(rows, size, rng):
@@ -38,26 +42,6 @@ def batches(rows, size, rng):
         out.append(batch)
         order = rest
     return [b for b in out if len(b) == size]  # (drop_last)
-
-
-def evaluate(model, test):
-    query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(r["query"] for r in test))}
-    doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(r["positive"] for r in test))}
-    relevant = {}
-    for r in test:
-        relevant.setdefault(query_id[r["query"]], set()).add(doc_id[r["positive"]])
-    evaluator = InformationRetrievalEvaluator(
-        {i: q for q, i in query_id.items()},
-        {i: p for p, i in doc_id.items()},
-        relevant,
-        mrr_at_k=[10],
-        ndcg_at_k=[10],
-        accuracy_at_k=[1],
-        precision_recall_at_k=[1, 10],
-        map_at_k=[100],
-        show_progress_bar=False,
-    )
-    return {k.split("cosine_", 1)[1]: v for k, v in evaluator(model).items() if "cosine_" in k}
 
 
 def main():
@@ -98,7 +82,10 @@ def main():
     seconds = time.perf_counter() - start
     model.eval()
     print(
-        json.dumps({"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)} | evaluate(model, test))
+        json.dumps(
+            {"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)}
+            | ir_figures(model, [(r["query"], r["positive"]) for r in test])
+        )
     )
 
 

@@ -1,10 +1,10 @@
-"""Run by the tests with a PyTorch venv's python (`make peer`), never imported: sentence-transformers'
-InformationRetrievalEvaluator on an exported model directory.
+"""Run by the tests with a PyTorch venv's python (`make peer`), never imported by them:
+sentence-transformers' InformationRetrievalEvaluator on an exported model directory.
 
     python tests/torch_ir.py EXPORT_DIR < rows.json   # rows: [[query, positive], ...] -> {metric: value}
 
 Queries and passages get an id per distinct text; every passage a row pairs with a query is relevant
-to it. Nothing here imports mtl_jax.
+to it. Nothing here imports mtl_jax (benchmarks/st_hard_negatives.py imports :func:`ir_figures`).
 """
 
 import json
@@ -13,22 +13,27 @@ import sys
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-rows = json.load(sys.stdin)
-query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(q for q, _ in rows))}
-doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(p for _, p in rows))}
-relevant: dict = {}
-for q, p in rows:
-    relevant.setdefault(query_id[q], set()).add(doc_id[p])
-evaluator = InformationRetrievalEvaluator(
-    {i: q for q, i in query_id.items()},
-    {i: p for p, i in doc_id.items()},
-    relevant,
-    mrr_at_k=[10],
-    ndcg_at_k=[10],
-    accuracy_at_k=[1],
-    precision_recall_at_k=[1, 10],
-    map_at_k=[100],
-    show_progress_bar=False,
-)
-scores = evaluator(SentenceTransformer(sys.argv[1], device="cpu"))
-json.dump({k.split("cosine_", 1)[1]: v for k, v in scores.items() if "cosine_" in k}, sys.stdout)
+
+def ir_figures(model, rows) -> dict:
+    """The evaluator's cosine figures for ``model`` on (query, positive) ``rows``."""
+    query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(q for q, _ in rows))}
+    doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(p for _, p in rows))}
+    relevant: dict = {}
+    for q, p in rows:
+        relevant.setdefault(query_id[q], set()).add(doc_id[p])
+    evaluator = InformationRetrievalEvaluator(
+        {i: q for q, i in query_id.items()},
+        {i: p for p, i in doc_id.items()},
+        relevant,
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        accuracy_at_k=[1],
+        precision_recall_at_k=[1, 10],
+        map_at_k=[100],
+        show_progress_bar=False,
+    )
+    return {k.split("cosine_", 1)[1]: v for k, v in evaluator(model).items() if "cosine_" in k}
+
+
+if __name__ == "__main__":
+    json.dump(ir_figures(SentenceTransformer(sys.argv[1], device="cpu"), json.load(sys.stdin)), sys.stdout)
