@@ -64,6 +64,35 @@ def test_in_batch_negatives_loss_with_hard_negatives_masks_the_ones_a_row_lacks_
     assert len(cands) == 4 + 5 and float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 4
 
 
+def test_guided_in_batch_loss_leaves_out_candidates_scored_above_the_positive_against_numpy():
+    rng = np.random.default_rng(2)
+    out = rng.normal(size=(6, 3, 8)).astype(np.float32)  # query, positive, one hard negative
+    out[3, 2] = out[3, 0] + 0.05 * rng.normal(size=8)  # a "negative" that is really a positive
+    out /= np.linalg.norm(out, axis=-1, keepdims=True)
+    texts = np.array([3, 3, 2, 3, 3, 0])
+    labels = np.where(texts[:, None] > 0, np.concatenate([np.arange(24).reshape(6, 4), texts[:, None]], 1), -1)
+    margin = 0.1
+    task = _task("retrieval", text_columns=("q", "p", "n"), guide="self", guide_margin=margin)
+    sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(labels)[None])
+    cands = [(j, i) for j in (1, 2) for i in range(6) if j < texts[i]]
+    want, left_out = 0.0, 0
+    for q in np.flatnonzero(texts):
+        own = out[q, 1] @ out[q, 0]
+        cos = np.array([out[i, j] @ out[q, 0] for j, i in cands])
+        keep = np.array([(j, i) == (1, q) or c <= own - margin for (j, i), c in zip(cands, cos)])
+        left_out += int((~keep).sum())
+        z = SCALE * cos[keep]
+        want += np.log(np.exp(z - z.max()).sum()) + z.max() - SCALE * own
+    assert left_out >= 1  # (row 3's planted negative at least)
+    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5) and int(sums.count) == 5
+    plain = _task("retrieval", text_columns=("q", "p", "n")).loss_sums(
+        jnp.asarray(out)[None], jnp.asarray(labels)[None]
+    )
+    assert float(plain.loss_sum) > float(sums.loss_sum)
+    with pytest.raises(MtlError, match="unknown guide"):
+        _task("retrieval", text_columns=("q", "p"), guide="initial")
+
+
 def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not_padded():
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
     assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")

@@ -40,16 +40,26 @@ from mtl_jax.tasks.pair import PairOptions, PairText
 SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
 
 
-def in_batch_loss(out: jnp.ndarray, texts: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def in_batch_loss(
+    out: jnp.ndarray, texts: jnp.ndarray, guide_margin: float | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per query (``out`` ``[N, k, D]``: query, positive and k - 2 negatives, unit length; ``texts`` [N]:
     how many of the k an example has, 0 for none): the cross-entropy of its own positive among every
-    example's positive and negatives, and whether its own scores highest."""
+    example's positive and negatives, and whether its own scores highest. With ``guide_margin`` (the
+    model as its own guide, GISTEmbed's guided loss), a candidate whose cosine to the query is above
+    the query's own positive's minus the margin is left out of its negatives (a likely positive)."""
     n, k = out.shape[:2]
     valid = texts >= 2
     candidates = jnp.moveaxis(out[:, 1:], 1, 0).reshape(-1, out.shape[-1])  # [(k - 1) N, D]: positives, then negatives
     present = (jnp.arange(1, k)[:, None] < texts[None, :]).reshape(-1)  # [(k - 1) N], in the candidates' order
-    scores = SCALE * out[:, 0] @ candidates.T  # [N, (k - 1) N]
-    scores = jnp.where(present[None, :], scores, -1e9)  # (finite: a row with no pair stays finite)
+    cosines = out[:, 0] @ candidates.T  # [N, (k - 1) N]
+    keep = jnp.broadcast_to(present[None, :], cosines.shape)
+    if guide_margin is not None:
+        guide = jax.lax.stop_gradient(cosines)
+        own_cosine = guide[jnp.arange(n), jnp.arange(n)]
+        own = jnp.arange(cosines.shape[1])[None, :] == jnp.arange(n)[:, None]
+        keep &= own | (guide <= own_cosine[:, None] - guide_margin)
+    scores = jnp.where(keep, SCALE * cosines, -1e9)  # (finite: a row with no pair stays finite)
     own = scores[jnp.arange(n), jnp.arange(n)]
     nll = jax.nn.logsumexp(scores, axis=-1) - own
     return jnp.where(valid, nll, 0.0), valid & (jnp.argmax(scores, axis=-1) == jnp.arange(n))
@@ -70,6 +80,10 @@ class RetrievalOptions(PairOptions):
         None, "query, positive, then any hard negative columns", parse=names
     )
     negatives_column: Optional[str] = option(None, "a column holding a list of hard negatives per row")
+    guide: Optional[str] = option(
+        None, "self: a candidate the model scores above the query's positive (minus guide_margin) is no negative"
+    )
+    guide_margin: float = option(0.0, "with guide: how far below the positive's cosine a negative must score")
 
 
 @register("retrieval")
@@ -93,6 +107,8 @@ class Retrieval(PairText, Task):
             )
         if self.options.encoding != "bi":
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
+        if self.options.guide not in (None, "self"):
+            raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self)")
 
     def text_columns(self) -> tuple[str, ...]:
         return tuple(self.options.text_columns[:2])
@@ -171,7 +187,8 @@ class Retrieval(PairText, Task):
         out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
         y = y.reshape(-1, y.shape[-1])
         texts = jnp.where(self.present(y), y[:, 4], 0)
-        nll, correct = in_batch_loss(out, texts)
+        margin = float(self.options.guide_margin) if self.options.guide == "self" else None
+        nll, correct = in_batch_loss(out, texts, margin)
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):
