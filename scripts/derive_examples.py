@@ -8,14 +8,15 @@
   (the positive), reviews of 12 words or more;
 - pair_classification, debate_pairs.jsonl: two 2016 presidential-debate statements of 8 words or
   more by candidates, labelled "same" when both speakers are of one party, else "different";
-- multilabel, mfd_terms.jsonl: each Moral Foundations Dictionary 2.0 term and the set of its
-  foundation categories (the dictionary's rows grouped by term);
+- multilabel, mfd_sentences.jsonl: sentences of the 2012 convention speeches (6 to 40 words) that
+  hold a Moral Foundations Dictionary 2.0 term, labelled with the foundations (care, fairness,
+  loyalty, authority, sanctity) of the terms they hold;
 - tagging, mfd_tagged.conll: sentences of the 2012 convention speeches (6 to 40 words) in which
   Moral Foundations Dictionary 2.0 terms are tagged BIO with their category (care.virtue,
   fairness.vice, ...; the longest term wins), the sentences that hold a term; a sentence holding a
   term of several categories is left out, so every occurrence of a term carries one tag;
-- similarity, whissell_pairs.csv: two words of Whissell's Dictionary of Affect scored by how close
-  their pleasantness ratings are (5 minus twice the difference, within [0, 5]);
+- similarity, mfd_sentence_pairs.csv: two of those sentences scored 0-5 by how much their
+  foundations overlap (5 x their Jaccard index), half the pairs sharing a foundation;
 - pair_classification, review_pairs.jsonl: a review's first half with its own second half
   ("same") or with another review's ("other"), half and half: the fixture docs/task-types.md
   measures the bi- and cross-encodings on;
@@ -109,47 +110,74 @@ def mfd_terms() -> list[dict]:
 WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
 
-def _tag_terms(words: list[str], lexicon: dict[tuple, list[str]], longest: int) -> list[str] | None:
-    """BIO tags of the lexicon's terms in ``words`` (longest match first); None when a term found
-    has several categories."""
-    low, tags, i = [w.lower() for w in words], ["O"] * len(words), 0
+def _terms_in(words: list[str], lexicon: dict[tuple, list[str]], longest: int) -> list[tuple[int, int, list[str]]]:
+    """``(first word, words, categories)`` of each lexicon term in ``words``, longest match first."""
+    low, found, i = [w.lower() for w in words], [], 0
     while i < len(words):
         n = next((n for n in range(longest, 0, -1) if tuple(low[i : i + n]) in lexicon), 0)
-        if not n:
-            i += 1
-            continue
-        cats = lexicon[tuple(low[i : i + n])]
-        if len(cats) > 1:
-            return None
-        tags[i : i + n] = [f"B-{cats[0]}"] + [f"I-{cats[0]}"] * (n - 1)
-        i += n
-    return tags
+        if n:
+            found.append((i, n, lexicon[tuple(low[i : i + n])]))
+        i += n or 1
+    return found
 
 
-def mfd_tagged(path: Path, terms: list[dict]) -> int:
+def speech_sentences(terms: list[dict]) -> list[tuple[list[str], list]]:
+    """The 2012 convention speeches' sentences of 6 to 40 words that hold a dictionary term, with
+    the terms found in each."""
     lexicon = {tuple(t["term"].split()): t["foundations"] for t in terms}
     longest = max(map(len, lexicon))
-    rows = read_rows(resolve_path("embedded:political_data.csv"), ["text"])
-    sentences = []
-    for r in rows:
+    out = []
+    for r in read_rows(resolve_path("embedded:political_data.csv"), ["text"]):
         for s in re.split(r"(?<=[.!?])\s+", r.fields.get("text") or ""):
             words = WORD.findall(s)
-            tags = _tag_terms(words, lexicon, longest) if 6 <= len(words) <= 40 else None
-            if tags and any(t != "O" for t in tags):
-                sentences.append("".join(f"{w} {t}\n" for w, t in zip(words, tags)))
-    path.write_text("\n".join(sentences), encoding="utf-8")
-    return len(sentences)
+            found = _terms_in(words, lexicon, longest) if 6 <= len(words) <= 40 else []
+            if found:
+                out.append((words, found))
+    return out
 
 
-def whissell_pairs(path: Path, limit: int, rng) -> int:
-    rows = read_rows(resolve_path("embedded:whissells_df.csv"), ["word", "pleasantness"])
-    words = [(r.fields["word"], float(r.fields["pleasantness"])) for r in rows if r.fields.get("word")]
+def mfd_tagged(path: Path, sentences: list) -> int:
+    """BIO tags of the terms, the sentences none of whose terms has several categories."""
+    lines = []
+    for words, found in sentences:
+        if any(len(cats) > 1 for _, _, cats in found):
+            continue
+        tags = ["O"] * len(words)
+        for i, n, (cat,) in found:
+            tags[i : i + n] = [f"B-{cat}"] + [f"I-{cat}"] * (n - 1)
+        lines.append("".join(f"{w} {t}\n" for w, t in zip(words, tags)))
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def _foundations(found: list) -> list[str]:
+    """The moral foundations (care, fairness, ...: a category without .virtue / .vice) of the terms found."""
+    return sorted({cat.split(".")[0] for _, _, cats in found for cat in cats})
+
+
+def mfd_sentences(sentences: list) -> list[dict]:
+    return [{"text": " ".join(words), "foundations": _foundations(found)} for words, found in sentences]
+
+
+def mfd_sentence_pairs(path: Path, sentences: list, limit: int, rng) -> int:
+    """Two sentences scored 0-5 by how much their foundations overlap (5 x Jaccard); half the pairs
+    share a foundation."""
+    labelled = [(" ".join(words), set(_foundations(found))) for words, found in sentences]
+    by_foundation = defaultdict(list)
+    for i, (_, f) in enumerate(labelled):
+        for name in f:
+            by_foundation[name].append(i)
+    names = sorted(by_foundation)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["a", "b", "score"])
-        for _ in range(limit):
-            (a, pa), (b, pb) = (words[i] for i in rng.choice(len(words), 2, replace=False))
-            w.writerow([a, b, round(max(0.0, 5.0 - 2.0 * abs(pa - pb)), 3)])
+        for k in range(limit):
+            if k % 2:
+                i, j = rng.choice(len(labelled), 2, replace=False)
+            else:
+                i, j = rng.choice(by_foundation[names[rng.integers(len(names))]], 2, replace=False)
+            (a, fa), (b, fb) = labelled[i], labelled[j]
+            w.writerow([a, b, round(5.0 * len(fa & fb) / len(fa | fb), 3)])
     return limit
 
 
@@ -161,16 +189,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    halves, terms = review_halves(6000), mfd_terms()
+    halves, sentences = review_halves(6000), speech_sentences(mfd_terms())
     counts = {
         "rt_halves.jsonl": _jsonl(out / "rt_halves.jsonl", halves),
         "review_pairs.jsonl": _jsonl(
             out / "review_pairs.jsonl", review_pairs(halves, 4000, np.random.default_rng([args.seed, 1]))
         ),
         "debate_pairs.jsonl": _jsonl(out / "debate_pairs.jsonl", debate_pairs(4000, rng)),
-        "mfd_terms.jsonl": _jsonl(out / "mfd_terms.jsonl", terms),
-        "mfd_tagged.conll": mfd_tagged(out / "mfd_tagged.conll", terms),
-        "whissell_pairs.csv": whissell_pairs(out / "whissell_pairs.csv", 4000, rng),
+        "mfd_tagged.conll": mfd_tagged(out / "mfd_tagged.conll", sentences),
+        "mfd_sentences.jsonl": _jsonl(out / "mfd_sentences.jsonl", mfd_sentences(sentences)),
+        "mfd_sentence_pairs.csv": mfd_sentence_pairs(
+            out / "mfd_sentence_pairs.csv", sentences, 4000, np.random.default_rng([args.seed, 3])
+        ),
     }
     for split, rows in movie_halves(np.random.default_rng([args.seed, 2])).items():
         counts[f"movie_halves_{split}.jsonl"] = _jsonl(out / f"movie_halves_{split}.jsonl", rows)
