@@ -81,8 +81,10 @@ class SentenceEncoder:
         normalize: bool | None = None,
         max_length: int | None = None,
         progress: bool | None = None,
+        dim: int | None = None,
     ) -> np.ndarray:
-        """Embeddings ``[N, D]`` float32, rows in input order.
+        """Embeddings ``[N, D]`` float32, rows in input order; ``dim``: the first ``dim`` dimensions only
+        (re-normalised when normalizing), as a Matryoshka-trained model's shorter embeddings.
 
         Pooling, normalization and ``max_length`` default to the checkpoint's settings.
         ``batch_size`` sets the work per compiled call: about ``batch_size`` × 24 tokens
@@ -92,6 +94,8 @@ class SentenceEncoder:
         if pooling not in POOLING_MODES:
             raise MtlError(f"pooling {pooling!r} is not one of {', '.join(POOLING_MODES)}")
         normalize = self.spec.normalize if normalize is None else normalize
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise MtlError(f"dim {dim} must be in [1, {self.dim}]")
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
         out = self.map_packed(
             fn,
@@ -101,7 +105,11 @@ class SentenceEncoder:
             progress=progress,
             empty=np.zeros((0, self.dim), np.float32),
         )
-        return out.astype(np.float32, copy=False)
+        if dim is not None and dim < self.dim:
+            out = out[:, :dim]
+            if normalize:
+                out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(out, np.float32)
 
     def map_packed(
         self,

@@ -64,6 +64,16 @@ def names(value) -> tuple[str, ...]:
     return tuple(str(x) for x in value)
 
 
+def sizes(value) -> tuple[int, ...]:
+    """A list of positive whole numbers (embedding sizes), largest first."""
+    if isinstance(value, (str, int)):
+        raise ValueError(f"expected a list, got {value!r}")
+    out = tuple(int(x) for x in value)
+    if not out or min(out) < 1 or any(float(x) != int(x) for x in value):
+        raise ValueError(f"expected positive whole numbers, got {value!r}")
+    return tuple(sorted(set(out), reverse=True))
+
+
 def number_pair(value) -> tuple[float, float]:
     """``[low, high]`` as two floats, low below high."""
     try:

@@ -93,6 +93,34 @@ def test_guided_in_batch_loss_leaves_out_candidates_scored_above_the_positive_ag
         _task("retrieval", text_columns=("q", "p"), guide="initial")
 
 
+def _numpy_in_batch(out: np.ndarray) -> float:
+    """Sum over queries of MNRL's cross-entropy, every example with a positive and no negative."""
+    z = SCALE * out[:, 0] @ out[:, 1].T
+    return float(sum(np.log(np.exp(row - row.max()).sum()) + row.max() - row[i] for i, row in enumerate(z)))
+
+
+def test_matryoshka_loss_adds_each_leading_size_renormalised_and_metrics_report_each_size():
+    rng = np.random.default_rng(3)
+    out = rng.normal(size=(5, 2, 8)).astype(np.float32)
+    out /= np.linalg.norm(out, axis=-1, keepdims=True)
+    labels = np.concatenate([np.arange(20).reshape(5, 4), np.full((5, 1), 2)], axis=1)
+    task = _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[2, 8, 4])
+    assert task.dims == (8, 4, 2)  # largest first; 8, the whole embedding, counted once
+    sums = task.loss_sums(jnp.asarray(out)[None], jnp.asarray(labels)[None])
+    cut = lambda d: out[..., :d] / np.linalg.norm(out[..., :d], axis=-1, keepdims=True)  # noqa: E731
+    want = _numpy_in_batch(out) + _numpy_in_batch(cut(4)) + _numpy_in_batch(cut(2))
+    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5)
+    result = task.metrics(labels, out)
+    assert result["ndcg@10@8"] == result["ndcg@10"]
+    keys = (labels[:, :2], labels[:, 2:4])
+    assert result["ndcg@10@2"] == pytest.approx(retrieval_metrics(cut(2)[:, 0], cut(2)[:, 1], *keys)["ndcg@10"])
+    assert "ndcg@10@4" in task.record_keys
+    with pytest.raises(MtlError, match="exceed the encoder's 4 dimensions"):
+        task.check_encoder(4)
+    with pytest.raises(ValueError, match="positive whole numbers"):  # (a config file says it as file: task: reason)
+        _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[0, 4])
+
+
 def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not_padded():
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
     assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")
@@ -302,7 +330,11 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert len(summary["compiled_shapes"]["train step, phase 0 (none)"]) <= 2  # seven types, two step shapes at most
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["qa"]["primary"] == "ndcg@10" and {"mrr@10", "recall@10", "map@100"} <= set(record["qa"])
+    assert test["qa"]["ndcg@10@8"] >= 0.3  # Matryoshka: the first 8 of 32 dimensions rank too
+    assert "nDCG@10 at 8" in (out / "report.md").read_text() and (out / "matryoshka_qa.png").stat().st_size > 0
     model = load(out / "export")
+    emb = model.encode(["who alice goal"], dim=8, normalize=True)
+    assert emb.shape == (1, 8) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
     one = model.predict(["yesterday Carol smith went to Oslo"])[0]
     assert one["ner"] == ["O", "B-PER", "I-PER", "O", "O", "B-LOC"] and isinstance(one["stars"], float)
     assert set(one) == {"qa", "ner", "tags", "stars", "topic"} and one["qa"].shape == (32,)

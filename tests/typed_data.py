@@ -30,6 +30,7 @@ tasks:
     train: qa.jsonl
     text_columns: [query, answer]
     negatives_column: negatives
+    matryoshka_dims: [16, 8]
   - name: ner
     type: tagging
     train: ner.conll

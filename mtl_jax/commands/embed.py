@@ -37,6 +37,9 @@ def parse_args(argv):
         help="L2-normalize embeddings (default: the checkpoint's setting)",
     )
     p.add_argument("--max-length", type=int, help="tokens per sentence (default: the checkpoint's)")
+    p.add_argument(
+        "--dim", type=int, help="keep the first DIM dimensions (a Matryoshka-trained model's shorter embeddings)"
+    )
     add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
         normalize=args.normalize,
         max_length=args.max_length,
         progress=False if args.no_progress else None,
+        dim=args.dim,
     )
     if args.out:
         import numpy as np

@@ -77,6 +77,17 @@ def plot_compare(summary: list[dict], primary: dict[str, str], path: Path) -> No
     _finish(fig, (), path)
 
 
+def plot_sizes(scores: dict[int, float], whole: float, title: str, path: Path) -> None:
+    """A score per embedding size (Matryoshka prefixes), the whole embedding's as a dashed line."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sizes = sorted(scores)
+    ax.plot(sizes, [scores[d] for d in sizes], "-o", label="first dimensions")
+    ax.axhline(whole, linestyle="--", color="gray", label="whole embedding")
+    ax.set(xscale="log", xlabel="dimensions", ylabel="score", title=title)
+    ax.set_xticks(sizes, [str(d) for d in sizes])
+    _finish(fig, (ax,), path)
+
+
 def _finish(fig, panels, path: Path) -> None:
     """Grid and legend on each of ``panels``, then save ``fig`` to ``path`` and free it."""
     for ax in panels:

@@ -136,6 +136,9 @@ class Task:
     def check_batch(self, examples_per_step: int) -> None:
         """Refuse a batch size the task cannot train with (retrieval: two pairs at least)."""
 
+    def check_encoder(self, dim: int) -> None:
+        """Refuse an encoder whose embedding size (``dim``) the task cannot use (retrieval: Matryoshka sizes)."""
+
     def check_row(self, text, label) -> str | None:
         """Why a row's text and label do not go together (tagging: as many tags as words), or None."""
         return None

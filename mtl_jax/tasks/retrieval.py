@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -32,7 +33,7 @@ from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.data.text import Segments
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
-from mtl_jax.options import names, option
+from mtl_jax.options import names, option, sizes
 from mtl_jax.tasks.base import BadText, LossSums, Task, check_text, register
 from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
 from mtl_jax.tasks.pair import PairOptions, PairText
@@ -84,13 +85,15 @@ class RetrievalOptions(PairOptions):
         None, "self: a candidate the model scores above the query's positive (minus guide_margin) is no negative"
     )
     guide_margin: float = option(0.0, "with guide: how far below the positive's cosine a negative must score")
+    matryoshka_dims: Optional[tuple[int, ...]] = option(
+        None, "Matryoshka: the loss summed over these leading sizes of the embedding, each re-normalised", parse=sizes
+    )
 
 
 @register("retrieval")
 @dataclasses.dataclass(frozen=True)
 class Retrieval(PairText, Task):
     primary = "ndcg@10"
-    record_keys = ("loss",) + RETRIEVAL_METRICS + ("examples",)
     label_shape = (5,)  # the keys of its query's and its positive's texts (two 31-bit halves each), its texts
     Options = RetrievalOptions
     ranks_corpus = True
@@ -109,6 +112,19 @@ class Retrieval(PairText, Task):
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
         if self.options.guide not in (None, "self"):
             raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self)")
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        return ("loss",) + RETRIEVAL_METRICS + tuple(f"ndcg@10@{d}" for d in self.dims) + ("examples",)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The Matryoshka sizes (none: the whole embedding only)."""
+        return self.options.matryoshka_dims or ()
+
+    def check_encoder(self, dim: int) -> None:
+        if self.dims and self.dims[0] > dim:
+            raise MtlError(f"task {self.name}: matryoshka_dims {list(self.dims)} exceed the encoder's {dim} dimensions")
 
     def text_columns(self) -> tuple[str, ...]:
         return tuple(self.options.text_columns[:2])
@@ -189,6 +205,9 @@ class Retrieval(PairText, Task):
         texts = jnp.where(self.present(y), y[:, 4], 0)
         margin = float(self.options.guide_margin) if self.options.guide == "self" else None
         nll, correct = in_batch_loss(out, texts, margin)
+        for d in self.dims:  # Matryoshka: each leading size trained as an embedding of its own
+            if d < out.shape[-1]:  # (the whole embedding's loss is already in)
+                nll += in_batch_loss(l2_normalize(out[..., :d]), texts, margin)[0]
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):
@@ -198,15 +217,41 @@ class Retrieval(PairText, Task):
         return outputs[:, :, 0]  # the query's embedding (unit length)
 
     def metrics(self, y_true, y_pred) -> dict:
-        y_true = np.asarray(y_true)
-        return retrieval_metrics(np.asarray(y_pred[:, 0]), np.asarray(y_pred[:, 1]), y_true[:, :2], y_true[:, 2:4])
+        y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+        keys = (y_true[:, :2], y_true[:, 2:4])
+        result = retrieval_metrics(y_pred[:, 0], y_pred[:, 1], *keys)
+        for d in self.dims:  # (retrieval_metrics re-normalises the truncated embeddings)
+            result[f"ndcg@10@{d}"] = retrieval_metrics(y_pred[:, 0, :d], y_pred[:, 1, :d], *keys)["ndcg@10"]
+        return result
 
     def describe(self, result: dict) -> str:
         return f"nDCG@10 {result['ndcg@10']:.3f} MRR@10 {result['mrr@10']:.3f} R@1 {result['recall@1']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
         columns = (("nDCG@10", "ndcg@10"), ("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
-        return self.split_table(summary, columns + (("MAP@100", "map@100"),), count="queries")
+        lines = self.split_table(summary, columns + (("MAP@100", "map@100"),), count="queries")
+        if not self.dims:
+            return lines
+        sized = tuple((f"nDCG@10 at {d}", f"ndcg@10@{d}") for d in self.dims)
+        return (
+            lines
+            + ["", "Matryoshka: the embedding cut to its first dimensions (re-normalised):", ""]
+            + [
+                *self.split_table(summary, sized, count="queries"),
+                "",
+                f"![matryoshka](matryoshka_{self.name}.png)",
+            ]
+        )
+
+    def plots(self, result: dict, folder: Path) -> list[str]:
+        if not self.dims:
+            return []
+        from mtl_jax.outputs.plots import plot_sizes
+
+        name = f"matryoshka_{self.name}.png"
+        scores = {d: result[f"ndcg@10@{d}"] for d in self.dims}
+        plot_sizes(scores, result["ndcg@10"], f"{self.name} (test): nDCG@10 by embedding size", folder / name)
+        return [name]
 
     def output_cell(self, output) -> str:
         """The query's embedding, or (``predict --corpus``) its best match and score."""

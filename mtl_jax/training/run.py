@@ -176,6 +176,7 @@ def build_pipeline(
         check_batch_size(per_step, mesh, f"--batch-size / {len(data.tasks)} tasks")
     for task in data.tasks:
         task.check_batch(per_step)
+        task.check_encoder(encoder.dim)
     return InputPipeline(
         data.splits,
         encoder.tokenizer.pad_id,
