@@ -94,8 +94,9 @@ def main() -> None:
         print(json.dumps({name: runs}), file=sys.stderr)
     per_step = {n: np.mean([r["train_seconds"] for r in report["runs"][n]]) for n in RECIPES}
     report["step_cost_ratio"] = float(per_step["mined"] / per_step["in-batch"])
-    if Path(args.peer).exists():
-        report["sentence_transformers"] = st = peer(args.peer, args.seeds)
+    python = ROOT / args.peer  # (an absolute path stays as it is)
+    if python.exists():
+        report["sentence_transformers"] = st = peer(str(python), args.seeds)
         seconds = {n: np.mean([r["train_seconds"] for r in st[n]["runs"]]) for n in RECIPES}
         report["wall_ratio_vs_sentence_transformers"] = {n: float(per_step[n] / seconds[n]) for n in RECIPES}
     print(json.dumps(report))
