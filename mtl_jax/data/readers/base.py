@@ -1,8 +1,8 @@
 """What every reader shares: the record it yields (:class:`Row`), a JSON value as a column's
 text, a file's text, and the registry that picks a reader by a file's suffix (or ``format:``).
 
-A reader is a function ``read(path, columns, options, optional) -> list[Row]`` (``optional``: columns
-it reads where the file has them) registered with
+A reader is a function ``read(path, columns, options) -> list[Row]`` (and, where it can, a keyword
+``optional``: columns it reads where the file has them) registered with
 :func:`register` under a name, the suffixes it reads and, when it has options of its own (a CSV's
 ``header``), their frozen dataclass (see :mod:`mtl_jax.options`): a task's config keys of that
 name reach the reader as that dataclass. A new format is one new module.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ class Row:
 
 
 class Reader(NamedTuple):
-    read: Callable[..., list[Row]]  # (path, columns, options, optional columns)
+    read: Callable[..., list[Row]]  # (path, columns, options[, optional=columns read where present])
     suffixes: tuple[str, ...]  # lower case, with the dot (a folder reader: none)
     options: type | None = None  # the frozen dataclass of its options
     folder: bool = False  # reads a folder, not a file
+    optional: bool = False  # takes ``optional=`` columns (read where a file has them)
 
 
 READERS: dict[str, Reader] = {}
@@ -45,10 +47,15 @@ def register(name: str, suffixes: Sequence[str] = (), options: type | None = Non
     """``@register("csv", [".csv"], CsvOptions)``: the function reads format ``name``."""
 
     def add(read):
-        READERS[name] = Reader(read, tuple(s.lower() for s in suffixes), options, folder)
+        READERS[name] = Reader(read, tuple(s.lower() for s in suffixes), options, folder, takes_optional(read))
         return read
 
     return add
+
+
+def takes_optional(read: Callable) -> bool:
+    """Whether a reader function takes the ``optional`` keyword."""
+    return "optional" in inspect.signature(read).parameters
 
 
 def option_names() -> set[str]:
@@ -103,7 +110,11 @@ def read_rows(
     if reader.options is not None:
         names = {f.name for f in declared(reader.options)}
         own = reader.options(**parsed(reader.options, {k: v for k, v in (options or {}).items() if k in names}))
-    return reader.read(path, columns, own, optional)
+    if not optional:
+        return reader.read(path, columns, own)
+    if not reader.optional:
+        raise MtlError(f"{path}: the {fmt} reader cannot read optional columns ({', '.join(optional)})")
+    return reader.read(path, columns, own, optional=optional)
 
 
 def json_field(value) -> str | tuple | None:
