@@ -27,6 +27,7 @@ from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
 from mtl_jax.model.pretrained import POOLING_MODES, EncoderSpec, load_pretrained
 from mtl_jax.outputs.export import verify_export
 from mtl_jax.tasks import from_export
+from mtl_jax.tasks.metrics import unit_rows
 
 
 @dataclass
@@ -108,7 +109,7 @@ class SentenceEncoder:
         if dim is not None and dim < self.dim:
             out = out[:, :dim]
             if normalize:
-                out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+                out = unit_rows(out)
         return np.ascontiguousarray(out, np.float32)
 
     def map_packed(

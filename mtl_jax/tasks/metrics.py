@@ -89,8 +89,8 @@ def retrieval_metrics(queries: np.ndarray, positives: np.ndarray, query_keys, po
         relevant[q].add(doc_of[p])
     q_rows = {k: i for i, k in reversed(list(enumerate(q_keys)))}  # each query's first row
     p_rows = {k: i for i, k in reversed(list(enumerate(p_keys)))}
-    docs = _unit(np.asarray(positives)[[p_rows[k] for k in doc_of]])
-    qs = _unit(np.asarray(queries)[[q_rows[k] for k in q_first]])
+    docs = unit_rows(np.asarray(positives)[[p_rows[k] for k in doc_of]])
+    qs = unit_rows(np.asarray(queries)[[q_rows[k] for k in q_first]])
     sums = dict.fromkeys(RETRIEVAL_METRICS, 0.0)
     for start, top, _ in top_k(qs, docs, 100):
         for row, key in zip(top, q_first[start : start + len(top)]):
@@ -143,8 +143,8 @@ def _key(value):
     return value.tobytes() if isinstance(value, np.ndarray) else value
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows at unit length (float32), as the evaluator's cosine takes them."""
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows at unit length (float32), as the evaluator's cosine takes them (an all-zero row stays zero)."""
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
