@@ -22,7 +22,8 @@
 # On a GPU machine with a package registry: `make install peer` (with a CUDA build of jax:
 # `.venv/bin/pip install -U "jax[cuda12]"`), then `bash benchmarks/gpu.sh`. On one without a registry,
 # bring a wheel folder with the project (a `.gpu/` folder holding them, the model and the data, with an
-# `unpack.sh` that installs them) and `bash benchmarks/gpu_carry.sh` adds the three other corpora it reads.
+# `unpack.sh` that installs them) and `bash benchmarks/gpu_carry.sh` adds the three other corpora it reads and
+# the wheels such an image may lack (its header says how the peer then runs on the image's own packages).
 # Without a GPU it runs the same commands on the CPU at tiny sizes (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
