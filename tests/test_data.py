@@ -20,7 +20,7 @@ from tests.helpers import by_task, file_task, write_file
 
 def test_csv_quoting_bom_crlf(tmp_path):
     p = write_file(tmp_path / "a.csv", b'\xef\xbb\xbftext,label\r\n"hello, ""world""\r\nsecond line",x\r\nplain,y\r\n')
-    rows = read_rows(p, ["text", "label"])
+    rows = list(read_rows(p, ["text", "label"]))
     assert [r.fields for r in rows] == [
         {"text": 'hello, "world"\r\nsecond line', "label": "x"},
         {"text": "plain", "label": "y"},
@@ -30,12 +30,12 @@ def test_csv_quoting_bom_crlf(tmp_path):
 
 def test_tsv_and_jsonl(tmp_path):
     tsv = write_file(tmp_path / "a.tsv", "label\ttext\nx\tfirst, with comma\n")
-    assert read_rows(tsv, ["text", "label"])[0].fields == {"text": "first, with comma", "label": "x"}
+    assert list(read_rows(tsv, ["text", "label"]))[0].fields == {"text": "first, with comma", "label": "x"}
     jl = write_file(
         tmp_path / "a.jsonl",
         json.dumps({"text": "é ünïcode", "label": 3}) + "\n\n" + json.dumps({"text": "b", "label": "y"}) + "\n",
     )
-    rows = read_rows(jl, ["text", "label"])
+    rows = list(read_rows(jl, ["text", "label"]))
     assert [(r.line, r.fields["text"], r.fields["label"]) for r in rows] == [(1, "é ünïcode", "3"), (3, "b", "y")]
 
 

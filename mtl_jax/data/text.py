@@ -9,6 +9,7 @@ or :class:`Words` (pre-split words: a tagging example, labelled on each word's f
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,34 @@ class Encoded:
 
 
 @dataclass
+class Flat:
+    """Examples' token ids as flat arrays: the ids ``[T]`` int32, each segment's length ``[S]``, each
+    example's number of segments ``[N]``, whether it is a tuple of segments ``[N]``, whether it was
+    cut ``[N]``, and the token where each word starts (:class:`Words` only, else ``None``) per example."""
+
+    ids: np.ndarray
+    segment_lengths: np.ndarray
+    segment_counts: np.ndarray
+    is_tuple: np.ndarray
+    truncated: np.ndarray
+    word_starts: list
+
+    @staticmethod
+    def join(parts: Sequence[Flat]) -> Flat:
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name, dtype: np.concatenate([np.zeros(0, dtype)] + [getattr(p, name) for p in parts])  # noqa: E731
+        return Flat(
+            cat("ids", np.int32),
+            cat("segment_lengths", np.int64),
+            cat("segment_counts", np.int64),
+            cat("is_tuple", bool),
+            cat("truncated", bool),
+            [w for p in parts for w in p.word_starts],
+        )
+
+
+@dataclass
 class TextTokenizer:
     """A fast (Rust) tokenizer that returns unpadded id arrays and reports truncation.
 
@@ -74,41 +103,52 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Token ids per text (special tokens included, at most ``max_length``) and a truncated flag."""
-        ids, truncated = [], []
-        for encodings in self._encode_chunks(list(texts), str, max_length):
-            ids += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-            truncated += [bool(e.overflowing) for e in encodings]
-        return ids, np.array(truncated, dtype=bool)
+        encoded = self.encode_examples(list(texts), max_length)
+        return encoded.ids, encoded.truncated
 
     def encode_examples(self, texts: Sequence, max_length: int) -> Encoded:
         """Every example's token ids, each kind of text (see the module) tokenized as it needs;
         a segment, a joined pair or a word list is cut at ``max_length`` tokens."""
-        ids: list = [None] * len(texts)
-        starts: list = [None] * len(texts)
-        truncated = np.zeros(len(texts), bool)
-        kinds: dict[type, list[int]] = {}
-        for i, t in enumerate(texts):
-            kinds.setdefault(type(t), []).append(i)
-        for kind, members in kinds.items():
-            if kind is Segments:  # (examples may have different numbers of segments: retrieval's negatives)
-                flat, cut = self([s for i in members for s in texts[i]], max_length)
-                at = 0
-                for i in members:
-                    width = len(texts[i])
-                    ids[i], truncated[i] = tuple(flat[at : at + width]), cut[at : at + width].any()
-                    at += width
-                continue
-            done = 0
-            for encodings in self._encode_chunks([texts[i] for i in members], kind, max_length):
-                for k, e in enumerate(encodings, start=done):
-                    i = members[k]
-                    ids[i] = np.asarray(e.ids, dtype=np.int32)
-                    truncated[i] = bool(e.overflowing)
-                    if kind is Words:
-                        starts[i], cut = word_starts(e.word_ids, len(texts[i]))
-                        truncated[i] |= cut
-                done += len(encodings)
-        return Encoded(ids, starts, truncated)
+        flat = self.encode_flat(texts, max_length)
+        segments = np.split(flat.ids, np.cumsum(flat.segment_lengths)[:-1]) if len(flat.segment_lengths) else []
+        bounds = np.concatenate([[0], np.cumsum(flat.segment_counts)])
+        ids = [
+            tuple(segments[a:b]) if tup else segments[a]
+            for a, b, tup in zip(bounds[:-1].tolist(), bounds[1:].tolist(), flat.is_tuple.tolist())
+        ]
+        return Encoded(ids, flat.word_starts, flat.truncated)
+
+    def encode_flat(self, texts: Sequence, max_length: int) -> Flat:
+        """:meth:`encode_examples` as flat arrays (no array per example): what the token store appends."""
+        parts, run = [], 0
+        for i in range(1, len(texts) + 1):  # runs of one kind of text, in order
+            if i == len(texts) or type(texts[i]) is not type(texts[run]):
+                parts.append(self._encode_run(texts[run:i], type(texts[run]), max_length))
+                run = i
+        return Flat.join(parts)
+
+    def _encode_run(self, texts: Sequence, kind: type, max_length: int) -> Flat:
+        if kind is Segments:  # (examples may have different numbers of segments: retrieval's negatives)
+            counts = np.fromiter(map(len, texts), np.int64, len(texts))
+            flat = self._encode_run([s for t in texts for s in t], str, max_length)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            cut = np.logical_or.reduceat(flat.truncated, starts) if len(flat.truncated) else flat.truncated
+            return Flat(flat.ids, flat.segment_lengths, counts, np.ones(len(texts), bool), cut, [None] * len(texts))
+        lists, truncated, starts = [], [], []
+        for k, encodings in enumerate(self._encode_chunks(list(texts), kind, max_length)):
+            for j, e in enumerate(encodings):
+                lists.append(e.ids)
+                truncated.append(bool(e.overflowing))
+                if kind is Words:
+                    at, cut = word_starts(e.word_ids, len(texts[k * ENCODE_CHUNK + j]))
+                    starts.append(at)
+                    truncated[-1] |= cut
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+        ids = np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(lengths.sum()))
+        n = len(lists)
+        return Flat(
+            ids, lengths, np.ones(n, np.int64), np.zeros(n, bool), np.array(truncated, bool), starts or [None] * n
+        )
 
     def _encode_chunks(self, texts: list, kind: type, max_length: int):
         """:meth:`_encode` a chunk at a time: the tokenizer's Encoding objects (tokens, offsets, masks:

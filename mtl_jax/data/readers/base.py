@@ -1,7 +1,8 @@
 """What every reader shares: the record it yields (:class:`Row`), a JSON value as a column's
 text, a file's text, and the registry that picks a reader by a file's suffix (or ``format:``).
 
-A reader is a function ``read(path, columns, options) -> list[Row]`` (and, where it can, a keyword
+A reader is a function ``read(path, columns, options) -> Iterable[Row]`` that streams its file (a
+generator: no reader holds a whole file; a keyword
 ``optional``: columns it reads where the file has them) registered with
 :func:`register` under a name, the suffixes it reads and, when it has options of its own (a CSV's
 ``header``), their frozen dataclass (see :mod:`mtl_jax.options`): a task's config keys of that
@@ -14,7 +15,7 @@ import bz2
 import gzip
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ class Row:
 
 
 class Reader(NamedTuple):
-    read: Callable[..., list[Row]]  # (path, columns, options[, optional=columns read where present])
+    read: Callable[..., Iterable[Row]]  # (path, columns, options[, optional=columns read where present])
     suffixes: tuple[str, ...]  # lower case, with the dot (a folder reader: none)
     options: type | None = None  # the frozen dataclass of its options
     folder: bool = False  # reads a folder, not a file
@@ -93,8 +94,8 @@ def read_rows(
     fmt: str | None = None,
     options: Mapping | None = None,
     optional: Sequence[str] = (),
-) -> list[Row]:
-    """Every record of a file (or folder) with the line (row) it starts on; ``fmt`` (default: from the
+) -> Iterable[Row]:
+    """Every record of a file (or folder), read as it is iterated, with the line (row) it starts on; ``fmt`` (default: from the
     suffix) picks the reader; ``options``: a task's reader options by name (the reader takes its own);
     ``optional``: columns read where the file has them (a row without one has no such field).
 
@@ -129,18 +130,16 @@ def json_field(value) -> str | tuple | None:
     return str(value)
 
 
-def read_text(path: Path) -> str:
-    """File contents as text; undecodable bytes become lone surrogates so the row can be named."""
+def text_lines(path: Path) -> Iterator[str]:
+    """A file's lines as they are read (endings kept, a byte-order mark dropped); undecodable bytes
+    become lone surrogates so the row can be named."""
     if not path.is_file():
         raise MtlError(f"{path}: file not found")
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            yield from f
     except EOFError as e:  # gzip / bz2: the archive ends early
         raise MtlError(f"{path}: cannot read (truncated archive: {e})") from None
     except OSError as e:
         raise MtlError(f"{path}: cannot read ({e})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    return raw.decode("utf-8", errors="surrogateescape")

@@ -8,7 +8,7 @@ number as text, a list as a tuple; a ``datasets`` ClassLabel id as its name.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,21 +18,26 @@ import pyarrow.parquet
 from mtl_jax.data.readers.base import Row, json_field, register
 from mtl_jax.errors import MtlError
 
+BATCH_ROWS = 65_536  # rows converted to Python at a time
+
 
 @register("parquet", [".parquet"])
-def read_parquet(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
+def read_parquet(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> Iterator[Row]:
     try:
-        schema = pyarrow.parquet.read_schema(path)
-        columns = _check_columns(path, columns, schema.names, optional)
-        table = pyarrow.parquet.read_table(path, columns=columns)
+        parquet = pyarrow.parquet.ParquetFile(path)
+        columns = _check_columns(path, columns, parquet.schema_arrow.names, optional)
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read as Parquet ({e})") from None
-    return _rows(table, columns, {})
+    yield from _rows(_arrow_errors(path, batches, "as Parquet"), columns, {})
 
 
 @register("datasets", folder=True)
-def read_datasets_folder(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
-    """A ``Dataset.save_to_disk`` folder: ``state.json`` lists its Arrow files (stream format)."""
+def read_datasets_folder(
+    path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()
+) -> Iterator[Row]:
+    """A ``Dataset.save_to_disk`` folder: ``state.json`` lists its Arrow files (stream format), read
+    memory-mapped a record batch at a time."""
     state, info = path / "state.json", path / "dataset_info.json"
     if not state.is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file()) if path.is_dir() else []
@@ -40,14 +45,22 @@ def read_datasets_folder(path: Path, columns: Sequence[str], options=None, optio
         raise MtlError(f"{path}: not a datasets folder: no state.json{hint}")
     try:
         files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        tables = [pyarrow.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+        readers = [pyarrow.ipc.open_stream(pa.memory_map(str(f))) for f in files]
         features = json.loads(info.read_text()).get("features", {}) if info.is_file() else {}
     except (OSError, KeyError, ValueError, pa.ArrowException) as e:
         raise MtlError(f"{path}: cannot read the datasets folder ({e})") from None
-    table = pa.concat_tables(tables) if tables else None
-    columns = _check_columns(path, columns, table.column_names if table is not None else [], optional)
+    columns = _check_columns(path, columns, readers[0].schema.names if readers else [], optional)
     names = {c: f["names"] for c, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
-    return _rows(table.select(list(columns)), columns, names)
+    batches = (b for r in readers for b in r)
+    yield from _rows(_arrow_errors(path, batches, "the datasets folder"), columns, names)
+
+
+def _arrow_errors(path: Path, batches: Iterable, what: str) -> Iterator:
+    """``batches`` with a read error as the project's error naming the file."""
+    try:
+        yield from batches
+    except (OSError, pa.ArrowException) as e:
+        raise MtlError(f"{path}: cannot read {what} ({e})") from None
 
 
 def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str], optional: Sequence[str]) -> list[str]:
@@ -58,15 +71,15 @@ def _check_columns(path: Path, columns: Sequence[str], have: Sequence[str], opti
     return list(columns) + [c for c in optional if c in have]
 
 
-def _rows(table, columns: Sequence[str], class_names: dict) -> list[Row]:
-    data = {c: table.column(c).to_pylist() for c in columns}
-    rows = []
-    for i in range(table.num_rows):
-        fields = {}
-        for c in columns:
-            value = data[c][i]
-            if c in class_names and isinstance(value, int) and 0 <= value < len(class_names[c]):
-                value = class_names[c][value]
-            fields[c] = json_field(value)
-        rows.append(Row(i + 1, fields))
-    return rows
+def _rows(batches: Iterable, columns: Sequence[str], class_names: dict) -> Iterator[Row]:
+    line = 0
+    for batch in batches:
+        data = [batch.column(c).to_pylist() for c in columns]
+        for values in zip(*data):
+            line += 1
+            fields = {}
+            for c, value in zip(columns, values):
+                if c in class_names and isinstance(value, int) and 0 <= value < len(class_names[c]):
+                    value = class_names[c][value]
+                fields[c] = json_field(value)
+            yield Row(line, fields)

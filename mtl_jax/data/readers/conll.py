@@ -4,32 +4,31 @@ skipped. A sentence becomes one record whose "line" is its first token's line.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mtl_jax.data.readers.base import Row, read_text, register
+from mtl_jax.data.readers.base import Row, register, text_lines
 
 
 @register("conll", [".conll"])
-def read_conll(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> list[Row]:
+def read_conll(path: Path, columns: Sequence[str], options=None, optional: Sequence[str] = ()) -> Iterator[Row]:
     """Records ``{columns[0]: words, columns[1]: tags}`` (the tagging task's tokens and label columns)."""
-    text = read_text(path)
     tokens_col, tags_col = columns
-    rows, words, tags, start = [], [], [], 0
-    for n, line in enumerate(text.splitlines() + [""], start=1):
+    words, tags, start = [], [], 0
+    for n, line in enumerate(itertools.chain(text_lines(path), [""]), start=1):
         parts = line.split()
         if parts and parts[0] == "-DOCSTART-":
             continue
         if not parts:
             if words:
-                rows.append(Row(start, {tokens_col: tuple(words), tags_col: tuple(tags)}))
+                yield Row(start, {tokens_col: tuple(words), tags_col: tuple(tags)})
             words, tags = [], []
             continue
         if not words:
             start = n
         if len(parts) < 2:
-            rows.append(Row(n, {}, f"expected a token and a tag, got {line.strip()!r}"))
+            yield Row(n, {}, f"expected a token and a tag, got {line.strip()!r}")
             continue
         words.append(parts[0])
         tags.append(parts[-1])
-    return rows

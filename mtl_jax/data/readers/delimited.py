@@ -5,13 +5,12 @@ text (GLUE's TSVs)."""
 from __future__ import annotations
 
 import csv
-import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mtl_jax.data.readers.base import Row, read_text, register
+from mtl_jax.data.readers.base import Row, register, text_lines
 from mtl_jax.errors import MtlError
 from mtl_jax.options import names, option
 
@@ -23,37 +22,40 @@ class DelimitedOptions:
 
 
 @register("csv", [".csv"], DelimitedOptions)
-def read_csv(path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()) -> list[Row]:
-    return delimited_rows(path, read_text(path), columns, ",", options, optional)
+def read_csv(
+    path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()
+) -> Iterator[Row]:
+    return delimited_rows(path, text_lines(path), columns, ",", options, optional)
 
 
 @register("tsv", [".tsv"], DelimitedOptions)
-def read_tsv(path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()) -> list[Row]:
-    return delimited_rows(path, read_text(path), columns, "\t", options, optional)
+def read_tsv(
+    path: Path, columns: Sequence[str], options: DelimitedOptions, optional: Sequence[str] = ()
+) -> Iterator[Row]:
+    return delimited_rows(path, text_lines(path), columns, "\t", options, optional)
 
 
 def delimited_rows(
     path: Path,
-    text: str,
+    lines: Iterable[str],
     columns: Sequence[str],
     delimiter: str,
     options: DelimitedOptions,
     optional: Sequence[str] = (),
-) -> list[Row]:
+) -> Iterator[Row]:
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text is data (the tokenizer truncates it)
     quoting = csv.QUOTE_MINIMAL if options.quoting else csv.QUOTE_NONE
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
     try:
         header = list(options.header) if options.header else next(reader)
     except StopIteration:
-        return []
+        return
     except csv.Error as e:
         raise MtlError(f"{path}:1: malformed header ({e})") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise MtlError(f"{path}:1: no column {', '.join(map(repr, missing))} (columns: {', '.join(header)})")
     index = {c: header.index(c) for c in [*columns, *optional] if c in header}
-    rows: list[Row] = []
     start = reader.line_num + 1
     while True:
         try:
@@ -61,14 +63,13 @@ def delimited_rows(
         except StopIteration:
             break
         except csv.Error as e:
-            rows.append(Row(start, {}, f"malformed record ({e})"))
+            yield Row(start, {}, f"malformed record ({e})")
             start = reader.line_num + 1
             continue
         if rec:
             if len(rec) != len(header):
                 hint = " (an unterminated quote?)" if len(rec) < len(header) and "\n" in rec[-1] else ""
-                rows.append(Row(start, {}, f"{len(rec)} fields, header has {len(header)}{hint}"))
+                yield Row(start, {}, f"{len(rec)} fields, header has {len(header)}{hint}")
             else:
-                rows.append(Row(start, {c: rec[i] for c, i in index.items()}))
+                yield Row(start, {c: rec[i] for c, i in index.items()})
         start = reader.line_num + 1
-    return rows
