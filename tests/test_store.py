@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from mtl_jax.data import store
-from mtl_jax.data.load import SPLITS
+from mtl_jax.data import load, spool, store
+from mtl_jax.data.batching import tokenize
+from mtl_jax.data.load import SPLITS, load_tasks
 from mtl_jax.data.packing import unit_segments
 from mtl_jax.inference import load_encoder
 from mtl_jax.tasks import TaskConfig
@@ -30,6 +31,13 @@ def _tasks(folder):
 def _prepare(tasks, tokenizer, cache, **kw):
     key = store.data_key(tasks, tokenizer, 64, 0, False)
     return store.prepare(tasks, tokenizer, key, str(cache), **kw)
+
+
+def _read(tasks, tokenizer):
+    """The reference: the files read whole and each split tokenized in one call, no store."""
+    key = store.data_key(tasks, tokenizer, 64, 0, False)
+    data = load_tasks(tasks, seed=0)
+    return store.Prepared(data.tasks, {s: tokenize(data.splits[s], tokenizer, 64) for s in SPLITS}, data.notes, key)
 
 
 def _same(a, b):
@@ -59,16 +67,20 @@ def test_the_store_gives_the_ids_and_labels_of_reading_the_files_and_a_second_ru
 ):
     tasks = _tasks(tmp_path)  # seven types: pairs, tagging (per-token labels), multi-label, retrieval ...
     tokenizer = load_encoder(str(tiny_bert)).tokenizer
-    in_memory = _prepare(tasks, tokenizer, "off")
+    read = _read(tasks, tokenizer)
+    monkeypatch.setattr(spool, "TAKE_CHUNK", 5)  # examples gathered a few at a time
+    monkeypatch.setattr(load, "CHUNK_ROWS", 7)  # and read and tokenized a few rows at a time
     stored = _prepare(tasks, tokenizer, tmp_path / "cache", log=lambda m: None)
-    assert stored.folder.parent == tmp_path / "cache" and in_memory.folder is None
+    scratch = _prepare(tasks, tokenizer, "off")
+    assert stored.folder.parent == tmp_path / "cache" and scratch.folder is None
     assert stored.splits["train"].ids.ids.dtype == np.uint16  # 30,522 ids fit 16 bits
-    _same(in_memory, stored)
+    _same(read, stored)
+    _same(read, scratch)
     monkeypatch.setattr(store, "load_tasks", lambda *a, **k: pytest.fail("the second run read the files"))
-    monkeypatch.setattr(store, "tokenize", lambda *a, **k: pytest.fail("the second run tokenized"))
+    monkeypatch.setattr(store, "TokenSpool", lambda *a, **k: pytest.fail("the second run tokenized"))
     again = _prepare(tasks, tokenizer, tmp_path / "cache")
     assert again.folder == stored.folder
-    _same(in_memory, again)
+    _same(read, again)
 
 
 def test_a_damaged_store_is_named_removed_and_prepared_again(tmp_path, tiny_bert):
@@ -79,7 +91,7 @@ def test_a_damaged_store_is_named_removed_and_prepared_again(tmp_path, tiny_bert
     said = []
     again = _prepare(tasks, tokenizer, tmp_path / "cache", log=said.append)
     assert said[0].startswith(f"{first.folder}: damaged (train/ids.npy") and "preparing it again" in said[0]
-    _same(_prepare(tasks, tokenizer, "off"), again)
+    _same(_read(tasks, tokenizer), again)
 
 
 KILLED = """
@@ -114,7 +126,7 @@ def test_a_preparation_killed_at_any_moment_leaves_no_store_a_later_run_uses(tmp
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []  # only the unfinished one, hidden
     tasks = _tasks(tmp_path)
     tokenizer = load_encoder(str(tiny_bert)).tokenizer
-    _same(_prepare(tasks, tokenizer, "off"), _prepare(tasks, tokenizer, cache, log=lambda m: None))
+    _same(_read(tasks, tokenizer), _prepare(tasks, tokenizer, cache, log=lambda m: None))
 
 
 def test_prepare_ahead_then_train_and_resume_read_no_file_and_changed_data_is_refused(tmp_path, tiny_bert, tiny_data):

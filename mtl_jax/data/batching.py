@@ -148,18 +148,21 @@ def tokenize(examples: Examples, tokenizer: TextTokenizer, max_length: int) -> T
     """Token ids of every example; per-word tags (an object label array) become per-token labels
     on each word's first sub-token."""
     encoded = tokenizer.encode_examples(examples.texts, max_length)
+    lengths = [len(u) for u in encoded.ids]
     labels = {}
     for name, y in examples.labels.items():
-        labels[name] = y if y.dtype != object else _token_labels(y, encoded)
+        labels[name] = y if y.dtype != object else token_labels(y, lengths, encoded.word_starts)
     return Tokenized(encoded.ids, labels, examples.source, int(encoded.truncated.sum()))
 
 
-def _token_labels(tags: np.ndarray, encoded) -> np.ndarray:
+def token_labels(tags: np.ndarray, lengths: Sequence[int], word_starts: Sequence) -> np.ndarray:
+    """Per-word tag ids (``[N]`` object, None: no label) as per-token labels on each word's first
+    sub-token (-1 elsewhere), for examples of ``lengths`` tokens whose words start at ``word_starts``."""
     out = np.empty(len(tags), object)
-    for i, (words, ids, starts) in enumerate(zip(tags, encoded.ids, encoded.word_starts)):
+    for i, (words, length, starts) in enumerate(zip(tags, lengths, word_starts)):
         if words is None:
             continue
-        y = np.full(len(ids), -1, np.int32)
+        y = np.full(length, -1, np.int32)
         kept = starts >= 0
         y[starts[kept]] = np.asarray(words)[kept]
         out[i] = y

@@ -9,8 +9,10 @@ its rows, so one example can carry labels for several tasks.
 
 from __future__ import annotations
 
+import pickle
+import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -39,10 +41,11 @@ def resolve_path(spec: str) -> Path:
 
 @dataclass
 class Examples:
-    """Texts (a string, or a kind of :mod:`mtl_jax.data.text`), each task's labels (its "no label"
+    """Texts (a string, or a kind of :mod:`mtl_jax.data.text`; or, read for the token store, each
+    example's unit in the spool its texts were tokenized into), each task's labels (its "no label"
     where unlabelled), and the file each example came from."""
 
-    texts: list
+    texts: list | np.ndarray
     labels: dict[str, np.ndarray]  # task -> [N, *label_shape] (tagging: [N] object, per-word tag ids)
     source: np.ndarray  # [N] int32 index into TaskData.sources
 
@@ -50,14 +53,18 @@ class Examples:
         return len(self.texts)
 
     def take(self, idx: np.ndarray) -> Examples:
-        return Examples([self.texts[i] for i in idx], {k: v[idx] for k, v in self.labels.items()}, self.source[idx])
+        texts = self.texts[idx] if isinstance(self.texts, np.ndarray) else [self.texts[i] for i in idx]
+        return Examples(texts, {k: v[idx] for k, v in self.labels.items()}, self.source[idx])
 
     @staticmethod
     def concat(parts: Sequence[Examples], tasks: Sequence[Task]) -> Examples:
         if not parts:
             return Examples([], {t.name: t.empty_labels(0) for t in tasks}, np.zeros((0,), np.int32))
+        spooled = any(isinstance(p.texts, np.ndarray) for p in parts)
         return Examples(
-            [t for p in parts for t in p.texts],
+            np.concatenate([np.asarray(p.texts, np.int64) for p in parts])
+            if spooled
+            else [t for p in parts for t in p.texts],
             {t.name: np.concatenate([p.labels[t.name] for p in parts]) for t in tasks},
             np.concatenate([p.source for p in parts]),
         )
@@ -124,47 +131,93 @@ class Problems:
             self.listed.append(f"{where}: {detail}")
 
 
+class Spilled:
+    """Rows (any picklable values) kept on disk a chunk at a time, read back in order: a file's raw
+    labels, held until the label names are known, without a Python object per row in memory."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()
+        self.count = 0
+
+    def extend(self, rows: list) -> None:
+        pickle.dump(rows, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.count += len(rows)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator:
+        self.file.seek(0)
+        for _ in iter(int, 1):
+            try:
+                chunk = pickle.load(self.file)
+            except EOFError:
+                return
+            yield from chunk
+
+
 @dataclass
 class FileRows:
-    """The good rows of one file, for the tasks that read it: text, raw label per task, line."""
+    """The good rows of one file, for the tasks that read it: text (or its spooled unit), raw label
+    per task, line."""
 
-    texts: list
-    raw: list[list]  # [row][task of the group]: raw label, or DROP
-    lines: list[int]
+    texts: list | np.ndarray
+    raw: Spilled  # [row][task of the group]: raw label, or DROP
+    lines: np.ndarray
 
 
-def _row_problem(row: Row, text, raw_labels: list, label_cols: list[str]) -> tuple[Reason, str] | None:
+Sink = Callable[[list], np.ndarray]  # a chunk of texts -> the units they were spooled as
+CHUNK_ROWS = 8192  # rows handed to the sink at a time
+
+
+def _row_problem(row: Row, text, raw_labels: list, group: list[Task]) -> tuple[Reason, str] | None:
     if row.problem is not None:
         return Reason.MALFORMED, row.problem
     if isinstance(text, BadText):
         return (Reason.INVALID_UTF8 if text == "invalid UTF-8" else Reason.EMPTY_TEXT), str(text)
     if None in raw_labels:
-        return Reason.MISSING_LABEL, f"missing label in column {label_cols[raw_labels.index(None)]!r}"
+        return Reason.MISSING_LABEL, f"missing label in column {group[raw_labels.index(None)].config.label_column!r}"
+    for t, raw in zip(group, raw_labels):
+        reason = None if raw == DROP else t.check_row(text, raw)
+        if reason is not None:
+            return Reason.MALFORMED, reason
     return None
 
 
-def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: list[str]) -> FileRows:
-    """The rows of one file that the tasks of ``group`` read (they share its text columns)."""
+def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: list[str], sink: Sink | None) -> FileRows:
+    """The rows of one file that the tasks of ``group`` read (they share its text columns), a chunk
+    at a time: each chunk's texts go to ``sink`` (kept as they are without one)."""
     label_cols = [t.config.label_column for t in group]
     columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
     optional = list(dict.fromkeys(c for t in group for c in t.optional_columns()))
-    out = FileRows([], [], [])
+    texts, raw, lines, kept = [], Spilled(), [], []  # kept: the chunks' texts or units
     dropped: Counter = Counter()
+
+    def flush():
+        kept.append(texts[:] if sink is None else sink(texts[:]))
+        raw.extend(chunk_raw[:])
+        texts.clear(), chunk_raw.clear()
+
+    chunk_raw: list = []
     for row in read_rows(path, columns, group[0].config.format, group[0].config.options, optional):
         raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
             dropped[row.fields.get(label_cols[0])] += 1
             continue
         text = group[0].text(row.fields) if row.problem is None else None
-        problem = _row_problem(row, text, raw_labels, label_cols)
+        problem = _row_problem(row, text, raw_labels, group)
         if problem is not None:
             problems.add(f"{path}:{row.line}", *problem)
             continue
-        out.texts.append(text)
-        out.raw.append(raw_labels)
-        out.lines.append(row.line)
+        texts.append(text)
+        chunk_raw.append(raw_labels)
+        lines.append(row.line)
+        if len(texts) == CHUNK_ROWS:
+            flush()
+    flush()
     notes += [f"{path.name}: left out {n} rows labelled {value!r} (drop_labels)" for value, n in dropped.items()]
-    return out
+    joined = [t for part in kept for t in part] if sink is None else np.concatenate(kept)
+    return FileRows(joined, raw, np.asarray(lines, np.int64))
 
 
 def _label_ids(
@@ -181,11 +234,6 @@ def _label_ids(
             label = t.label_id(raw[col])
             if isinstance(label, str):  # the reason it is not a label
                 problems.add(f"{path}:{rows.lines[r]}", Reason.UNKNOWN_LABEL, label)
-                keep[r] = False
-                continue
-            reason = t.check_row(rows.texts[r], label)
-            if reason is not None:
-                problems.add(f"{path}:{rows.lines[r]}", Reason.MALFORMED, reason)
                 keep[r] = False
                 continue
             labels[t.name][r] = label
@@ -243,11 +291,14 @@ def text_key(task: Task) -> tuple:
     return (task.text_kind, task.text_columns(), task.optional_columns())
 
 
-def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False) -> TaskData:
+def load_tasks(
+    tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool = False, sink: Sink | None = None
+) -> TaskData:
     """Read, validate and split every task's data. Raises :class:`BadRows` listing every bad row.
 
     Tasks that name the same file and text column share its rows (one example, a label per task);
-    with different text columns each task has its own examples.
+    with different text columns each task has its own examples. With ``sink``, each chunk of texts
+    goes to it as it is read, and the examples hold the units it returns instead of their texts.
     """
     if not tasks:
         raise MtlError("no tasks configured")
@@ -259,14 +310,14 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
                 files[(split, getattr(t, split), text_key(kinds[ti]))].append(ti)
     problems, notes = Problems(skip_bad_rows), []
     rows = {
-        key: _read_task_file(resolve_path(key[1]), [kinds[ti] for ti in ids], problems, notes)
+        key: _read_task_file(resolve_path(key[1]), [kinds[ti] for ti in ids], problems, notes, sink)
         for key, ids in files.items()
     }
     objects = []
     for ti, t in enumerate(kinds):
         key = ("train", t.config.train, text_key(t))
         col = files[key].index(ti)
-        objects.append(t.with_labels(r[col] for r in rows[key].raw if r[col] is not DROP))
+        objects.append(t.with_labels(r[col] for r in rows[key].raw if r[col] != DROP))
     sources: list[tuple] = []
     by_split: dict[str, list[Examples]] = {s: [] for s in SPLITS}
     empty: list[str] = []  # validation / test files with no example
@@ -276,7 +327,7 @@ def load_tasks(tasks: Sequence[TaskConfig], seed: int = 0, skip_bad_rows: bool =
         labels, keep = _label_ids(resolve_path(spec), file_rows, group, objects, problems)
         sources.append((spec, key))
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
-        by_split[split].append(Examples(list(file_rows.texts), labels, source).take(np.flatnonzero(keep)))
+        by_split[split].append(Examples(file_rows.texts, labels, source).take(np.flatnonzero(keep)))
         if split != "train" and not keep.any():
             empty.append(
                 f"{resolve_path(spec)}: no examples (the {split} split of task(s) {', '.join(t.name for t in group)})"

@@ -17,15 +17,17 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.data.batching import Tokenized, tokenize
-from mtl_jax.data.load import SPLITS, OfTasks, load_tasks, resolve_path
+from mtl_jax.data.batching import Tokenized, token_labels
+from mtl_jax.data.load import SPLITS, Examples, OfTasks, load_tasks, resolve_path
 from mtl_jax.data.packing import StoredUnits
+from mtl_jax.data.spool import Spooled, TokenSpool, take_units
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks import Task, TaskConfig, build
@@ -116,7 +118,7 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> Prepared:
     """The tasks' data tokenized: read from its store when one was prepared, else read, tokenized
-    and (unless ``cache`` is off) stored for the next run."""
+    and stored for the next run (``cache`` off: in a scratch folder removed once the store is open)."""
     folder = cache_folder(cache)
     store = None if folder is None else folder / key.fingerprint
     if store is not None and store.exists():
@@ -125,34 +127,37 @@ def prepare(
         except DamagedStore as e:
             log(f"{store}: damaged ({e}); removed, preparing it again")
             shutil.rmtree(store, ignore_errors=True)
-    data = load_tasks(tasks, seed=key.split_seed, skip_bad_rows=key.skip_bad_rows)
-    splits = {}
-    for s in SPLITS:  # each split's texts let go once tokenized
-        splits[s] = tokenize(data.splits.pop(s), tokenizer, key.max_length)
-    prepared = Prepared(data.tasks, splits, data.notes, key)
-    del data
-    if store is None:
-        return prepared
-    write_store(store, prepared, vocab_size=tokenizer.backend.get_vocab_size())
+    if store is None:  # --data-cache off: a store in a scratch folder, removed once open (its arrays stay mapped)
+        scratch = Path(tempfile.mkdtemp(prefix="mtl_jax_data_"))
+        try:
+            write_store(scratch / key.fingerprint, tasks, tokenizer, key)
+            return dataclasses.replace(open_store(scratch / key.fingerprint, tasks, key), folder=None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    write_store(store, tasks, tokenizer, key)
     return open_store(store, tasks, key)
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def write_store(store: Path, data: Prepared, vocab_size: int) -> None:
-    """``data`` as a store at ``store``: written into a temporary folder beside it, ``meta.json``
-    last, then renamed into place (another process that got there first wins)."""
+def write_store(store: Path, tasks: Sequence[TaskConfig], tokenizer: TextTokenizer, key: DataKey) -> None:
+    """The tasks' data read, tokenized as it is read (:mod:`mtl_jax.data.spool`) and written as a
+    store at ``store``: into a temporary folder beside it, ``meta.json`` last, then renamed into
+    place (another process that got there first wins)."""
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.parent / f".{store.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
-        dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-        splits = {s: _write_split(tmp / s, d, data.tasks, dtype) for s, d in data.splits.items()}
+        dtype = np.uint16 if tokenizer.backend.get_vocab_size() <= 1 << 16 else np.int32
+        data, spooled = _read_spooled(tmp / "spool.ids", tasks, tokenizer, key, dtype)
+        splits = {s: _write_split(tmp / s, data.splits[s], data.tasks, spooled, dtype) for s in SPLITS}
+        del spooled
+        (tmp / "spool.ids").unlink()
         meta = {
             "format": FORMAT,
-            "fingerprint": data.key.fingerprint,
-            "files": data.key.files,
+            "fingerprint": key.fingerprint,
+            "files": key.files,
             "notes": data.notes,
             "tasks": [{"name": t.name, "labels": list(t.labels), "stats": list(t.stats)} for t in data.tasks],
             "splits": splits,
@@ -169,11 +174,30 @@ def write_store(store: Path, data: Prepared, vocab_size: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_split(folder: Path, data: Tokenized, tasks: Sequence[Task], dtype) -> dict:
+def _read_spooled(path: Path, tasks: Sequence[TaskConfig], tokenizer: TextTokenizer, key: DataKey, dtype):
+    """The tasks' data with each example's texts tokenized into the spool at ``path`` as they are read."""
+    spool = TokenSpool(path, tokenizer, key.max_length, dtype)
+    try:
+        data = load_tasks(tasks, seed=key.split_seed, skip_bad_rows=key.skip_bad_rows, sink=spool.add)
+        return data, spool.finish()
+    except BaseException:
+        spool.close()
+        raise
+
+
+def _write_split(folder: Path, data: Examples, tasks: Sequence[Task], spooled: Spooled, dtype) -> dict:
+    """The examples of one split (``data.texts``: their spooled units) as flat arrays in ``folder``."""
     folder.mkdir()
-    units = data.ids if isinstance(data.ids, StoredUnits) else StoredUnits.of(list(data.ids), dtype)
+    idx = np.asarray(data.texts, np.int64)
+    size = int(spooled.units.lengths[idx].sum())
+    if size:
+        ids = np.lib.format.open_memmap(folder / "ids.npy", "w+", dtype, (size,))
+        units = take_units(spooled.units, idx, ids)
+        ids.flush()
+    else:
+        units = take_units(spooled.units, idx, np.zeros(0, dtype))
+        np.save(folder / "ids.npy", units.ids)
     arrays = {
-        "ids": units.ids.astype(dtype),
         "segment_starts": units.segment_starts,
         "example_starts": units.example_starts,
         "is_tuple": units.is_tuple,
@@ -184,6 +208,7 @@ def _write_split(folder: Path, data: Tokenized, tasks: Sequence[Task], dtype) ->
         if y.dtype != object:
             arrays[f"label_{i}"] = y
             continue
+        y = token_labels(y, units.lengths, [spooled.word_starts.get(u) for u in idx.tolist()])
         has = np.array([v is not None for v in y], bool)
         per = [np.asarray(v, np.int32) for v in y[has]]
         starts = np.zeros(len(y) + 1, np.int64)
@@ -193,7 +218,7 @@ def _write_split(folder: Path, data: Tokenized, tasks: Sequence[Task], dtype) ->
         arrays[f"has_{i}"] = has
     for name, a in arrays.items():
         np.save(folder / f"{name}.npy", a)
-    return {"examples": len(data), "truncated": int(data.truncated)}
+    return {"examples": len(idx), "truncated": int(spooled.truncated[idx].sum())}
 
 
 # ---------------------------------------------------------------------------- reading

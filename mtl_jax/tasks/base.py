@@ -139,8 +139,8 @@ class Task:
     def check_encoder(self, dim: int) -> None:
         """Refuse an encoder whose embedding size (``dim``) the task cannot use (retrieval: Matryoshka sizes)."""
 
-    def check_row(self, text, label) -> str | None:
-        """Why a row's text and label do not go together (tagging: as many tags as words), or None."""
+    def check_row(self, text, raw) -> str | None:
+        """Why a row's text and raw label do not go together (tagging: as many tags as words), or None."""
         return None
 
     def with_labels(self, raw_train_labels: Iterable) -> Task:

@@ -161,7 +161,7 @@ class Retrieval(PairText, Task):
     def with_labels(self, raw_train_labels) -> Retrieval:
         if self.stats:
             return self
-        widest = max((raw[2] for raw in raw_train_labels), default=len(self.options.text_columns))
+        widest = max((raw[-1] for raw in raw_train_labels), default=len(self.options.text_columns))
         return dataclasses.replace(self, stats=(float(min(widest, MAX_SEGMENTS)),))
 
     def columns(self) -> tuple[str, ...]:
@@ -172,12 +172,15 @@ class Retrieval(PairText, Task):
         return "sentence"  # predict takes a query (or a passage): its embedding
 
     def raw_label(self, fields: dict):
-        """The row's query and positive texts (their identity is its label) and how many texts it has."""
-        query, positive = self.options.text_columns[:2]
-        return (fields.get(query), fields.get(positive), 2 + len(self.negatives(fields)))
+        """The keys of the row's query and positive texts (their identity is its label) and how many
+        texts it has (None without a query or positive: the row's text says why)."""
+        texts = [fields.get(c) for c in self.options.text_columns[:2]]
+        if not all(isinstance(t, str) for t in texts):
+            return None
+        return (*text_key(texts[0]), *text_key(texts[1]), 2 + len(self.negatives(fields)))
 
     def label_id(self, raw) -> np.ndarray:
-        return np.array([half for text in raw[:2] for half in text_key(text)] + [raw[2]], np.int32)
+        return np.array(raw, np.int32)
 
     def check_batch(self, examples_per_step: int) -> None:
         if examples_per_step < 2:

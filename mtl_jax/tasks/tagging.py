@@ -81,9 +81,10 @@ class Tagging(Classification):
         bad = [i for i in ids if isinstance(i, str)]
         return bad[0] if bad else np.asarray(ids, np.int32)
 
-    def check_row(self, text, label) -> str | None:
-        if len(text) != len(label):
-            return f"{len(text)} words but {len(label)} tags"
+    def check_row(self, text, raw) -> str | None:
+        tags = as_list(raw)
+        if len(text) != len(tags):
+            return f"{len(text)} words but {len(tags)} tags"
         return None
 
     def check_train(self, y: np.ndarray) -> None:
