@@ -8,6 +8,11 @@ plus ``encode_batch`` of every text. One JSON line per figure, then one with the
 
     python benchmarks/data_scale.py --folder /tmp/glue_scale            # writes glue_data/ once, then measures
     python benchmarks/data_scale.py --folder /tmp/glue_scale --scale 0.1 # a tenth of GLUE's rows
+    python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000  # preparing 20 million pairs
+
+With ``--pairs N``: a JSONL of N short query/positive pairs (words drawn from the embedded reviews)
+as one retrieval task, prepared into an empty store in a fresh process (``mtl-prepare``'s work):
+seconds, peak resident memory, and the store's size.
 """
 
 from __future__ import annotations
@@ -93,31 +98,88 @@ def to_first_step(folder: Path, cache: Path) -> dict:
 
 
 def floor(folder: Path) -> dict:
-    """Reading every file with the csv module and encode_batch of every text (the same tokenizer)."""
+    """Reading every file of configs/glue.yaml once with the csv module and ``encode_batch`` of the
+    texts each task trains on (a cross-encoded pair as a pair), with the same tokenizer."""
+    from mtl_jax.config import load_config_file
     from mtl_jax.inference import load_encoder
 
     tok = load_encoder("sentence-transformers/all-MiniLM-L6-v2").tokenizer.backend
     tok.enable_truncation(128)
+    tasks = load_config_file(ROOT / "configs" / "glue.yaml")["task_list"]
     t0 = time.perf_counter()
     n = 0
     csv.field_size_limit(1 << 30)
-    for path in sorted((folder / "glue_data").rglob("*.tsv")):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        texts = [r[-2] if len(r) > 1 else r[0] for r in rows] + [r[-3] for r in rows if len(r) > 3]
-        for start in range(0, len(texts), 10_000):
-            tok.encode_batch(texts[start : start + 10_000])
-        n += len(rows)
+    for task in tasks:
+        columns = list(task.options.get("text_columns") or [task.text_column])
+        for path in dict.fromkeys(folder / f for f in (task.train, task.validation, task.test) if f):
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            header = list(task.options["header"]) if task.options.get("header") else rows.pop(0)
+            at = [header.index(c) for c in columns]
+            texts = [r[at[0]] if len(at) == 1 else tuple(r[i] for i in at) for r in rows if len(r) == len(header)]
+            for start in range(0, len(texts), 10_000):
+                tok.encode_batch(texts[start : start + 10_000])
+            n += len(rows)
     return {"seconds": round(time.perf_counter() - t0, 1), "rows": n, "peak_rss_gb": round(peak_rss_gb(), 2)}
+
+
+def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
+    """``folder/pairs.jsonl``: ``n`` rows ``{"query": 4-10 words, "positive": 12-30 words}``."""
+    import numpy as np
+
+    path = folder / f"pairs_{n}.jsonl"
+    if path.exists():
+        return path
+    from mtl_jax.data.load import load_tasks
+    from mtl_jax.tasks import TaskConfig
+
+    rt = TaskConfig("rt", "embedded:rotten_tomatoes_corpus_full.csv.bz2", label_column="category")
+    words = np.array(" ".join(load_tasks([rt], skip_bad_rows=True).splits["train"].texts).split())
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for start in range(0, n, 100_000):
+            m = min(100_000, n - start)
+            picks = words[rng.integers(len(words), size=(m, 40))]
+            q_len, p_len = rng.integers(4, 11, m), rng.integers(12, 31, m)
+            f.writelines(
+                json.dumps({"query": " ".join(w[:a]), "positive": " ".join(w[10 : 10 + b])}) + "\n"
+                for w, a, b in zip(picks.tolist(), q_len.tolist(), p_len.tolist())
+            )
+    tmp.rename(path)
+    return path
+
+
+def prepare_pairs(path: Path, cache: Path) -> dict:
+    """In this process: the pairs file prepared as a retrieval task into an empty store."""
+    from mtl_jax.data.store import data_key, prepare
+    from mtl_jax.inference import load_encoder
+    from mtl_jax.tasks import TaskConfig
+
+    tokenizer = load_encoder("sentence-transformers/all-MiniLM-L6-v2").tokenizer
+    tasks = [TaskConfig("pairs", str(path), type="retrieval", text_columns=("query", "positive"))]
+    base = peak_rss_gb()
+    t0 = time.perf_counter()
+    data = prepare(tasks, tokenizer, data_key(tasks, tokenizer, 128, 0, False), str(cache), log=lambda m: None)
+    seconds = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in data.folder.rglob("*") if f.is_file())
+    return {
+        "pairs": sum(len(s) for s in data.splits.values()),
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "rss_before_gb": round(base, 2),
+        "store_gb": round(size / 2**30, 2),
+    }
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def in_fresh_process(what: str, folder: Path, cache: Path) -> dict:
+def in_fresh_process(what: str, folder: Path, cache: Path, *extra: str) -> dict:
     """``what`` measured by this script in a new process (its own peak memory, nothing imported before)."""
-    cmd = [sys.executable, __file__, "--folder", str(folder), "--measure", what, "--cache", str(cache)]
+    cmd = [sys.executable, __file__, "--folder", str(folder), "--measure", what, "--cache", str(cache), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
@@ -128,12 +190,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default="/tmp/glue_scale")
     p.add_argument("--scale", type=float, default=1.0, help="a fraction of GLUE's rows")
-    p.add_argument("--measure", choices=["floor", "to_first_step"], help=argparse.SUPPRESS)  # (the child process)
+    p.add_argument("--pairs", type=int, help="prepare a synthetic JSONL of this many pairs instead")
+    p.add_argument("--measure", choices=["floor", "to_first_step", "pairs"], help=argparse.SUPPRESS)  # (the child)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     folder = Path(args.folder)
     if args.measure:
-        print(json.dumps(floor(folder) if args.measure == "floor" else to_first_step(folder, Path(args.cache))))
+        measure = {"floor": lambda: floor(folder), "to_first_step": lambda: to_first_step(folder, Path(args.cache))}
+        measure["pairs"] = lambda: prepare_pairs(write_pairs(folder, args.pairs), Path(args.cache))
+        print(json.dumps(measure[args.measure]()))
+        return
+    if args.pairs:
+        write_pairs(folder, args.pairs)
+        cache = folder / "cache"
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
+        figure = in_fresh_process("pairs", folder, cache, "--pairs", str(args.pairs))
+        print(json.dumps({"benchmark": "data_scale", "figure": "prepare_pairs"} | figure))
         return
     write_glue_like(folder, args.scale)
     cache = folder / "cache"

@@ -106,12 +106,13 @@ def read_input(path: str | None, columns: list[str]) -> list:
         if len(columns) > 1:
             raise MtlError(f"--text-columns needs --input with a data file ({', '.join(suffixes())})")
         return read_lines(path)
-    rows = read_rows(Path(path), columns)
-    for r in rows:
+    out = []
+    for r in read_rows(Path(path), columns):
         missing = [c for c in columns if r.fields.get(c) is None or not str(r.fields[c]).strip()]
         if r.problem or missing:
             raise MtlError(f"{path}:{r.line}: {r.problem or f'no text in field {missing[0]!r}'}")
-    return [r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns) for r in rows]
+        out.append(r.fields[columns[0]] if len(columns) == 1 else tuple(r.fields[c] for c in columns))
+    return out
 
 
 def is_data_file(path: Path) -> bool:

@@ -125,7 +125,7 @@ def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
     assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")
     full = {"q": "a", "p": "b", "n": "c", "more": ("d", "e")}
-    assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[2] == 5
+    assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[-1] == 5
     short = {"q": "a", "p": "b", "n": " ", "more": ("d",)}
     assert task.text(short) == ("a", "b", "d") and task.label_id(task.raw_label(short))[4] == 3
     assert task.with_labels([task.raw_label(full), task.raw_label(short)]).width == 5

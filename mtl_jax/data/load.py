@@ -190,15 +190,18 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
     label_cols = [t.config.label_column for t in group]
     columns = list(dict.fromkeys(c for t in group for c in t.text_columns() + t.columns()))
     optional = list(dict.fromkeys(c for t in group for c in t.optional_columns()))
-    texts, raw, lines, kept = [], Spilled(), [], []  # kept: the chunks' texts or units
+    kept, raw, lines = [], Spilled(), []  # per chunk: its texts (or units), its raw labels (on disk), its lines
+    chunk: tuple[list, list, list] = ([], [], [])  # the rows read since: texts, raw labels, lines
     dropped: Counter = Counter()
 
     def flush():
-        kept.append(texts[:] if sink is None else sink(texts[:]))
-        raw.extend(chunk_raw[:])
-        texts.clear(), chunk_raw.clear()
+        texts, labels, at = chunk
+        kept.append(list(texts) if sink is None else sink(list(texts)))
+        raw.extend(labels)
+        lines.append(np.asarray(at, np.int64))
+        for part in chunk:
+            part.clear()
 
-    chunk_raw: list = []
     for row in read_rows(path, columns, group[0].config.format, group[0].config.options, optional):
         raw_labels = [t.raw_label(row.fields) for t in group]
         if row.problem is None and all(r == DROP for r in raw_labels):
@@ -209,15 +212,14 @@ def _read_task_file(path: Path, group: list[Task], problems: Problems, notes: li
         if problem is not None:
             problems.add(f"{path}:{row.line}", *problem)
             continue
-        texts.append(text)
-        chunk_raw.append(raw_labels)
-        lines.append(row.line)
-        if len(texts) == CHUNK_ROWS:
+        for part, value in zip(chunk, (text, raw_labels, row.line)):
+            part.append(value)
+        if len(chunk[0]) == CHUNK_ROWS:
             flush()
     flush()
     notes += [f"{path.name}: left out {n} rows labelled {value!r} (drop_labels)" for value, n in dropped.items()]
     joined = [t for part in kept for t in part] if sink is None else np.concatenate(kept)
-    return FileRows(joined, raw, np.asarray(lines, np.int64))
+    return FileRows(joined, raw, np.concatenate(lines))
 
 
 def _label_ids(
