@@ -25,7 +25,8 @@ from mtl_jax.data.readers import READERS
 from mtl_jax.errors import MtlError
 from mtl_jax.options import declared, parsed, violations
 from mtl_jax.tasks import REGISTRY as TASK_TYPES
-from mtl_jax.tasks import TaskConfig, known_keys
+from mtl_jax.tasks import TaskConfig, build, known_keys
+from mtl_jax.tasks.base import prompts_of
 from mtl_jax.training import weighting
 
 
@@ -227,6 +228,7 @@ class RunConfig:
             raise MtlError(f"--loss-weighting {self.loss_weighting}: unknown; choose from {known}")
         if self.batch_size % self.grad_accum:
             raise MtlError(f"--grad-accum {self.grad_accum}: does not divide --batch-size {self.batch_size}")
+        prompts_of([build(t) for t in self.selected_tasks()])  # one prompt per column name (the export names them)
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:
         if not self.tasks:

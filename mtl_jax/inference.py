@@ -83,9 +83,13 @@ class SentenceEncoder:
         max_length: int | None = None,
         progress: bool | None = None,
         dim: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> np.ndarray:
         """Embeddings ``[N, D]`` float32, rows in input order; ``dim``: the first ``dim`` dimensions only
-        (re-normalised when normalizing), as a Matryoshka-trained model's shorter embeddings.
+        (re-normalised when normalizing), as a Matryoshka-trained model's shorter embeddings;
+        ``prompt_name`` (one of the model's :attr:`prompts`, as sentence-transformers names them) or
+        ``prompt``: a text put before each sentence.
 
         Pooling, normalization and ``max_length`` default to the checkpoint's settings.
         ``batch_size`` sets the work per compiled call: about ``batch_size`` × 24 tokens
@@ -97,10 +101,11 @@ class SentenceEncoder:
         normalize = self.spec.normalize if normalize is None else normalize
         if dim is not None and not 1 <= dim <= self.dim:
             raise MtlError(f"dim {dim} must be in [1, {self.dim}]")
+        prefix = self.prompt(prompt_name, prompt)
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
         out = self.map_packed(
             fn,
-            sentences,
+            [prefix + s for s in check_texts(sentences)] if prefix else sentences,
             batch_size=batch_size,
             max_length=max_length,
             progress=progress,
@@ -111,6 +116,22 @@ class SentenceEncoder:
             if normalize:
                 out = unit_rows(out)
         return np.ascontiguousarray(out, np.float32)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's prompts by name (its config_sentence_transformers.json; an export: its tasks' columns)."""
+        return dict(self.spec.prompts)
+
+    def prompt(self, name: str | None, text: str | None = None) -> str:
+        """The text of prompt ``name`` (or ``text`` itself); "" for neither."""
+        if name is not None and text is not None:
+            raise MtlError("give a prompt_name or a prompt, not both")
+        if name is None:
+            return text or ""
+        if name not in self.prompts:
+            known = ", ".join(self.prompts) or "none"
+            raise MtlError(f"no prompt named {name!r} (the model's prompts: {known})")
+        return self.prompts[name]
 
     def map_packed(
         self,
@@ -242,20 +263,23 @@ class Predictor:
             )
         return chosen
 
-    def predict_proba(self, inputs, batch_size: int = 64, progress: bool | None = None) -> dict[str, np.ndarray]:
+    def predict_proba(
+        self, inputs, batch_size: int = 64, progress: bool | None = None, corpus: bool = False
+    ) -> dict[str, np.ndarray]:
         """Per task its :meth:`~mtl_jax.tasks.Task.values` per input (tagging: per word), in input
-        order, for the tasks that take these inputs (see :meth:`tasks_for`)."""
+        order, for the tasks that take these inputs (see :meth:`tasks_for`); ``corpus``: the inputs
+        are texts to rank (retrieval: passages, behind the passage column's prompt)."""
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
         if batch_size < 1:
             raise MtlError(f"batch_size must be positive, got {batch_size}")
         out: dict[str, np.ndarray] = {}
-        groups: dict[str, list] = {}
+        groups: dict[tuple, list] = {}  # tasks that make the same text of an input share a forward pass
         for t in self.tasks_for(inputs):
-            groups.setdefault(t.input_kind, []).append(t)
+            as_text = t.corpus_text if corpus else t.input_text
+            groups.setdefault((t.input_kind, repr(as_text(inputs[0])) if inputs else ""), []).append(t)
         for tasks in groups.values():
-            encoded = self.encoder.tokenizer.encode_examples(
-                [tasks[0].input_text(x) for x in inputs], self.encoder.spec.max_length
-            )
+            as_text = tasks[0].corpus_text if corpus else tasks[0].input_text
+            encoded = self.encoder.tokenizer.encode_examples([as_text(x) for x in inputs], self.encoder.spec.max_length)
             per_token = {t.name for t in tasks if t.token_level}
             fn = functools.partial(self._probs, self.params, names=tuple(t.name for t in tasks))
             res = self.encoder.map_units(fn, encoded.ids, batch_size, progress, per_token=per_token) if inputs else {}

@@ -1,11 +1,12 @@
 """Run by the tests (conftest.torch_vectors) with a PyTorch venv's python (`make peer`), never imported:
 load an exported model directory the way a PyTorch user does and print its sentence vectors.
 
-    python tests/torch_side.py EXPORT_DIR < sentences.json   # -> {"versions", "st", "auto"}
+    python tests/torch_side.py EXPORT_DIR < sentences.json   # -> {"versions", "st", "auto", "prompted"}
 
 "st": sentence-transformers' SentenceTransformer(EXPORT_DIR).encode; "auto": transformers'
 AutoTokenizer + AutoModel, pooled and normalized by hand as the directory's 1_Pooling and
-modules.json say. Nothing here imports mtl_jax.
+modules.json say; "prompted": per named prompt, st.encode(..., prompt_name=name). Nothing here
+imports mtl_jax.
 """
 
 import json
@@ -42,6 +43,7 @@ modules = json.loads((folder / "modules.json").read_text())
 if any(m["type"].endswith(".Normalize") for m in modules):
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
 
+prompted = {name: st.encode(sentences, batch_size=4, prompt_name=name).tolist() for name in st.prompts if name}
 json.dump(
     {
         "versions": {
@@ -52,6 +54,7 @@ json.dump(
         "inputs": sorted(batch.keys()),
         "st": st_vectors.tolist(),
         "auto": pooled.tolist(),
+        "prompted": prompted,  # encode(prompt_name=...) per prompt of config_sentence_transformers.json
     },
     sys.stdout,
 )

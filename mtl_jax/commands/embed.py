@@ -40,6 +40,10 @@ def parse_args(argv):
     p.add_argument(
         "--dim", type=int, help="keep the first DIM dimensions (a Matryoshka-trained model's shorter embeddings)"
     )
+    p.add_argument(
+        "--prompt-name", help="put the model's prompt of this name before each sentence (its export names them)"
+    )
+    p.add_argument("--prompt", help="put this text before each sentence")
     add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return p.parse_args(argv)
@@ -63,6 +67,8 @@ def main(argv=None) -> int:
         max_length=args.max_length,
         progress=False if args.no_progress else None,
         dim=args.dim,
+        prompt_name=args.prompt_name,
+        prompt=args.prompt,
     )
     if args.out:
         import numpy as np

@@ -50,7 +50,7 @@ def with_matches(predictor, rows: list[dict], corpus: list[str], k: int, **kw) -
     tasks = [t.name for t in predictor.task_objects if t.ranks_corpus and rows and t.name in rows[0]]
     if not tasks:
         raise MtlError("--corpus: the model has no task that ranks a corpus (retrieval)")
-    passages = predictor.predict_proba(corpus, **kw)
+    passages = predictor.predict_proba(corpus, corpus=True, **kw)
     for name in tasks:
         queries = np.stack([row[name] for row in rows])
         for start, best, scores in top_k(queries, np.asarray(passages[name]), k):  # unit vectors: cosine

@@ -39,6 +39,7 @@ class EncoderSpec:
     normalize: bool = False
     max_length: int = 512
     lowercase: bool = False
+    prompts: tuple[tuple[str, str], ...] = ()  # sentence-transformers' prompts: (name, text)
 
 
 # ---------------------------------------------------------------------------- locating
@@ -346,6 +347,12 @@ def _sentence_transformers_settings(folder: Path, spec: dict) -> tuple[Path, dic
         if cfg.get("max_seq_length"):
             spec["max_length"] = int(cfg["max_seq_length"])
         spec["lowercase"] = bool(cfg.get("do_lower_case", False))
+    settings = folder / "config_sentence_transformers.json"
+    if settings.is_file():
+        prompts = _read_json(settings).get("prompts") or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+            raise MtlError(f"{settings}: prompts must map names to texts")
+        spec["prompts"] = tuple(prompts.items())
     return model_dir, spec
 
 

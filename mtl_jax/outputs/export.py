@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mtl_jax.errors import MtlError
+from mtl_jax.tasks.base import prompts_of
 
 EXPORT_FORMAT = 1
 META_FILE = "mtl_jax.json"
@@ -67,7 +68,7 @@ def _write_export(tmp: Path, encoder_spec, encoder_params, head_params, hf_token
     """Every file of the export into ``tmp``, then its metadata with their checksums, verified."""
     tmp.mkdir(parents=True)
     _write_encoder(tmp, encoder_spec, encoder_params, hf_tokenizer)
-    _write_sentence_transformers_modules(tmp, encoder_spec, pooling)
+    _write_sentence_transformers_modules(tmp, encoder_spec, pooling, prompts_of(tasks))
     _write_heads(tmp, head_params)
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     meta = {
@@ -135,8 +136,9 @@ def _write_encoder(folder: Path, encoder_spec, encoder_params, hf_tokenizer) -> 
     )
 
 
-def _write_sentence_transformers_modules(folder: Path, encoder_spec, pooling: str) -> None:
-    """modules.json, the pooling (and normalisation) module and sentence_bert_config.json."""
+def _write_sentence_transformers_modules(folder: Path, encoder_spec, pooling: str, prompts: dict) -> None:
+    """modules.json, the pooling (and normalisation) module, sentence_bert_config.json and
+    config_sentence_transformers.json (the tasks' prompts by column name: ``encode(prompt_name=...)``)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -157,6 +159,8 @@ def _write_sentence_transformers_modules(folder: Path, encoder_spec, pooling: st
     (folder / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": encoder_spec.max_length, "do_lower_case": encoder_spec.lowercase})
     )
+    settings = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings, indent=2))
 
 
 def _write_heads(folder: Path, head_params: dict) -> None:

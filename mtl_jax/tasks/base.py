@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from mtl_jax.data.readers import option_names as reader_options
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, slot_head
-from mtl_jax.options import declared, parsed
+from mtl_jax.options import declared, option, parsed
 from mtl_jax.registry import registrar
 from mtl_jax.tasks.config import TaskConfig
 
@@ -55,6 +55,30 @@ def no_label_like(dtype) -> Any:
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     """The options of a type that declares none."""
+
+
+def prompt_pairs(value) -> tuple[tuple[str, str], ...]:
+    """``prompts``: a mapping (or pairs) of a text column to the text put before its texts."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a mapping of column to prompt text, got {value!r}") from None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs):
+        raise ValueError(f"expected a mapping of column to prompt text, got {value!r}")
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptOptions:
+    """What every type with sentence columns takes: a prompt per text column."""
+
+    prompts: Optional[tuple[tuple[str, str], ...]] = option(
+        None,
+        'per text column, a text put before each of its texts ({query: "query: "}), in training, evaluation '
+        "and prediction; the export keeps them as sentence-transformers' prompts",
+        parse=prompt_pairs,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +127,18 @@ class Task:
     def text(self, fields: dict) -> Any:
         """An example's text from its row's fields: a string here (one sentence; see
         :mod:`mtl_jax.data.text` for the other kinds), or :class:`BadText` with the reason."""
-        return check_text(fields.get(self.config.text_column), self.config.text_column)
+        return self.prompted(check_text(fields.get(self.config.text_column), self.config.text_column))
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The configured prompt of each text column (``prompts``)."""
+        return dict(getattr(self.options, "prompts", None) or ())
+
+    def prompted(self, text, column: str | None = None):
+        """``text`` (of ``column``, default the task's text column) behind its column's prompt."""
+        if isinstance(text, BadText) or not isinstance(text, str):
+            return text
+        return self.prompts.get(self.config.text_column if column is None else column, "") + text
 
     @property
     def text_kind(self) -> str:
@@ -122,8 +157,12 @@ class Task:
         return isinstance(value, str)
 
     def input_text(self, value) -> Any:
-        """An input of ``predict`` as the text an example of this task has."""
-        return value
+        """An input of ``predict`` as the text an example of this task has (its prompt before it)."""
+        return self.prompted(value)
+
+    def corpus_text(self, value) -> Any:
+        """A text of ``predict --corpus`` as this task ranks it (retrieval: a passage)."""
+        return self.input_text(value)
 
     def raw_label(self, fields: dict) -> Any:
         """A row's raw label: None when missing (empty, NaN), :data:`DROP` for a ``drop_labels`` value."""
@@ -273,6 +312,18 @@ class Task:
         }
 
 
+def prompts_of(tasks) -> dict[str, str]:
+    """Every task's prompts by column: what the export names them (one text per column name)."""
+    out: dict[str, str] = {}
+    for t in tasks:
+        for column, text in t.prompts.items():
+            if out.setdefault(column, text) != text:
+                raise MtlError(
+                    f"task {t.name}: prompt {text!r} for column {column!r}, another task has {out[column]!r}"
+                )
+    return out
+
+
 def has_label(y: np.ndarray) -> np.ndarray:
     """``[N]`` bool: which examples of a host label array ``[N, ...]`` carry a label (see :func:`no_label_like`)."""
     if y.dtype == object:
@@ -320,7 +371,12 @@ def build(config: TaskConfig, labels=None) -> Task:
             f"task {config.name}: unknown key(s) {', '.join(unknown)} for type {config.type}; "
             f"known: {', '.join(known_keys(config.type))}"
         )
-    return REGISTRY[config.type](config, tuple((config.labels or ()) if labels is None else labels))
+    task = REGISTRY[config.type](config, tuple((config.labels or ()) if labels is None else labels))
+    columns = task.text_columns() + task.optional_columns()
+    stray = [c for c in task.prompts if c not in columns]
+    if stray:
+        raise MtlError(f"task {config.name}: prompts for {', '.join(stray)}, not a text column ({', '.join(columns)})")
+    return task
 
 
 def from_export(meta: dict) -> Task:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mtl_jax.errors import MtlError
 from mtl_jax.options import option
-from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.tasks.base import LossSums, PromptOptions, Task, register
 from mtl_jax.tasks.metrics import classification_report
 
 
@@ -41,7 +41,7 @@ def as_number(raw: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassificationOptions:
+class ClassificationOptions(PromptOptions):
     metric: Optional[str] = option(None, "the primary metric: accuracy, macro_f1 (default), f1 (binary), mcc")
 
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.options import FRACTION, option
-from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.tasks.base import LossSums, PromptOptions, Task, register
 from mtl_jax.tasks.metrics import multilabel_report
 
 
 @dataclasses.dataclass(frozen=True)
-class MultilabelOptions:
+class MultilabelOptions(PromptOptions):
     label_separator: Optional[str] = option(None, "a text label is split on this (default: a list of labels)")
     threshold: float = option(0.5, "a label is predicted when its probability reaches this", FRACTION)
 

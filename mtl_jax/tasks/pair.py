@@ -21,14 +21,14 @@ from mtl_jax.data.text import Joined, Segments
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, dense_head, next_slot
 from mtl_jax.options import names, option
-from mtl_jax.tasks.base import check_text, register
+from mtl_jax.tasks.base import PromptOptions, check_text, register
 from mtl_jax.tasks.classification import Classification, ClassificationOptions
 
 ENCODINGS = ("bi", "cross")
 
 
 @dataclasses.dataclass(frozen=True)
-class PairOptions:
+class PairOptions(PromptOptions):
     text_columns: Optional[tuple[str, ...]] = option(None, "the columns of an example's texts, in order", parse=names)
     encoding: str = option("bi", "bi: each text encoded apart; cross: one sequence, [CLS] a [SEP] b [SEP]")
 
@@ -65,7 +65,7 @@ class PairText:
         return tuple(self.options.text_columns or ())
 
     def text(self, fields: dict):
-        texts = [check_text(fields.get(c), c) for c in self.text_columns()]
+        texts = [self.prompted(check_text(fields.get(c), c), c) for c in self.text_columns()]
         bad = [t for t in texts if type(t) is not str]
         if bad:
             return bad[0]
@@ -86,7 +86,8 @@ class PairInput(PairText):
         )
 
     def input_text(self, value):
-        return (Segments if self.options.encoding == "bi" else Joined)(value)
+        texts = [self.prompted(v, c) for v, c in zip(value, self.text_columns())]
+        return (Segments if self.options.encoding == "bi" else Joined)(texts)
 
 
 def pair_features(features: Features) -> jnp.ndarray:

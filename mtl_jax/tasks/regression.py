@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.tasks.base import LossSums, PromptOptions, Task, register
 from mtl_jax.tasks.metrics import correlations
 
 
@@ -44,6 +44,7 @@ class OneScore(Task):
     primary = "spearman"
     label_dtype = np.float32
     train_accuracy = False
+    Options = PromptOptions
 
     def label_id(self, raw) -> float | str:
         return parse_number(raw)

@@ -134,24 +134,34 @@ class Retrieval(PairText, Task):
         listed = self.options.negatives_column
         return tuple(self.options.text_columns[2:]) + ((listed,) if listed else ())
 
-    def negatives(self, fields: dict) -> list:
-        """A row's hard negatives: its negative columns', then its list's, empty ones left out."""
-        values = [fields.get(c) for c in self.options.text_columns[2:]]
+    def negatives(self, fields: dict) -> list[tuple[str, str]]:
+        """A row's hard negatives with the column each came from: its negative columns', then its
+        list's, empty ones left out."""
+        values = [(c, fields.get(c)) for c in self.options.text_columns[2:]]
         listed = fields.get(self.options.negatives_column) if self.options.negatives_column else None
-        values += list(listed) if isinstance(listed, tuple) else [listed]
-        return [v for v in values if v is not None and str(v).strip()]
+        many = listed if isinstance(listed, tuple) else [listed]
+        values += [(self.options.negatives_column, v) for v in many]
+        return [(c, v) for c, v in values if v is not None and str(v).strip()]
 
     def text(self, fields: dict):
-        """The query, the positive and the hard negatives, each its own segment."""
+        """The query, the positive and the hard negatives, each its own segment (behind its column's prompt)."""
         query, positive = self.options.text_columns[:2]
-        texts = [check_text(fields.get(query), query), check_text(fields.get(positive), positive)]
-        texts += [check_text(v, "negatives") for v in self.negatives(fields)]
+        texts = [(query, fields.get(query)), (positive, fields.get(positive))] + self.negatives(fields)
+        texts = [self.prompted(check_text(v, c if i < 2 else "negatives"), c) for i, (c, v) in enumerate(texts)]
         bad = [t for t in texts if isinstance(t, BadText)]
         if bad:
             return bad[0]
         if len(texts) > MAX_SEGMENTS:
             return BadText(f"{len(texts) - 2} hard negatives (at most {MOST_NEGATIVES})")
         return Segments(texts)
+
+    def input_text(self, value):
+        """``predict``'s input is a query."""
+        return self.prompted(value, self.options.text_columns[0])
+
+    def corpus_text(self, value):
+        """``predict --corpus``'s texts are passages."""
+        return self.prompted(value, self.options.text_columns[1])
 
     @property
     def width(self) -> int:
