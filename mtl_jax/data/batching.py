@@ -20,7 +20,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import flax
 import jax
@@ -41,6 +41,7 @@ from mtl_jax.data.packing import (
     unit_length,
     unit_segments,
 )
+from mtl_jax.data.spool import ranges
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import has_label, no_label_like
@@ -448,6 +449,50 @@ def _trade(b: int, i: int, batches: list[list], held: list[Counter], texts: Sequ
     return None if best is None else best[1:]
 
 
+class TextKeys:
+    """Per example the keys of its texts (a 64-bit hash of each segment's token ids: equal ids, equal
+    key) as flat arrays, not a set per example: ``keys[i]`` is example i's tuple of keys, empty for
+    examples not keyed."""
+
+    HASH_CHUNK = 1 << 20  # segments hashed at a time
+    LONGEST = 1 << 13  # tokens a segment may have (an encoder's positions are fewer)
+
+    def __init__(self, keys: np.ndarray, starts: np.ndarray):
+        self.keys, self.starts = keys, starts
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> tuple[int, ...]:
+        """Example i's distinct keys (an example may repeat a text of its own)."""
+        return tuple(dict.fromkeys(self.keys[self.starts[i] : self.starts[i + 1]].tolist()))
+
+    @classmethod
+    def of(cls, data: Tokenized, members: np.ndarray) -> TextKeys:
+        """The keys of examples ``members`` of ``data`` (the others have none)."""
+        units = data.ids if isinstance(data.ids, StoredUnits) else StoredUnits.of(list(data.ids))
+        first, last = units.example_starts[members], units.example_starts[members + 1]
+        counts = np.zeros(len(units), np.int64)
+        counts[members] = last - first
+        starts = np.zeros(len(units) + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
+        segments = ranges(first, last)  # in example order, as ``starts`` lays them out
+        weights = np.random.default_rng(0x5EED).integers(1, 2**63, cls.LONGEST + 1, np.uint64) | 1
+        keys = np.zeros(len(segments), np.uint64)
+        for at in range(0, len(segments), cls.HASH_CHUNK):
+            seg = segments[at : at + cls.HASH_CHUNK]
+            a, b = units.segment_starts[seg], units.segment_starts[seg + 1]
+            tokens = ranges(a, b)
+            position = tokens - np.repeat(a, b - a)
+            with np.errstate(over="ignore"):  # (sums modulo 2**64)
+                mixed = units.ids[tokens].astype(np.uint64) * weights[position + 1]
+                offsets = np.minimum(np.concatenate([[0], np.cumsum(b - a)[:-1]]), max(len(tokens) - 1, 0))
+                sums = np.add.reduceat(mixed, offsets) if len(tokens) else np.zeros(len(seg), np.uint64)
+                sums = np.where(b > a, sums, 0) + (b - a).astype(np.uint64) * weights[0]
+            keys[at : at + len(seg)] = sums
+        return cls(keys, starts)
+
+
 def _stack(built: list[Batch], task_stacked: bool) -> Batch:
     """One step's batch from its parts; task-stacked: part ``t`` at ``[:, t]``."""
     if not task_stacked:
@@ -476,7 +521,7 @@ class InputPipeline:
     batch_size: int
     eval_batch_size: int
     seed: int
-    epochs: int = 1  # the grids hold every step of epochs 0 .. epochs - 1
+    epochs: int = 1  # the grids hold every step of epochs 0 .. epochs - 1 (setup sets the run's: --max-steps)
     sampling: str = "proportional"
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
@@ -484,6 +529,7 @@ class InputPipeline:
     distinct: tuple[str, ...] = ()  # tasks whose examples a step must not repeat (in-batch negatives)
     devices: int = 1  # devices a step's rows are split over
     place: Callable[[Batch], Batch] = unplaced  # a batch's host arrays onto the devices
+    plans_kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # epoch -> plan
 
     @property
     def train(self) -> Tokenized:
@@ -500,7 +546,15 @@ class InputPipeline:
         return plan_grids(self.train, plans, self.task_stacked, self.devices * self.grad_accum)
 
     def plan(self, epoch: int) -> list:
-        """The batches of one epoch: example indices per step (per task and step when task-stacked)."""
+        """The batches of one epoch: example indices per step (per task and step when task-stacked);
+        the last two asked for are kept (setup, the grids and the trainer all read epoch 0's)."""
+        if epoch not in self.plans_kept:
+            while len(self.plans_kept) >= 2:
+                self.plans_kept.pop(next(iter(self.plans_kept)))
+            self.plans_kept[epoch] = self._plan(epoch)
+        return self.plans_kept[epoch]
+
+    def _plan(self, epoch: int) -> list:
         if self.task_stacked:
             return task_plan(self.train, self.batch_size, self.seed, epoch, texts=self.text_keys)
         return epoch_plan(
@@ -508,16 +562,13 @@ class InputPipeline:
         )
 
     @functools.cached_property
-    def text_keys(self) -> list | None:
-        """Per training example of a ``distinct`` task, the keys of its texts (each segment's ids), else
-        None: what a step must not hold twice."""
+    def text_keys(self) -> TextKeys | None:
+        """Per training example of a ``distinct`` task, the keys of its texts, else None: what a step
+        must not hold twice."""
         if not self.distinct:
             return None
-        keys: list = [None] * len(self.train)
-        for name in self.distinct:
-            for i in np.flatnonzero(has_label(self.train.labels[name])):
-                keys[i] = frozenset(hash(np.asarray(s).tobytes()) for s in unit_segments(self.train.ids[i]))
-        return keys
+        members = np.unique(np.concatenate([np.flatnonzero(has_label(self.train.labels[n])) for n in self.distinct]))
+        return TextKeys.of(self.train, members)
 
     def examples_in(self, idx) -> int:
         return sum(len(i) for i in idx) if self.task_stacked else len(idx)
