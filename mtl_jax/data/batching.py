@@ -41,7 +41,7 @@ from mtl_jax.data.packing import (
     unit_length,
     unit_segments,
 )
-from mtl_jax.data.spool import ranges
+from mtl_jax.data.spool import drop_pages, ranges
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import has_label, no_label_like
@@ -490,6 +490,7 @@ class TextKeys:
                 sums = np.add.reduceat(mixed, offsets) if len(tokens) else np.zeros(len(seg), np.uint64)
                 sums = np.where(b > a, sums, 0) + (b - a).astype(np.uint64) * weights[0]
             keys[at : at + len(seg)] = sums
+            drop_pages(units.ids)
         return cls(keys, starts)
 
 

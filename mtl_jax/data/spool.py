@@ -8,6 +8,7 @@ example (its segments' lengths, whether it was cut) and, for word lists, where e
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,6 +102,14 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
+def drop_pages(a: np.ndarray) -> None:
+    """Let the kernel drop the resident pages of a memory-mapped array (read from its file again when
+    touched): a pass over a large store keeps a chunk of it in memory, not the whole file."""
+    mapped = getattr(a, "_mmap", None)  # (np.memmap and its views; np.load(mmap_mode=...) arrays)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 TAKE_CHUNK = 1 << 18  # examples gathered at a time
 
 
@@ -114,6 +123,9 @@ def take_units(units: StoredUnits, idx: np.ndarray, ids_out: np.ndarray) -> Stor
         tokens = ranges(units.segment_starts[segments], units.segment_starts[segments + 1])
         ids_out[at : at + len(tokens)] = units.ids[tokens]
         at += len(tokens)
+        if hasattr(ids_out, "flush"):
+            ids_out.flush()  # (written back before its pages are let go)
+        drop_pages(ids_out), drop_pages(units.ids)
         segment_lengths.append(units.segment_starts[segments + 1] - units.segment_starts[segments])
     lengths = np.concatenate([np.zeros(0, np.int64)] + segment_lengths)
     counts = units.example_starts[idx + 1] - units.example_starts[idx]
