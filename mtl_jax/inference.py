@@ -220,6 +220,7 @@ class Predictor:
             tasks=tuple(t.head_spec() for t in self.task_objects),
             pooling=meta["pooling"],
             dtype=compute_dtype(dtype),
+            normalize=self.encoder.spec.normalize,
         )
         self.params = {"encoder": self.encoder.params, "heads": self._load_heads()}
 

@@ -610,3 +610,36 @@ def test_derived_examples_load_as_configs_types_embedded_names_them(tmp_path, mo
     assert min(counts.values()) >= 1500, counts
     tags = data.labels["moral_terms"]
     assert "O" in tags and "B-care.virtue" in tags and "I-authority.virtue" in tags
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_bi_pair_head_reads_unit_embeddings_where_the_checkpoint_normalises_them(minilm, normalize):
+    """As sentence-transformers' SoftmaxLoss: Dense over (u, v, |u - v|) of the model's output, which
+    for all-MiniLM-L6-v2 ends in Normalize; ``normalize: false`` reads the pooled embeddings."""
+    import jax
+
+    from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+    from mtl_jax.data.text import Segments
+    from mtl_jax.model.multitask import MultiTaskModel
+
+    assert minilm.spec.normalize
+    task = build(
+        TaskConfig(
+            "nli", "x.csv", type="pair_classification", text_columns=("a", "b"), labels=("n", "y"), normalize=normalize
+        )
+    )
+    pairs = [("A man is playing a guitar.", "Someone plays music."), ("Cats sleep.", "The market fell today.")]
+    enc = minilm.tokenizer.encode_examples([Segments(p) for p in pairs], 64)
+    data = Tokenized(enc.ids, {"nli": np.ones(len(pairs), np.int32)}, np.zeros(len(pairs), np.int32), 0)
+    batch, call = pack_examples(data, np.arange(len(pairs)), Grid(2, 64), minilm.tokenizer.pad_id)
+    model = MultiTaskModel(minilm.config, tasks=(task.head_spec(),), head_dropout=0.0, normalize=True)
+    rng = np.random.default_rng(0)
+    head = {"kernel": jnp.asarray(rng.normal(size=(3 * 384, 2)), jnp.float32), "bias": jnp.zeros(2, jnp.float32)}
+    variables = {"params": {"encoder": minilm.params, "heads": {"nli": head}}}
+    out = model.apply(variables, batch.ids, batch.positions, batch.segments, 16, method="classify_packed")["nli"]
+    emb = minilm.encode([s for p in pairs for s in p], normalize=normalize).reshape(len(pairs), 2, -1)
+    u, v = emb[:, 0], emb[:, 1]
+    want = np.concatenate([u, v, np.abs(u - v)], axis=1) @ np.asarray(head["kernel"])
+    first = call.first & (call.index >= 0)
+    got = np.asarray(jax.device_get(out)).reshape(-1, 2)[first]
+    np.testing.assert_allclose(got, want[call.index[first]], atol=1e-4)

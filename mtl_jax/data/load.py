@@ -148,7 +148,7 @@ class Spilled:
 
     def __iter__(self) -> Iterator:
         self.file.seek(0)
-        for _ in iter(int, 1):
+        while True:
             try:
                 chunk = pickle.load(self.file)
             except EOFError:

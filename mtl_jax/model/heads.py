@@ -17,6 +17,7 @@ class Features(NamedTuple):
     pooled: jax.Array  # [R, S, D] float32: slot s of row r, the s-th segment of the row
     dropped: jax.Array  # [R, S, D] the same after the head dropout (training)
     tokens: jax.Array | None  # [R, P, D] token states after the head dropout (token-level heads)
+    norms: jax.Array | None = None  # [R, S, 1] the pooled embeddings' norms where the checkpoint normalises them
 
 
 def dense_head(spec: HeadSpec, x: jax.Array) -> jax.Array:

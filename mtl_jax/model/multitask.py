@@ -79,6 +79,7 @@ class MultiTaskModel(nn.Module):
     head_dropout: float = 0.1
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
     attention: str = "auto"  # auto | fused | xla: see mtl_jax.model.encoder.Attention
+    normalize: bool = False  # the checkpoint normalises its embeddings: heads that follow it read the norms
 
     def setup(self):
         if self.pooling not in POOLING_MODES:
@@ -135,7 +136,8 @@ class MultiTaskModel(nn.Module):
         """{task: outputs} float32 from pooled embeddings ``[R, S, D]`` (and token states ``[R, P, D]``)."""
         dropped = self.dropout(pooled, deterministic=deterministic)
         tokens = None if hidden is None else self.dropout(hidden.astype(jnp.float32), deterministic=deterministic)
-        return self.heads(Features(pooled, dropped, tokens))
+        norms = jnp.linalg.norm(pooled, axis=-1, keepdims=True) if self.normalize else None
+        return self.heads(Features(pooled, dropped, tokens, norms))
 
     def __call__(
         self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None

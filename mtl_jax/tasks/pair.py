@@ -35,7 +35,11 @@ class PairOptions(PromptOptions):
 
 @dataclasses.dataclass(frozen=True)
 class PairClassificationOptions(PairOptions, ClassificationOptions):
-    pass
+    normalize: bool = option(
+        True,
+        "bi: the head reads unit embeddings where the checkpoint normalises them (sentence-transformers' "
+        "SoftmaxLoss); false: the pooled embeddings as they are",
+    )
 
 
 class PairText:
@@ -90,9 +94,13 @@ class PairInput(PairText):
         return (Segments if self.options.encoding == "bi" else Joined)(texts)
 
 
-def pair_features(features: Features) -> jnp.ndarray:
-    """``[R, S, 3D]``: ``(u, v, |u - v|)`` at each pair's first slot (u there, v in the next slot)."""
+def pair_features(features: Features, normalize: bool = True) -> jnp.ndarray:
+    """``[R, S, 3D]``: ``(u, v, |u - v|)`` at each pair's first slot (u there, v in the next slot); with
+    ``normalize``, of unit embeddings where the checkpoint normalises them (as sentence-transformers'
+    SoftmaxLoss reads the model's output), the head dropout scaled alike."""
     u = features.dropped
+    if normalize and features.norms is not None:
+        u = u / jnp.maximum(features.norms, 1e-12)
     v = next_slot(u)
     return jnp.concatenate([u, v, jnp.abs(u - v)], axis=-1)
 
@@ -106,8 +114,11 @@ class PairClassification(PairInput, Classification):
         super().__post_init__()
         self.check_pair()
 
+    def head_options(self) -> tuple:
+        return super().head_options() + (("normalize", self.options.normalize),)
+
     @staticmethod
     def head(spec: HeadSpec, features: Features):
         if spec.option("encoding") == "cross":
             return Classification.head(spec, features)
-        return dense_head(spec, pair_features(features))
+        return dense_head(spec, pair_features(features, spec.option("normalize")))

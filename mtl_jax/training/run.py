@@ -162,6 +162,7 @@ def build_model(cfg: TrainConfig, data: Prepared, encoder: SentenceEncoder, phas
         head_dropout=cfg.head_dropout,
         dtype=compute_dtype(cfg.dtype),
         attention=cfg.attention,
+        normalize=encoder.spec.normalize,
     )
 
 
