@@ -121,6 +121,32 @@ def test_matryoshka_loss_adds_each_leading_size_renormalised_and_metrics_report_
         _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[0, 4])
 
 
+def test_similarity_matryoshka_adds_cosent_of_each_size_and_reports_spearman_at_each():
+    from mtl_jax.model.heads import Features
+
+    rng = np.random.default_rng(4)
+    pooled = rng.normal(size=(1, 12, 8)).astype(np.float32)  # six pairs in one row: slots 0/1, 2/3, ...
+    score = rng.uniform(0, 5, 6).astype(np.float32)
+    task = _task("similarity", text_columns=("a", "b"), score_range=[0, 5], matryoshka_dims=[4, 2]).with_labels([])
+    outputs = task.head(task.head_spec(), Features(jnp.asarray(pooled), jnp.asarray(pooled), None))[:, ::2]
+    cut = lambda d: pooled[0, :, :d] / np.linalg.norm(pooled[0, :, :d], axis=-1, keepdims=True)  # noqa: E731
+    cos = {d: np.sum(cut(d)[::2] * cut(d)[1::2], axis=-1) for d in (8, 4, 2)}
+    np.testing.assert_allclose(np.asarray(outputs)[0], np.stack([cos[8], cos[4], cos[2]], axis=-1), atol=1e-6)
+
+    def numpy_cosent(c):  # log(1 + sum over score_i > score_j of exp(20 (c_j - c_i)))
+        terms = [np.exp(20 * (c[j] - c[i])) for i in range(6) for j in range(6) if score[i] > score[j]]
+        return np.log1p(np.sum(terms))
+
+    sums = task.loss_sums(outputs, jnp.asarray(score)[None])
+    assert float(sums.loss_sum) == pytest.approx(6 * sum(numpy_cosent(cos[d]) for d in (8, 4, 2)), rel=1e-5)
+    result = task.metrics(score, np.asarray(task.predict(outputs))[0])
+    assert result["spearman"] == pytest.approx(correlations(score, cos[8])["spearman"])
+    assert result["spearman@2"] == pytest.approx(correlations(score, cos[2])["spearman"])
+    assert "spearman@4" in task.record_keys and task.values(outputs).shape == (1, 6, 1)
+    with pytest.raises(MtlError, match="matryoshka_dims needs encoding: bi"):
+        _task("similarity", text_columns=("a", "b"), encoding="cross", matryoshka_dims=[4])
+
+
 def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not_padded():
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
     assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")
@@ -332,6 +358,7 @@ def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert)
     assert record["qa"]["primary"] == "ndcg@10" and {"mrr@10", "recall@10", "map@100"} <= set(record["qa"])
     assert test["qa"]["ndcg@10@8"] >= 0.3  # Matryoshka: the first 8 of 32 dimensions rank too
     assert "nDCG@10 at 8" in (out / "report.md").read_text() and (out / "matryoshka_qa.png").stat().st_size > 0
+    assert test["sts"]["spearman@8"] >= 0.5 and (out / "matryoshka_sts.png").stat().st_size > 0
     model = load(out / "export")
     emb = model.encode(["who alice goal"], dim=8, normalize=True)
     assert emb.shape == (1, 8) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)

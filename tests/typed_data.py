@@ -25,6 +25,7 @@ tasks:
     text_columns: [a, b]
     label_column: score
     score_range: [0, 5]
+    matryoshka_dims: [16, 8]
   - name: qa
     type: retrieval
     train: qa.jsonl

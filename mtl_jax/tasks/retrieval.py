@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Optional
 
 import jax
@@ -33,8 +32,9 @@ from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.data.text import Segments
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
-from mtl_jax.options import names, option, sizes
+from mtl_jax.options import names, option
 from mtl_jax.tasks.base import BadText, LossSums, Task, check_text, register
+from mtl_jax.tasks.matryoshka import Matryoshka, MatryoshkaOptions
 from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
 from mtl_jax.tasks.pair import PairOptions, PairText
 
@@ -76,7 +76,7 @@ MOST_NEGATIVES = MAX_SEGMENTS - 2  # an example's texts share one packed row
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalOptions(PairOptions):
+class RetrievalOptions(PairOptions, MatryoshkaOptions):
     text_columns: Optional[tuple[str, ...]] = option(
         None, "query, positive, then any hard negative columns", parse=names
     )
@@ -85,14 +85,11 @@ class RetrievalOptions(PairOptions):
         None, "self: a candidate the model scores above the query's positive (minus guide_margin) is no negative"
     )
     guide_margin: float = option(0.0, "with guide: how far below the positive's cosine a negative must score")
-    matryoshka_dims: Optional[tuple[int, ...]] = option(
-        None, "Matryoshka: the loss summed over these leading sizes of the embedding, each re-normalised", parse=sizes
-    )
 
 
 @register("retrieval")
 @dataclasses.dataclass(frozen=True)
-class Retrieval(PairText, Task):
+class Retrieval(Matryoshka, PairText, Task):
     primary = "ndcg@10"
     label_shape = (5,)  # the keys of its query's and its positive's texts (two 31-bit halves each), its texts
     Options = RetrievalOptions
@@ -100,6 +97,7 @@ class Retrieval(PairText, Task):
     distinct_in_batch = True  # a repeated query or passage would be scored as its own negative
 
     roles = ("query", "positive")
+    sized = ("nDCG@10", "ndcg@10")
 
     def __post_init__(self):
         cols = self.options.text_columns or ()
@@ -115,16 +113,7 @@ class Retrieval(PairText, Task):
 
     @property
     def record_keys(self) -> tuple[str, ...]:
-        return ("loss",) + RETRIEVAL_METRICS + tuple(f"ndcg@10@{d}" for d in self.dims) + ("examples",)
-
-    @property
-    def dims(self) -> tuple[int, ...]:
-        """The Matryoshka sizes (none: the whole embedding only)."""
-        return self.options.matryoshka_dims or ()
-
-    def check_encoder(self, dim: int) -> None:
-        if self.dims and self.dims[0] > dim:
-            raise MtlError(f"task {self.name}: matryoshka_dims {list(self.dims)} exceed the encoder's {dim} dimensions")
+        return ("loss",) + RETRIEVAL_METRICS + self.sized_keys() + ("examples",)
 
     def text_columns(self) -> tuple[str, ...]:
         return tuple(self.options.text_columns[:2])
@@ -243,28 +232,7 @@ class Retrieval(PairText, Task):
     def report_lines(self, summary: dict) -> list[str]:
         columns = (("nDCG@10", "ndcg@10"), ("MRR@10", "mrr@10"), ("recall@1", "recall@1"), ("recall@10", "recall@10"))
         lines = self.split_table(summary, columns + (("MAP@100", "map@100"),), count="queries")
-        if not self.dims:
-            return lines
-        sized = tuple((f"nDCG@10 at {d}", f"ndcg@10@{d}") for d in self.dims)
-        return (
-            lines
-            + ["", "Matryoshka: the embedding cut to its first dimensions (re-normalised):", ""]
-            + [
-                *self.split_table(summary, sized, count="queries"),
-                "",
-                f"![matryoshka](matryoshka_{self.name}.png)",
-            ]
-        )
-
-    def plots(self, result: dict, folder: Path) -> list[str]:
-        if not self.dims:
-            return []
-        from mtl_jax.outputs.plots import plot_sizes
-
-        name = f"matryoshka_{self.name}.png"
-        scores = {d: result[f"ndcg@10@{d}"] for d in self.dims}
-        plot_sizes(scores, result["ndcg@10"], f"{self.name} (test): nDCG@10 by embedding size", folder / name)
-        return [name]
+        return lines + self.sized_report(summary, count="queries")
 
     def output_cell(self, output) -> str:
         """The query's embedding, or (``predict --corpus``) its best match and score."""

@@ -5,7 +5,9 @@ default: every pair of pairs in the batch ordered as their scores are) or ``loss
 score scaled to [0, 1]. ``encoding: cross``: the pair as one sequence and a one-output head, MSE
 against the scaled score. The scores' range is ``score_range`` or the training scores' min and max.
 
-Metrics: Pearson and Spearman (the primary score) between the predictions and the scores.
+Metrics: Pearson and Spearman (the primary score) between the predictions and the scores; with
+``matryoshka_dims`` (bi), the loss adds each leading size's cosines and Spearman is reported at
+each size too (:mod:`mtl_jax.tasks.matryoshka`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, l2_normalize, next_slot
 from mtl_jax.options import number_pair, option
 from mtl_jax.tasks.base import LossSums, Task, register
+from mtl_jax.tasks.matryoshka import Matryoshka, MatryoshkaOptions
+from mtl_jax.tasks.metrics import correlations
 from mtl_jax.tasks.pair import PairInput, PairOptions
 from mtl_jax.tasks.regression import OneScore, masked_mse, numbers
 
@@ -37,7 +42,7 @@ def cosent(cos: jnp.ndarray, score: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndar
 
 
 @dataclasses.dataclass(frozen=True)
-class SimilarityOptions(PairOptions):
+class SimilarityOptions(PairOptions, MatryoshkaOptions):
     loss: str = option("cosent", "bi: cosent (the ranking of the pairs' cosines) or mse")
     score_range: Optional[tuple[float, float]] = option(
         None, "the scores' range [low, high] (default: the training scores' min and max)", parse=number_pair
@@ -46,14 +51,20 @@ class SimilarityOptions(PairOptions):
 
 @register("similarity")
 @dataclasses.dataclass(frozen=True)
-class Similarity(PairInput, OneScore):
-    record_keys = ("loss", "pearson", "spearman", "examples")
+class Similarity(Matryoshka, PairInput, OneScore):
     Options = SimilarityOptions
+    sized = ("Spearman", "spearman")
 
     def __post_init__(self):
         self.check_pair()
         if self.options.loss not in LOSSES:
             raise MtlError(f"task {self.name}: unknown loss {self.options.loss!r} (similarity: cosent, mse)")
+        if self.dims and self.options.encoding != "bi":
+            raise MtlError(f"task {self.name}: matryoshka_dims needs encoding: bi (embeddings to cut)")
+
+    @property
+    def record_keys(self) -> tuple[str, ...]:
+        return ("loss", "pearson", "spearman") + self.sized_keys() + ("examples",)
 
     def with_labels(self, raw_train_labels: Iterable) -> Similarity:
         """The scores' range: ``score_range``, else the training scores' min and max."""
@@ -66,33 +77,56 @@ class Similarity(PairInput, OneScore):
         return dataclasses.replace(self, stats=(lo, hi if hi > lo else lo + 1.0))
 
     def head_options(self) -> tuple:
-        return super().head_options() + (("loss", self.options.loss),)
+        return super().head_options() + (("loss", self.options.loss), ("dims", self.dims))
 
     @staticmethod
     def head(spec: HeadSpec, features: Features):
-        """``cross``: a one-output Dense layer; ``bi``: the cosine of the pair's embeddings (no parameters)."""
+        """``cross``: a one-output Dense layer; ``bi``: the cosine of the pair's embeddings (no parameters),
+        then the cosine of each Matryoshka size's re-normalised first dimensions."""
         if spec.option("encoding") == "cross":
             return Task.head(spec, features)
-        u = l2_normalize(features.pooled)
-        return jnp.sum(u * next_slot(u), axis=-1, keepdims=True)
+        cosines = []
+        for d in (None,) + spec.option("dims"):
+            u = l2_normalize(features.pooled[..., :d])
+            cosines.append(jnp.sum(u * next_slot(u), axis=-1))
+        return jnp.stack(cosines, axis=-1)
 
     def loss_sums(self, outputs, y):
         lo, hi = self.stats
-        pred, y = outputs[..., 0].reshape(-1).astype(jnp.float32), y.reshape(-1)
+        preds, y = outputs.reshape(-1, outputs.shape[-1]).astype(jnp.float32), y.reshape(-1)
         valid = self.present(y)
         scaled = (jnp.where(valid, y, lo) - lo) / (hi - lo)
         if self.options.encoding == "bi" and self.options.loss == "cosent":
             count = jnp.sum(valid)
-            return LossSums(cosent(pred, scaled, valid) * count, jnp.zeros((), jnp.int32), count)
-        return masked_mse(pred, scaled, valid)
+            loss = sum(cosent(preds[:, k], scaled, valid) for k in range(preds.shape[1]))
+            return LossSums(loss * count, jnp.zeros((), jnp.int32), count)
+        sums = [masked_mse(preds[:, k], scaled, valid) for k in range(preds.shape[1])]
+        return sums[0]._replace(loss_sum=sum(s.loss_sum for s in sums))
 
     def predict(self, outputs):
-        """The cosine (``bi``) or the head's output mapped back into the score range (``cross``)."""
+        """The cosine (``bi``; with Matryoshka sizes, then each size's) or the head's output mapped back
+        into the score range (``cross``)."""
         lo, hi = self.stats
-        return outputs[..., 0] if self.options.encoding == "bi" else lo + outputs[..., 0] * (hi - lo)
+        if self.options.encoding == "bi":
+            return outputs if self.dims else outputs[..., 0]
+        return lo + outputs[..., 0] * (hi - lo)
+
+    def values(self, outputs):
+        score = self.predict(outputs)
+        return score[..., :1] if self.dims else score[..., None]
+
+    def metrics(self, y_true, y_pred) -> dict:
+        if not self.dims:
+            return super().metrics(y_true, y_pred)
+        y_pred = np.asarray(y_pred)
+        result = super().metrics(y_true, y_pred[:, 0])
+        for k, d in enumerate(self.dims, start=1):
+            result[f"spearman@{d}"] = correlations(np.asarray(y_true), y_pred[:, k])["spearman"]
+        return result
 
     def describe(self, result: dict) -> str:
         return f"pearson {result['pearson']:.3f} spearman {result['spearman']:.3f}"
 
     def report_lines(self, summary: dict) -> list[str]:
-        return self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman")), count="pairs")
+        lines = self.split_table(summary, (("Pearson", "pearson"), ("Spearman", "spearman")), count="pairs")
+        return lines + self.sized_report(summary, count="pairs")
