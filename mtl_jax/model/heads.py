@@ -17,7 +17,7 @@ class Features(NamedTuple):
     pooled: jax.Array  # [R, S, D] float32: slot s of row r, the s-th segment of the row
     dropped: jax.Array  # [R, S, D] the same after the head dropout (training)
     tokens: jax.Array | None  # [R, P, D] token states after the head dropout (token-level heads)
-    norms: jax.Array | None = None  # [R, S, 1] the pooled embeddings' norms where the checkpoint normalises them
+    scales: jax.Array | None = None  # [R, S, 1] 1 / the pooled embeddings' norms where the checkpoint normalises them
 
 
 def dense_head(spec: HeadSpec, x: jax.Array) -> jax.Array:
@@ -57,7 +57,12 @@ def next_slot(x: jax.Array, k: int = 1) -> jax.Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
+def inverse_norm(x: jax.Array) -> jax.Array:
+    """``1 / |x|`` along the last axis (kept), with a finite gradient at zero (an empty slot; the
+    norm's own gradient there is NaN)."""
+    return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
-    """``x`` at unit length along its last axis; an all-zero ``x`` (an empty slot) stays zero, with a
-    finite gradient (the norm's own gradient at zero is NaN)."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+    """``x`` at unit length along its last axis; an all-zero ``x`` (an empty slot) stays zero."""
+    return x * inverse_norm(x)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mtl_jax.errors import MtlError
 from mtl_jax.model.encoder import ATTENTION, Encoder
-from mtl_jax.model.heads import Features, as_head
+from mtl_jax.model.heads import Features, as_head, inverse_norm
 from mtl_jax.model.lora import add_adapters
 from mtl_jax.model.pretrained import POOLING_MODES
 
@@ -136,8 +136,8 @@ class MultiTaskModel(nn.Module):
         """{task: outputs} float32 from pooled embeddings ``[R, S, D]`` (and token states ``[R, P, D]``)."""
         dropped = self.dropout(pooled, deterministic=deterministic)
         tokens = None if hidden is None else self.dropout(hidden.astype(jnp.float32), deterministic=deterministic)
-        norms = jnp.linalg.norm(pooled, axis=-1, keepdims=True) if self.normalize else None
-        return self.heads(Features(pooled, dropped, tokens, norms))
+        scales = inverse_norm(pooled) if self.normalize else None
+        return self.heads(Features(pooled, dropped, tokens, scales))
 
     def __call__(
         self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None

@@ -99,8 +99,8 @@ def pair_features(features: Features, normalize: bool = True) -> jnp.ndarray:
     ``normalize``, of unit embeddings where the checkpoint normalises them (as sentence-transformers'
     SoftmaxLoss reads the model's output), the head dropout scaled alike."""
     u = features.dropped
-    if normalize and features.norms is not None:
-        u = u / jnp.maximum(features.norms, 1e-12)
+    if normalize and features.scales is not None:
+        u = u * features.scales
     v = next_slot(u)
     return jnp.concatenate([u, v, jnp.abs(u - v)], axis=-1)
 
