@@ -129,9 +129,9 @@ class Task:
         :mod:`mtl_jax.data.text` for the other kinds), or :class:`BadText` with the reason."""
         return self.prompted(check_text(fields.get(self.config.text_column), self.config.text_column))
 
-    @property
+    @functools.cached_property
     def prompts(self) -> dict[str, str]:
-        """The configured prompt of each text column (``prompts``)."""
+        """The configured prompt of each text column (``prompts``; read for every text)."""
         return dict(getattr(self.options, "prompts", None) or ())
 
     def prompted(self, text, column: str | None = None):
