@@ -454,7 +454,7 @@ class TextKeys:
     key) as flat arrays, not a set per example: ``keys[i]`` is example i's tuple of keys, empty for
     examples not keyed."""
 
-    HASH_CHUNK = 1 << 20  # segments hashed at a time
+    HASH_CHUNK = 1 << 15  # examples hashed at a time (about 60 bytes of temporaries per token)
     LONGEST = 1 << 13  # tokens a segment may have (an encoder's positions are fewer)
 
     def __init__(self, keys: np.ndarray, starts: np.ndarray):
@@ -469,29 +469,38 @@ class TextKeys:
 
     @classmethod
     def of(cls, data: Tokenized, members: np.ndarray) -> TextKeys:
-        """The keys of examples ``members`` of ``data`` (the others have none)."""
+        """The keys of examples ``members`` (ascending) of ``data`` (the others have none), hashed a
+        chunk of examples at a time."""
         units = data.ids if isinstance(data.ids, StoredUnits) else StoredUnits.of(list(data.ids))
-        first, last = units.example_starts[members], units.example_starts[members + 1]
-        counts = np.zeros(len(units), np.int64)
-        counts[members] = last - first
+        ex = units.example_starts
+        counts = np.zeros(len(units), np.int16)
+        counts[members] = ex[members + 1] - ex[members]
         starts = np.zeros(len(units) + 1, np.int64)
         np.cumsum(counts, out=starts[1:])
-        segments = ranges(first, last)  # in example order, as ``starts`` lays them out
-        weights = np.random.default_rng(0x5EED).integers(1, 2**63, cls.LONGEST + 1, np.uint64) | 1
-        keys = np.zeros(len(segments), np.uint64)
-        for at in range(0, len(segments), cls.HASH_CHUNK):
-            seg = segments[at : at + cls.HASH_CHUNK]
-            a, b = units.segment_starts[seg], units.segment_starts[seg + 1]
-            tokens = ranges(a, b)
-            position = tokens - np.repeat(a, b - a)
-            with np.errstate(over="ignore"):  # (sums modulo 2**64)
-                mixed = units.ids[tokens].astype(np.uint64) * weights[position + 1]
-                offsets = np.minimum(np.concatenate([[0], np.cumsum(b - a)[:-1]]), max(len(tokens) - 1, 0))
-                sums = np.add.reduceat(mixed, offsets) if len(tokens) else np.zeros(len(seg), np.uint64)
-                sums = np.where(b > a, sums, 0) + (b - a).astype(np.uint64) * weights[0]
-            keys[at : at + len(seg)] = sums
+        del counts
+        keys = np.zeros(int(starts[-1]), np.uint64)
+        for at in range(0, len(members), cls.HASH_CHUNK):
+            chunk = members[at : at + cls.HASH_CHUNK]
+            first = int(starts[chunk[0]])
+            hashed = segment_hashes(units, ranges(ex[chunk], ex[chunk + 1]))
+            keys[first : first + len(hashed)] = hashed
             drop_pages(units.ids)
         return cls(keys, starts)
+
+
+WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, TextKeys.LONGEST + 1, np.uint64) | 1  # odd: no lost bits
+
+
+def segment_hashes(units: StoredUnits, segments: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each segment's token ids (their weighted sum modulo 2**64, its length mixed in)."""
+    a, b = units.segment_starts[segments], units.segment_starts[segments + 1]
+    tokens = ranges(a, b)
+    position = tokens - np.repeat(a, b - a)
+    with np.errstate(over="ignore"):  # (sums modulo 2**64)
+        mixed = units.ids[tokens].astype(np.uint64) * WEIGHTS[position + 1]
+        offsets = np.minimum(np.concatenate([[0], np.cumsum(b - a)[:-1]]), max(len(tokens) - 1, 0))
+        sums = np.add.reduceat(mixed, offsets) if len(tokens) else np.zeros(len(segments), np.uint64)
+        return np.where(b > a, sums, 0) + (b - a).astype(np.uint64) * WEIGHTS[0]
 
 
 def _stack(built: list[Batch], task_stacked: bool) -> Batch:

@@ -110,7 +110,7 @@ def drop_pages(a: np.ndarray) -> None:
         mapped.madvise(mmap.MADV_DONTNEED)
 
 
-TAKE_CHUNK = 1 << 18  # examples gathered at a time
+TAKE_CHUNK = 1 << 16  # examples gathered at a time (a few int64 temporaries per token)
 
 
 def take_units(units: StoredUnits, idx: np.ndarray, ids_out: np.ndarray) -> StoredUnits:
