@@ -10,6 +10,7 @@ plus ``encode_batch`` of every text. One JSON line per figure, then one with the
     python benchmarks/data_scale.py --folder /tmp/glue_scale --scale 0.1 # a tenth of GLUE's rows
     python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000  # preparing 20 million pairs
     python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200  # a 200-step run over them
+    python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200 --warm  # from that store
 
 With ``--pairs N``: a JSONL of N short query/positive pairs (words drawn from the embedded reviews)
 as one retrieval task, prepared into an empty store in a fresh process (``mtl-prepare``'s work):
@@ -174,10 +175,11 @@ def prepare_pairs(path: Path, cache: Path) -> dict:
     }
 
 
-def train_on_pairs(folder: Path, n: int, steps: int) -> dict:
+def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False) -> dict:
     """``scripts/train.py`` in a fresh process over the ``n`` pairs (2,000 validation and test pairs
-    in files of their own), from an empty data cache, for ``steps`` steps: its peak resident memory
-    (preparation included) and its wall time by part."""
+    in files of their own), from an empty data cache (``warm``: the store an earlier run prepared),
+    for ``steps`` steps: its peak resident memory (a cold run's preparation included) and its wall
+    time by part."""
     train = write_pairs(folder, n)
     held_out = {split: write_pairs(folder / split, 2_000, seed=seed) for split, seed in (("val", 1), ("test", 2))}
     config = folder / f"pairs_{n}.yaml"
@@ -186,7 +188,8 @@ def train_on_pairs(folder: Path, n: int, steps: int) -> dict:
         f"test: {held_out['test']}, text_columns: [query, positive]}}\n"
     )
     cache, out = folder / "cache_run", folder / "run"
-    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    if not warm:
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(config), "--out", str(out)]
     cmd += ["--overwrite", "--max-steps", str(steps), "--data-cache", str(cache), "--no-progress"]
     t0 = time.perf_counter()
@@ -197,6 +200,7 @@ def train_on_pairs(folder: Path, n: int, steps: int) -> dict:
     return {
         "pairs": n,
         "steps": steps,
+        "store": "warm" if warm else "cold",
         "wall_s": round(time.perf_counter() - t0, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
         "seconds": summary["seconds"],
@@ -222,6 +226,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="a fraction of GLUE's rows")
     p.add_argument("--pairs", type=int, help="prepare a synthetic JSONL of this many pairs instead")
     p.add_argument("--steps", type=int, help="with --pairs: train this many steps over them (a fresh process)")
+    p.add_argument("--warm", action="store_true", help="with --steps: from the store an earlier run prepared")
     p.add_argument("--measure", choices=["floor", "to_first_step", "pairs"], help=argparse.SUPPRESS)  # (the child)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -232,7 +237,7 @@ def main() -> None:
         print(json.dumps(measure[args.measure]()))
         return
     if args.pairs and args.steps:
-        figure = train_on_pairs(folder, args.pairs, args.steps)
+        figure = train_on_pairs(folder, args.pairs, args.steps, args.warm)
         print(json.dumps({"benchmark": "data_scale", "figure": "train_on_pairs"} | figure))
         return
     if args.pairs:
