@@ -116,9 +116,11 @@ class Similarity(Matryoshka, PairInput, OneScore):
         return score[..., :1] if self.dims else score[..., None]
 
     def metrics(self, y_true, y_pred) -> dict:
-        if not self.dims:
-            return super().metrics(y_true, y_pred)
+        """Pearson and Spearman; at each Matryoshka size too when ``y_pred`` holds a column per size
+        (:meth:`predict`'s; a user's scores, one per pair, give the whole embedding's alone)."""
         y_pred = np.asarray(y_pred)
+        if y_pred.ndim == 1:
+            return super().metrics(y_true, y_pred)
         result = super().metrics(y_true, y_pred[:, 0])
         for k, d in enumerate(self.dims, start=1):
             result[f"spearman@{d}"] = correlations(np.asarray(y_true), y_pred[:, k])["spearman"]
