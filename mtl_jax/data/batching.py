@@ -33,6 +33,7 @@ from mtl_jax.data.packing import (
     StoredUnits,
     bucket_for,
     fill_rows,
+    offsets,
     pack_length,
     pack_rows,
     packed_calls,
@@ -475,8 +476,7 @@ class TextKeys:
         ex = units.example_starts
         counts = np.zeros(len(units), np.int16)
         counts[members] = ex[members + 1] - ex[members]
-        starts = np.zeros(len(units) + 1, np.int64)
-        np.cumsum(counts, out=starts[1:])
+        starts = offsets(counts)
         del counts
         keys = np.zeros(int(starts[-1]), np.uint64)
         for at in range(0, len(members), cls.HASH_CHUNK):

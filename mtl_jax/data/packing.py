@@ -17,6 +17,7 @@ pack into the same row lengths.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,9 +83,9 @@ class StoredUnits:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """``[N]`` int64: each example's tokens (all its segments), without reading the ids."""
+        """``[N]`` int64: each example's tokens (all its segments), without reading the ids (once)."""
         starts = self.segment_starts[self.example_starts]
         return (starts[1:] - starts[:-1]).astype(np.int64)
 
@@ -97,12 +98,17 @@ class StoredUnits:
         """Units (arrays, or tuples of arrays) as flat arrays of ``dtype``."""
         segments = [unit_segments(u) for u in units]
         flat = [seg for segs in segments for seg in segs]
-        seg_starts = np.zeros(len(flat) + 1, np.int64)
-        np.cumsum([len(seg) for seg in flat], out=seg_starts[1:])
-        ex_starts = np.zeros(len(units) + 1, np.int64)
-        np.cumsum([len(segs) for segs in segments], out=ex_starts[1:])
+        seg_starts = offsets(np.array([len(seg) for seg in flat], np.int64))
+        ex_starts = offsets(np.array([len(segs) for segs in segments], np.int64))
         ids = np.concatenate(flat).astype(dtype) if flat else np.zeros(0, dtype)
         return cls(ids, seg_starts, ex_starts, np.array([isinstance(u, tuple) for u in units], bool))
+
+
+def offsets(lengths: np.ndarray) -> np.ndarray:
+    """``[N + 1]`` int64: where each of ``N`` consecutive runs of ``lengths`` starts, and the end."""
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def unit_segments(unit) -> tuple[np.ndarray, ...]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.data.packing import StoredUnits
+from mtl_jax.data.packing import StoredUnits, offsets
 from mtl_jax.data.text import TextTokenizer
 
 AHEAD = 2  # chunks tokenized ahead of the reader at most
@@ -77,7 +77,7 @@ class TokenSpool:
         counts = cat(self.segment_counts, np.int16)
         size = int(lengths.sum(dtype=np.int64))
         ids = np.memmap(self.path, self.dtype, "r", shape=(size,)) if size else np.zeros(0, self.dtype)
-        units = StoredUnits(ids, _starts(lengths), _starts(counts), cat(self.is_tuple, bool))
+        units = StoredUnits(ids, offsets(lengths), offsets(counts), cat(self.is_tuple, bool))
         return Spooled(units, cat(self.truncated, bool), self.word_starts)
 
     def close(self) -> None:
@@ -88,18 +88,10 @@ class TokenSpool:
         self.file.close()
 
 
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Every index of ``[starts[i], ends[i])`` for each i, in order (one vectorised gather)."""
     lengths = ends - starts
-    before = np.zeros(len(lengths), np.int64)
-    np.cumsum(lengths[:-1], out=before[1:])
-    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    return np.repeat(starts - offsets(lengths)[:-1], lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def drop_pages(a: np.ndarray) -> None:
@@ -129,4 +121,4 @@ def take_units(units: StoredUnits, idx: np.ndarray, ids_out: np.ndarray) -> Stor
         segment_lengths.append(units.segment_starts[segments + 1] - units.segment_starts[segments])
     lengths = np.concatenate([np.zeros(0, np.int64)] + segment_lengths)
     counts = units.example_starts[idx + 1] - units.example_starts[idx]
-    return StoredUnits(ids_out, _starts(lengths), _starts(counts), units.is_tuple[idx])
+    return StoredUnits(ids_out, offsets(lengths), offsets(counts), units.is_tuple[idx])

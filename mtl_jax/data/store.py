@@ -26,7 +26,7 @@ import numpy as np
 
 from mtl_jax.data.batching import Tokenized, token_labels
 from mtl_jax.data.load import SPLITS, Examples, OfTasks, load_tasks, resolve_path
-from mtl_jax.data.packing import StoredUnits
+from mtl_jax.data.packing import StoredUnits, offsets
 from mtl_jax.data.spool import Spooled, TokenSpool, take_units
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.errors import MtlError
@@ -211,10 +211,10 @@ def _write_split(folder: Path, data: Examples, tasks: Sequence[Task], spooled: S
         y = token_labels(y, units.lengths, [spooled.word_starts.get(u) for u in idx.tolist()])
         has = np.array([v is not None for v in y], bool)
         per = [np.asarray(v, np.int32) for v in y[has]]
-        starts = np.zeros(len(y) + 1, np.int64)
-        starts[1:][has] = [len(v) for v in per]
+        counts = np.zeros(len(y), np.int64)
+        counts[has] = [len(v) for v in per]
         arrays[f"tokens_{i}"] = np.concatenate(per) if per else np.zeros(0, np.int32)
-        arrays[f"token_starts_{i}"] = np.cumsum(starts)
+        arrays[f"token_starts_{i}"] = offsets(counts)
         arrays[f"has_{i}"] = has
     for name, a in arrays.items():
         np.save(folder / f"{name}.npy", a)
