@@ -18,13 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
+
+reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from mtl_jax.config import TrainConfig, load_config_file  # noqa: E402
 from mtl_jax.data.load import load_tasks  # noqa: E402
 from mtl_jax.inference import load_encoder  # noqa: E402
-from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 from mtl_jax.training.trainer import train_and_evaluate  # noqa: E402
 
 
@@ -34,7 +37,6 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for the two runs (default: a temporary one)")
     args = p.parse_args()
-    reuse_host_memory()  # as scripts/train.py does
     base = load_config_file(args.config) if args.config else {}
     folder = Path(args.out or tempfile.mkdtemp(prefix="cached_epochs_"))
     runs = {}

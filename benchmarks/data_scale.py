@@ -82,11 +82,12 @@ def write_glue_like(folder: Path, scale: float, seed: int = 0) -> Path:
 
 def to_first_step(folder: Path, cache: Path) -> dict:
     """In this process: setup, the epoch plan and the first training batch of configs/glue.yaml."""
-    from mtl_jax.config import TrainConfig, load_config_file
     from mtl_jax.training.hostmem import reuse_host_memory
+
+    reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+    from mtl_jax.config import TrainConfig, load_config_file
     from mtl_jax.training.run import setup
 
-    reuse_host_memory()
     os.chdir(folder)
     values = load_config_file(ROOT / "configs" / "glue.yaml")
     t0 = time.perf_counter()

@@ -19,11 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
+
+reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+
 import numpy as np  # noqa: E402
 
 from mtl_jax.config import TrainConfig  # noqa: E402
 from mtl_jax.training import prefetch  # noqa: E402
-from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 from mtl_jax.training.trainer import train_and_evaluate  # noqa: E402
 from tests.helpers import write_tiny_bert  # noqa: E402  (the tests' tiny random checkpoint)
 
@@ -47,7 +50,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    reuse_host_memory()
     folder = Path(tempfile.mkdtemp(prefix="input_wait_"))
     write_tiny_bert(folder / "encoder")
     got: dict[str, list] = {"ahead": [], "in_line": []}

@@ -10,12 +10,19 @@ With --grad-diagnostics K it also times K steps with and without one task-gradie
 probe (as the trainer runs it every K steps) and reports the overhead as a ratio.
 """
 
+# ruff: noqa: E402  (the malloc tuning comes before NumPy and JAX are imported)
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
+
+from mtl_jax.training.hostmem import reuse_host_memory
+
+# as the command-line programs do, before NumPy starts a thread (--default-malloc: the A/B switch)
+HOST_MEMORY_REUSED = "--default-malloc" not in sys.argv and reuse_host_memory()
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +37,6 @@ from mtl_jax.model.lora import TARGETS, LoRA, with_lora
 from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
 from mtl_jax.tasks import TaskConfig, build
 from mtl_jax.training.freezing import encoder_frozen, frozen_groups, param_groups
-from mtl_jax.training.hostmem import reuse_host_memory
 from mtl_jax.training.optim import OptimConfig, count_numbers
 from mtl_jax.training.steps import TrainState, build_train_step, frozen_param_mask, make_grad_probe
 from mtl_jax.training.weighting import REGISTRY, make
@@ -101,7 +107,7 @@ def main() -> None:
         "rounds interleaved (--per-row sentences per row, 2 at least: a pair's two sentences share a row)",
     )
     args = p.parse_args()
-    host_memory_reused = False if args.default_malloc else reuse_host_memory()
+    host_memory_reused = HOST_MEMORY_REUSED
 
     config = DistilBertConfig(
         vocab_size=30522,

@@ -1,8 +1,28 @@
-"""mtl_jax: multi-task fine-tuning of a sentence transformer in JAX/Flax."""
+"""mtl_jax: multi-task fine-tuning of a sentence transformer in JAX/Flax.
+
+The names below load on first use: importing a submodule (the command-line programs' malloc
+tuning, which must run before NumPy or JAX start a thread) does not import JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from mtl_jax.errors import MtlError
-from mtl_jax.inference import Predictor, SentenceEncoder, load, load_encoder
-from mtl_jax.model.multitask import MultiTaskModel
+
+_LAZY = {
+    "Predictor": "mtl_jax.inference",
+    "SentenceEncoder": "mtl_jax.inference",
+    "load": "mtl_jax.inference",
+    "load_encoder": "mtl_jax.inference",
+    "MultiTaskModel": "mtl_jax.model.multitask",
+}
 
 __all__ = ["MtlError", "MultiTaskModel", "Predictor", "SentenceEncoder", "load", "load_encoder"]
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mtl_jax' has no attribute {name!r}")

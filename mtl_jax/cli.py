@@ -16,9 +16,6 @@ from mtl_jax.errors import Interrupted, MtlError
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main``; an :class:`MtlError` prints its message (no traceback) and returns 2."""
-    from mtl_jax.training.hostmem import reuse_host_memory
-
-    reuse_host_memory()  # before JAX's first computation
     try:
         return main()
     except Interrupted as e:

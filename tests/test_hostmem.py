@@ -12,9 +12,11 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 
 # one jitted call with a 200 MiB scratch block; prints whether the tuning took effect and the
-# fewest page faults among 10 calls after the first
+# fewest page faults among 10 calls after the first; glibc's malloc_stats lists the arenas on stderr
 PROBE = """
-import resource, sys
+import ctypes, resource, sys
+if sys.argv[1] == "reuse":
+    import mtl_jax.commands.train  # what every command-line program imports first
 from mtl_jax.training.hostmem import reuse_host_memory
 applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
@@ -27,13 +29,15 @@ for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, min(faults), reuse_host_memory())
+print(applied, min(faults), reuse_host_memory(), flush=True)
+ctypes.CDLL(None).malloc_stats()
 """
 
 
-def _probe(mode: str) -> list[str]:
+def _probe(mode: str) -> tuple[list[str], int]:
+    """The probe's printed values and the number of malloc arenas its threads used."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    return out.stdout.split(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
 
 
 def fresh_block_faults() -> int:
@@ -45,11 +49,14 @@ def fresh_block_faults() -> int:
 
 
 def test_scratch_memory_is_reused_across_calls():
-    applied, fewest_reused, _ = _probe("reuse")
+    (applied, fewest_reused, _), arenas = _probe("reuse")
     assert applied == "True"
-    applied, fewest_default, late = _probe("default")
+    # tuned before NumPy's or JAX's first thread: a thread in an arena of its own maps big blocks afresh
+    assert arenas == 1
+    (applied, fewest_default, late), arenas = _probe("default")
     assert applied == "False"
     assert late == "False"  # too late once JAX has computed: worker threads keep their arenas
+    assert arenas > 1
     # glibc's default maps the block afresh on every call; reused, the pages are already there
     assert int(fewest_default) >= 0.75 * fresh_block_faults()
     assert int(fewest_reused) * 50 < int(fewest_default)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,19 @@ _applied = False
 def reuse_host_memory() -> bool:
     """Make freed host memory stay in the process for reuse; True when it takes effect.
 
-    Call it before JAX's first computation: worker threads that have already allocated keep
-    their own arenas, whose big blocks glibc always maps and unmaps. The command-line scripts,
-    benchmarks and tests call it first thing.
+    Call it before NumPy or JAX are imported: a thread that has already allocated (NumPy's
+    BLAS starts one) keeps its own arena, glibc then hands later threads that arena or the main
+    one in turn, and a big block in any arena but the main one is always mapped and unmapped.
+    Importing :mod:`mtl_jax.commands` (every command-line program) calls it first thing; the
+    benchmarks and tests call it before importing anything else.
     """
     global _applied
     if _applied:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    from jax._src import xla_bridge  # no public way to ask whether the backend has started
-
+    # no public way to ask whether JAX's backend has started; not imported, it has not
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")
     if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
         log.info("reuse_host_memory: JAX has started its backend; call it before the first computation")
         return False
