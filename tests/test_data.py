@@ -10,9 +10,10 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
-from mtl_jax.data.batching import InputPipeline, Tokenized, epoch_plan, sampling_counts, task_plan
+from mtl_jax.data.batching import InputPipeline, Tokenized
 from mtl_jax.data.load import load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
+from mtl_jax.data.plans import epoch_plan, sampling_counts, task_plan
 from tests.helpers import by_task, file_task, write_file
 
 # ---------------------------------------------------------------------------- readers

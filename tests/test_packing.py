@@ -12,7 +12,7 @@ import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.data.batching import Grid, InputPipeline, Tokenized, pack_examples, single_rows
+from mtl_jax.data.batching import Grid, InputPipeline, Tokenized, pack_examples, plan_grids, single_rows
 from mtl_jax.data.packing import MAX_SEGMENTS, pack_length, pack_rows, packed_calls, row_lengths
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.encoder import Encoder, keep_mask
@@ -179,7 +179,8 @@ def test_training_batches_hold_every_planned_example_once_with_its_labels(task_s
     for seed in range(3):
         rng = np.random.default_rng(seed)
         data = _labelled(rng, 700, long=12)
-        pipeline = InputPipeline({"train": data}, 0, 256, 32, 32, seed=seed, epochs=3, task_stacked=task_stacked)
+        pipeline = InputPipeline({"train": data}, 0, 256, 32, 32, seed=seed, task_stacked=task_stacked)
+        pipeline.steps = 3 * len(pipeline.plan(0))
         shapes = set()
         for epoch in range(3):
             for step in pipeline.plan(epoch):
@@ -245,3 +246,19 @@ def test_packed_step_equals_the_one_example_per_row_step(tiny_bert):
             after.append(state.params)
             assert int(m.totals.tasks["task_a"].count) == int((data.labels["task_a"] >= 0).sum())
         chex.assert_trees_all_close(after[0], after[1], atol=1e-5)
+
+
+def test_grids_hold_the_steps_the_run_takes_and_no_more():
+    data = _labelled(np.random.default_rng(3), 700, long=12)
+    pipeline = InputPipeline({"train": data}, 0, 256, 32, 32, seed=0)
+    per_epoch = len(pipeline.plan(0))
+    pipeline.steps = per_epoch + 5  # into the second epoch
+    plans = list(pipeline.run_plans())
+    assert [len(p) for p in plans] == [per_epoch, 5]
+    assert all(np.array_equal(a, b) for a, b in zip(plans[1], pipeline.plan(1)[:5]))
+    # the first two steps alone: their own (smaller or equal) grids, sized from them alone
+    short = InputPipeline({"train": data}, 0, 256, 32, 32, seed=0, steps=2)
+    assert short.grids == plan_grids(data, [pipeline.plan(0)[:2]], task_stacked=False)
+    assert sum(g.rows * g.length for g in short.grids.values()) < sum(
+        g.rows * g.length for g in pipeline.grids.values()
+    )

@@ -1,9 +1,6 @@
-"""From tokenized examples to device batches: task sampling, epoch plans, packed batches,
-and :class:`InputPipeline`, which holds what every batch needs (the tokenized splits,
-pad id, batch sizes, the grids, the device mesh).
-
-An epoch plan is a pure function of (seed, epoch), so a resumed run continues at the same
-batch, and every process of a multi-process run plans the same global batch.
+"""From tokenized examples to device batches: packed batches and :class:`InputPipeline`, which
+holds what every batch needs (the tokenized splits, pad id, batch sizes, the grids, the device
+mesh). Which examples a step holds is the epoch plan's (``mtl_jax.data.plans``).
 
 A training step's examples are packed several to a row (``mtl_jax.data.packing``) into a fixed
 grid ``[rows, length]``: ``length`` is one of two row lengths (``packing.row_lengths``: the
@@ -17,8 +14,6 @@ and the task's "no label" everywhere else) or, for a token-level task (tagging),
 from __future__ import annotations
 
 import functools
-import math
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +28,6 @@ from mtl_jax.data.packing import (
     StoredUnits,
     bucket_for,
     fill_rows,
-    offsets,
     pack_length,
     pack_rows,
     packed_calls,
@@ -42,9 +36,8 @@ from mtl_jax.data.packing import (
     unit_length,
     unit_segments,
 )
-from mtl_jax.data.spool import drop_pages, ranges
+from mtl_jax.data.plans import TextKeys, epoch_plan, probe_indices, task_members, task_plan
 from mtl_jax.data.text import TextTokenizer
-from mtl_jax.errors import MtlError
 from mtl_jax.tasks.base import has_label, no_label_like
 
 
@@ -171,27 +164,6 @@ def token_labels(tags: np.ndarray, lengths: Sequence[int], word_starts: Sequence
     return out
 
 
-def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0) -> np.ndarray:
-    """Examples drawn per source in one epoch (the epoch has ``sum(sizes)`` examples).
-
-    ``proportional``: every example once; ``uniform``: the same number per source;
-    ``temperature``: p proportional to n^(1/T).
-    """
-    n = np.asarray(sizes, np.float64)
-    if method == "proportional":
-        return n.astype(np.int64)
-    if method == "uniform":
-        p = np.ones_like(n)
-    elif method == "temperature":
-        p = n ** (1.0 / temperature)
-    else:
-        raise MtlError(f"unknown sampling {method!r} (proportional, uniform, temperature)")
-    p = p / p.sum()
-    counts = np.floor(p * n.sum()).astype(np.int64)
-    counts[np.argmax(p)] += int(n.sum() - counts.sum())
-    return counts
-
-
 @dataclass(frozen=True)
 class Grid:
     """A packed batch's shape: ``rows`` rows of ``length`` tokens."""
@@ -296,213 +268,6 @@ def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_m
     return {n: Grid(round_up(r, row_multiple), n) for n, r in need.items()}
 
 
-def task_members(data: Tokenized) -> list[np.ndarray]:
-    """Per task, the examples that carry its label."""
-    return [np.flatnonzero(has_label(y)) for y in data.labels.values()]
-
-
-def task_plan(
-    data: Tokenized, batch_size: int, seed: int, epoch: int, window: int = 64, texts: Sequence | None = None
-) -> list[list[np.ndarray]]:
-    """Steps that hold every task (weighting methods with ``every_task``): each holds ``batch_size // T``
-    examples of every task.
-
-    An epoch has as many examples as the other plans (``len(data)``); each task cycles
-    through its own shuffled examples (so every task weighs the same, whatever its size).
-    Per task, sub-batches are balanced inside windows (``_balanced_batches``); the k-th
-    shortest sub-batches of all tasks form one step (those holding long examples go
-    together, so few steps need the long rows), then the steps are shuffled. ``texts``: see
-    :func:`_balanced_batches`.
-    """
-    members = task_members(data)
-    rows = batch_size // len(members)
-    if rows < 1:
-        raise MtlError(f"--batch-size {batch_size} is smaller than the number of tasks ({len(members)})")
-    rng = np.random.default_rng([seed, epoch, 7])
-    steps = max(1, math.ceil(len(data) / (rows * len(members))))
-    lengths = data.lengths
-    per_task = []
-    for m in members:
-        subs = _balanced_batches(_draw(m, steps * rows, rng), lengths, data.short_rows, rows, window, texts)
-        subs.sort(key=lambda idx: int(lengths[idx].max()))
-        per_task.append(subs)
-    plan = [list(step) for step in zip(*per_task)]
-    return [plan[i] for i in rng.permutation(len(plan))]
-
-
-def probe_indices(data: Tokenized, batch_size: int, seed: int) -> list[np.ndarray]:
-    """A fixed sample of ``batch_size // T`` examples per task for the task-gradient diagnostics."""
-    members = task_members(data)
-    rng = np.random.default_rng([seed, 11])
-    rows = max(1, batch_size // len(members))
-    return [np.sort(rng.choice(m, min(rows, len(m)), replace=False)) for m in members]
-
-
-def epoch_plan(
-    data: Tokenized,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    sampling: str = "proportional",
-    temperature: float = 2.0,
-    window: int = 64,
-    texts: Sequence | None = None,
-) -> list[np.ndarray]:
-    """The example indices of every batch of one epoch, a pure function of (seed, epoch).
-
-    Sources are sampled per ``sampling``. Each batch holds examples of one source (one
-    task's file), so a small task's few examples are not up-weighted by sharing a batch,
-    and thus a per-task mean, with a large one. Inside a source the drawn examples are
-    shuffled and dealt into batches of nearly equal token counts inside windows of
-    ``window`` batches (``_balanced_batches``: every step fits a small packed grid; with ``texts``,
-    no batch holds one text twice); then all batches are shuffled together.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
-    counts = sampling_counts(sizes, sampling, temperature)
-    lengths = data.lengths
-    batches = []
-    for src, (n, k) in enumerate(zip(sizes, counts)):
-        if n == 0 or k == 0:
-            continue
-        order = _draw(np.flatnonzero(data.source == src), k, rng)
-        batches += _balanced_batches(order, lengths, data.short_rows, batch_size, window, texts)
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` of ``members``: shuffled passes over all of them, as many as needed, cut at ``k``."""
-    reps = [members[rng.permutation(len(members))] for _ in range(math.ceil(k / len(members)))]
-    return np.concatenate(reps)[:k]
-
-
-def _balanced_batches(
-    order: np.ndarray, lengths: np.ndarray, short: int, rows: int, window: int, texts: Sequence | None = None
-) -> list[np.ndarray]:
-    """Batches of about ``rows`` from ``order`` whose token counts are nearly equal (so every step
-    fits a small packed grid), inside windows of ``window`` batches.
-
-    In a window, the examples longer than the ``short`` row length (``Tokenized.short_rows``) go
-    into batches of their own (topped up with the next longest), which then pack into the long
-    rows; each group is dealt longest first in snake order (batch 1, 2, ..., n, n, ..., 1, ...).
-    With ``texts`` (per example the keys of its texts, or None), no batch holds two examples that
-    share a text (:func:`_spread_repeats`).
-    """
-    batches = []
-    for start in range(0, len(order), rows * window):
-        chunk = order[start : start + rows * window]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        head = math.ceil(int((lengths[chunk] > short).sum()) / rows) * rows
-        for group in (chunk[:head], chunk[head:]):
-            n = math.ceil(len(group) / rows)
-            k = np.arange(len(group))
-            turn, place = np.divmod(k, n) if n else (k, k)
-            batch_of = np.where(turn % 2 == 1, n - 1 - place, place)
-            dealt = [group[batch_of == b] for b in range(n)]
-            batches.extend(dealt if texts is None else _spread_repeats(dealt, texts, lengths))
-    return batches
-
-
-def _spread_repeats(batches: list[np.ndarray], texts: Sequence, lengths: np.ndarray) -> list[np.ndarray]:
-    """``batches`` with no two examples of a batch sharing a text (``texts[i]``: example i's text keys,
-    or None): a repeat trades places with the example of another batch closest in length that
-    repeats nothing on either side, or, when none can, leaves its batch (which gets one smaller).
-    In-batch negatives then never score an example against a copy of its own text."""
-    batches = [list(b) for b in batches]
-    held = [Counter(k for i in b if texts[i] for k in texts[i]) for b in batches]
-    for b, batch in enumerate(batches):
-        j = 0
-        while j < len(batch):
-            i = batch[j]
-            if not texts[i] or all(held[b][k] == 1 for k in texts[i]):
-                j += 1
-                continue
-            swap = _trade(b, i, batches, held, texts, lengths)
-            held[b].subtract(texts[i])
-            if swap is None:
-                batch.pop(j)
-                continue
-            c, jj = swap
-            p = batches[c][jj]
-            batches[c][jj], batch[j] = i, p
-            held[c].subtract(texts[p] or ())
-            held[c].update(texts[i])
-            held[b].update(texts[p] or ())
-            j += 1
-    return [np.asarray(b, dtype=np.int64) for b in batches]
-
-
-def _trade(b: int, i: int, batches: list[list], held: list[Counter], texts: Sequence, lengths: np.ndarray):
-    """``(batch, position)`` of the example closest in length to ``i`` in another batch that ``i`` can
-    trade places with (neither then holds a text twice), or None."""
-    mine = texts[i]
-    best = None
-    for c, other in enumerate(batches):
-        if c == b or any(held[c][k] > 0 for k in mine):
-            continue
-        for jj, p in enumerate(other):
-            theirs = texts[p] or ()
-            fits_b = all(held[b][k] - (k in mine) == 0 for k in theirs)
-            fits_c = all(held[c][k] - (k in theirs) == 0 for k in mine)
-            gap = abs(int(lengths[p]) - int(lengths[i]))
-            if fits_b and fits_c and (best is None or gap < best[0]):
-                best = (gap, c, jj)
-    return None if best is None else best[1:]
-
-
-class TextKeys:
-    """Per example the keys of its texts (a 64-bit hash of each segment's token ids: equal ids, equal
-    key) as flat arrays, not a set per example: ``keys[i]`` is example i's tuple of keys, empty for
-    examples not keyed."""
-
-    HASH_CHUNK = 1 << 15  # examples hashed at a time (about 60 bytes of temporaries per token)
-    LONGEST = 1 << 13  # tokens a segment may have (an encoder's positions are fewer)
-
-    def __init__(self, keys: np.ndarray, starts: np.ndarray):
-        self.keys, self.starts = keys, starts
-
-    def __len__(self) -> int:
-        return len(self.starts) - 1
-
-    def __getitem__(self, i: int) -> tuple[int, ...]:
-        """Example i's distinct keys (an example may repeat a text of its own)."""
-        return tuple(dict.fromkeys(self.keys[self.starts[i] : self.starts[i + 1]].tolist()))
-
-    @classmethod
-    def of(cls, data: Tokenized, members: np.ndarray) -> TextKeys:
-        """The keys of examples ``members`` (ascending) of ``data`` (the others have none), hashed a
-        chunk of examples at a time."""
-        units = data.ids if isinstance(data.ids, StoredUnits) else StoredUnits.of(list(data.ids))
-        ex = units.example_starts
-        counts = np.zeros(len(units), np.int16)
-        counts[members] = ex[members + 1] - ex[members]
-        starts = offsets(counts)
-        del counts
-        keys = np.zeros(int(starts[-1]), np.uint64)
-        for at in range(0, len(members), cls.HASH_CHUNK):
-            chunk = members[at : at + cls.HASH_CHUNK]
-            first = int(starts[chunk[0]])
-            hashed = segment_hashes(units, ranges(ex[chunk], ex[chunk + 1]))
-            keys[first : first + len(hashed)] = hashed
-            drop_pages(units.ids)
-        return cls(keys, starts)
-
-
-WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**63, TextKeys.LONGEST + 1, np.uint64) | 1  # odd: no lost bits
-
-
-def segment_hashes(units: StoredUnits, segments: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each segment's token ids (their weighted sum modulo 2**64, its length mixed in)."""
-    a, b = units.segment_starts[segments], units.segment_starts[segments + 1]
-    tokens = ranges(a, b)
-    position = tokens - np.repeat(a, b - a)
-    with np.errstate(over="ignore"):  # (sums modulo 2**64)
-        mixed = units.ids[tokens].astype(np.uint64) * WEIGHTS[position + 1]
-        offsets = np.minimum(np.concatenate([[0], np.cumsum(b - a)[:-1]]), max(len(tokens) - 1, 0))
-        sums = np.add.reduceat(mixed, offsets) if len(tokens) else np.zeros(len(segments), np.uint64)
-        return np.where(b > a, sums, 0) + (b - a).astype(np.uint64) * WEIGHTS[0]
-
-
 def _stack(built: list[Batch], task_stacked: bool) -> Batch:
     """One step's batch from its parts; task-stacked: part ``t`` at ``[:, t]``."""
     if not task_stacked:
@@ -531,7 +296,7 @@ class InputPipeline:
     batch_size: int
     eval_batch_size: int
     seed: int
-    epochs: int = 1  # the grids hold every step of epochs 0 .. epochs - 1 (setup sets the run's: --max-steps)
+    steps: int | None = None  # the grids hold the run's first ``steps`` steps (setup sets them; None: one epoch)
     sampling: str = "proportional"
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
@@ -552,8 +317,16 @@ class InputPipeline:
     @functools.cached_property
     def grids(self) -> dict[int, Grid]:
         """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
-        plans = (self.plan(epoch) for epoch in range(self.epochs))
-        return plan_grids(self.train, plans, self.task_stacked, self.devices * self.grad_accum)
+        return plan_grids(self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum)
+
+    def run_plans(self) -> Iterator[list]:
+        """The plans of the steps the run takes, epoch after epoch, the last cut where the run ends
+        (a 200-step run over millions of examples sizes its grids from 200 steps, not an epoch)."""
+        left = len(self.plan(0)) if self.steps is None else self.steps
+        epoch = 0
+        while left > 0 and (plan := self.plan(epoch)):
+            yield plan[:left]
+            left, epoch = left - len(plan), epoch + 1
 
     def plan(self, epoch: int) -> list:
         """The batches of one epoch: example indices per step (per task and step when task-stacked);
@@ -577,8 +350,11 @@ class InputPipeline:
         must not hold twice."""
         if not self.distinct:
             return None
-        members = np.unique(np.concatenate([np.flatnonzero(has_label(self.train.labels[n])) for n in self.distinct]))
-        return TextKeys.of(self.train, members)
+        keyed = np.zeros(len(self.train), bool)
+        for name in self.distinct:
+            keyed |= has_label(self.train.labels[name])
+        units = self.train.ids
+        return TextKeys(units if isinstance(units, StoredUnits) else StoredUnits.of(list(units)), keyed)
 
     def examples_in(self, idx) -> int:
         return sum(len(i) for i in idx) if self.task_stacked else len(idx)

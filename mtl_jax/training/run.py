@@ -185,7 +185,6 @@ def build_pipeline(
         cfg.batch_size,
         cfg.eval_batch_size,
         cfg.seed,
-        epochs=cfg.epochs,
         sampling=cfg.sampling,
         temperature=cfg.temperature,
         task_stacked=task_stacked,
@@ -222,7 +221,7 @@ def setup(cfg: TrainConfig) -> Run:
     steps_per_epoch = len(pipeline.plan(0))
     weighting = weighting.with_epoch_length(steps_per_epoch)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
-    pipeline.epochs = math.ceil(total_steps / steps_per_epoch)  # the grids hold the steps the run takes
+    pipeline.steps = total_steps  # the grids hold the steps the run takes
     return Run(
         cfg,
         out,
