@@ -262,3 +262,24 @@ def test_grids_hold_the_steps_the_run_takes_and_no_more():
     assert sum(g.rows * g.length for g in short.grids.values()) < sum(
         g.rows * g.length for g in pipeline.grids.values()
     )
+
+
+@pytest.mark.parametrize("task_stacked", [False, True])
+def test_each_process_packs_its_own_rows_and_together_they_make_the_whole_batch(task_stacked):
+    """Each process of a multi-process run reads and packs only the examples of its block of rows;
+    the blocks side by side are the batch one process builds."""
+    data = _labelled(np.random.default_rng(4), 700, long=12)
+    whole = InputPipeline({"train": data}, 0, 256, 32, 32, seed=1, devices=2, task_stacked=task_stacked)
+    halves = [
+        InputPipeline({"train": data}, 0, 256, 32, 32, seed=1, devices=2, task_stacked=task_stacked, host=(h, 2))
+        for h in range(2)
+    ]
+    for step in whole.plan(0)[:6]:
+        one = whole.train_batch(step)
+        two = [p.train_batch(step) for p in halves]
+        joined = jax.tree.map(lambda a, b: np.concatenate([a, b]), *two)
+        jax.tree.map(np.testing.assert_array_equal, joined, one)
+        for part, task in zip(step if task_stacked else [step], range(2 if task_stacked else 1)):
+            held = [set(_examples_in(jax.tree.map(lambda v: v[:, task], b) if task_stacked else b, data)) for b in two]
+            assert not held[0] & held[1] and held[0] | held[1] == set(part.tolist())
+            assert held[0] and held[1]  # both processes had work

@@ -27,6 +27,7 @@ from mtl_jax.data.packing import (
     PackedCall,
     StoredUnits,
     bucket_for,
+    drop_pages,
     fill_rows,
     pack_length,
     pack_rows,
@@ -109,6 +110,14 @@ class Tokenized:
             return self.ids.lengths
         return np.fromiter((unit_length(s) for s in self.ids), np.int64, len(self.ids))
 
+    def release(self) -> None:
+        """Let the pages of its memory-mapped arrays (a store's) go: reads scattered over a large split
+        would otherwise keep nearly all of it mapped in."""
+        if isinstance(self.ids, StoredUnits):
+            self.ids.release()
+        for a in (self.source, *self.labels.values()):
+            drop_pages(a)
+
     def take(self, idx: np.ndarray) -> Tokenized:
         """Examples ``idx`` (in that order) as a split of their own."""
         emb = None if self.embeddings is None else self.embeddings[idx]
@@ -172,9 +181,13 @@ class Grid:
     length: int
 
 
-def pack_examples(data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int) -> tuple[Batch, PackedCall]:
+def pack_examples(
+    data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int, host: tuple[int, int] = (0, 1)
+) -> tuple[Batch, PackedCall]:
     """Examples ``idx`` packed into ``grid``: the batch and its layout (``index``: the example each
-    slot holds, ``-1``: empty).
+    slot holds, ``-1``: empty). ``host`` = (process, processes): that process's block of the grid's
+    rows alone (the rows are laid out from the examples' lengths; only the examples in the block are
+    read), so each process of a multi-process run reads and packs what it feeds.
 
     With cached embeddings an :class:`EmbeddingBatch`: each segment's embedding in the slot its
     tokens would have, so the heads see the same rows (and dropout masks) as in a forward pass
@@ -184,8 +197,13 @@ def pack_examples(data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int) -> 
     rows = pack_rows(data.lengths[idx], (grid.length,), widest=data.widest)
     if len(rows) > grid.rows:
         raise ValueError(f"{len(idx)} examples need {len(rows)} rows of {grid.length} tokens; the grid has {grid.rows}")
-    call = fill_rows([data.ids[i] for i in idx], [members for _, members in rows], (grid.rows, grid.length), pad_id)
-    call.index = np.where(call.index >= 0, idx[np.maximum(call.index, 0)], -1)
+    block = grid.rows // host[1]
+    mine = [members for _, members in rows][host[0] * block : (host[0] + 1) * block]
+    held = np.unique(np.asarray([i for members in mine for i in members], np.int64))  # positions in idx
+    at = {int(p): k for k, p in enumerate(held)}
+    call = fill_rows([data.ids[i] for i in idx[held]], [[at[i] for i in m] for m in mine], (block, grid.length), pad_id)
+    held_idx = idx[held] if len(held) else np.zeros(1, np.int64)
+    call.index = np.where(call.index >= 0, held_idx[np.maximum(call.index, 0)], -1)
     labels = slot_labels(data, call)
     if data.embeddings is not None:
         return EmbeddingBatch(slot_embeddings(data, call), labels), call
@@ -275,6 +293,14 @@ def _stack(built: list[Batch], task_stacked: bool) -> Batch:
     return jax.tree.map(lambda *parts: np.stack(parts, axis=1), *built)
 
 
+def own_rows(batch: Batch, host: int, hosts: int) -> Batch:
+    """Process ``host``'s contiguous block of the rows of every array of a global batch (the mesh
+    orders devices by process, each process holding as many)."""
+    if hosts == 1:
+        return batch
+    return jax.tree.map(lambda v: v[host * (len(v) // hosts) : (host + 1) * (len(v) // hosts)], batch)
+
+
 def unplaced(batch: Batch) -> Batch:
     """A batch left as host arrays (one device, or tests that read them)."""
     return batch
@@ -303,8 +329,12 @@ class InputPipeline:
     grad_accum: int = 1  # training rows come in multiples of devices x micro-batches
     distinct: tuple[str, ...] = ()  # tasks whose examples a step must not repeat (in-batch negatives)
     devices: int = 1  # devices a step's rows are split over
-    place: Callable[[Batch], Batch] = unplaced  # a batch's host arrays onto the devices
+    place: Callable[[Batch], Batch] = unplaced  # this process's rows of a batch onto the devices
+    host: tuple[int, int] = (0, 1)  # (this process, processes): each builds and places its block of rows
     plans_kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # epoch -> plan
+    packed: int = field(default=0, init=False, repr=False, compare=False)  # training examples packed so far
+
+    RELEASE_EVERY = 1 << 14  # training examples packed between letting a store's mapped pages go
 
     @property
     def train(self) -> Tokenized:
@@ -317,7 +347,9 @@ class InputPipeline:
     @functools.cached_property
     def grids(self) -> dict[int, Grid]:
         """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
-        return plan_grids(self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum)
+        grids = plan_grids(self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum)
+        self.train.release()  # (the lengths, labels and plan windows read in planning)
+        return grids
 
     def run_plans(self) -> Iterator[list]:
         """The plans of the steps the run takes, epoch after epoch, the last cut where the run ends
@@ -364,14 +396,18 @@ class InputPipeline:
         data = self.train if data is None else data
         parts = idx if self.task_stacked else [idx]
         grid = self.grids[step_length(data, parts)]
-        built = [pack_examples(data, p, grid, self.pad_id)[0] for p in parts]
+        built = [pack_examples(data, p, grid, self.pad_id, self.host)[0] for p in parts]
+        self.packed += self.examples_in(idx)
+        if self.packed % self.RELEASE_EVERY < self.examples_in(idx):
+            data.release()
         return self.place(_stack(built, self.task_stacked))
 
     def probe_batch(self) -> TokenBatch:
         """The fixed task-stacked batch of the task-gradient diagnostics (its own grid)."""
         parts = probe_indices(self.train, self.batch_size, self.seed)
         (grid,) = plan_grids(self.train, [[parts]], task_stacked=True, row_multiple=self.devices).values()
-        return self.place(_stack([pack_examples(self.train, p, grid, self.pad_id)[0] for p in parts], True))
+        built = [pack_examples(self.train, p, grid, self.pad_id, self.host)[0] for p in parts]
+        return self.place(_stack(built, True))
 
     def eval_batches(self, data: Tokenized) -> Iterator[tuple[np.ndarray, Batch]]:
         """``(layout, batch)`` covering every example of ``data`` once (``layout.index``: the example each
@@ -382,7 +418,7 @@ class InputPipeline:
             for start in range(0, len(data), rows * per_row):
                 idx = np.arange(start, min(start + rows * per_row, len(data)))
                 arrays, call = embedding_batch(data, idx, rows)
-                yield call, self.place(arrays)
+                yield call, self.place(own_rows(arrays, *self.host))
             return
         for call in packed_calls(data.ids, self.eval_batch_size, self.pad_id, self.devices):
-            yield call, self.place(call_arrays(call, slot_labels(data, call)))
+            yield call, self.place(own_rows(call_arrays(call, slot_labels(data, call)), *self.host))

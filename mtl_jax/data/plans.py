@@ -274,6 +274,7 @@ class TextKeys:
         hashed = segment_hashes(self.units, ranges(ex[idx], ex[idx + 1])).tolist()
         starts = offsets(ex[idx + 1] - ex[idx]).tolist()
         keyed = self.keyed[idx].tolist()
+        self.units.release()
         return {
             i: tuple(dict.fromkeys(hashed[starts[j] : starts[j + 1]])) if keyed[j] else ()
             for j, i in enumerate(idx.tolist())

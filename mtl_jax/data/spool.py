@@ -8,7 +8,6 @@ example (its segments' lengths, whether it was cut) and, for word lists, where e
 
 from __future__ import annotations
 
-import mmap
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.data.packing import StoredUnits, offsets
+from mtl_jax.data.packing import StoredUnits, drop_pages, offsets
 from mtl_jax.data.text import TextTokenizer
 
 AHEAD = 2  # chunks tokenized ahead of the reader at most
@@ -92,14 +91,6 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Every index of ``[starts[i], ends[i])`` for each i, in order (one vectorised gather)."""
     lengths = ends - starts
     return np.repeat(starts - offsets(lengths)[:-1], lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-
-
-def drop_pages(a: np.ndarray) -> None:
-    """Let the kernel drop the resident pages of a memory-mapped array (read from its file again when
-    touched): a pass over a large store keeps a chunk of it in memory, not the whole file."""
-    mapped = getattr(a, "_mmap", None)  # (np.memmap and its views; np.load(mmap_mode=...) arrays)
-    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 TAKE_CHUNK = 1 << 16  # examples gathered at a time (a few int64 temporaries per token)

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtl_jax.data.batching import own_rows
 from mtl_jax.errors import MtlError
 
 
@@ -118,21 +119,21 @@ def place_state(tree, mesh: Mesh, fsdp: bool = False):
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Split the leading (batch) axis of each array of ``batch`` (a pytree) over the ``data`` axis.
+    """Split the leading (batch) axis of each array of ``batch`` (a pytree, the whole global batch)
+    over the ``data`` axis; with several processes each contributes its own block of rows."""
+    return shard_local(own_rows(batch, jax.process_index(), jax.process_count()), mesh)
 
-    With several processes each passes the whole global batch and contributes its own
-    contiguous block of rows (the mesh orders devices by process).
-    """
+
+def shard_local(batch, mesh: Mesh):
+    """This process's block of rows (:func:`own_rows`) of a global batch as the batch-sharded global
+    arrays: each process passes only what it built."""
     sharding = NamedSharding(mesh, P("data"))
     if jax.process_count() == 1:
         return jax.tree.map(lambda v: jax.device_put(v, sharding), batch)
-    n, i = jax.process_count(), jax.process_index()
-
-    def local(v):
-        rows = len(v) // n
-        return jax.make_array_from_process_local_data(sharding, v[i * rows : (i + 1) * rows], v.shape)
-
-    return jax.tree.map(local, batch)
+    n = jax.process_count()
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(sharding, v, (len(v) * n, *v.shape[1:])), batch
+    )
 
 
 def to_host(tree):

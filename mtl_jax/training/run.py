@@ -38,7 +38,7 @@ from mtl_jax.training.freezing import (
     phase_starts,
 )
 from mtl_jax.training.optim import OptimConfig
-from mtl_jax.training.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, shard_batch
+from mtl_jax.training.parallel import check_batch_size, initialize_distributed, is_primary, make_mesh, shard_local
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "gradients.png")
 
@@ -191,7 +191,8 @@ def build_pipeline(
         grad_accum=cfg.grad_accum,
         distinct=tuple(t.name for t in data.tasks if t.distinct_in_batch),
         devices=mesh.devices.size,
-        place=functools.partial(shard_batch, mesh=mesh),
+        place=functools.partial(shard_local, mesh=mesh),
+        host=(jax.process_index(), jax.process_count()),
     )
 
 
