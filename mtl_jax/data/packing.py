@@ -288,9 +288,12 @@ def packed_calls(ids: Sequence, batch_size: int, pad_id: int, row_multiple: int 
     of ``row_multiple``: the devices a call is split over); the last call of a length is
     filled up with empty rows, so its shape is the same.
     """
-    lengths = [unit_length(u) for u in ids]
-    widest = max((len(unit_segments(u)) for u in ids), default=1)
-    rows = pack_rows(lengths, row_lengths(max(lengths, default=1)), widest=widest)
+    if isinstance(ids, StoredUnits):  # (from the segment starts: no unit is read to be measured)
+        lengths, widest = ids.lengths, ids.widest
+    else:
+        lengths = np.array([unit_length(u) for u in ids], np.int64)
+        widest = max((len(unit_segments(u)) for u in ids), default=1)
+    rows = pack_rows(lengths, row_lengths(int(lengths.max()) if len(lengths) else 1), widest=widest)
     by_length: dict[int, list[list[int]]] = {}
     for length, members in rows:
         by_length.setdefault(length, []).append(members)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -12,16 +13,21 @@ from mtl_jax.tasks import Task
 from mtl_jax.tasks.base import has_label
 from mtl_jax.training.parallel import to_host
 
+AHEAD = 2  # batches queued on the device beyond the one the host is reading
 
-def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> list:
-    """``[(layout, fn(params, batch))]`` (see :meth:`InputPipeline.eval_batches`); results stay on the
-    device until read."""
-    out = []
+
+def _over_examples(fn: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> Iterator:
+    """``(layout, fn(params, batch))`` per batch, in order (see :meth:`InputPipeline.eval_batches`): the
+    device computes the next :data:`AHEAD` batches while the host reads one, and no more results than
+    that wait on the device (a split of any size: memory of a few batches)."""
+    waiting: deque = deque()
     for call, arrays in pipeline.eval_batches(data):
-        out.append((call, fn(params, arrays)))
+        waiting.append((call, fn(params, arrays)))
         if bar is not None:
             bar.update(int(call.first.sum()))
-    return out
+        if len(waiting) > AHEAD:
+            yield waiting.popleft()
+    yield from waiting
 
 
 def embed_all(embed_step: Callable, params, pipeline: InputPipeline, data: Tokenized, bar=None) -> np.ndarray:
