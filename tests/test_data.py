@@ -10,10 +10,11 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
-from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.data.batching import InputPipeline
 from mtl_jax.data.load import load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.data.plans import epoch_plan, sampling_counts, task_plan
+from mtl_jax.data.tokenized import Tokenized
 from tests.helpers import by_task, file_task, write_file
 
 # ---------------------------------------------------------------------------- readers

@@ -12,8 +12,9 @@ import pytest
 from transformers import DistilBertConfig
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-from mtl_jax.data.batching import Grid, InputPipeline, Tokenized, pack_examples, plan_grids, single_rows
+from mtl_jax.data.batching import Grid, InputPipeline, pack_examples, plan_grids, single_rows
 from mtl_jax.data.packing import MAX_SEGMENTS, pack_length, pack_rows, packed_calls, row_lengths
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.encoder import Encoder, keep_mask
 from mtl_jax.model.multitask import MultiTaskModel, init_params

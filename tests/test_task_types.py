@@ -289,8 +289,9 @@ def test_ranking_in_chunks_equals_the_whole_matrix(monkeypatch):
 
 
 def test_pair_embeddings_through_packed_rows_equal_each_sentence_alone(minilm):
-    from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+    from mtl_jax.data.batching import Grid, pack_examples
     from mtl_jax.data.text import Segments
+    from mtl_jax.data.tokenized import Tokenized
     from mtl_jax.model.multitask import MultiTaskModel
 
     pairs = [
@@ -397,7 +398,8 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from mtl_jax.config import TaskConfig
-from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+from mtl_jax.data.batching import Grid, pack_examples
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.data.text import Segments
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.multitask import MultiTaskModel, init_params
@@ -645,8 +647,9 @@ def test_the_bi_pair_head_reads_unit_embeddings_where_the_checkpoint_normalises_
     for all-MiniLM-L6-v2 ends in Normalize; ``normalize: false`` reads the pooled embeddings."""
     import jax
 
-    from mtl_jax.data.batching import Grid, Tokenized, pack_examples
+    from mtl_jax.data.batching import Grid, pack_examples
     from mtl_jax.data.text import Segments
+    from mtl_jax.data.tokenized import Tokenized
     from mtl_jax.model.multitask import MultiTaskModel
 
     assert minilm.spec.normalize

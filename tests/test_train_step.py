@@ -12,7 +12,8 @@ from flax import traverse_util
 from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax import MtlError
-from mtl_jax.data.batching import InputPipeline, Tokenized, single_rows
+from mtl_jax.data.batching import InputPipeline, single_rows
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.inference import load_encoder
 from mtl_jax.model.multitask import MultiTaskModel, init_params, pool_segments
 from mtl_jax.training.evaluation import evaluate

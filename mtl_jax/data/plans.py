@@ -15,17 +15,13 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mtl_jax.data.packing import StoredUnits, offsets
 from mtl_jax.data.spool import ranges
+from mtl_jax.data.tokenized import Tokenized, task_members
 from mtl_jax.errors import MtlError
-from mtl_jax.tasks.base import has_label
-
-if TYPE_CHECKING:
-    from mtl_jax.data.batching import Tokenized
 
 
 def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0) -> np.ndarray:
@@ -47,11 +43,6 @@ def sampling_counts(sizes: Sequence[int], method: str, temperature: float = 2.0)
     counts = np.floor(p * n.sum()).astype(np.int64)
     counts[np.argmax(p)] += int(n.sum() - counts.sum())
     return counts
-
-
-def task_members(data: Tokenized) -> list[np.ndarray]:
-    """Per task, the examples that carry its label."""
-    return [np.flatnonzero(has_label(y)) for y in data.labels.values()]
 
 
 def task_plan(

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_jax.data.batching import Tokenized, token_labels
+from mtl_jax.data.batching import token_labels
 from mtl_jax.data.load import SPLITS, Examples, OfTasks, load_tasks, resolve_path
 from mtl_jax.data.packing import StoredUnits, offsets
 from mtl_jax.data.spool import Spooled, TokenSpool, take_units
 from mtl_jax.data.text import TextTokenizer
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks import Task, TaskConfig, build
 

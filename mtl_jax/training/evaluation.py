@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.data.batching import InputPipeline
 from mtl_jax.data.packing import gather
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.tasks import Task
 from mtl_jax.tasks.base import has_label
 from mtl_jax.training.parallel import to_host

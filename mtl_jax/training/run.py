@@ -19,9 +19,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mtl_jax.config import TrainConfig, resume_fixed
-from mtl_jax.data.batching import InputPipeline, Tokenized
+from mtl_jax.data.batching import InputPipeline
 from mtl_jax.data.load import SPLITS
 from mtl_jax.data.store import DataKey, Prepared, changed_files, data_key, prepare
+from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.errors import MtlError, writing
 from mtl_jax.inference import SentenceEncoder, load_encoder
 from mtl_jax.model.lora import LoRA, with_lora
