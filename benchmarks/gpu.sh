@@ -11,8 +11,10 @@
 #           in-batch negatives, tagging's per-token head, pairs), then the seven-type run on real text
 #           (configs/types-embedded.yaml, bf16)
 #   lora    our step under --freeze lora (MFU of the adapters' step)
-#   probe   our batch-256 step with cuBLAS-only GEMMs (no Triton GEMM autotuning), then with no autotuning
-#           at all: how much of a compile is autotuning, and what it buys
+#   probe   our batch-256 step compiled in one process with no autotuning, with cuBLAS-only GEMMs (no Triton
+#           GEMM tiles to autotune) and as it is, each program then timed: how much of a compile is
+#           autotuning and what it buys
+#   flags   the default run from an empty compile cache with cuBLAS-only GEMMs, then with no autotuning
 # Usage: bash benchmarks/gpu.sh [PART ...]          (default: every part, in the order above)
 # BUDGET (seconds, default 540): a part's item is skipped, and says so, when less time is left than it is
 # expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
@@ -33,7 +35,7 @@ PEER_PY=${PEER_PY:-$PY}
 [ -x .peer/venv/bin/python ] && PEER_PY=.peer/venv/bin/python
 OUT=${OUT:-/tmp/mtl_gpu_bench}; WORK=${WORK:-/tmp/mtl_gpu_work}; BUDGET=${BUDGET:-540}
 mkdir -p "$OUT" "$WORK"; J=$OUT/results.jsonl; LOG=$OUT/log.txt; : > "$J"; : > "$LOG"
-PARTS=${*:-steps train encode types lora probe}
+PARTS=${*:-steps train encode types lora probe flags}
 if $PY -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
   SIZE=base; SEQ=128; BIG=256; SMALL=32; DEV=cuda; STEPS=20; LIMIT=(); TRAIN=(); TYPES=(--max-steps 300)
 else
@@ -94,11 +96,16 @@ for part in $PARTS; do
   lora)
     item "ours b$BIG lora" 70 $PY "${OURS[@]}" --batch $BIG --pooling mean --freeze lora ;;
   probe)
-    item "ours b$BIG mean, cuBLAS GEMMs" 70 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-      $PY "${OURS[@]}" --batch $BIG --pooling mean
-    item "ours b$BIG mean, no autotuning" 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-      $PY "${OURS[@]}" --batch $BIG --pooling mean ;;
-  *) echo "unknown part $part (steps train encode types lora probe)" >&2; exit 2 ;;
+    item "ours b$BIG mean, compile options" 150 $PY "${OURS[@]}" --batch $BIG --pooling mean \
+      --compile-options autotune0 cublas default ;;
+  flags)
+    for flags in cublas:--xla_gpu_enable_triton_gemm=false autotune0:--xla_gpu_autotune_level=0; do
+      rm -rf "$WORK/xla-${flags%%:*}"
+      item "train, empty compile cache, XLA_FLAGS=${flags#*:}" 120 env XLA_FLAGS="${XLA_FLAGS:-} ${flags#*:}" \
+        $PY "${TRAIN_PY[@]}" --out "$WORK/${flags%%:*}" --compile-cache "$WORK/xla-${flags%%:*}" "${TRAIN[@]}" \
+        && summary "${flags%%:*}"
+    done ;;
+  *) echo "unknown part $part (steps train encode types lora probe flags)" >&2; exit 2 ;;
   esac
 done
 $PY benchmarks/gpu_table.py "$J" | tee "$OUT/table.md"

@@ -63,6 +63,22 @@ def steps(rows: list[dict]) -> None:
         print(f"peer {r['impl']} batch {r['batch']} frozen={r['freeze_backbone']}: {r['examples_per_s']} ex/s")
 
 
+def options(rows: list[dict]) -> None:
+    for r in (r for r in rows if r.get("benchmark") == "compile_options"):
+        print(
+            f"\nstep {r['dtype']} {r['batch']} x {r['seq']}, {r['pooling']}: set up in {r['setup_s']} s, traced "
+            f"and lowered in {r['trace_and_lower_s']} s; compiled under each XLA option set, in this order:"
+        )
+        print("| options | compile s (goal <= 15) | ex/s | step vs the first | model FLOP/s |")
+        print("|---|---|---|---|---|")
+        for name, s in r["sets"].items():
+            vs = next(v for k, v in s.items() if k.startswith("step_vs_"))
+            print(
+                f"| {name} {s['options'] or ''} | {s['compile_s']} ({mark(s['compile_s'] <= 15)}) | "
+                f"{s['examples_per_s']:,.0f} | {vs} | {rate(s)} |"
+            )
+
+
 def training(rows: list[dict]) -> None:
     goals = {"empty": 90, "warm": 45}
     for r in (r for r in rows if "run" in r):
@@ -98,6 +114,7 @@ def types(rows: list[dict]) -> None:
 def main(path: str) -> None:
     rows = rows_of(path)
     steps(rows)
+    options(rows)
     training(rows)
     encoding(rows)
     types(rows)

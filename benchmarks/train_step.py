@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+T_START = time.perf_counter()
+
 from mtl_jax.training.hostmem import reuse_host_memory
 
 # as the command-line programs do, before NumPy starts a thread (--default-malloc: the A/B switch)
@@ -94,6 +96,15 @@ def main() -> None:
         "as two task sub-batches of half its rows, as the trainer does)",
     )
     p.add_argument(
+        "--compile-options",
+        nargs="+",
+        choices=list(OPTION_SETS),
+        metavar="SET",
+        help="compile the step once under each of these XLA option sets (OPTION_SETS: default, cublas = no "
+        "Triton GEMMs, autotune0 = no autotuning), in this order, in one process; then time each program, "
+        "rounds interleaved: what each set costs in compile seconds and buys in step time",
+    )
+    p.add_argument(
         "--default-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (no mtl_jax.training.hostmem.reuse_host_memory)",
@@ -143,6 +154,11 @@ def main() -> None:
     no_encoder_dropout = encoder_frozen(frozen, groups)
     state = TrainState.create(params, tx.init(params))
     key = jax.random.PRNGKey(1)
+    slots = MAX_SEGMENTS if args.per_row > 1 else 1
+    flops = train_step_flops(config, args.batch, args.seq, groups - frozen, args.pooling, slots)
+    if args.compile_options:
+        print(json.dumps(compare_compile_options(args, step, state, batch, key, flops)))
+        return
 
     t0 = time.perf_counter()
     state, m = step(state, batch, key)
@@ -158,8 +174,6 @@ def main() -> None:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    slots = MAX_SEGMENTS if args.per_row > 1 else 1
-    flops = train_step_flops(config, args.batch, args.seq, groups - frozen, args.pooling, slots)
     mfu = model_flops_utilization(flops, step_s, args.peak_tflops)
     if args.grad_diagnostics:
         mfu |= probe_overhead(model, state, step, batch, key, args.grad_diagnostics)
@@ -261,6 +275,60 @@ def compare_weighting(args, model, params, frozen, batch) -> dict:
         "dtype": args.dtype,
         "steps": args.steps,
         "methods": result,
+    }
+
+
+# XLA option sets for --compile-options (GPU options: a CPU run takes only "default")
+OPTION_SETS = {
+    "default": {},
+    "cublas": {"xla_gpu_enable_triton_gemm": False},  # GEMMs by cuBLAS: no Triton GEMM tiles to autotune
+    "autotune0": {"xla_gpu_autotune_level": 0},  # no autotuning at all: the first kernel that fits
+}
+
+
+def compare_compile_options(args, step, state, batch, key, flops: float) -> dict:
+    """Compile seconds and step time of the step under each of ``args.compile_options``, in one process.
+
+    XLA keeps the autotuning results of a process: a set compiled after another that autotuned the
+    same kernels would reuse them, so pass the sets that autotune least first.
+    """
+    setup_s = time.perf_counter() - T_START
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch, key)
+    lower_s = time.perf_counter() - t0
+    runs = {}
+    for name in dict.fromkeys(args.compile_options):
+        t0 = time.perf_counter()
+        program = lowered.compile(compiler_options=OPTION_SETS[name] or None)
+        compile_s = time.perf_counter() - t0
+        runs[name] = {"state": jax.tree.map(jnp.copy, state), "step": program, "batch": batch, "times": []}
+        runs[name]["compile_s"] = compile_s
+    interleaved(runs, args.warmup + args.steps, key)
+    first = next(iter(runs))
+    base_s = float(np.median(runs[first]["times"][args.warmup :]))
+    sets = {}
+    for name, r in runs.items():
+        step_s = float(np.median(r["times"][args.warmup :]))
+        sets[name] = {
+            "options": OPTION_SETS[name],
+            "compile_s": round(r["compile_s"], 2),
+            "step_s": round(step_s, 4),
+            "examples_per_s": round(args.batch * args.per_row / step_s, 1),
+            f"step_vs_{first}": round(step_s / base_s, 3),
+        } | model_flops_utilization(flops, step_s, args.peak_tflops)
+    return {
+        "benchmark": "compile_options",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "size": args.size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "freeze": args.freeze,
+        "dtype": args.dtype,
+        "pooling": args.pooling,
+        "setup_s": round(setup_s, 2),
+        "trace_and_lower_s": round(lower_s, 2),
+        "sets": sets,
     }
 
 
