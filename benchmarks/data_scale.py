@@ -97,7 +97,12 @@ def to_first_step(folder: Path, cache: Path) -> dict:
     run = setup(cfg)
     run.pipeline.train_batch(run.pipeline.plan(0)[0])
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2), "reused": run.data.reused}
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "preparing_child_peak_rss_gb": children_peak_rss_gb(),
+        "reused": run.data.reused,
+    }
 
 
 def floor(folder: Path) -> dict:
@@ -171,6 +176,7 @@ def prepare_pairs(path: Path, cache: Path) -> dict:
         "pairs": sum(len(s) for s in data.splits.values()),
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(peak_rss_gb(), 2),
+        "preparing_child_peak_rss_gb": children_peak_rss_gb(),
         "rss_before_gb": round(base, 2),
         "store_gb": round(size / 2**30, 2),
     }
@@ -223,6 +229,12 @@ def _train(folder: Path, name: str, train: Path, held_out: dict, steps: int, war
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def children_peak_rss_gb() -> float:
+    """The peak of this process's largest finished child: large inputs are prepared in one
+    (mtl_jax.data.apart); 0 when none ran."""
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
 
 
 def in_fresh_process(what: str, folder: Path, cache: Path, *extra: str) -> dict:

@@ -16,6 +16,7 @@ from mtl_jax.data import load, spool, store
 from mtl_jax.data.batching import tokenize
 from mtl_jax.data.load import SPLITS, load_tasks
 from mtl_jax.data.packing import unit_segments
+from mtl_jax.errors import MtlError
 from mtl_jax.inference import load_encoder
 from mtl_jax.tasks import TaskConfig
 from tests.helpers import ROOT, cli, tiny_train_args
@@ -81,6 +82,23 @@ def test_the_store_gives_the_ids_and_labels_of_reading_the_files_and_a_second_ru
     again = _prepare(tasks, tokenizer, tmp_path / "cache")
     assert again.folder == stored.folder
     _same(read, again)
+
+
+@pytest.mark.slow  # two child processes: make test-slow
+def test_large_inputs_are_prepared_in_a_child_process_with_the_same_store_and_bad_row_messages(
+    tmp_path, tiny_bert, monkeypatch
+):
+    tasks = _tasks(tmp_path)
+    tokenizer = load_encoder(str(tiny_bert)).tokenizer
+    monkeypatch.setattr(store, "APART_BYTES", 0)  # every input counts as large
+    monkeypatch.setattr(store, "write_store", lambda *a, **k: pytest.fail("prepared in the training process"))
+    _same(_read(tasks, tokenizer), _prepare(tasks, tokenizer, tmp_path / "cache", log=lambda m: None))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(f'{{"text": "a story {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(30)))
+    bad.write_text(bad.read_text() + '{"text": "what", "label": NaN}\n')
+    with pytest.raises(MtlError, match=r"^\S*bad\.jsonl:31: missing label in column 'label'"):
+        _prepare([TaskConfig("t", str(bad), text_column="text", label_column="label")], tokenizer, tmp_path / "c2")
+    assert [p.name for p in (tmp_path / "c2").iterdir() if not p.name.startswith(".")] == []
 
 
 def test_a_damaged_store_is_named_removed_and_prepared_again(tmp_path, tiny_bert):

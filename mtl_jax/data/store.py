@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_jax.data.apart import APART_BYTES, write_store_apart
 from mtl_jax.data.batching import token_labels
 from mtl_jax.data.load import SPLITS, Examples, OfTasks, load_tasks, resolve_path
 from mtl_jax.data.packing import StoredUnits, offsets
@@ -131,12 +132,20 @@ def prepare(
     if store is None:  # --data-cache off: a store in a scratch folder, removed once open (its arrays stay mapped)
         scratch = Path(tempfile.mkdtemp(prefix="mtl_jax_data_"))
         try:
-            write_store(scratch / key.fingerprint, tasks, tokenizer, key)
+            write_store_from(scratch / key.fingerprint, tasks, tokenizer, key)
             return dataclasses.replace(open_store(scratch / key.fingerprint, tasks, key), folder=None)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    write_store(store, tasks, tokenizer, key)
+    write_store_from(store, tasks, tokenizer, key)
     return open_store(store, tasks, key)
+
+
+def write_store_from(store: Path, tasks: Sequence[TaskConfig], tokenizer: TextTokenizer, key: DataKey) -> None:
+    """:func:`write_store` here, or in a child process when the inputs are large (see :mod:`mtl_jax.data.apart`)."""
+    if sum(size for size, _ in key.files.values()) >= APART_BYTES:
+        write_store_apart(store, tasks, tokenizer, key)
+    else:
+        write_store(store, tasks, tokenizer, key)
 
 
 # ---------------------------------------------------------------------------- writing

@@ -1,0 +1,62 @@
+"""Writing a large store in a child Python process (``python -m mtl_jax.data.apart``).
+
+A training process tunes glibc's malloc for XLA:CPU's step (one arena for every thread, no
+``mmap``: :mod:`mtl_jax.training.hostmem`). In such a process the tokenizer's worker threads and
+pyarrow's readers all take the one arena's lock, and preparing GLUE's million rows takes over
+twice as long as with glibc's defaults. The child starts with the defaults, and what reading and
+tokenizing held goes back to the system when it exits; the trainer then maps the finished store.
+A child costs a second or two to start, so inputs under :data:`APART_BYTES` are prepared in the
+process itself.
+
+Bad input stops the child with the same message (file, line, reason) the process itself would
+give, raised again here as :class:`~mtl_jax.errors.MtlError`; a child that dies leaves no store
+(:func:`~mtl_jax.data.store.write_store` writes beside and renames).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+from mtl_jax.errors import MtlError
+
+APART_BYTES = 32 << 20  # input files of this many bytes and more are prepared in a child process
+BAD_INPUT = 2  # the child's exit status when it stops on bad input (its message on stdout)
+
+
+def write_store_apart(store: Path, tasks, tokenizer, key) -> None:
+    """:func:`~mtl_jax.data.store.write_store` in a child process with glibc's default malloc."""
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the mtl_jax package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    request = pickle.dumps((store, tuple(tasks), tokenizer, key))
+    done = subprocess.run(
+        [sys.executable, "-m", "mtl_jax.data.apart"], input=request, stdout=subprocess.PIPE, env=env, check=False
+    )
+    if done.returncode == BAD_INPUT:
+        raise MtlError(done.stdout.decode("utf-8", "replace").strip())
+    if done.returncode != 0:
+        raise MtlError(
+            f"{store}: preparing the data stopped in its child process (exit status {done.returncode}); "
+            "the lines above say why"
+        )
+
+
+def main() -> int:
+    from mtl_jax.data.store import write_store
+
+    store, tasks, tokenizer, key = pickle.load(sys.stdin.buffer)
+    try:
+        write_store(store, tasks, tokenizer, key)
+    except MtlError as e:
+        sys.stdout.write(str(e))
+        return BAD_INPUT
+    except KeyboardInterrupt:  # (Ctrl-C reaches both processes: the trainer says it)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
