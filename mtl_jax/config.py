@@ -113,6 +113,8 @@ class RunConfig:
     """Examples per step (packed several to a row; split over the devices; must divide by their number)."""
     grad_accum: int = fixed(1)
     """Split each batch into K micro-batches whose gradients add up to the batch's (the memory of one micro-batch); --batch-size must divide by K."""
+    contrastive_chunk: int = fixed(0)
+    """Gradient caching: run each (micro-)batch's encoder pass in chunks of about N examples, again in the backward pass; the losses still see the whole batch (in-batch negatives from all of it) at the activation memory of one chunk (0: off)."""
     lr: float = fixed(1e-4)
     """Peak learning rate of the encoder's top layer."""
     head_lr: Optional[float] = fixed(None)
@@ -193,6 +195,7 @@ class RunConfig:
             ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--grad-accum", self.grad_accum, self.grad_accum >= 1, "at least 1"),
+            ("--contrastive-chunk", self.contrastive_chunk, self.contrastive_chunk >= 0, "0 (off) or more"),
             ("--max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, "at least 1"),
             ("--lr", self.lr, self.lr >= 0, "0 or more"),
             ("--lora-rank", self.lora_rank, self.lora_rank >= 1, "at least 1"),
@@ -229,6 +232,12 @@ class RunConfig:
         if self.batch_size % self.grad_accum:
             raise MtlError(f"--grad-accum {self.grad_accum}: does not divide --batch-size {self.batch_size}")
         prompts_of([build(t) for t in self.selected_tasks()])  # one prompt per column name (the export names them)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks of each micro-batch's encoder pass (``--contrastive-chunk``; 1: none)."""
+        per_micro_batch = self.batch_size // self.grad_accum
+        return max(1, -(-per_micro_batch // self.contrastive_chunk)) if self.contrastive_chunk else 1
 
     def selected_tasks(self) -> tuple[TaskConfig, ...]:
         if not self.tasks:
@@ -327,7 +336,9 @@ def _task_from_dict(d: dict, where: str) -> TaskConfig:
 SECTIONS = {
     "data": ("sampling", "temperature", "split_seed", "skip_bad_rows", "max_length", "cache_embeddings", "data_cache"),
     "model": ("encoder", "pooling", "head_dropout", "dtype", "attention"),
-    "training": ("freeze", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_nonfinite"),
+    "training": (
+        "freeze", "epochs", "max_steps", "batch_size", "grad_accum", "contrastive_chunk", "seed", "max_nonfinite",
+    ),
     "optimizer": ("lr", "head_lr", "lora_lr", "warmup", "decay", "weight_decay", "clip_norm", "layer_decay"),
     "lora": tuple(f.name for f in dataclasses.fields(LoraConfig)),
     "outputs": (

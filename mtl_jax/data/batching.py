@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.data.load import Examples
@@ -229,6 +230,24 @@ def plan_grids(data: Tokenized, plans: Iterator[list], task_stacked: bool, row_m
     return {n: Grid(round_up(r, row_multiple), n) for n, r in need.items()}
 
 
+def micro_batches(batch, k: int):
+    """The batch (any pytree of arrays ``[rows, ...]``) as ``k`` micro-batches (arrays ``[k, rows / k, ...]``):
+    row ``r`` goes to micro-batch ``r % k``, so each device's rows split evenly over the micro-batches
+    (and an example's segments, in one row, stay together)."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
+
+    def split(x):
+        return jnp.moveaxis(x.reshape((rows // k, k) + x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def micro_joined(x: jax.Array) -> jax.Array:
+    """Per-micro-batch arrays ``[k, rows / k, ...]`` back in the batch's row order ``[rows, ...]``
+    (the inverse of :func:`micro_batches` on one array)."""
+    return jnp.moveaxis(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
 def _stack(built: list[Batch], task_stacked: bool) -> Batch:
     """One step's batch from its parts; task-stacked: part ``t`` at ``[:, t]``."""
     if not task_stacked:
@@ -269,7 +288,8 @@ class InputPipeline:
     sampling: str = "proportional"
     temperature: float = 2.0
     task_stacked: bool = False  # every step holds every task (pcgrad): arrays [rows, T, ...]
-    grad_accum: int = 1  # training rows come in multiples of devices x micro-batches
+    grad_accum: int = 1  # training rows come in multiples of devices x micro-batches x chunks
+    chunks: int = 1  # gradient caching: each micro-batch's encoder pass in this many chunks
     distinct: tuple[str, ...] = ()  # tasks whose examples a step must not repeat (in-batch negatives)
     devices: int = 1  # devices a step's rows are split over
     place: Callable[[Batch], Batch] = unplaced  # this process's rows of a batch onto the devices
@@ -290,7 +310,9 @@ class InputPipeline:
     @functools.cached_property
     def grids(self) -> dict[int, Grid]:
         """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
-        grids = plan_grids(self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum)
+        grids = plan_grids(
+            self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum * self.chunks
+        )
         self.train.release()  # (the lengths, labels and plan windows read in planning)
         return grids
 

@@ -190,6 +190,7 @@ def build_pipeline(
         temperature=cfg.temperature,
         task_stacked=task_stacked,
         grad_accum=cfg.grad_accum,
+        chunks=cfg.chunks,
         distinct=tuple(t.name for t in data.tasks if t.distinct_in_batch),
         devices=mesh.devices.size,
         place=functools.partial(shard_local, mesh=mesh),
@@ -270,3 +271,8 @@ def write_run_start(run: Run) -> None:
         f"backend {jax.default_backend()} ({run.mesh.devices.size} device(s), batch split over them); "
         f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps"
     )
+    if cfg.chunks > 1:
+        log(
+            f"gradient caching: each {'micro-' if cfg.grad_accum > 1 else ''}batch's encoder pass in "
+            f"{cfg.chunks} chunks (--contrastive-chunk {cfg.contrastive_chunk}), each run again in the backward pass"
+        )

@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax.data.batching import Batch, TokenBatch
+from mtl_jax.data.batching import Batch, TokenBatch, micro_batches
 from mtl_jax.model.multitask import MultiTaskModel
 from mtl_jax.tasks import Task
 from mtl_jax.tasks.base import LossSums
 from mtl_jax.training.freezing import encoder_frozen, param_groups
+from mtl_jax.training.gradcache import chunked_outputs
 from mtl_jax.training.optim import OptimConfig, make_optimizer
 from mtl_jax.training.weighting import Method, cosine_matrix, make, mean_losses
 
@@ -88,6 +89,7 @@ class StepSpec:
     frozen_mask: Any = None  # a tree of bools like the params: True where frozen
     encoder_frozen: bool = False  # the whole encoder frozen: it runs without dropout
     grad_accum: int = 1
+    chunks: int = 1  # gradient caching: each (micro-)batch's encoder pass in this many chunks (gradcache.py)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -108,16 +110,19 @@ def model_variables(params) -> dict:
 
 
 def forward(
-    model: MultiTaskModel, params, batch: Batch, key=None, encoder_frozen: bool = False
+    model: MultiTaskModel, params, batch: Batch, key=None, encoder_frozen: bool = False, chunks: int = 1
 ) -> dict[str, jax.Array]:
     """Each head's outputs (logits, cosines, embeddings: per slot ``[R, S, ...]`` or token ``[R, P, ...]``)
     of a batch: packed token rows, or cached pooled embeddings (see
     :mod:`mtl_jax.data.batching`).
 
     With a ``key`` dropout is on (training), except inside a frozen encoder, which runs
-    as a fixed feature extractor: that is what makes its embeddings cacheable.
+    as a fixed feature extractor: that is what makes its embeddings cacheable. ``chunks`` > 1: a
+    training encoder pass in that many chunks, re-run in the backward pass (:mod:`mtl_jax.training.gradcache`).
     """
     train = key is not None
+    if chunks > 1 and train and not encoder_frozen and isinstance(batch, TokenBatch):
+        return chunked_outputs(model, model_variables(params), batch, chunks, key)
     rngs = {"dropout": key} if train else {}
     return batch.outputs(model, model_variables(params), not train, encoder_frozen or not train, rngs)
 
@@ -131,7 +136,8 @@ def loss_terms(spec: StepSpec, params, batch, key, counts=None, share: float = 1
     denominators and its ``share`` of the per-batch terms, so the micro-batches' terms add up
     to the batch's.
     """
-    per_task = task_losses(forward(spec.model, params, batch, key, spec.encoder_frozen), batch.labels, spec.tasks)
+    outputs = forward(spec.model, params, batch, key, spec.encoder_frozen, spec.chunks)
+    per_task = task_losses(outputs, batch.labels, spec.tasks)
     means, present = mean_losses(per_task, spec.names, counts)
     return spec.method.terms(params, means, present, spec.names, share), per_task
 
@@ -171,18 +177,6 @@ def task_stacked_flat(batch: Batch, tasks: Sequence[Task]) -> Batch:
 def label_counts(labels: dict, tasks: Sequence[Task]) -> jax.Array:
     """Each task's loss denominator (labelled slots or tokens) ``[T]`` (float32) of a batch's labels."""
     return jnp.stack([task.count(labels[task.name]) for task in tasks]).astype(jnp.float32)
-
-
-def micro_batches(batch: Batch, k: int) -> Batch:
-    """The batch as ``k`` micro-batches (arrays ``[k, rows / k, ...]``): row ``r`` goes to micro-batch
-    ``r % k``, so each device's rows split evenly over the micro-batches (and an example's segments,
-    in one row, stay together)."""
-    rows = batch.rows
-
-    def split(x):
-        return jnp.moveaxis(x.reshape((rows // k, k) + x.shape[1:]), 1, 0)
-
-    return jax.tree.map(split, batch)
 
 
 def accumulated(fn: Callable, batch: Batch, key, k: int):
@@ -342,6 +336,7 @@ def make_train_step(
     frozen_mask=None,
     encoder_frozen: bool = False,
     grad_accum: int = 1,
+    chunks: int = 1,
     *,
     tasks: Sequence[Task],
 ) -> Callable:
@@ -351,9 +346,10 @@ def make_train_step(
     ``every_task`` need a task-stacked batch (arrays ``[rows, T, ...]``). A batch may hold token
     ids or cached embeddings (``"embeddings"``); each kind compiles its own shapes.
     ``grad_accum`` K: the gradient is summed over K micro-batches of the batch's rows (its
-    memory is one micro-batch's), equal to the whole batch's.
+    memory is one micro-batch's), equal to the whole batch's. ``chunks`` C: each micro-batch's encoder
+    pass in C chunks, re-run in the backward pass (gradient caching: the loss still sees the whole batch).
     """
-    spec = StepSpec(model, tuple(tasks), tx, weighting or make(), frozen_mask, encoder_frozen, grad_accum)
+    spec = StepSpec(model, tuple(tasks), tx, weighting or make(), frozen_mask, encoder_frozen, grad_accum, chunks)
     return jax.jit(functools.partial(train_step, spec), donate_argnums=0)
 
 
@@ -369,6 +365,7 @@ def build_train_step(
     optim: OptimConfig,
     weighting: Method | None = None,
     grad_accum: int = 1,
+    chunks: int = 1,
     *,
     tasks: Sequence[Task],
 ):
@@ -380,7 +377,8 @@ def build_train_step(
     groups = set(jax.tree.leaves(param_groups(params)))
     tx = make_optimizer(params, frozen, optim, model.config.n_layers)
     mask = frozen_param_mask(params, frozen)
-    return tx, make_train_step(model, tx, weighting, mask, encoder_frozen(frozen, groups), grad_accum, tasks=tasks)
+    frozen_encoder = encoder_frozen(frozen, groups)
+    return tx, make_train_step(model, tx, weighting, mask, frozen_encoder, grad_accum, chunks, tasks=tasks)
 
 
 # ---------------------------------------------------------------------------- evaluation and probes

@@ -125,6 +125,7 @@ class Trainer:
             run.optim,
             run.weighting,
             run.cfg.grad_accum,
+            run.cfg.chunks,
             tasks=run.data.tasks,
         )
         return tx, self.noting_shapes(step, f"train step, phase {phase} ({run.phases[phase].spec})")
