@@ -11,6 +11,8 @@
 #           in-batch negatives, tagging's per-token head, pairs), then the seven-type run on real text
 #           (configs/types-embedded.yaml, bf16)
 #   lora    our step under --freeze lora (MFU of the adapters' step)
+#   gradcache  the retrieval step at 16x the batch in 16 chunks (--contrastive-chunk) against one chunk's
+#           batch and the uncached 16x batch: temporary memory and speed
 #   probe   our batch-256 step compiled in one process with no autotuning, with cuBLAS-only GEMMs (no Triton
 #           GEMM tiles to autotune) and as it is, each program then timed: how much of a compile is
 #           autotuning and what it buys
@@ -20,7 +22,7 @@
 # expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
 # $OUT/log.txt (on the device tool's machine $OUT comes back); runs and the compile cache go to $WORK.
 # Within the device tool's 10-minute calls: `bash benchmarks/gpu.sh steps train`, then, the machine still
-# warm, `bash benchmarks/gpu.sh encode types lora probe`.
+# warm, `bash benchmarks/gpu.sh encode types lora probe flags gradcache`.
 # On a GPU machine with a package registry: `make install peer` (with a CUDA build of jax:
 # `.venv/bin/pip install -U "jax[cuda12]"`), then `bash benchmarks/gpu.sh`. On one without a registry,
 # bring a wheel folder with the project (a `.gpu/` folder holding them, the model and the data, with an
@@ -35,7 +37,7 @@ PEER_PY=${PEER_PY:-$PY}
 [ -x .peer/venv/bin/python ] && PEER_PY=.peer/venv/bin/python
 OUT=${OUT:-/tmp/mtl_gpu_bench}; WORK=${WORK:-/tmp/mtl_gpu_work}; BUDGET=${BUDGET:-540}
 mkdir -p "$OUT" "$WORK"; J=$OUT/results.jsonl; LOG=$OUT/log.txt; : > "$J"; : > "$LOG"
-PARTS=${*:-steps train encode types lora probe flags}
+PARTS=${*:-steps train encode types lora probe flags gradcache}
 if $PY -c "import jax, sys; sys.exit(0 if jax.default_backend() == 'gpu' else 1)" 2>/dev/null; then
   SIZE=base; SEQ=128; BIG=256; SMALL=32; DEV=cuda; STEPS=20; LIMIT=(); TRAIN=(); TYPES=(--max-steps 300)
 else
@@ -95,6 +97,9 @@ for part in $PARTS; do
       && summary types ;;
   lora)
     item "ours b$BIG lora" 70 $PY "${OURS[@]}" --batch $BIG --pooling mean --freeze lora ;;
+  gradcache)
+    item "gradcache b$BIG x16" 120 $PY benchmarks/gradcache.py --size $SIZE --rows $BIG --seq $SEQ --factor 16 \
+      --dtype bfloat16 --steps 5 ;;
   probe)
     item "ours b$BIG mean, compile options" 150 $PY "${OURS[@]}" --batch $BIG --pooling mean \
       --compile-options autotune0 cublas default ;;
@@ -105,7 +110,7 @@ for part in $PARTS; do
         $PY "${TRAIN_PY[@]}" --out "$WORK/${flags%%:*}" --compile-cache "$WORK/xla-${flags%%:*}" "${TRAIN[@]}" \
         && summary "${flags%%:*}"
     done ;;
-  *) echo "unknown part $part (steps train encode types lora probe flags)" >&2; exit 2 ;;
+  *) echo "unknown part $part (steps train encode types lora probe flags gradcache)" >&2; exit 2 ;;
   esac
 done
 $PY benchmarks/gpu_table.py "$J" | tee "$OUT/table.md"

@@ -79,6 +79,20 @@ def options(rows: list[dict]) -> None:
             )
 
 
+def gradcache(rows: list[dict]) -> None:
+    for r in (r for r in rows if r.get("benchmark") == "gradcache"):
+        steps = r["steps"]
+        print(
+            f"\ngradient caching, {r['size']} {r['dtype']}, seq {r['seq']}: temporary MiB "
+            + ", ".join(f"{k} {v['temp_mib']} ({v['rows']} rows, {v['chunks']} chunks)" for k, v in steps.items())
+        )
+        print(
+            f"  cached memory vs one chunk {r['cached_temp_vs_small']}x (goal <= 1.3: "
+            f"{mark(r['cached_temp_vs_small'] <= 1.3)}); cached speed vs uncached at 16x "
+            f"{r['cached_speed_vs_whole']}x (goal >= 0.5: {mark(r['cached_speed_vs_whole'] >= 0.5)})"
+        )
+
+
 def training(rows: list[dict]) -> None:
     goals = {"empty": 90, "warm": 45}
     for r in (r for r in rows if "run" in r):
@@ -115,6 +129,7 @@ def main(path: str) -> None:
     rows = rows_of(path)
     steps(rows)
     options(rows)
+    gradcache(rows)
     training(rows)
     encoding(rows)
     types(rows)
