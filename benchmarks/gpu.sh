@@ -21,8 +21,9 @@
 # BUDGET (seconds, default 540): a part's item is skipped, and says so, when less time is left than it is
 # expected to take; each runs under `timeout` of at most what is left. Results: $OUT/results.jsonl and
 # $OUT/log.txt (on the device tool's machine $OUT comes back); runs and the compile cache go to $WORK.
-# Within the device tool's 10-minute calls: `bash benchmarks/gpu.sh steps train`, then, the machine still
-# warm, `bash benchmarks/gpu.sh encode types lora probe flags gradcache`.
+# Within the device tool's 10-minute calls (BUDGET=540): `bash benchmarks/gpu.sh probe train flags` (what a
+# compile costs and the default run's wall), then `bash benchmarks/gpu.sh gradcache types lora` (the steps and
+# encode parts ran on an H200: benchmarks/results/gpu-nvidia-h200.jsonl).
 # On a GPU machine with a package registry: `make install peer` (with a CUDA build of jax:
 # `.venv/bin/pip install -U "jax[cuda12]"`), then `bash benchmarks/gpu.sh`. On one without a registry,
 # bring a wheel folder with the project (a `.gpu/` folder holding them, the model and the data, with an
