@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 
 from mtl_jax.config import TrainConfig, load_config_file
+from mtl_jax.tasks import TaskConfig
 from mtl_jax.training import gradcache
 from mtl_jax.training.run import setup
 from mtl_jax.training.steps import StepSpec, loss_and_grads
 from tests.typed_data import write_typed_data
 
 
-def _run(tmp_path, tiny_bert, method: str):
+def _run(tmp_path, tiny_bert, method: str, **qa_options):
     values = load_config_file(write_typed_data(tmp_path) / "types.yaml")
+    values["task_list"] = tuple(
+        TaskConfig(**(t.flat() | qa_options)) if t.name == "qa" else t for t in values["task_list"]
+    )
     cfg = TrainConfig(**values, tasks="nli,sts,qa,ner,topic", encoder=str(tiny_bert), batch_size=16,
                       contrastive_chunk=4, loss_weighting=method, out=str(tmp_path / "run"),
                       data_cache=str(tmp_path / "cache"), compile_cache="off", progress=False)  # fmt: skip
@@ -52,6 +56,43 @@ def test_chunked_encoder_pass_gives_the_loss_and_every_gradient_of_the_whole_bat
     chex.assert_trees_all_close(chunked[2], whole[2], rtol=1e-4, atol=1e-5)
     encoder = jax.tree.leaves(whole[2]["encoder"])
     assert max(float(np.abs(g).max()) for g in encoder) > 1e-3  # the encoder's gradient is there to compare
+
+
+@pytest.mark.slow  # two runs' setups and five compiles: make test-slow
+def test_guide_initial_reads_the_frozen_starting_encoder_in_chunks_too(tmp_path, tiny_bert):
+    """guide: initial keeps a copy of the starting encoder (params["guide"], frozen in every
+    scenario): at the start it equals guide: self (dropout off), chunked or not, and a trained run
+    leaves it bit for bit as it was while the encoder moves."""
+    import jax.numpy as jnp
+
+    from mtl_jax.training.steps import TrainState
+
+    (tmp_path / "i").mkdir(), (tmp_path / "s").mkdir()
+    guided = _run(tmp_path / "i", tiny_bert, "sum", guide="initial", guide_margin=0.05)
+    selfish = _run(tmp_path / "s", tiny_bert, "sum", guide="self", guide_margin=0.05)
+    assert "guide" in guided.params and "guide" not in selfish.params
+    assert all("guide" in frozen for frozen in guided.frozen_by_phase)
+    batch = guided.pipeline.train_batch(guided.pipeline.plan(0)[0])
+    first = _grads(selfish, batch, 1, False)
+    for chunks in (1, 4):
+        loss, per_task, grads = _grads(guided, batch, chunks, False)
+        assert loss == pytest.approx(first[0], rel=1e-5)
+        chex.assert_trees_all_close(grads["encoder"], first[2]["encoder"], rtol=1e-4, atol=1e-5)
+    tx, step = guided_step(guided)
+    start = jax.tree.map(np.asarray, guided.params["guide"])
+    state = TrainState.create(jax.tree.map(jnp.array, guided.params), tx.init(guided.params))
+    for b in guided.pipeline.plan(0)[:3]:
+        state, _ = step(state, guided.pipeline.train_batch(b), jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params["guide"]), start)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params["encoder"], start)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def guided_step(run):
+    from mtl_jax.training.steps import build_train_step
+
+    frozen = run.frozen_by_phase[-1]
+    return build_train_step(run.model, run.params, frozen, run.optim, run.weighting, tasks=run.data.tasks)
 
 
 def test_each_chunk_is_encoded_again_with_the_same_dropout_in_the_backward_pass(tmp_path, tiny_bert, monkeypatch):

@@ -18,6 +18,7 @@ class Features(NamedTuple):
     dropped: jax.Array  # [R, S, D] the same after the head dropout (training)
     tokens: jax.Array | None  # [R, P, D] token states after the head dropout (token-level heads)
     scales: jax.Array | None = None  # [R, S, 1] 1 / the pooled embeddings' norms where the checkpoint normalises them
+    guide: jax.Array | None = None  # [R, S, D] the starting encoder's pooled embeddings (a head with guide: initial)
 
 
 def dense_head(spec: HeadSpec, x: jax.Array) -> jax.Array:

@@ -87,6 +87,8 @@ class MultiTaskModel(nn.Module):
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION}")
         self.encoder = Encoder(self.config, dtype=self.dtype, attention_impl=self.attention)
+        if self.guided:  # the starting encoder, never trained (params["guide"]: see init_params)
+            self.guide = Encoder(self.config, dtype=self.dtype, attention_impl=self.attention)
         if self.tasks:
             self.dropout = nn.Dropout(self.head_dropout)
             self.heads = Heads(self.tasks)
@@ -94,6 +96,16 @@ class MultiTaskModel(nn.Module):
     @property
     def token_heads(self) -> bool:
         return any(as_head(h).tokens for h in self.tasks)
+
+    @property
+    def guided(self) -> bool:
+        """A head reads the starting encoder's embeddings (a retrieval task with ``guide: initial``)."""
+        return any(as_head(h).option("guide") == "initial" for h in self.tasks)
+
+    def guide_packed(self, ids, positions, segments, num_segments: int) -> jax.Array:
+        """The starting encoder's pooled embeddings ``[R, S, D]`` float32 of packed rows (no dropout, no gradient)."""
+        hidden = self.guide(ids, positions, segments, True)
+        return jax.lax.stop_gradient(pool_segments(hidden, segments, self.pooling, num_segments).astype(jnp.float32))
 
     def encode_packed(self, ids, positions, segments, num_segments: int, deterministic: bool, tokens: bool = False):
         """``(pooled [R, S, D] float32, token states [R, P, D] or None)`` of rows holding up to S
@@ -130,14 +142,18 @@ class MultiTaskModel(nn.Module):
         ``encode_packed``); empty slots give finite outputs nobody reads. ``encoder_deterministic`` as in ``__call__``."""
         enc_det = deterministic if encoder_deterministic is None else encoder_deterministic
         pooled, hidden = self.encode_packed(ids, positions, segments, num_segments, enc_det, self.token_heads)
-        return self.classify(pooled, deterministic, hidden)
+        guided = self.guided and self.has_variable("params", "guide")  # (an export keeps no starting encoder)
+        guide = self.guide_packed(ids, positions, segments, num_segments) if guided else None
+        return self.classify(pooled, deterministic, hidden, guide)
 
-    def classify(self, pooled: jax.Array, deterministic: bool = True, hidden=None) -> dict[str, jax.Array]:
-        """{task: outputs} float32 from pooled embeddings ``[R, S, D]`` (and token states ``[R, P, D]``)."""
+    def classify(self, pooled: jax.Array, deterministic: bool = True, hidden=None, guide=None) -> dict[str, jax.Array]:
+        """{task: outputs} float32 from pooled embeddings ``[R, S, D]`` (and token states ``[R, P, D]``,
+        the starting encoder's embeddings ``[R, S, D]``: without them a guided head reads ``pooled``)."""
         dropped = self.dropout(pooled, deterministic=deterministic)
         tokens = None if hidden is None else self.dropout(hidden.astype(jnp.float32), deterministic=deterministic)
         scales = inverse_norm(pooled) if self.normalize else None
-        return self.heads(Features(pooled, dropped, tokens, scales))
+        guide = pooled if guide is None and self.guided else guide
+        return self.heads(Features(pooled, dropped, tokens, scales, guide))
 
     def __call__(
         self, input_ids, attention_mask, deterministic: bool = True, encoder_deterministic: bool | None = None
@@ -160,9 +176,11 @@ def init_params(model: MultiTaskModel, encoder_params, rng: jax.Array, max_lengt
     params = {"encoder": add_adapters(encoder_params, shapes["encoder"], jax.random.fold_in(rng, 7))}
     if "heads" in shapes:
         zeros = jnp.zeros((1, 1, model.config.dim), jnp.float32)
-        features = Features(zeros, zeros, zeros if model.token_heads else None)
+        features = Features(zeros, zeros, zeros if model.token_heads else None, guide=zeros if model.guided else None)
         params["heads"] = jax.jit(Heads(model.tasks).init)(rng, features).get("params", {})
     same_shape = jax.tree.map(lambda a, b: a.shape == b.shape, shapes, params)
     if not all(jax.tree.leaves(same_shape)):
         raise ValueError("encoder parameters do not match the model's config")
+    if model.guided:  # the starting encoder, a copy (the train state's buffers are donated one by one)
+        params["guide"] = jax.tree.map(jnp.array, params["encoder"])
     return params

@@ -41,22 +41,29 @@ from mtl_jax.tasks.pair import PairOptions, PairText
 SCALE = 20.0  # the cosine's scale (MultipleNegativesRankingLoss's default)
 
 
+def query_cosines(out: jnp.ndarray) -> jnp.ndarray:
+    """``[N, (k - 1) N]``: each query's cosine to every example's positive, then to every negative
+    (``out`` ``[N, k, D]`` unit length)."""
+    candidates = jnp.moveaxis(out[:, 1:], 1, 0).reshape(-1, out.shape[-1])  # [(k - 1) N, D]: positives, then negatives
+    return out[:, 0] @ candidates.T
+
+
 def in_batch_loss(
-    out: jnp.ndarray, texts: jnp.ndarray, guide_margin: float | None = None
+    out: jnp.ndarray, texts: jnp.ndarray, guide_margin: float | None = None, guide_out: jnp.ndarray | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per query (``out`` ``[N, k, D]``: query, positive and k - 2 negatives, unit length; ``texts`` [N]:
     how many of the k an example has, 0 for none): the cross-entropy of its own positive among every
-    example's positive and negatives, and whether its own scores highest. With ``guide_margin`` (the
-    model as its own guide, GISTEmbed's guided loss), a candidate whose cosine to the query is above
-    the query's own positive's minus the margin is left out of its negatives (a likely positive)."""
+    example's positive and negatives, and whether its own scores highest. With ``guide_margin``
+    (GISTEmbed's guided loss), a candidate whose guide cosine to the query is above the query's own
+    positive's minus the margin is left out of its negatives (a likely positive); the guide is
+    ``guide_out`` (the starting encoder's ``[N, k, D]``), else the model itself."""
     n, k = out.shape[:2]
     valid = texts >= 2
-    candidates = jnp.moveaxis(out[:, 1:], 1, 0).reshape(-1, out.shape[-1])  # [(k - 1) N, D]: positives, then negatives
     present = (jnp.arange(1, k)[:, None] < texts[None, :]).reshape(-1)  # [(k - 1) N], in the candidates' order
-    cosines = out[:, 0] @ candidates.T  # [N, (k - 1) N]
+    cosines = query_cosines(out)  # [N, (k - 1) N]
     keep = jnp.broadcast_to(present[None, :], cosines.shape)
     if guide_margin is not None:
-        guide = jax.lax.stop_gradient(cosines)
+        guide = jax.lax.stop_gradient(cosines if guide_out is None else query_cosines(guide_out))
         own_cosine = guide[jnp.arange(n), jnp.arange(n)]
         own = jnp.arange(cosines.shape[1])[None, :] == jnp.arange(n)[:, None]
         keep &= own | (guide <= own_cosine[:, None] - guide_margin)
@@ -82,7 +89,9 @@ class RetrievalOptions(PairOptions, MatryoshkaOptions):
     )
     negatives_column: Optional[str] = option(None, "a column holding a list of hard negatives per row")
     guide: Optional[str] = option(
-        None, "self: a candidate the model scores above the query's positive (minus guide_margin) is no negative"
+        None,
+        "self | initial: a candidate that the model (self) or the starting encoder, kept frozen beside it "
+        "(initial), scores above the query's positive (minus guide_margin) is no negative",
     )
     guide_margin: float = option(0.0, "with guide: how far below the positive's cosine a negative must score")
 
@@ -108,8 +117,8 @@ class Retrieval(Matryoshka, PairText, Task):
             )
         if self.options.encoding != "bi":
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
-        if self.options.guide not in (None, "self"):
-            raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self)")
+        if self.options.guide not in (None, "self", "initial"):
+            raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self, initial)")
 
     @property
     def record_keys(self) -> tuple[str, ...]:
@@ -193,30 +202,43 @@ class Retrieval(Matryoshka, PairText, Task):
         return 0
 
     def head_options(self) -> tuple:
-        return (("width", self.width),)
+        return (("width", self.width),) + ((("guide", "initial"),) if self.options.guide == "initial" else ())
 
     @staticmethod
     def head(spec: HeadSpec, features: Features):
-        """``[R, S, k, D]`` at each example's first slot: its k segments' unit-length embeddings (no parameters)."""
-        u = l2_normalize(features.pooled)
-        return jnp.stack([u] + [next_slot(u, j) for j in range(1, spec.option("width"))], axis=2)
+        """``[R, S, k, D]`` at each example's first slot: its k segments' unit-length embeddings (no
+        parameters); with ``guide: initial`` the starting encoder's after them (``[R, S, k, 2 D]``)."""
+
+        def stacked(x):
+            u = l2_normalize(x)
+            return jnp.stack([u] + [next_slot(u, j) for j in range(1, spec.option("width"))], axis=2)
+
+        if spec.option("guide") == "initial":
+            return jnp.concatenate([stacked(features.pooled), stacked(features.guide)], axis=-1)
+        return stacked(features.pooled)
+
+    def own(self, outputs):
+        """The model's own embeddings of a head output (without the starting encoder's, ``guide: initial``)."""
+        return outputs[..., : outputs.shape[-1] // 2] if self.options.guide == "initial" else outputs
 
     def loss_sums(self, outputs, y):
-        out = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
+        both = outputs.reshape((-1,) + outputs.shape[2:]).astype(jnp.float32)
+        out = self.own(both)
+        guide_out = both[..., out.shape[-1] :] if self.options.guide == "initial" else None
         y = y.reshape(-1, y.shape[-1])
         texts = jnp.where(self.present(y), y[:, 4], 0)
-        margin = float(self.options.guide_margin) if self.options.guide == "self" else None
-        nll, correct = in_batch_loss(out, texts, margin)
+        margin = float(self.options.guide_margin) if self.options.guide else None
+        nll, correct = in_batch_loss(out, texts, margin, guide_out)
         for d in self.dims:  # Matryoshka: each leading size trained as an embedding of its own
             if d < out.shape[-1]:  # (the whole embedding's loss is already in)
-                nll += in_batch_loss(l2_normalize(out[..., :d]), texts, margin)[0]
+                nll += in_batch_loss(l2_normalize(out[..., :d]), texts, margin, guide_out)[0]
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):
-        return outputs[:, :, :2]  # (query, positive)
+        return self.own(outputs)[:, :, :2]  # (query, positive)
 
     def values(self, outputs):
-        return outputs[:, :, 0]  # the query's embedding (unit length)
+        return self.own(outputs)[:, :, 0]  # the query's embedding (unit length)
 
     def metrics(self, y_true, y_pred) -> dict:
         y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

@@ -27,6 +27,7 @@ GROUP_RULES = (
     (re.compile(r"^encoder/.*/lora_[ab]$"), "lora"),  # --freeze lora: the adapters (mtl_jax.model.lora)
     (re.compile(r"^heads/([^/]+)/"), "head:{0}"),
     (re.compile(r"^loss_weights/"), "loss_weights"),  # --loss-weighting uncertainty: trains with the heads
+    (re.compile(r"^guide/"), "guide"),  # guide: initial's starting encoder: frozen in every scenario
 )
 
 
@@ -59,8 +60,12 @@ def group_sizes(params) -> dict[str, int]:
 
 
 def frozen_groups(spec: str, groups: set[str]) -> frozenset[str]:
-    """The frozen groups of one scenario: none | backbone | all | head:<task> | top:<k> | lora."""
-    spec = spec.strip()
+    """The frozen groups of one scenario: none | backbone | all | head:<task> | top:<k> | lora (and
+    ``guide``, the starting encoder of ``guide: initial``, in each)."""
+    return _scenario_groups(spec.strip(), groups) | (groups & {"guide"})
+
+
+def _scenario_groups(spec: str, groups: set[str]) -> frozenset[str]:
     heads = {g for g in groups if g.startswith("head:")}
     backbone = {g for g in groups if g in ("embeddings", "lora") or g.startswith("layer_")}
     layers = sorted(i for g in groups if (i := layer_index(g)) is not None)

@@ -33,7 +33,11 @@ def chunked_outputs(model, variables: dict, batch: TokenBatch, k: int, key: jax.
         args = (ids, positions, segments, batch.num_segments, False, tokens)
         return model.apply(variables, *args, rngs=rngs, method="encode_packed")
 
+    def guide(arrays):  # the starting encoder's embeddings (guide: initial): no gradient, nothing to keep
+        return model.apply(variables, *arrays, batch.num_segments, method="guide_packed")
+
     pooled, hidden = jax.lax.map(jax.checkpoint(encode, prevent_cse=False), (chunks, jnp.arange(k)))
     pooled = micro_joined(pooled)
     hidden = None if hidden is None else micro_joined(hidden)
-    return model.apply(variables, pooled, False, hidden, rngs={"dropout": key}, method="classify")
+    guided = micro_joined(jax.lax.map(guide, chunks)) if "guide" in variables["params"] else None
+    return model.apply(variables, pooled, False, hidden, guided, rngs={"dropout": key}, method="classify")

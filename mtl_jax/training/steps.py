@@ -106,7 +106,7 @@ def task_losses(outputs: dict[str, jax.Array], labels: dict, tasks: Sequence[Tas
 
 def model_variables(params) -> dict:
     """The model's variables from a params tree that may also hold ``loss_weights``."""
-    return {"params": {k: params[k] for k in ("encoder", "heads") if k in params}}
+    return {"params": {k: params[k] for k in ("encoder", "heads", "guide") if k in params}}
 
 
 def forward(
