@@ -104,8 +104,8 @@ class MultiTaskModel(nn.Module):
 
     def guide_packed(self, ids, positions, segments, num_segments: int) -> jax.Array:
         """The starting encoder's pooled embeddings ``[R, S, D]`` float32 of packed rows (no dropout, no gradient)."""
-        hidden = self.guide(ids, positions, segments, True)
-        return jax.lax.stop_gradient(pool_segments(hidden, segments, self.pooling, num_segments).astype(jnp.float32))
+        pooled, _ = self._pooled(self.guide, ids, positions, segments, num_segments, True, False)
+        return jax.lax.stop_gradient(pooled)
 
     def encode_packed(self, ids, positions, segments, num_segments: int, deterministic: bool, tokens: bool = False):
         """``(pooled [R, S, D] float32, token states [R, P, D] or None)`` of rows holding up to S
@@ -114,12 +114,15 @@ class MultiTaskModel(nn.Module):
         ``cls`` takes each sentence's first token, whose state alone the last layer computes
         (unless the token states are wanted).
         """
+        return self._pooled(self.encoder, ids, positions, segments, num_segments, deterministic, tokens)
+
+    def _pooled(self, encoder, ids, positions, segments, num_segments: int, deterministic: bool, tokens: bool):
         if self.pooling == "cls":
             first = (positions == 0)[..., None] & segment_members(segments, num_segments)  # [R, P, S]
             starts = jnp.argmax(first, axis=1)  # [R, S] a sentence's first token; 0 for an empty slot (never read)
             if not tokens:
-                return self.encoder(ids, positions, segments, deterministic, starts).astype(jnp.float32), None
-        hidden = self.encoder(ids, positions, segments, deterministic)
+                return encoder(ids, positions, segments, deterministic, starts).astype(jnp.float32), None
+        hidden = encoder(ids, positions, segments, deterministic)
         if self.pooling == "cls":
             pooled = jnp.take_along_axis(hidden, starts[..., None], axis=1).astype(jnp.float32)
         else:
