@@ -38,6 +38,7 @@ RECIPES = {
     "batch-128-cached": ("configs/movie-halves.yaml", 128, 32, 5e-5),
     "batch-128-cached-lr1e-4": ("configs/movie-halves.yaml", 128, 32, 1e-4),
     "batch-128-cached-lr2e-4": ("configs/movie-halves.yaml", 128, 32, 2e-4),
+    "in-batch-lr2e-4": ("configs/movie-halves.yaml", 32, 0, 2e-4),  # the larger rate at batch 32: which helps
 }
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
 
