@@ -71,12 +71,16 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     result = summary["test"]["halves"]
     sized = {k: v for k, v in result.items() if k.startswith("ndcg@10@")} | prefix_ndcg(out / "export", 64)
-    return {k: result[k] for k in RETRIEVAL_METRICS} | sized | {
-        "train_seconds": summary["seconds"]["train"],
-        "steps": summary["steps"],
-        "examples_per_s": summary["examples_per_s"],
-        "wall": round(time.perf_counter() - start, 1),
-    }
+    return (
+        {k: result[k] for k in RETRIEVAL_METRICS}
+        | sized
+        | {
+            "train_seconds": summary["seconds"]["train"],
+            "steps": summary["steps"],
+            "examples_per_s": summary["examples_per_s"],
+            "wall": round(time.perf_counter() - start, 1),
+        }
+    )
 
 
 def peer(python: str, seeds: list[int]) -> dict:
