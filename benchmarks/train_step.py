@@ -350,6 +350,9 @@ TYPE_SETTINGS = {  # a task of each type, its labels as the trainer would resolv
     "tagging": dict(labels=("B-X", "I-X", "O")),
     "multilabel": dict(labels=("a", "b", "c", "d")),
     "regression": dict(),
+    # retrieval with guided negatives: the model as its own guide, or the starting encoder (a second pass)
+    "retrieval_guide_self": dict(type="retrieval", text_columns=("x", "y"), guide="self"),
+    "retrieval_guide_initial": dict(type="retrieval", text_columns=("x", "y"), guide="initial"),
 }
 
 
@@ -384,13 +387,17 @@ def compare_task_types(args, config) -> dict:
     tokens = jax.tree.map(jnp.asarray, random_batch(rng, args.batch, args.seq, max(args.per_row, 2)))
     runs = {}
     for kind in ["classification"] + [t for t in dict.fromkeys(args.task_type) if t != "classification"]:
-        task = build(TaskConfig("t", "", type=kind, **TYPE_SETTINGS[kind]))
+        settings = dict(TYPE_SETTINGS[kind])
+        task = build(TaskConfig("t", "", type=settings.pop("type", kind), **settings))
         task = task if task.labels else task.with_labels([])  # numbers from no data: the types' defaults
         model = MultiTaskModel(config, tasks=(task.head_spec(),), pooling=args.pooling)
         b = type_batch(task, tokens, rng)
         params = jax.jit(model.init)(jax.random.PRNGKey(0), b.ids[:1], b.segments[:1])["params"]
+        if model.guided:  # the starting encoder's copy, as init_params keeps it
+            params["guide"] = jax.tree.map(jnp.copy, params["encoder"])
         optim = OptimConfig.from_config(TrainConfig(), 10_000)
-        tx, step = build_train_step(model, params, frozenset(), optim, tasks=(task,))
+        frozen = frozen_groups("none", set(jax.tree.leaves(param_groups(params))))
+        tx, step = build_train_step(model, params, frozen, optim, tasks=(task,))
         runs[kind] = {"state": TrainState.create(params, tx.init(params)), "step": step, "batch": b, "times": []}
     interleaved(runs, args.warmup + args.steps, key)
     base_s = float(np.median(runs["classification"]["times"][args.warmup :]))
