@@ -1,4 +1,4 @@
-"""Writing a large store in a child Python process (``python -m mtl_jax.data.apart``).
+"""Writing a large store in a child Python process (``python -m mtl_jax.data.apart_main``).
 
 A training process tunes glibc's malloc for XLA:CPU's step (one arena for every thread, no
 ``mmap``: :mod:`mtl_jax.training.hostmem`). In such a process the tokenizer's worker threads and
@@ -33,7 +33,7 @@ def write_store_apart(store: Path, tasks, tokenizer, key) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
     request = pickle.dumps((store, tuple(tasks), tokenizer, key))
     done = subprocess.run(
-        [sys.executable, "-m", "mtl_jax.data.apart"], input=request, stdout=subprocess.PIPE, env=env, check=False
+        [sys.executable, "-m", "mtl_jax.data.apart_main"], input=request, stdout=subprocess.PIPE, env=env, check=False
     )
     if done.returncode == BAD_INPUT:
         raise MtlError(done.stdout.decode("utf-8", "replace").strip())
@@ -42,21 +42,3 @@ def write_store_apart(store: Path, tasks, tokenizer, key) -> None:
             f"{store}: preparing the data stopped in its child process (exit status {done.returncode}); "
             "the lines above say why"
         )
-
-
-def main() -> int:
-    from mtl_jax.data.store import write_store
-
-    store, tasks, tokenizer, key = pickle.load(sys.stdin.buffer)
-    try:
-        write_store(store, tasks, tokenizer, key)
-    except MtlError as e:
-        sys.stdout.write(str(e))
-        return BAD_INPUT
-    except KeyboardInterrupt:  # (Ctrl-C reaches both processes: the trainer says it)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
