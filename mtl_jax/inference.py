@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtl_jax.data.packing import MAX_SEGMENTS, gather, packed_calls, unit_length
-from mtl_jax.data.text import TextTokenizer, check_texts
+from mtl_jax.data.text import Joined, TextTokenizer, check_texts
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import l2_normalize
 from mtl_jax.model.multitask import MultiTaskModel, compute_dtype
@@ -86,8 +86,10 @@ class SentenceEncoder:
         prompt_name: str | None = None,
         prompt: str | None = None,
     ) -> np.ndarray:
-        """Embeddings ``[N, D]`` float32, rows in input order; ``dim``: the first ``dim`` dimensions only
-        (re-normalised when normalizing), as a Matryoshka-trained model's shorter embeddings;
+        """Embeddings ``[N, D]`` float32, rows in input order; a pair ``(a, b)`` is encoded as one
+        sequence, ``[CLS] a [SEP] b [SEP]`` (a cross-encoded pair, as sentence-transformers' ``encode``
+        does); ``dim``: the first ``dim`` dimensions only (re-normalised when normalizing), as a
+        Matryoshka-trained model's shorter embeddings;
         ``prompt_name`` (one of the model's :attr:`prompts`, as sentence-transformers names them) or
         ``prompt``: a text put before each sentence.
 
@@ -102,10 +104,13 @@ class SentenceEncoder:
         if dim is not None and not 1 <= dim <= self.dim:
             raise MtlError(f"dim {dim} must be in [1, {self.dim}]")
         prefix = self.prompt(prompt_name, prompt)
+        texts = check_texts(sentences, pairs=True)
+        if prefix and any(isinstance(t, Joined) for t in texts):
+            raise MtlError("a prompt goes before sentences, not pairs: put it into the pair's texts")
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
         out = self.map_packed(
             fn,
-            [prefix + s for s in check_texts(sentences)] if prefix else sentences,
+            [prefix + s for s in texts] if prefix else texts,
             batch_size=batch_size,
             max_length=max_length,
             progress=progress,
@@ -149,7 +154,7 @@ class SentenceEncoder:
         rows use fewer rows per call, a power of two).
         ``progress=None`` shows a bar only on a terminal for long inputs.
         """
-        texts = check_texts(sentences)
+        texts = check_texts(sentences, pairs=True)
         max_length = max_length or self.spec.max_length
         if not 2 <= max_length <= self.config.max_position_embeddings:
             raise MtlError(f"max_length {max_length} must be in [2, {self.config.max_position_embeddings}]")

@@ -112,13 +112,17 @@ def test_predict_cli_input_forms_and_errors(tmp_path, reference):
     [".peer/venv", ".peer/st6"],  # sentence-transformers 5 + transformers 4.57; 6 + transformers 5 (make peer)
 )
 def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
-    """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included)."""
+    """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included),
+    of sentences and of cross-encoded pairs (the second text's BERT token type included)."""
     sentences = ["a vote in the senate", "great fun", "", "café naïve — 東京 🙂", " ".join(["word"] * 300)]
-    got = torch_vectors(reference / "export", sentences, venv)
-    assert got["inputs"] == ["attention_mask", "input_ids"]  # DistilBERT takes no token_type_ids
-    want = load(reference / "export").encode(sentences)
-    for side in ("st", "auto"):
-        np.testing.assert_allclose(got[side], want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
+    pairs = [["a vote in the senate", "great fun"], ["café naïve", "東京 🙂 " * 200]]  # (one cut at the limit)
+    model = load(reference / "export")
+    for texts in (sentences, pairs):
+        got = torch_vectors(reference / "export", texts, venv)
+        assert got["inputs"] == ["attention_mask", "input_ids", "token_type_ids"]  # a BERT export: pairs' types
+        want = model.encode(texts)
+        for side in ("st", "auto"):
+            np.testing.assert_allclose(got[side], want, atol=1e-5, rtol=0, err_msg=f"{side} {got['versions']}")
 
 
 @pytest.mark.slow  # the embedded encoder trained a step and exported, then sentence-transformers: make test-slow
@@ -155,3 +159,31 @@ def test_retrieval_figures_equal_sentence_transformers_information_retrieval_eva
     for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10", "map@100"):
         assert ours[name] == pytest.approx(st[name], abs=1e-3), (name, ours[name], st[name])
     assert 0 < st["ndcg@10"] < 1
+
+
+@pytest.mark.slow  # a cross-encoder trained a few steps and exported, then sentence-transformers: make test-slow
+def test_cross_encoded_pair_scores_equal_the_export_read_by_sentence_transformers(tmp_path, tiny_bert):
+    """A cross-encoded pair task trained on a BERT encoder: predict's class probabilities equal the
+    export's head over the pair embeddings sentence-transformers computes (its pairs carry BERT's token
+    types), and differ from those of the same pairs with the second text's token type dropped."""
+    from tests.typed_data import write_typed_data
+
+    data = write_typed_data(tmp_path)
+    (tmp_path / "t.yaml").write_text(
+        f"tasks:\n  - name: nli\n    type: pair_classification\n    train: {data / 'pairs.jsonl'}\n"
+        "    text_columns: [premise, hypothesis]\n    encoding: cross\n"
+    )
+    out = tmp_path / "run"
+    r = cli("train", "--config", str(tmp_path / "t.yaml"), "--encoder", str(tiny_bert), "--max-steps", "4",
+            "--lr", "1e-3", "--out", str(out), "--no-progress")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()[:6]]
+    pairs = [[row["premise"], row["hypothesis"]] for row in rows]
+    ours = load(out / "export").predict_proba(pairs)["nli"]
+    heads = load_file(str(out / "export" / "heads.safetensors"))
+    pooled = torch_vectors(out / "export", pairs)["st"]
+    logits = pooled @ heads["nli.kernel"] + heads["nli.bias"]
+    theirs = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(ours, theirs / theirs.sum(-1, keepdims=True), atol=1e-5, rtol=0)
+    joined = load(out / "export").encode([" ".join(p) for p in pairs])  # (no second segment at all)
+    assert np.abs(joined - pooled).max() > 1e-3

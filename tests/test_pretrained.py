@@ -52,22 +52,44 @@ def test_long_input_is_truncated_to_max_length(minilm):
 
 
 def test_bert_conversion_is_exact(tmp_path):
-    """Converted FlaxDistilBert hidden states equal FlaxBertModel's on the same weights."""
+    """The converted encoder's token states equal FlaxBertModel's on the same weights, over packed rows:
+    single sentences (token type 0) and cross-encoded pairs, whose second text gets BERT's token type 1."""
     from transformers import BertConfig, FlaxBertModel
-    from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
-    config, bert_params = write_tiny_bert(tmp_path / "bert", seed=3)
-    # distinct token-type row 0 so folding it into positions is really exercised
+    from mtl_jax.data.packing import packed_calls
+    from mtl_jax.data.text import Joined
+    from mtl_jax.model.encoder import Encoder
+
+    config, bert_params = write_tiny_bert(tmp_path / "bert", seed=3)  # (random token-type rows: both count)
     enc = load_encoder(tmp_path / "bert")
     assert enc.config.n_layers == 2 and enc.config.dim == 32
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 30000, size=(3, 11)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 7:] = 0
     bert = FlaxBertModel(BertConfig(**config))
-    want = bert(ids, attention_mask=mask, params=bert_params).last_hidden_state
-    got = FlaxDistilBertModule(enc.config).apply({"params": enc.params}, ids, mask).last_hidden_state
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    sentences = [
+        "a cat sat on the mat",
+        "hello",
+        "the quick brown fox jumps over the lazy dog",
+        "naïve café",
+        "yes",
+        "ok",
+    ]
+    pairs = list(zip(sentences, reversed(sentences)))
+    for texts, examples in ((sentences, sentences), (pairs, [Joined(p) for p in pairs])):
+        hf = enc.hf_tokenizer(*zip(*texts) if texts is pairs else (texts,), padding=True, return_tensors="np")
+        assert hf["token_type_ids"].any() == (texts is pairs)
+        want = np.asarray(bert(**hf, params=bert_params).last_hidden_state)
+        units = enc.tokenizer.encode_examples(examples, 64).ids
+        shared = 0  # rows that hold more than one example
+        for call in packed_calls(units, 64, enc.tokenizer.pad_id):
+            states = np.asarray(
+                Encoder(enc.config).apply({"params": enc.params}, call.ids, call.positions, call.segments)
+            )
+            shared += int((call.segments.max(axis=1) > 1).sum())
+            for slot in np.flatnonzero(call.first):
+                row, at = call.tokens_of(slot)
+                i = call.index[slot]
+                n = len(units[i])
+                np.testing.assert_allclose(states[row, at : at + n], want[i, :n], atol=1e-5, rtol=0)
+        assert shared > 0
 
 
 def test_distilbert_safetensors_and_msgpack_load_the_same(tmp_path, tiny_bert):
@@ -201,23 +223,26 @@ def test_encode_keeps_order_and_bounds_compiled_shapes(minilm):
     texts = [" ".join(rng.choice(words, rng.integers(0, 120))) for _ in range(300)]
     compiled_before = minilm._embed_fn._cache_size()  # the fixture is shared with other tests
     out = minilm.encode(texts, batch_size=32, max_length=128)
-    # rows in input order: each equals the sentence encoded alone
+    # one shape per row length for the 300 sentences
+    assert minilm._embed_fn._cache_size() - compiled_before <= len(row_lengths(128))
+    # rows in input order: each equals the sentence encoded alone (one row of its length: one shape more)
     for i in (0, 57, 299):
+        compiled_before = minilm._embed_fn._cache_size()
         np.testing.assert_allclose(out[i], minilm.encode([texts[i]], max_length=128)[0], atol=1e-5)
-    # one shape per row length for the 300 sentences; a single sentence is one row of its length
-    assert minilm._embed_fn._cache_size() - compiled_before <= 2 * len(row_lengths(128))
+        assert minilm._embed_fn._cache_size() - compiled_before <= 1
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean", "max"])
 def test_pooling_modes_match_numpy(minilm, mode):
-    from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
+    from mtl_jax.model.encoder import Encoder
 
     text = "pooling is checked against numpy"
     ids, _ = minilm.tokenizer([text], 256)
+    row = ids[0][None]
     hidden = np.asarray(
-        FlaxDistilBertModule(minilm.config)
-        .apply({"params": minilm.params}, ids[0][None], np.ones((1, len(ids[0])), np.int32))
-        .last_hidden_state[0]
+        Encoder(minilm.config).apply({"params": minilm.params}, row, np.arange(row.shape[1])[None], np.ones_like(row))[
+            0
+        ]
     )
     want = {"cls": hidden[0], "mean": hidden.mean(0), "max": hidden.max(0)}[mode]
     got = minilm.encode([text], pooling=mode, normalize=False)[0]

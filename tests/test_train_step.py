@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBertModule
 
 from mtl_jax import MtlError
 from mtl_jax.data.batching import InputPipeline, single_rows
 from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.inference import load_encoder
+from mtl_jax.model.encoder import Encoder
 from mtl_jax.model.multitask import MultiTaskModel, init_params, pool_segments
 from mtl_jax.training.evaluation import evaluate
 from mtl_jax.training.freezing import (
@@ -82,8 +82,8 @@ def test_pooling_is_masked():
 def test_cls_pooling_is_the_first_tokens_full_state(setup):
     model, params = setup
     b = _batch()
-    hf = FlaxDistilBertModule(model.config)
-    full = hf.apply({"params": params["encoder"]}, b.ids, b.segments).last_hidden_state
+    positions = jnp.broadcast_to(jnp.arange(b.ids.shape[1]), b.ids.shape)
+    full = Encoder(model.config).apply({"params": params["encoder"]}, b.ids, positions, b.segments)
     cls = model.clone(pooling="cls").apply({"params": params}, b.ids, b.segments, method="embed")
     np.testing.assert_allclose(cls, full[:, 0], atol=1e-5)
 

@@ -5,8 +5,9 @@ load an exported model directory the way a PyTorch user does and print its sente
 
 "st": sentence-transformers' SentenceTransformer(EXPORT_DIR).encode; "auto": transformers'
 AutoTokenizer + AutoModel, pooled and normalized by hand as the directory's 1_Pooling and
-modules.json say; "prompted": per named prompt, st.encode(..., prompt_name=name). Nothing here
-imports mtl_jax.
+modules.json say; "prompted": per named prompt, st.encode(..., prompt_name=name). An item that is a
+pair [a, b] is encoded as one sequence (st.encode's pairs; tokenizer(a, b) with its token types).
+Nothing here imports mtl_jax.
 """
 
 import json
@@ -29,7 +30,9 @@ pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
 max_length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
 tokenizer = AutoTokenizer.from_pretrained(str(folder))
 model = AutoModel.from_pretrained(str(folder)).eval()
-batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+pairs = bool(sentences) and not isinstance(sentences[0], str)
+texts = list(zip(*sentences)) if pairs else [sentences]
+batch = tokenizer(*texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 with torch.no_grad():
     states = model(**batch).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
@@ -43,7 +46,7 @@ modules = json.loads((folder / "modules.json").read_text())
 if any(m["type"].endswith(".Normalize") for m in modules):
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
 
-prompted = {name: st.encode(sentences, batch_size=4, prompt_name=name).tolist() for name in st.prompts if name}
+prompted = {} if pairs else {n: st.encode(sentences, batch_size=4, prompt_name=n).tolist() for n in st.prompts if n}
 json.dump(
     {
         "versions": {

@@ -18,18 +18,6 @@ from tokenizers import Tokenizer
 
 from mtl_jax.errors import MtlError
 
-
-def check_texts(sentences, what: str = "sentences") -> list[str]:
-    """A list of strings, or an error that names the first bad item's index."""
-    if isinstance(sentences, str):
-        return [sentences]
-    out = list(sentences)
-    for i, s in enumerate(out):
-        if not isinstance(s, str):
-            raise MtlError(f"{what}[{i}] is {type(s).__name__}, not str")
-    return out
-
-
 ENCODE_CHUNK = 8192  # texts per encode_batch call
 
 
@@ -43,6 +31,21 @@ class Joined(tuple):
 
 class Words(tuple):
     """The words of one example, pre-split (tagging)."""
+
+
+def check_texts(sentences, what: str = "sentences", pairs: bool = False) -> list:
+    """A list of strings, or an error that names the first bad item's index; with ``pairs``, an item
+    may also be a pair ``(a, b)`` of strings, returned as :class:`Joined` (one sequence)."""
+    if isinstance(sentences, str):
+        return [sentences]
+    out = list(sentences)
+    for i, s in enumerate(out):
+        if pairs and isinstance(s, (tuple, list)) and len(s) == 2 and all(isinstance(t, str) for t in s):
+            out[i] = Joined(s)
+        elif not isinstance(s, str):
+            want = "str or a pair (str, str)" if pairs else "str"
+            raise MtlError(f"{what}[{i}] is {type(s).__name__}, not {want}")
+    return out
 
 
 @dataclass

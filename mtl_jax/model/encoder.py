@@ -8,7 +8,9 @@ special case ``segments = attention_mask``, ``positions = arange(L)``.
 
 The parameter tree is exactly ``FlaxDistilBertModule``'s (``embeddings/...``,
 ``transformer/layer/<i>/{attention,sa_layer_norm,ffn,output_layer_norm}``), so converted
-and exported checkpoints load unchanged; ``tests/test_encoder.py`` fails if it drifts.
+and exported checkpoints load unchanged; ``tests/test_encoder.py`` fails if it drifts. A
+checkpoint converted from BERT adds BERT's ``embeddings/token_type_embeddings`` (see
+:func:`token_types`).
 The arithmetic is that module's too (its initialisers, LayerNorm epsilon, activation,
 dtype handling), except that the softmax divides after the weighted sum, and dropout
 draws its masks with :func:`keep_mask`.
@@ -77,8 +79,23 @@ def _layer_norm(dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-12, dtype=dtype)
 
 
+def token_types(ids: jax.Array, positions: jax.Array, sep_id: int) -> jax.Array:
+    """``[R, P]`` int32 BERT token types of packed rows: 1 for the tokens after a sentence's first
+    ``sep_id`` (the second text of a cross-encoded pair, ``[CLS] a [SEP] b [SEP]``), else 0.
+
+    A tokenizer's pair template gives exactly these types; a single sentence's only separator is its
+    last token, so all of it is type 0. (A text that itself contains the separator's literal text,
+    ``[SEP]``, which the tokenizer turns into the separator, would get type 1 after it.)
+    """
+    is_sep = (ids == sep_id).astype(jnp.int32)
+    before = jnp.cumsum(is_sep, axis=1) - is_sep  # [R, P] separators earlier in the row
+    starts = jnp.arange(ids.shape[1]) - positions  # [R, P] where each token's sentence starts
+    return (before - jnp.take_along_axis(before, starts, axis=1) > 0).astype(jnp.int32)
+
+
 class Embeddings(nn.Module):
-    """Word + position embeddings, LayerNorm, dropout. Positions come from the caller (packed rows)."""
+    """Word + position (+ BERT's token-type) embeddings, LayerNorm, dropout. Positions come from the
+    caller (packed rows); token types from the ids (:func:`token_types`), where the checkpoint has them."""
 
     config: Any  # transformers.DistilBertConfig
     dtype: Any = jnp.float32
@@ -90,6 +107,8 @@ class Embeddings(nn.Module):
             self.position_embeddings = nn.Embed(
                 self.config.max_position_embeddings, self.config.dim, embedding_init=init
             )
+        if getattr(self.config, "type_vocab_size", 0):
+            self.token_type_embeddings = nn.Embed(self.config.type_vocab_size, self.config.dim, embedding_init=init)
         self.LayerNorm = _layer_norm(self.dtype)
         self.dropout = Dropout(self.config.dropout)
 
@@ -99,7 +118,12 @@ class Embeddings(nn.Module):
             where = table[positions].astype(self.dtype)
         else:
             where = self.position_embeddings(positions)
-        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + where), deterministic)
+        x = self.word_embeddings(ids)
+        if getattr(self.config, "type_vocab_size", 0):  # (BERT's order of the sum)
+            sep = self.config.sep_token_id
+            types = jnp.zeros_like(ids) if sep is None else token_types(ids, positions, sep)
+            x = x + self.token_type_embeddings(types)
+        return self.dropout(self.LayerNorm(x + where), deterministic)
 
 
 ATTENTION = ("auto", "fused", "xla")

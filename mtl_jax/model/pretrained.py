@@ -2,10 +2,11 @@
 convert its weights into ``FlaxDistilBertModule`` parameters.
 
 BERT checkpoints are converted exactly: DistilBERT's block is BERT's block under
-other names, and BERT's token-type embedding row 0 (added to every token when the
-token types are zero, as they are for single sentences) is folded into the
-position embeddings. Weights are read from safetensors or Flax msgpack; pickle
-files are refused unless the caller opts in, since unpickling can run code.
+other names, and BERT's token-type embedding is kept beside DistilBERT's tree
+(``embeddings/token_type_embeddings``, ``config.type_vocab_size``): the second text of a
+cross-encoded pair gets row 1, as in BERT (see ``mtl_jax.model.encoder.token_types``).
+Weights are read from safetensors or Flax msgpack; pickle files are refused unless the
+caller opts in, since unpickling can run code.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def distilbert_config(raw: dict, config_path: Path) -> DistilBertConfig:
             activation="gelu",
             initializer_range=raw.get("initializer_range", 0.02),
             pad_token_id=raw.get("pad_token_id", 0),
+            type_vocab_size=int(raw.get("type_vocab_size", 2)),  # (BertConfig's default; see encoder.Embeddings)
         )
     except KeyError as e:
         raise MtlError(f"{config_path}: missing key {e.args[0]!r}") from None
@@ -157,7 +159,8 @@ def _strip_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.nda
 
 
 def bert_to_distilbert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PyTorch-named BERT weights -> PyTorch-named DistilBERT weights (exact; pooler dropped)."""
+    """PyTorch-named BERT weights -> PyTorch-named DistilBERT weights and BERT's token-type
+    embedding (exact; pooler dropped)."""
     state = _strip_prefix(state, "bert")
     state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in state.items()}
     out = {}
@@ -167,14 +170,45 @@ def bert_to_distilbert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarr
             for src, dst in _BERT_LAYER:
                 if m.group(2) == src:
                     out[f"transformer.layer.{m.group(1)}.{dst}.{m.group(3)}"] = v
-        elif k.startswith("embeddings.") and "token_type" not in k and "position_ids" not in k:
+        elif k.startswith("embeddings.") and "position_ids" not in k:
             out[k] = v
-    if "embeddings.position_embeddings.weight" in out and "embeddings.token_type_embeddings.weight" in state:
-        # single-sentence inputs have token_type_ids == 0: row 0 is added to every position
-        out["embeddings.position_embeddings.weight"] = (
-            out["embeddings.position_embeddings.weight"] + state["embeddings.token_type_embeddings.weight"][0][None, :]
-        )
     return out
+
+
+def distilbert_to_bert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`bert_to_distilbert_state` (no pooler): what an export with a token-type
+    embedding writes, so that BERT's loaders feed it ``token_type_ids``."""
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"transformer\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m:
+            src = next(src for src, dst in _BERT_LAYER if dst == m.group(2))
+            out[f"encoder.layer.{m.group(1)}.{src}.{m.group(3)}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def bert_config(config: DistilBertConfig) -> dict:
+    """``config.json`` of the BERT model that :func:`distilbert_config` reads back as ``config``."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "intermediate_size": config.hidden_dim,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.initializer_range,
+        "layer_norm_eps": _LN_EPS,
+        "pad_token_id": config.pad_token_id,
+        "position_embedding_type": "absolute",
+    }
 
 
 def torch_state_to_flax(state: dict[str, np.ndarray]) -> dict:
@@ -285,7 +319,15 @@ def expected_shapes(config: DistilBertConfig) -> dict[tuple[str, ...], tuple[int
     module = FlaxDistilBertModule(config)
     ids = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids))["params"]
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+    out = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+    if type_vocab_size(config):
+        out["embeddings", "token_type_embeddings", "embedding"] = (config.type_vocab_size, config.dim)
+    return out
+
+
+def type_vocab_size(config: DistilBertConfig) -> int:
+    """Rows of the checkpoint's token-type embedding (BERT's; 0: none, as in DistilBERT)."""
+    return int(getattr(config, "type_vocab_size", 0) or 0)
 
 
 def check_params(params: dict, config: DistilBertConfig, source: Path) -> dict:
@@ -385,6 +427,8 @@ def load_pretrained(name_or_path: str | Path, allow_pickle: bool = False):
         state = bert_to_distilbert_state(state)
     params = check_params(torch_state_to_flax(state), config, weights_path)
     tokenizer = load_hf_tokenizer(model_dir)
+    if type_vocab_size(config):  # the token that ends a pair's first text (see mtl_jax.model.encoder.token_types)
+        config.sep_token_id = tokenizer.sep_token_id
     limit = config.max_position_embeddings
     tok_max = getattr(tokenizer, "model_max_length", limit) or limit
     spec_kw.setdefault("max_length", min(limit, tok_max if tok_max < 10**6 else limit))

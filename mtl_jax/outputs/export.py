@@ -1,10 +1,11 @@
 """The exported model directory: what a trained run leaves for inference and for other tools.
 
-A sentence-transformers directory (PyTorch-named DistilBERT safetensors, config.json,
-modules.json, 1_Pooling, tokenizer) plus the task heads (``heads.safetensors``) and
-``mtl_jax.json`` (tasks, labels, pooling, file checksums). It loads in
-sentence-transformers and ``transformers.AutoModel`` as a plain DistilBERT encoder, and
-in :func:`mtl_jax.load` with its heads.
+A sentence-transformers directory (PyTorch-named safetensors, config.json, modules.json,
+1_Pooling, tokenizer) plus the task heads (``heads.safetensors``) and ``mtl_jax.json`` (tasks,
+labels, pooling, file checksums). It loads in sentence-transformers and
+``transformers.AutoModel`` as a plain encoder (BERT where the encoder has BERT's token-type
+embedding, so that those loaders feed a pair's second text its token type; DistilBERT
+otherwise), and in :func:`mtl_jax.load` with its heads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from mtl_jax.tasks.base import prompts_of
 EXPORT_FORMAT = 1
 META_FILE = "mtl_jax.json"
 # DistilBERT takes no token_type_ids: a BERT tokenizer's config would hand them to it
-MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+MODEL_INPUT_NAMES = {
+    "distilbert": ["input_ids", "attention_mask"],
+    "bert": ["input_ids", "token_type_ids", "attention_mask"],
+}
 
 
 def _sha256(path: Path) -> str:
@@ -117,23 +121,23 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _write_encoder(folder: Path, encoder_spec, encoder_params, hf_tokenizer) -> None:
-    """The encoder as a Hugging Face DistilBERT checkpoint (config, safetensors weights, tokenizer)."""
+    """The encoder as a Hugging Face checkpoint (config, safetensors weights, tokenizer): BERT where it
+    has a token-type embedding, else DistilBERT."""
     from safetensors.numpy import save_file
 
-    from mtl_jax.model.pretrained import flax_to_torch_state
+    from mtl_jax.model.pretrained import bert_config, distilbert_to_bert_state, flax_to_torch_state, type_vocab_size
 
-    config = encoder_spec.config.to_dict()
-    config.update(model_type="distilbert", architectures=["DistilBertModel"])
+    state = flax_to_torch_state(jax.device_get(encoder_params))
+    if type_vocab_size(encoder_spec.config):
+        config, state = bert_config(encoder_spec.config), distilbert_to_bert_state(state)
+    else:
+        config = encoder_spec.config.to_dict() | {"model_type": "distilbert", "architectures": ["DistilBertModel"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    state = {
-        k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_torch_state(jax.device_get(encoder_params)).items()
-    }
-    save_file(state, str(folder / "model.safetensors"))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, str(folder / "model.safetensors"))
     hf_tokenizer.save_pretrained(str(folder))
     tok_config = folder / "tokenizer_config.json"
-    tok_config.write_text(
-        json.dumps(json.loads(tok_config.read_text()) | {"model_input_names": MODEL_INPUT_NAMES}, indent=2)
-    )
+    inputs = {"model_input_names": MODEL_INPUT_NAMES[config["model_type"]]}
+    tok_config.write_text(json.dumps(json.loads(tok_config.read_text()) | inputs, indent=2))
 
 
 def _write_sentence_transformers_modules(folder: Path, encoder_spec, pooling: str, prompts: dict) -> None:

@@ -3,8 +3,8 @@
 ``encoding: bi`` (default) encodes the two sentences separately, as sentence-transformers'
 classification objective does: a softmax over ``(u, v, |u - v|)`` of their pooled embeddings.
 ``encoding: cross`` encodes the pair as one sequence, ``[CLS] a [SEP] b [SEP]``, and classifies its
-pooled embedding. The encoder has no token-type embedding (a BERT checkpoint's row 0 is folded
-into the positions), so the ``[SEP]`` between them is what marks the second sentence.
+pooled embedding; a BERT checkpoint's token-type embedding marks the second text, as in BERT
+(``mtl_jax.model.encoder.token_types``).
 
 :class:`PairText` is the part every pair type shares: which columns, what text a row makes;
 :class:`PairInput` adds prediction on pairs.
