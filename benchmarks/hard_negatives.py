@@ -39,6 +39,7 @@ RECIPES = {
     "batch-128-cached-lr1e-4": ("configs/movie-halves.yaml", 128, 32, 1e-4),
     "batch-128-cached-lr2e-4": ("configs/movie-halves.yaml", 128, 32, 2e-4),
     "in-batch-lr2e-4": ("configs/movie-halves.yaml", 32, 0, 2e-4),  # the larger rate at batch 32: which helps
+    "mined-lr2e-4": ("configs/movie-halves-mined.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
 }
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
