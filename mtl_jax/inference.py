@@ -59,9 +59,9 @@ class SentenceEncoder:
 
     @functools.cached_property
     def _embed_fn(self):
-        @functools.partial(jax.jit, static_argnames=("pooling", "normalize"))
-        def embed(params, ids, positions, segments, pooling, normalize):
-            model = MultiTaskModel(self.config, tasks=(), pooling=pooling, dtype=compute_dtype(self.dtype))
+        @functools.partial(jax.jit, static_argnames=("pooling", "normalize", "pairs"))
+        def embed(params, ids, positions, segments, pooling, normalize, pairs=False):
+            model = MultiTaskModel(self.config, (), pooling, dtype=compute_dtype(self.dtype), pairs=pairs)
             pooled = model.apply(
                 {"params": {"encoder": params}},
                 ids,
@@ -107,7 +107,8 @@ class SentenceEncoder:
         texts = check_texts(sentences, pairs=True)
         if prefix and any(isinstance(t, Joined) for t in texts):
             raise MtlError("a prompt goes before sentences, not pairs: put it into the pair's texts")
-        fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize)
+        pairs = any(isinstance(t, Joined) for t in texts)
+        fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize, pairs=pairs)
         out = self.map_packed(
             fn,
             [prefix + s for s in texts] if prefix else texts,

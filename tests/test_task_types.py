@@ -598,8 +598,7 @@ def test_pair_similarity_retrieval_and_tagging_on_four_devices_with_fsdp_match_o
         for task in ("nli", "sts", "qa", "ner", "topic"):
             if task in a and a[task]["loss"] is not None:  # (a train record has the tasks of its step)
                 assert b[task]["loss"] == pytest.approx(a[task]["loss"], rel=1e-5, abs=1e-5), (a["step"], task)
-                # (bf16's rounding moves a retrieval loss, cosines x 20, by up to about 2% after 8 steps at this rate)
-                assert c[task]["loss"] == pytest.approx(a[task]["loss"], rel=0.03), (a["step"], task)
+                assert c[task]["loss"] == pytest.approx(a[task]["loss"], rel=0.02), (a["step"], task)
         if a["split"] == "validation":
             for task, key in (("nli", "macro_f1"), ("sts", "spearman"), ("qa", "mrr@10"), ("ner", "entity_f1")):
                 assert b[task][key] == pytest.approx(a[task][key], abs=1e-6), (a["step"], task)

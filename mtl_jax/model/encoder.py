@@ -9,8 +9,8 @@ special case ``segments = attention_mask``, ``positions = arange(L)``.
 The parameter tree is exactly ``FlaxDistilBertModule``'s (``embeddings/...``,
 ``transformer/layer/<i>/{attention,sa_layer_norm,ffn,output_layer_norm}``), so converted
 and exported checkpoints load unchanged; ``tests/test_encoder.py`` fails if it drifts. A
-checkpoint converted from BERT adds BERT's ``embeddings/token_type_embeddings`` (see
-:func:`token_types`).
+checkpoint converted from BERT adds ``type_offsets`` beside that tree: BERT's token-type rows 1..
+as offsets from row 0, which the conversion folds into the positions (see :func:`token_types`).
 The arithmetic is that module's too (its initialisers, LayerNorm epsilon, activation,
 dtype handling), except that the softmax divides after the weighted sum, and dropout
 draws its masks with :func:`keep_mask`.
@@ -93,9 +93,13 @@ def token_types(ids: jax.Array, positions: jax.Array, sep_id: int) -> jax.Array:
     return (before - jnp.take_along_axis(before, starts, axis=1) > 0).astype(jnp.int32)
 
 
+def type_count(config) -> int:
+    """Rows of the checkpoint's token-type embedding (BERT's; 0: none, as in DistilBERT)."""
+    return int(getattr(config, "type_vocab_size", 0) or 0)
+
+
 class Embeddings(nn.Module):
-    """Word + position (+ BERT's token-type) embeddings, LayerNorm, dropout. Positions come from the
-    caller (packed rows); token types from the ids (:func:`token_types`), where the checkpoint has them."""
+    """Word + position embeddings, LayerNorm, dropout. Positions come from the caller (packed rows)."""
 
     config: Any  # transformers.DistilBertConfig
     dtype: Any = jnp.float32
@@ -107,23 +111,20 @@ class Embeddings(nn.Module):
             self.position_embeddings = nn.Embed(
                 self.config.max_position_embeddings, self.config.dim, embedding_init=init
             )
-        if getattr(self.config, "type_vocab_size", 0):
-            self.token_type_embeddings = nn.Embed(self.config.type_vocab_size, self.config.dim, embedding_init=init)
         self.LayerNorm = _layer_norm(self.dtype)
         self.dropout = Dropout(self.config.dropout)
 
-    def __call__(self, ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, ids: jax.Array, positions: jax.Array, deterministic: bool, offsets=None) -> jax.Array:
+        """``offsets`` ``[R, P, D]``: added to each token before the LayerNorm (BERT's token types)."""
         if self.config.sinusoidal_pos_embds:  # a constant, not a parameter
             table = positional_encoding(self.config.max_position_embeddings, self.config.dim)[0]
             where = table[positions].astype(self.dtype)
         else:
             where = self.position_embeddings(positions)
-        x = self.word_embeddings(ids)
-        if getattr(self.config, "type_vocab_size", 0):  # (BERT's order of the sum)
-            sep = self.config.sep_token_id
-            types = jnp.zeros_like(ids) if sep is None else token_types(ids, positions, sep)
-            x = x + self.token_type_embeddings(types)
-        return self.dropout(self.LayerNorm(x + where), deterministic)
+        x = self.word_embeddings(ids) + where
+        if offsets is not None:  # (zero where the type is 0: such a token's sum stays bit for bit)
+            x = x + offsets
+        return self.dropout(self.LayerNorm(x), deterministic)
 
 
 ATTENTION = ("auto", "fused", "xla")
@@ -267,10 +268,27 @@ class Encoder(nn.Module):
     config: Any  # transformers.DistilBertConfig
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
     attention_impl: str = "auto"  # see Attention
+    # BERT's token types from the separators (:func:`token_types`); False: every token type 0, the
+    # programs of single sentences exactly as without token types (a model with no cross-encoded input)
+    token_types: bool = True
 
     def setup(self):
         self.embeddings = Embeddings(self.config, self.dtype)
+        if type_count(self.config) > 1:  # BERT's rows 1.. minus row 0 (row 0 is in the positions)
+            init = jax.nn.initializers.normal(self.config.initializer_range)
+            self.type_offsets = nn.Embed(type_count(self.config) - 1, self.config.dim, embedding_init=init)
         self.transformer = _Transformer(self.config, self.dtype, self.attention_impl)
+
+    def offsets(self, ids: jax.Array, positions: jax.Array) -> jax.Array | None:
+        """``[R, P, D]`` each token's token-type offset (0 for type 0), or None where all are type 0."""
+        if type_count(self.config) < 2:
+            return None
+        sep = getattr(self.config, "sep_token_id", None)
+        if not self.token_types or sep is None:
+            self.type_offsets.embedding  # noqa: B018 -- (the parameter exists all the same: one tree for all)
+            return None
+        types = token_types(ids, positions, sep)
+        return jnp.where(types[..., None] > 0, self.type_offsets(jnp.maximum(types - 1, 0)), 0.0)
 
     def __call__(
         self,
@@ -280,7 +298,7 @@ class Encoder(nn.Module):
         deterministic: bool = True,
         queries: jax.Array | None = None,
     ) -> jax.Array:
-        x = self.embeddings(ids, positions, deterministic)  # [R, P, D]
+        x = self.embeddings(ids, positions, deterministic, self.offsets(ids, positions))  # [R, P, D]
         same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
         bias = jnp.where(same, 0.0, -1e30)[:, None].astype(x.dtype)  # [R, 1, P, P]
         return self.transformer(x, bias, deterministic, queries)

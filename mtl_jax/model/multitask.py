@@ -80,15 +80,16 @@ class MultiTaskModel(nn.Module):
     dtype: Any = jnp.float32  # computation dtype; parameters stay float32
     attention: str = "auto"  # auto | fused | xla: see mtl_jax.model.encoder.Attention
     normalize: bool = False  # the checkpoint normalises its embeddings: heads that follow it read the norms
+    pairs: bool | None = None  # inputs may be cross-encoded pairs (BERT's token types); None: a task's encoding says
 
     def setup(self):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose from {POOLING_MODES}")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION}")
-        self.encoder = Encoder(self.config, dtype=self.dtype, attention_impl=self.attention)
+        self.encoder = Encoder(self.config, self.dtype, self.attention, self.cross_encoded)
         if self.guided:  # the starting encoder, never trained (params["guide"]: see init_params)
-            self.guide = Encoder(self.config, dtype=self.dtype, attention_impl=self.attention)
+            self.guide = Encoder(self.config, self.dtype, self.attention, self.cross_encoded)
         if self.tasks:
             self.dropout = nn.Dropout(self.head_dropout)
             self.heads = Heads(self.tasks)
@@ -96,6 +97,13 @@ class MultiTaskModel(nn.Module):
     @property
     def token_heads(self) -> bool:
         return any(as_head(h).tokens for h in self.tasks)
+
+    @property
+    def cross_encoded(self) -> bool:
+        """Some input is a pair encoded as one sequence (its second text gets BERT's token type 1)."""
+        if self.pairs is not None:
+            return self.pairs
+        return any(as_head(h).option("encoding") == "cross" for h in self.tasks)
 
     @property
     def guided(self) -> bool:

@@ -2,9 +2,10 @@
 convert its weights into ``FlaxDistilBertModule`` parameters.
 
 BERT checkpoints are converted exactly: DistilBERT's block is BERT's block under
-other names, and BERT's token-type embedding is kept beside DistilBERT's tree
-(``embeddings/token_type_embeddings``, ``config.type_vocab_size``): the second text of a
-cross-encoded pair gets row 1, as in BERT (see ``mtl_jax.model.encoder.token_types``).
+other names, and BERT's token-type row 0 (every token of a single sentence has type 0)
+is folded into the position embeddings; the other rows are kept beside DistilBERT's tree
+as offsets from row 0 (``type_offsets``, ``config.type_vocab_size``), so the second text of
+a cross-encoded pair gets row 1, as in BERT (see ``mtl_jax.model.encoder.token_types``).
 Weights are read from safetensors or Flax msgpack; pickle files are refused unless the
 caller opts in, since unpickling can run code.
 """
@@ -25,6 +26,7 @@ from transformers.models.distilbert.modeling_flax_distilbert import FlaxDistilBe
 
 from mtl_jax.data.assets import EMBEDDED_MODEL_NAMES, embedded_model_dir
 from mtl_jax.errors import MtlError
+from mtl_jax.model.encoder import type_count
 
 POOLING_MODES = ("cls", "mean", "max")
 PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt", "pytorch_model.pt")
@@ -159,8 +161,8 @@ def _strip_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.nda
 
 
 def bert_to_distilbert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PyTorch-named BERT weights -> PyTorch-named DistilBERT weights and BERT's token-type
-    embedding (exact; pooler dropped)."""
+    """PyTorch-named BERT weights -> PyTorch-named DistilBERT weights, BERT's token-type row 0 folded
+    into the positions and its other rows as offsets from row 0 (``type_offsets``; exact; pooler dropped)."""
     state = _strip_prefix(state, "bert")
     state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in state.items()}
     out = {}
@@ -170,20 +172,29 @@ def bert_to_distilbert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarr
             for src, dst in _BERT_LAYER:
                 if m.group(2) == src:
                     out[f"transformer.layer.{m.group(1)}.{dst}.{m.group(3)}"] = v
-        elif k.startswith("embeddings.") and "position_ids" not in k:
+        elif k.startswith("embeddings.") and "token_type" not in k and "position_ids" not in k:
             out[k] = v
+    types = state.get("embeddings.token_type_embeddings.weight")
+    if types is not None and "embeddings.position_embeddings.weight" in out:
+        # single sentences have token_type_ids == 0: row 0 is added to every position
+        out["embeddings.position_embeddings.weight"] = out["embeddings.position_embeddings.weight"] + types[0][None, :]
+        if len(types) > 1:
+            out["type_offsets.weight"] = types[1:] - types[0][None, :]
     return out
 
 
 def distilbert_to_bert_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`bert_to_distilbert_state` (no pooler): what an export with a token-type
-    embedding writes, so that BERT's loaders feed it ``token_type_ids``."""
+    """Inverse of :func:`bert_to_distilbert_state` (no pooler; row 0 of the token types stays in the
+    positions, as zeros in its own row): what an export with token types writes, so that BERT's
+    loaders feed it ``token_type_ids``."""
     out = {}
     for k, v in state.items():
         m = re.match(r"transformer\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
         if m:
             src = next(src for src, dst in _BERT_LAYER if dst == m.group(2))
             out[f"encoder.layer.{m.group(1)}.{src}.{m.group(3)}"] = v
+        elif k == "type_offsets.weight":
+            out["embeddings.token_type_embeddings.weight"] = np.concatenate([np.zeros_like(v[:1]), v])
         else:
             out[k] = v
     return out
@@ -216,13 +227,13 @@ def torch_state_to_flax(state: dict[str, np.ndarray]) -> dict:
     state = _strip_prefix(state, "distilbert")
     flat = {}
     for k, v in state.items():
-        if not (k.startswith("embeddings.") or k.startswith("transformer.layer.")):
+        if not k.startswith(("embeddings.", "transformer.layer.", "type_offsets.")):
             continue  # task heads, MLM projector, pre_classifier: not part of the encoder
         parts = k.split(".")
         module, leaf = parts[:-1], parts[-1]
         if leaf == "bias":
             flat[(*module, "bias")] = v
-        elif module[-1].endswith("embeddings"):
+        elif module[-1].endswith("embeddings") or module[-1] == "type_offsets":
             flat[(*module, "embedding")] = v
         elif "LayerNorm" in module[-1] or module[-1].endswith("layer_norm"):
             flat[(*module, "scale")] = v
@@ -320,14 +331,9 @@ def expected_shapes(config: DistilBertConfig) -> dict[tuple[str, ...], tuple[int
     ids = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids))["params"]
     out = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
-    if type_vocab_size(config):
-        out["embeddings", "token_type_embeddings", "embedding"] = (config.type_vocab_size, config.dim)
+    if type_count(config) > 1:
+        out["type_offsets", "embedding"] = (type_count(config) - 1, config.dim)
     return out
-
-
-def type_vocab_size(config: DistilBertConfig) -> int:
-    """Rows of the checkpoint's token-type embedding (BERT's; 0: none, as in DistilBERT)."""
-    return int(getattr(config, "type_vocab_size", 0) or 0)
 
 
 def check_params(params: dict, config: DistilBertConfig, source: Path) -> dict:
@@ -427,7 +433,7 @@ def load_pretrained(name_or_path: str | Path, allow_pickle: bool = False):
         state = bert_to_distilbert_state(state)
     params = check_params(torch_state_to_flax(state), config, weights_path)
     tokenizer = load_hf_tokenizer(model_dir)
-    if type_vocab_size(config):  # the token that ends a pair's first text (see mtl_jax.model.encoder.token_types)
+    if type_count(config) > 1:  # the token that ends a pair's first text (see mtl_jax.model.encoder.token_types)
         config.sep_token_id = tokenizer.sep_token_id
     limit = config.max_position_embeddings
     tok_max = getattr(tokenizer, "model_max_length", limit) or limit

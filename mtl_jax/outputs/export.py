@@ -125,10 +125,11 @@ def _write_encoder(folder: Path, encoder_spec, encoder_params, hf_tokenizer) -> 
     has a token-type embedding, else DistilBERT."""
     from safetensors.numpy import save_file
 
-    from mtl_jax.model.pretrained import bert_config, distilbert_to_bert_state, flax_to_torch_state, type_vocab_size
+    from mtl_jax.model.encoder import type_count
+    from mtl_jax.model.pretrained import bert_config, distilbert_to_bert_state, flax_to_torch_state
 
     state = flax_to_torch_state(jax.device_get(encoder_params))
-    if type_vocab_size(encoder_spec.config):
+    if type_count(encoder_spec.config) > 1:
         config, state = bert_config(encoder_spec.config), distilbert_to_bert_state(state)
     else:
         config = encoder_spec.config.to_dict() | {"model_type": "distilbert", "architectures": ["DistilBertModel"]}

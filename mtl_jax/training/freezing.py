@@ -22,7 +22,7 @@ from mtl_jax.errors import MtlError
 
 # (pattern over the "/"-joined parameter path, group name template)
 GROUP_RULES = (
-    (re.compile(r"^encoder/embeddings/"), "embeddings"),
+    (re.compile(r"^encoder/(embeddings|type_offsets)/"), "embeddings"),  # (type_offsets: BERT's token types)
     (re.compile(r"^encoder/transformer/layer/(\d+)/(?!.*/lora_[ab]$)"), "layer_{0}"),
     (re.compile(r"^encoder/.*/lora_[ab]$"), "lora"),  # --freeze lora: the adapters (mtl_jax.model.lora)
     (re.compile(r"^heads/([^/]+)/"), "head:{0}"),
