@@ -266,6 +266,42 @@ def test_grids_hold_the_steps_the_run_takes_and_no_more():
 
 
 @pytest.mark.parametrize("task_stacked", [False, True])
+def test_a_long_run_sizes_its_grids_from_a_sample_and_grows_them_as_a_resumed_run_does(task_stacked, monkeypatch):
+    """Past GRID_SAMPLE steps the grids come from a seeded sample of epoch 0 (no other window is dealt);
+    a step that needs more rows grows its grid (told once); a pipeline restored from a checkpoint's
+    grids has, at every later step, the shapes of the run that was not interrupted."""
+    monkeypatch.setattr(InputPipeline, "GRID_SAMPLE", 6)
+    data = _labelled(np.random.default_rng(5), 1500, long=30)
+    wide = np.flatnonzero(data.source == 1)  # one task's texts fill a row each: its steps need more rows
+    data.ids = [np.full(50 + i % 14, i + 1, np.int32) if i in set(wide.tolist()) else u for i, u in enumerate(data.ids)]
+    told = []
+
+    def pipeline(log=lambda line: None):
+        return InputPipeline({"train": data}, 0, 256, 8, 32, seed=2, task_stacked=task_stacked, log=log, devices=2)
+
+    whole = pipeline(told.append)
+    plan = whole.plan(0)
+    assert len(plan) > 3 * whole.GRID_SAMPLE
+    sampled = dict(whole.grids)
+    if not task_stacked:  # (task-stacked plans are dealt whole; an epoch plan deals the sampled windows alone)
+        assert len(plan.dealt) == 1 and len(plan.spans) == 4
+    exact = plan_grids(data, [plan], task_stacked, row_multiple=2)
+    assert all(sampled[n].rows <= exact[n].rows for n in sampled) and sampled != exact
+    shapes, saved = [], {}
+    for k in range(len(plan)):
+        shapes.append(whole.train_batch(plan[k]).shape)
+        if k == len(plan) // 2:
+            saved = whole.grid_rows()
+    assert all(whole.grids[n].rows >= exact[n].rows for n in exact)
+    assert 0 < len(told) <= 2 * len(exact) and all("one more compiled shape" in line for line in told)
+    resumed = pipeline()
+    resumed.restore_grids(saved)
+    assert resumed.grid_rows() == saved != {str(n): g.rows for n, g in sampled.items()}
+    again = [resumed.train_batch(resumed.plan(0)[k]).shape for k in range(len(plan) // 2 + 1, len(plan))]
+    assert again == shapes[len(plan) // 2 + 1 :]
+
+
+@pytest.mark.parametrize("task_stacked", [False, True])
 def test_each_process_packs_its_own_rows_and_together_they_make_the_whole_batch(task_stacked):
     """Each process of a multi-process run reads and packs only the examples of its block of rows;
     the blocks side by side are the batch one process builds."""

@@ -5,7 +5,9 @@ mesh). Which examples a step holds is the epoch plan's (``mtl_jax.data.plans``).
 A training step's examples are packed several to a row (``mtl_jax.data.packing``) into a fixed
 grid ``[rows, length]``: ``length`` is one of two row lengths (``packing.row_lengths``: the
 short one unless the step holds a longer example) and ``rows`` the most any planned step of
-the run needs at that length, so a phase compiles two step shapes at most. A packed batch
+the run needs at that length (a long run: a sample of its steps, grown when a later step needs
+more; see :attr:`InputPipeline.grids`), so a phase compiles two step shapes at most (and one
+more per growth, which a long run rarely has). A packed batch
 is ``ids``, ``positions``, ``segments`` ``[R, P]`` and per task its ``labels`` ``[R, S, ...]`` (slot
 ``s`` of row ``r``: the row's ``s``-th segment; an example's label sits at its first segment's slot,
 and the task's "no label" everywhere else) or, for a token-level task (tagging), ``[R, P]``.
@@ -35,7 +37,7 @@ from mtl_jax.data.packing import (
     row_lengths,
     unit_segments,
 )
-from mtl_jax.data.plans import TextKeys, epoch_plan, probe_indices, task_plan
+from mtl_jax.data.plans import EpochPlan, TextKeys, epoch_plan, probe_indices, task_plan
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.tasks.base import has_label, no_label_like
@@ -125,6 +127,14 @@ class Grid:
     length: int
 
 
+class GridOverflow(ValueError):
+    """A step's examples need more rows than its grid has (``rows``: how many)."""
+
+    def __init__(self, examples: int, rows: int, grid: Grid):
+        super().__init__(f"{examples} examples need {rows} rows of {grid.length} tokens; the grid has {grid.rows}")
+        self.rows = rows
+
+
 def pack_examples(
     data: Tokenized, idx: np.ndarray, grid: Grid, pad_id: int, host: tuple[int, int] = (0, 1)
 ) -> tuple[Batch, PackedCall]:
@@ -140,7 +150,7 @@ def pack_examples(
     idx = np.asarray(idx)
     rows = pack_rows(data.lengths[idx], (grid.length,), widest=data.widest)
     if len(rows) > grid.rows:
-        raise ValueError(f"{len(idx)} examples need {len(rows)} rows of {grid.length} tokens; the grid has {grid.rows}")
+        raise GridOverflow(len(idx), len(rows), grid)
     block = grid.rows // host[1]
     mine = [members for _, members in rows][host[0] * block : (host[0] + 1) * block]
     held = np.unique(np.asarray([i for members in mine for i in members], np.int64))  # positions in idx
@@ -294,10 +304,13 @@ class InputPipeline:
     devices: int = 1  # devices a step's rows are split over
     place: Callable[[Batch], Batch] = unplaced  # this process's rows of a batch onto the devices
     host: tuple[int, int] = (0, 1)  # (this process, processes): each builds and places its block of rows
+    log: Callable[[str], None] = lambda line: None  # where a grid's growth is told
     plans_kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # epoch -> plan
     packed: int = field(default=0, init=False, repr=False, compare=False)  # training examples packed so far
 
     RELEASE_EVERY = 1 << 14  # training examples packed between letting a store's mapped pages go
+    GRID_SAMPLE = 4096  # steps the grids are sized from at most (a longer run: a seeded sample of them)
+    GROWTH = 1.05  # a grid a step outgrows gets the rows it needs and this share more
 
     @property
     def train(self) -> Tokenized:
@@ -307,14 +320,53 @@ class InputPipeline:
     def num_tasks(self) -> int:
         return len(self.train.labels)
 
+    @property
+    def row_multiple(self) -> int:
+        """Training rows come in multiples of this: every device's micro-batches' chunks alike."""
+        return self.devices * self.grad_accum * self.chunks
+
     @functools.cached_property
     def grids(self) -> dict[int, Grid]:
-        """``{row length: Grid}``: the (at most two) training step shapes of the whole run."""
-        grids = plan_grids(
-            self.train, self.run_plans(), self.task_stacked, self.devices * self.grad_accum * self.chunks
-        )
+        """``{row length: Grid}``: the (at most two) training step shapes. A run of at most
+        :data:`GRID_SAMPLE` steps: the most rows any of its steps needs. A longer run: the most a seeded
+        sample of epoch 0's steps needs (whole windows of the plan: nothing else is dealt, no step of
+        the rest packed ahead), and a later step that needs more grows its grid (:meth:`train_batch`;
+        the checkpoint keeps the grids, so a resumed run has the same shapes at the same steps)."""
+        grids = plan_grids(self.train, self.sizing_plans(), self.task_stacked, self.row_multiple)
         self.train.release()  # (the lengths, labels and plan windows read in planning)
         return grids
+
+    def sizing_plans(self) -> Iterator[list]:
+        """The steps the grids are sized from (see :attr:`grids`)."""
+        if (len(self.plan(0)) if self.steps is None else self.steps) <= self.GRID_SAMPLE:
+            yield from self.run_plans()
+            return
+        plan, rng = self.plan(0), np.random.default_rng([self.seed, 17])
+        if isinstance(plan, EpochPlan):
+            yield plan.sample(self.GRID_SAMPLE, rng)
+        else:
+            yield [plan[k] for k in np.sort(rng.choice(len(plan), self.GRID_SAMPLE, replace=False))]
+
+    def grid_rows(self) -> dict[str, int]:
+        """``{row length: rows}`` of the grids (what a checkpoint keeps)."""
+        return {str(length): g.rows for length, g in self.grids.items()}
+
+    def restore_grids(self, rows: dict[str, int]) -> None:
+        """Grids at least as large as a checkpoint's (:meth:`grid_rows`): the shapes the run had then."""
+        for length, n in rows.items():
+            have = self.grids.get(int(length))
+            self.grids[int(length)] = Grid(max(n, have.rows if have else 0), int(length))
+
+    def grow(self, length: int, rows: int) -> Grid:
+        """The grid of ``length``-token rows, with room for ``rows`` rows and :data:`GROWTH` more."""
+        grid = Grid(round_up(max(rows, int(np.ceil(rows * self.GROWTH))), self.row_multiple), length)
+        was = self.grids.get(length)
+        self.grids[length] = grid
+        self.log(
+            f"a step needs {rows} rows of {length} tokens (the grid had {was.rows if was else 0}): "
+            f"{grid.rows} rows from here on, one more compiled shape"
+        )
+        return grid
 
     def run_plans(self) -> Iterator[list]:
         """The plans of the steps the run takes, epoch after epoch, the last cut where the run ends
@@ -360,8 +412,14 @@ class InputPipeline:
         """One step's arrays (of ``data``, default the training split, e.g. with cached embeddings)."""
         data = self.train if data is None else data
         parts = idx if self.task_stacked else [idx]
-        grid = self.grids[step_length(data, parts)]
-        built = [pack_examples(data, p, grid, self.pad_id, self.host)[0] for p in parts]
+        length = step_length(data, parts)
+        grid = self.grids.get(length, Grid(0, length))  # (a row length the sized steps never had: grown)
+        try:
+            built = [pack_examples(data, p, grid, self.pad_id, self.host)[0] for p in parts]
+        except GridOverflow:
+            rows = max(len(pack_rows(data.lengths[p], (length,), widest=data.widest)) for p in parts)
+            grid = self.grow(length, rows)
+            built = [pack_examples(data, p, grid, self.pad_id, self.host)[0] for p in parts]
         self.packed += self.examples_in(idx)
         if self.packed % self.RELEASE_EVERY < self.examples_in(idx):
             data.release()

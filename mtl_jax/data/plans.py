@@ -120,6 +120,17 @@ class EpochPlan(Sequence):
         b = j - int(self.first[w])
         return flat[starts[b] : starts[b + 1]].astype(np.int64)
 
+    def sample(self, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """The batches of a seeded choice of whole windows, about ``steps`` of them (only those
+        windows are dealt): what a long run's grids are sized from."""
+        per_window = max(1, len(self) // max(len(self.spans), 1))
+        chosen = rng.choice(len(self.spans), min(len(self.spans), -(-steps // per_window)), replace=False)
+        out = []
+        for w in np.sort(chosen).tolist():
+            flat, starts = self._window(w)
+            out += [flat[starts[b] : starts[b + 1]].astype(np.int64) for b in range(len(starts) - 1)]
+        return out
+
     def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:
             if w not in self.dealt:

@@ -195,6 +195,7 @@ def build_pipeline(
         devices=mesh.devices.size,
         place=functools.partial(shard_local, mesh=mesh),
         host=(jax.process_index(), jax.process_count()),
+        log=log,
     )
 
 

@@ -63,6 +63,9 @@ class LoopState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     examples_seen: int = 0
+    grids: dict = field(
+        default_factory=dict
+    )  # {row length: rows} of the training step shapes (see InputPipeline.grids)
     format: int = CHECKPOINT_FORMAT
 
     @classmethod
@@ -178,6 +181,7 @@ class Trainer:
 
     def save(self, score: float | None = None) -> None:
         self.loop.records = len(self.records)
+        self.loop.grids = self.run.pipeline.grid_rows()
         # (replicated over the mesh: orbax saves only global arrays in a multi-process run)
         tree = {
             "state": self.state,
@@ -210,6 +214,7 @@ class Trainer:
             self.loop = LoopState.from_meta(meta, self.ckpts.folder / str(ckpt_step))
             self.state, self.totals, self.step = tree["state"], tree["metrics"], int(tree["state"].step)
             _, self.train_step = self.build(self.loop.phase)
+            self.run.pipeline.restore_grids(self.loop.grids)
             log(f"resumed from {self.ckpts.folder / str(ckpt_step)} (epoch {self.loop.epoch + 1}, step {self.step})")
         path = self.run.out / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
