@@ -6,6 +6,7 @@ few seeds each; prints JSON.
     python scripts/derive_examples.py
     python benchmarks/hard_negatives.py --seeds 0 1 2 > hard_negatives.json
     python benchmarks/hard_negatives.py --recipes in-batch batch-128-cached --peer none
+    python benchmarks/hard_negatives.py --step-cost   # a step with and without the hard negative
 
 Mines data/derived/movie_halves_mined.jsonl first when it is missing (scripts/mine.py, one negative,
 no ratio filter: in this fixture every other review half is a true negative; the mined-far recipe:
@@ -167,6 +168,47 @@ def peer(python: str, seeds: list[int]) -> dict:
     return out
 
 
+def step_cost(batches: int = 8, rounds: int = 5) -> dict:
+    """Seconds per training step on the fixture's own first ``batches`` steps, with and without the
+    mined hard negative (nothing frozen, batch 32), the two runs' steps interleaved round by round in
+    one process (the median round): what a hard negative costs a step, apart from the machine's noise."""
+    import jax
+
+    from mtl_jax.config import TrainConfig, load_config_file
+    from mtl_jax.training.freezing import frozen_groups, param_groups
+    from mtl_jax.training.run import setup
+    from mtl_jax.training.steps import TrainState, build_train_step
+
+    runs, key = {}, jax.random.PRNGKey(0)
+    for name in ("in-batch", "mined"):
+        values = load_config_file(ROOT / RECIPES[name][0])
+        cfg = TrainConfig(**values, out=f"/tmp/step-cost-{name}", overwrite=True, freeze="none", progress=False)
+        run = setup(cfg)
+        frozen = frozen_groups("none", set(jax.tree.leaves(param_groups(run.params))))
+        tx, step = build_train_step(run.model, run.params, frozen, run.optim, run.weighting, tasks=run.data.tasks)
+        state = TrainState.create(run.params, tx.init(run.params), run.weighting.init(len(run.names)))
+        data = [run.pipeline.train_batch(run.pipeline.plan(0)[k]) for k in range(batches)]
+        for b in data:  # compile every shape, warm up
+            state, out = step(state, b, key)
+        jax.block_until_ready(out)
+        tokens = sum(int((b.segments > 0).sum()) for b in data) / batches
+        runs[name] = {"state": state, "step": step, "data": data, "rounds": [], "tokens": tokens}
+    for _ in range(rounds):
+        for r in runs.values():
+            t0 = time.perf_counter()
+            for b in r["data"]:
+                r["state"], out = r["step"](r["state"], b, key)
+            jax.block_until_ready(out)
+            r["rounds"].append((time.perf_counter() - t0) / batches)
+    per_step = {n: float(np.median(r["rounds"])) for n, r in runs.items()}
+    return {
+        "step_s": per_step,
+        "real_tokens_per_step": {n: r["tokens"] for n, r in runs.items()},
+        "grid_tokens_per_step": {n: float(np.mean([b.ids.size for b in r["data"]])) for n, r in runs.items()},
+        "step_cost_ratio": per_step["mined"] / per_step["in-batch"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -175,8 +217,12 @@ def main() -> None:
     p.add_argument(
         "--peer", default=".peer/venv/bin/python", help="the PyTorch venv's python (`make peer`); none: skip"
     )
+    p.add_argument("--step-cost", action="store_true", help="only the interleaved step times (see step_cost)")
     args = p.parse_args()
     mine(DERIVED / "movie_halves_mined.jsonl")
+    if args.step_cost:
+        print(json.dumps({"benchmark": "hard_negatives", "step_cost": step_cost()}))
+        return
     report: dict = {"benchmark": "hard_negatives", "pretrained": pretrained(), "runs": {}}
     for name in args.recipes:
         runs = [train(name, seed, Path(args.out) / f"{name}-{seed}") for seed in args.seeds]
