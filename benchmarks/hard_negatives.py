@@ -48,6 +48,7 @@ RECIPES = {
     "planted-lr2e-4": ("movie-halves-planted.yaml", 32, 0, 2e-4),
     "planted-guided-lr2e-4": ("movie-halves-planted-guided.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
+    "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
 }
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
 FAR = ["--range-min", "20", "--range-max", "60"]  # mine.py's ranks for the mined-far recipes
