@@ -47,7 +47,7 @@ from mtl_jax.training.steps import (
     zero_metrics,
 )
 
-CHECKPOINT_FORMAT = 5  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states; 5: typed metric totals
+CHECKPOINT_FORMAT = 6  # 2: named optimizer state, typed loop state; 3: loss-weighting state; 4: its NamedTuple states; 5: typed metric totals; 6: BERT's token-type offsets in the encoder, the grids
 
 
 @dataclass
