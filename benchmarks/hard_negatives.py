@@ -47,6 +47,7 @@ RECIPES = {
     # a third of the queries given a false negative (their own positive restated), unguided and guided
     "planted-lr2e-4": ("movie-halves-planted.yaml", 32, 0, 2e-4),
     "planted-guided-lr2e-4": ("movie-halves-planted-guided.yaml", 32, 0, 2e-4),
+    "planted-guided-margin0-lr2e-4": ("movie-halves-planted-guided-margin0.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
     "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
 }
@@ -80,10 +81,10 @@ def restated(text: str) -> str:
     return " ".join(w for j, w in enumerate(text.split()) if j % 5 != 4)
 
 
-def planted_config(folder: Path, guided: bool) -> Path:
+def planted_config(folder: Path, margin: float | None) -> Path:
     """The training pairs, every third query given one hard negative that is its own positive restated
-    (:func:`restated`: a false negative, as unfiltered mining finds them); ``guided``: with ``guide:
-    self`` and a margin of 0.1, which should leave those out of the query's negatives."""
+    (:func:`restated`: a false negative, as unfiltered mining finds them); with a ``margin``: ``guide:
+    self`` and that margin, which should leave those out of the query's negatives."""
     rows = [json.loads(line) for line in (DERIVED / "movie_halves_train.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):
         row["negatives"] = [restated(row["positive"])] if i % 3 == 0 else []
@@ -92,10 +93,10 @@ def planted_config(folder: Path, guided: bool) -> Path:
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = (ROOT / "configs" / "movie-halves-mined.yaml").read_text()
     text = text.replace("data/derived/movie_halves_mined.jsonl", str(train))
-    if guided:
-        text += "    guide: self\n    guide_margin: 0.1\n"
-    name = "movie-halves-planted-guided.yaml" if guided else "movie-halves-planted.yaml"
-    return _write(folder / name, text)
+    if margin is None:
+        return _write(folder / "movie-halves-planted.yaml", text)
+    text += f"    guide: self\n    guide_margin: {margin}\n"
+    return _write(folder / f"movie-halves-planted-guided{'' if margin else '-margin0'}.yaml", text)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -106,8 +107,9 @@ def _write(path: Path, text: str) -> Path:
 
 BUILT = {  # the recipes' configs written beside the runs
     "movie-halves-mined-far.yaml": far_config,
-    "movie-halves-planted.yaml": lambda folder: planted_config(folder, guided=False),
-    "movie-halves-planted-guided.yaml": lambda folder: planted_config(folder, guided=True),
+    "movie-halves-planted.yaml": lambda folder: planted_config(folder, None),
+    "movie-halves-planted-guided.yaml": lambda folder: planted_config(folder, 0.1),
+    "movie-halves-planted-guided-margin0.yaml": lambda folder: planted_config(folder, 0.0),
 }
 
 
