@@ -184,6 +184,28 @@ def test_classification_loss_and_metrics_are_the_tasks():
     assert task.score(task.metrics(y_true, y_pred)) == pytest.approx((1 + 0 + 0.8) / 3)
 
 
+def test_a_split_evaluated_in_batches_gives_the_metrics_of_all_its_examples_at_once():
+    """Evaluation adds a split batch by batch: classification keeps its confusion matrix only, the other
+    types their examples, put back in the split's order; either way the figures of the whole split."""
+    rng = np.random.default_rng(0)
+    n = 500
+    order = rng.permutation(n)  # (batches come in packing order, not the split's)
+    batches = np.array_split(order, 7)
+    (classes,) = of_heads((("a", 3),))
+    y_true, y_pred = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    state = classes.metric_state()
+    for b in batches:
+        state = classes.add_to_metrics(state, b, y_true[b], y_pred[b])
+    assert isinstance(state, np.ndarray) and state.shape == (3, 3)  # nothing per example
+    assert classes.finish_metrics(state, y_true[:0]) == classes.metrics(y_true, y_pred)
+    score = build(TaskConfig(name="s", train="x.csv", type="regression")).with_labels([])
+    truth, guess = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    state = score.metric_state()
+    for b in batches:
+        state = score.add_to_metrics(state, b, truth[b], guess[b])
+    assert score.finish_metrics(state, truth[:0]) == score.metrics(truth, guess)
+
+
 @pytest.mark.parametrize(
     "y_true, y_pred, want",
     [

@@ -259,21 +259,29 @@ def fill_rows(
     return call
 
 
+def slot_values(call: PackedCall, slots: np.ndarray, values: np.ndarray, lengths: np.ndarray, per_token: bool):
+    """A call's outputs ``values`` at ``slots`` (each an input's first slot): per slot (``[R, S, ...]``)
+    the slot's value, ``[len(slots), ...]``, or per token (``[R, P, ...]``, ``per_token``) the values of
+    input i's ``lengths[i]`` tokens, an object array of them."""
+    if not per_token:
+        return values.reshape((-1,) + values.shape[2:])[slots]
+    out = np.empty(len(slots), object)
+    for j, slot in enumerate(slots):
+        row, at = call.tokens_of(slot)
+        out[j] = values[row, at : at + int(lengths[call.index[slot]])]
+    return out
+
+
 def gather(out: dict, name: str, call: PackedCall, values: np.ndarray, lengths: np.ndarray, per_token: bool) -> None:
-    """A call's outputs ``values`` into ``out[name]``, one entry per input (``len(lengths)`` of them):
-    per slot (``[R, S, ...]``) the value at each input's first slot, or per token (``[R, P, ...]``,
-    ``per_token``) the values of its ``lengths[i]`` tokens."""
+    """A call's outputs ``values`` into ``out[name]``, one entry per input (``len(lengths)`` of them), as
+    :func:`slot_values` gives them."""
     first = np.flatnonzero(call.first)
-    if per_token:
-        store = out.setdefault(name, np.empty(len(lengths), object))
-        for slot in first:
-            row, at = call.tokens_of(slot)
-            i = call.index[slot]
-            store[i] = values[row, at : at + int(lengths[i])]
-        return
-    values = values.reshape((-1,) + values.shape[2:])
-    store = out.setdefault(name, np.zeros((len(lengths),) + values.shape[1:], values.dtype))
-    store[call.index[first]] = values[first]
+    got = slot_values(call, first, values, lengths, per_token)
+    if name not in out:
+        out[name] = (
+            np.empty(len(lengths), object) if per_token else np.zeros((len(lengths),) + got.shape[1:], got.dtype)
+        )
+    out[name][call.index[first]] = got
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -258,6 +258,24 @@ class Task:
         """Every metric of the task (its ``primary`` among them) over labelled examples."""
         raise NotImplementedError
 
+    def metric_state(self):
+        """What evaluation keeps of a split as its batches go (:meth:`add_to_metrics`): by default each
+        labelled example's index, label and prediction; a type whose metrics come from sums keeps those."""
+        return []
+
+    def add_to_metrics(self, state, idx: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray):
+        """``state`` with one batch's labelled examples (``idx``: their places in the split)."""
+        state.append((idx, y_true, y_pred))
+        return state
+
+    def finish_metrics(self, state, empty: np.ndarray) -> dict:
+        """:meth:`metrics` of every example added, in the split's order (``empty``: no labels, for none)."""
+        if not state:
+            return self.metrics(empty, empty)
+        idx, y_true, y_pred = (np.concatenate(part) for part in zip(*state))
+        order = np.argsort(idx, kind="stable")
+        return self.metrics(y_true[order], y_pred[order])
+
     def score(self, result: dict) -> float:
         """The primary score of a :meth:`metrics` result."""
         return float(result[self.primary])

@@ -20,7 +20,7 @@ import numpy as np
 from mtl_jax.errors import MtlError
 from mtl_jax.options import option
 from mtl_jax.tasks.base import LossSums, PromptOptions, Task, register
-from mtl_jax.tasks.metrics import classification_report
+from mtl_jax.tasks.metrics import classification_report, confusion_matrix, confusion_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,16 @@ class Classification(Task):
 
     def metrics(self, y_true, y_pred) -> dict:
         return classification_report(y_true, y_pred, self.labels)
+
+    def metric_state(self) -> np.ndarray:
+        """The split's confusion matrix, summed batch by batch: nothing per example is kept."""
+        return np.zeros((len(self.labels),) * 2, np.int64)
+
+    def add_to_metrics(self, state, idx, y_true, y_pred) -> np.ndarray:
+        return state + confusion_matrix(y_true, y_pred, len(self.labels))
+
+    def finish_metrics(self, state, empty) -> dict:
+        return confusion_report(state, self.labels)
 
     def describe(self, result: dict) -> str:
         extra = "" if self.primary in ("accuracy", "macro_f1") else f" {self.primary} {self.score(result):.3f}"

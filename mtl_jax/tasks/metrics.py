@@ -18,10 +18,19 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequen
     ``confusion[i][j]`` counts examples of true class i predicted as j. A class that is
     never predicted (or never present) gets precision (recall) 0, as scikit-learn does.
     """
-    k = len(labels)
+    return confusion_report(confusion_matrix(y_true, y_pred, len(labels)), labels)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """``[k, k]`` int64: ``[i, j]`` counts examples of true class i predicted as j."""
     y_true = np.asarray(y_true, np.int64)
     y_pred = np.asarray(y_pred, np.int64)
-    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def confusion_report(confusion: np.ndarray, labels: Sequence[str]) -> dict:
+    """:func:`classification_report` from the confusion matrix alone (a split's counts, summed batch by batch)."""
+    k = len(labels)
     tp = np.diag(confusion).astype(np.float64)
     predicted = confusion.sum(axis=0)
     actual = confusion.sum(axis=1)

@@ -19,7 +19,7 @@ import numpy as np
 from mtl_jax.data.text import Words
 from mtl_jax.model.heads import Features, HeadSpec, dense_head
 from mtl_jax.options import option
-from mtl_jax.tasks.base import BadText, register
+from mtl_jax.tasks.base import BadText, Task, register
 from mtl_jax.tasks.classification import Classification
 from mtl_jax.tasks.metrics import entity_scores
 
@@ -96,6 +96,9 @@ class Tagging(Classification):
     @staticmethod
     def head(spec: HeadSpec, features: Features):
         return dense_head(spec, features.tokens)  # [R, P, tags]
+
+    # (entity figures need each sentence's tags: evaluation keeps the examples, not a confusion matrix)
+    metric_state, add_to_metrics, finish_metrics = Task.metric_state, Task.add_to_metrics, Task.finish_metrics
 
     def metrics(self, y_true, y_pred) -> dict:
         """Over the labelled tokens (each word's first sub-token) of every sentence."""

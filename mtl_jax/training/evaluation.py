@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from mtl_jax.data.batching import InputPipeline
-from mtl_jax.data.packing import gather
+from mtl_jax.data.packing import slot_values
 from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.tasks import Task
 from mtl_jax.tasks.base import has_label
@@ -49,22 +49,28 @@ def evaluate(
     eval_step: Callable, params, pipeline: InputPipeline, data: Tokenized, tasks: Sequence[Task], bar=None
 ) -> dict:
     """Each task's metrics (:meth:`Task.metrics`) and mean loss over every labelled example of ``data``
-    exactly once (padding never counts). ``data`` may carry cached embeddings (then only the heads run).
+    exactly once (padding never counts), accumulated batch by batch (:meth:`Task.add_to_metrics`:
+    a classification task keeps its confusion matrix, nothing per example). ``data`` may carry cached embeddings (then only the heads run).
     ``bar``: a progress bar the examples are counted on as their batches are queued."""
-    preds: dict[str, np.ndarray] = {}
+    states = {t.name: t.metric_state() for t in tasks}  # (a classification task: its confusion matrix)
+    labelled = {t.name: has_label(data.labels[t.name]) for t in tasks}
     loss_sums = {t.name: 0.0 for t in tasks}
     counts = {t.name: 0 for t in tasks}
     for call, result in _over_examples(eval_step, params, pipeline, data, bar):
         p, losses = to_host(result)
+        first = np.flatnonzero(call.first)  # the slots that hold an example's first segment
+        idx = call.index[first]
         for t in tasks:
-            gather(preds, t.name, call, np.asarray(p[t.name]), data.lengths, t.token_level)
+            keep = labelled[t.name][idx]
+            if keep.any():
+                values = slot_values(call, first[keep], np.asarray(p[t.name]), data.lengths, t.token_level)
+                y = data.labels[t.name][idx[keep]]
+                states[t.name] = t.add_to_metrics(states[t.name], idx[keep], y, values)
             loss_sums[t.name] += float(losses[t.name].loss_sum)
             counts[t.name] += int(losses[t.name].count)
     out = {}
     for task in tasks:
-        y = data.labels[task.name]
-        has = has_label(y)
-        report = task.metrics(y[has], preds[task.name][has] if task.name in preds else y[has])
+        report = task.finish_metrics(states[task.name], data.labels[task.name][:0])
         report["loss"] = loss_sums[task.name] / max(counts[task.name], 1)
         report["primary"] = task.primary
         out[task.name] = report
