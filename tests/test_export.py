@@ -165,7 +165,7 @@ def test_retrieval_figures_equal_sentence_transformers_information_retrieval_eva
 def test_cross_encoded_pair_scores_equal_the_export_read_by_sentence_transformers(tmp_path, tiny_bert):
     """A cross-encoded pair task trained on a BERT encoder: predict's class probabilities equal the
     export's head over the pair embeddings sentence-transformers computes (its pairs carry BERT's token
-    types), and differ from those of the same pairs with the second text's token type dropped."""
+    types); those embeddings are not the two texts' joined into one sentence."""
     from tests.typed_data import write_typed_data
 
     data = write_typed_data(tmp_path)
