@@ -48,6 +48,7 @@ RECIPES = {
     "planted-lr2e-4": ("movie-halves-planted.yaml", 32, 0, 2e-4),
     "planted-guided-lr2e-4": ("movie-halves-planted-guided.yaml", 32, 0, 2e-4),
     "planted-guided-margin0-lr2e-4": ("movie-halves-planted-guided-margin0.yaml", 32, 0, 2e-4),
+    "planted-guided-initial-lr2e-4": ("movie-halves-planted-guided-margin0-initial.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
     "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
 }
@@ -81,10 +82,10 @@ def restated(text: str) -> str:
     return " ".join(w for j, w in enumerate(text.split()) if j % 5 != 4)
 
 
-def planted_config(folder: Path, margin: float | None) -> Path:
+def planted_config(folder: Path, margin: float | None, guide: str = "self") -> Path:
     """The training pairs, every third query given one hard negative that is its own positive restated
-    (:func:`restated`: a false negative, as unfiltered mining finds them); with a ``margin``: ``guide:
-    self`` and that margin, which should leave those out of the query's negatives."""
+    (:func:`restated`: a false negative, as unfiltered mining finds them); with a ``margin``: ``guide``
+    (self or initial) and that margin, which should leave those out of the query's negatives."""
     rows = [json.loads(line) for line in (DERIVED / "movie_halves_train.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):
         row["negatives"] = [restated(row["positive"])] if i % 3 == 0 else []
@@ -95,8 +96,9 @@ def planted_config(folder: Path, margin: float | None) -> Path:
     text = text.replace("data/derived/movie_halves_mined.jsonl", str(train))
     if margin is None:
         return _write(folder / "movie-halves-planted.yaml", text)
-    text += f"    guide: self\n    guide_margin: {margin}\n"
-    return _write(folder / f"movie-halves-planted-guided{'' if margin else '-margin0'}.yaml", text)
+    text += f"    guide: {guide}\n    guide_margin: {margin}\n"
+    name = f"movie-halves-planted-guided{'' if margin else '-margin0'}{'-initial' if guide == 'initial' else ''}"
+    return _write(folder / f"{name}.yaml", text)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -110,6 +112,7 @@ BUILT = {  # the recipes' configs written beside the runs
     "movie-halves-planted.yaml": lambda folder: planted_config(folder, None),
     "movie-halves-planted-guided.yaml": lambda folder: planted_config(folder, 0.1),
     "movie-halves-planted-guided-margin0.yaml": lambda folder: planted_config(folder, 0.0),
+    "movie-halves-planted-guided-margin0-initial.yaml": lambda folder: planted_config(folder, 0.0, "initial"),
 }
 
 
