@@ -105,9 +105,9 @@ class SentenceEncoder:
             raise MtlError(f"dim {dim} must be in [1, {self.dim}]")
         prefix = self.prompt(prompt_name, prompt)
         texts = check_texts(sentences, pairs=True)
-        if prefix and any(isinstance(t, Joined) for t in texts):
-            raise MtlError("a prompt goes before sentences, not pairs: put it into the pair's texts")
         pairs = any(isinstance(t, Joined) for t in texts)
+        if prefix and pairs:
+            raise MtlError("a prompt goes before sentences, not pairs: put it into the pair's texts")
         fn = functools.partial(self._embed_fn, self.params, pooling=pooling, normalize=normalize, pairs=pairs)
         out = self.map_packed(
             fn,

@@ -338,7 +338,7 @@ class InputPipeline:
 
     def sizing_plans(self) -> Iterator[list]:
         """The steps the grids are sized from (see :attr:`grids`)."""
-        if (len(self.plan(0)) if self.steps is None else self.steps) <= self.GRID_SAMPLE:
+        if self.run_steps <= self.GRID_SAMPLE:
             yield from self.run_plans()
             return
         plan, rng = self.plan(0), np.random.default_rng([self.seed, 17])
@@ -368,11 +368,15 @@ class InputPipeline:
         )
         return grid
 
+    @property
+    def run_steps(self) -> int:
+        """The steps the run takes (``steps``; None: one epoch)."""
+        return len(self.plan(0)) if self.steps is None else self.steps
+
     def run_plans(self) -> Iterator[list]:
         """The plans of the steps the run takes, epoch after epoch, the last cut where the run ends
         (a 200-step run over millions of examples sizes its grids from 200 steps, not an epoch)."""
-        left = len(self.plan(0)) if self.steps is None else self.steps
-        epoch = 0
+        left, epoch = self.run_steps, 0
         while left > 0 and (plan := self.plan(epoch)):
             yield plan[:left]
             left, epoch = left - len(plan), epoch + 1
