@@ -1,10 +1,13 @@
-"""Retrieval with in-batch negatives only against the same with a mined hard negative per query, and
-against a 4x larger batch under gradient caching (batch 128 in chunks of 32: the same examples seen,
-a quarter of the steps), on the review-halves fixture split by film (configs/movie-halves*.yaml), a
-few seeds each; prints JSON.
+"""Retrieval with in-batch negatives only against the same with hard negatives, and against a 4x
+larger batch under gradient caching (batch 128 in chunks of 32: the same examples seen, a quarter of
+the steps), a few seeds each; prints JSON. Two fixtures split by film: review halves
+(configs/movie-halves*.yaml: the first half of a review finds its second half) and review verdicts
+(configs/review-verdicts*.yaml, the ``verdicts-`` recipes: a review finds its film's reviews of the
+same verdict; the hard negative is one of its film's reviews of the other verdict).
 
     python scripts/derive_examples.py
     python benchmarks/hard_negatives.py --seeds 0 1 2 > hard_negatives.json
+    python benchmarks/hard_negatives.py --recipes verdicts-in-batch verdicts-negative verdicts-mined
     python benchmarks/hard_negatives.py --recipes in-batch batch-128-cached --peer none
     python benchmarks/hard_negatives.py --step-cost   # a step with and without the hard negative
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_jax.config import load_config_file
 from mtl_jax.inference import load_encoder
 from mtl_jax.tasks.metrics import RETRIEVAL_METRICS, retrieval_metrics
 
@@ -51,26 +55,49 @@ RECIPES = {
     "planted-guided-initial-lr2e-4": ("movie-halves-planted-guided-margin0-initial.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
     "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
+    # the verdicts fixture: its own hard negative (the other verdict), and one mined (see verdicts_mined)
+    "verdicts-in-batch": ("configs/review-verdicts.yaml", 32, 0, 5e-5),
+    "verdicts-negative": ("configs/review-verdicts-negatives.yaml", 32, 0, 5e-5),
+    "verdicts-mined": ("review-verdicts-mined.yaml", 32, 0, 5e-5),
 }
+# with the PyTorch venv: these recipes again with sentence-transformers (their training file and its
+# hard-negative column, if any); an in-batch recipe and one with a negative give the step cost ratio
+PEER = {
+    "in-batch": ("movie_halves_train.jsonl", None),
+    "mined": ("movie_halves_mined.jsonl", "negatives"),
+    "verdicts-in-batch": ("review_verdicts_train.jsonl", None),
+    "verdicts-negative": ("review_verdicts_train.jsonl", "negative"),
+}
+PAIRED = [("in-batch", "mined"), ("verdicts-in-batch", "verdicts-negative")]
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
 FAR = ["--range-min", "20", "--range-max", "60"]  # mine.py's ranks for the mined-far recipes
 
 
-def mine(out: Path, *extra: str) -> Path:
-    """One hard negative per training query (scripts/mine.py, no ratio filter: in this fixture every
-    other review half is a true negative), written once."""
+def mine(out: Path, *extra: str, pairs: str = "movie_halves_train.jsonl") -> Path:
+    """One hard negative per training query (scripts/mine.py; for the halves, no ratio filter: in that
+    fixture every other review half is a true negative), written once."""
     if not out.exists():
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "mine.py"), "--input", str(DERIVED / "movie_halves_train.jsonl"),
-             "--negatives", "1", "--max-ratio", "off", "--out", str(out), "--no-progress", *extra],
+            [sys.executable, str(ROOT / "scripts" / "mine.py"), "--input", str(DERIVED / pairs),
+             "--negatives", "1", "--out", str(out), "--no-progress", *extra],
             check=True,
         )  # fmt: skip
     return out
 
 
+def verdicts_mined(folder: Path) -> Path:
+    """configs/review-verdicts.yaml with one negative mined per query by the pretrained encoder, with
+    mine.py's defaults (TopK-PercPos at 0.95): its film's nearest review is as often of the same
+    verdict (a false negative) as of the other."""
+    mined = mine(DERIVED / "review_verdicts_mined.jsonl", pairs="review_verdicts_train.jsonl")
+    text = (ROOT / "configs" / "review-verdicts.yaml").read_text()
+    text = text.replace("data/derived/review_verdicts_train.jsonl", str(mined))
+    return _write(folder / "review-verdicts-mined.yaml", text + "    negatives_column: negatives\n")
+
+
 def far_config(folder: Path) -> Path:
     """configs/movie-halves-mined.yaml with negatives mined from ranks 20 to 59 (:data:`FAR`)."""
-    mined = mine(DERIVED / "movie_halves_mined_far.jsonl", *FAR)
+    mined = mine(DERIVED / "movie_halves_mined_far.jsonl", "--max-ratio", "off", *FAR)
     text = (ROOT / "configs" / "movie-halves-mined.yaml").read_text()
     return _write(
         folder / "movie-halves-mined-far.yaml", text.replace("data/derived/movie_halves_mined.jsonl", str(mined))
@@ -113,38 +140,37 @@ BUILT = {  # the recipes' configs written beside the runs
     "movie-halves-planted-guided.yaml": lambda folder: planted_config(folder, 0.1),
     "movie-halves-planted-guided-margin0.yaml": lambda folder: planted_config(folder, 0.0),
     "movie-halves-planted-guided-margin0-initial.yaml": lambda folder: planted_config(folder, 0.0, "initial"),
+    "review-verdicts-mined.yaml": verdicts_mined,
 }
 
 
-def pretrained() -> dict:
-    rows = [json.loads(line) for line in (DERIVED / "movie_halves_test.jsonl").read_text().splitlines()]
-    encoder = load_encoder()
-    q = encoder.encode([r["query"] for r in rows], normalize=True)
-    p = encoder.encode([r["positive"] for r in rows], normalize=True)
-    return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows])
+def test_file(config: str) -> Path:
+    """The test split of a recipe's config (its one task's)."""
+    return ROOT / load_config_file(ROOT / config)["task_list"][0].test
 
 
-def prefix_ndcg(export: Path, dim: int) -> dict:
-    """nDCG@10 of the test split with the exported encoder's first ``dim`` dimensions, re-normalised."""
-    rows = [json.loads(line) for line in (DERIVED / "movie_halves_test.jsonl").read_text().splitlines()]
-    encoder = load_encoder(str(export))
+def test_figures(test: Path, model: str | None = None, dim: int | None = None) -> dict:
+    """The test split's retrieval figures with an encoder (the pretrained one, or an export), at ``dim``."""
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    encoder = load_encoder(model)
     q = encoder.encode([r["query"] for r in rows], normalize=True, dim=dim)
     p = encoder.encode([r["positive"] for r in rows], normalize=True, dim=dim)
-    keys = ([r["query"] for r in rows], [r["positive"] for r in rows])
-    return {f"prefix_ndcg@10@{dim}": retrieval_metrics(q, p, *keys)["ndcg@10"]}
+    return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows])
 
 
 def train(recipe: str, seed: int, out: Path) -> dict:
     config, batch, chunk, lr = RECIPES[recipe]
     if config in BUILT:
         config = str(BUILT[config](out.parent))
+    test = test_file(config)
     start = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config, "--seed", str(seed)]
     cmd += ["--batch-size", str(batch), "--contrastive-chunk", str(chunk), "--lr", str(lr)]
     subprocess.run(cmd + SETTINGS + ["--out", str(out), "--overwrite"], cwd=ROOT, check=True, capture_output=True)
     summary = json.loads((out / "summary.json").read_text())
-    result = summary["test"]["halves"]
-    sized = {k: v for k, v in result.items() if k.startswith("ndcg@10@")} | prefix_ndcg(out / "export", 64)
+    (result,) = summary["test"].values()
+    sized = {k: v for k, v in result.items() if k.startswith("ndcg@10@")}
+    sized["prefix_ndcg@10@64"] = test_figures(test, str(out / "export"), 64)["ndcg@10"]
     return (
         {k: result[k] for k in RETRIEVAL_METRICS}
         | sized
@@ -157,16 +183,17 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     )
 
 
-def peer(python: str, seeds: list[int]) -> dict:
+def peer(python: str, recipes: list[str], seeds: list[int]) -> dict:
     """The same recipes with sentence-transformers (benchmarks/st_hard_negatives.py in the PyTorch venv)."""
     model = str(load_encoder().source)
-    files = {"in-batch": DERIVED / "movie_halves_train.jsonl", "mined": DERIVED / "movie_halves_mined.jsonl"}
     out: dict = {}
-    for name, train_file in files.items():
+    for name in recipes:
+        (train_file, negatives), (_, batch, _, lr) = PEER[name], RECIPES[name]
         runs = []
         for seed in seeds:
-            cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(train_file)]
-            cmd += [str(DERIVED / "movie_halves_test.jsonl"), "--seed", str(seed)]
+            cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(DERIVED / train_file)]
+            cmd += [str(test_file(RECIPES[name][0])), "--seed", str(seed), "--batch-size", str(batch), "--lr", str(lr)]
+            cmd += ["--negatives", negatives] if negatives else []
             runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         scores = np.array([r["ndcg@10"] for r in runs])
         out[name] = {"runs": runs, "ndcg@10_mean": float(scores.mean()), "ndcg@10_spread": float(np.ptp(scores))}
@@ -180,7 +207,7 @@ def step_cost(batches: int = 8, rounds: int = 5) -> dict:
     one process (the median round): what a hard negative costs a step, apart from the machine's noise."""
     import jax
 
-    from mtl_jax.config import TrainConfig, load_config_file
+    from mtl_jax.config import TrainConfig
     from mtl_jax.training.freezing import frozen_groups, param_groups
     from mtl_jax.training.run import setup
     from mtl_jax.training.steps import TrainState, build_train_step
@@ -225,11 +252,13 @@ def main() -> None:
     )
     p.add_argument("--step-cost", action="store_true", help="only the interleaved step times (see step_cost)")
     args = p.parse_args()
-    mine(DERIVED / "movie_halves_mined.jsonl")
+    mine(DERIVED / "movie_halves_mined.jsonl", "--max-ratio", "off")
     if args.step_cost:
         print(json.dumps({"benchmark": "hard_negatives", "step_cost": step_cost()}))
         return
-    report: dict = {"benchmark": "hard_negatives", "pretrained": pretrained(), "runs": {}}
+    tests = sorted({test_file(RECIPES[n][0]) for n in args.recipes if RECIPES[n][0] not in BUILT})
+    report: dict = {"benchmark": "hard_negatives", "runs": {}}
+    report["pretrained"] = {t.name: test_figures(t) for t in tests}
     for name in args.recipes:
         runs = [train(name, seed, Path(args.out) / f"{name}-{seed}") for seed in args.seeds]
         report["runs"][name] = runs
@@ -237,11 +266,11 @@ def main() -> None:
         report[name] = {"ndcg@10_mean": float(scores.mean()), "ndcg@10_spread": float(np.ptp(scores))}
         print(json.dumps({name: runs}), file=sys.stderr)
     per_step = {n: np.mean([r["train_seconds"] for r in report["runs"][n]]) for n in args.recipes}
-    if {"mined", "in-batch"} <= set(per_step):
-        report["step_cost_ratio"] = float(per_step["mined"] / per_step["in-batch"])
+    paired = [pair for pair in PAIRED if set(pair) <= set(per_step)]
+    report["step_cost_ratio"] = {f"{b} / {a}": float(per_step[b] / per_step[a]) for a, b in paired}
     python = ROOT / args.peer  # (an absolute path stays as it is)
-    if python.exists() and {"mined", "in-batch"} <= set(per_step):
-        report["sentence_transformers"] = st = peer(str(python), args.seeds)
+    if python.exists() and paired:
+        report["sentence_transformers"] = st = peer(str(python), [n for pair in paired for n in pair], args.seeds)
         seconds = {n: np.mean([r["train_seconds"] for r in st[n]["runs"]]) for n in st}
         report["wall_ratio_vs_sentence_transformers"] = {n: float(per_step[n] / seconds[n]) for n in st}
     print(json.dumps(report))

@@ -4,7 +4,7 @@ batches with no repeated text in a batch, AdamW at lr 5e-5 with 6% linear warm-u
 weight decay 0.01, gradients clipped at norm 1, one epoch at batch 32; then the test split's figures
 from InformationRetrievalEvaluator. Prints JSON.
 
-    .peer/venv/bin/python benchmarks/st_hard_negatives.py MODEL_DIR TRAIN.jsonl TEST.jsonl --seed 0
+    .peer/venv/bin/python benchmarks/st_hard_negatives.py MODEL_DIR TRAIN.jsonl TEST.jsonl --seed 0 [--negatives COLUMN]
 
 The loop is written out (the trainer needs `datasets` and `accelerate`, which the peer venv does
 not carry); the loss, the model and the evaluator are sentence-transformers' own.
@@ -44,6 +44,11 @@ def batches(rows, size, rng):
     return [b for b in out if len(b) == size]  # (drop_last)
 
 
+def _first(value) -> list:
+    """A hard-negative cell's first text, as a list (empty when it holds none)."""
+    return list(value[:1]) if isinstance(value, list) else [value] if value else []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -52,12 +57,14 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--negatives", help="the hard-negative column: a list (only its first is used) or one text")
     args = p.parse_args()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]  # noqa: E731
     train, test = read(args.train), read(args.test)
-    rows = [[r["query"], r["positive"]] + list(r.get("negatives", []))[:1] for r in train]
+    negative = (lambda r: []) if not args.negatives else (lambda r: _first(r[args.negatives]))  # noqa: E731
+    rows = [[r["query"], r["positive"]] + negative(r) for r in train]
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = 128
     loss = losses.MultipleNegativesRankingLoss(model)

