@@ -152,7 +152,7 @@ def test_file(config: str) -> Path:
 def test_figures(test: Path, model: str | None = None, dim: int | None = None) -> dict:
     """The test split's retrieval figures with an encoder (the pretrained one, or an export), at ``dim``."""
     rows = [json.loads(line) for line in test.read_text().splitlines()]
-    encoder = load_encoder(model)
+    encoder = load_encoder(model) if model else load_encoder()
     q = encoder.encode([r["query"] for r in rows], normalize=True, dim=dim)
     p = encoder.encode([r["positive"] for r in rows], normalize=True, dim=dim)
     return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows])
