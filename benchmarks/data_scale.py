@@ -12,6 +12,7 @@ plus ``encode_batch`` of every text. One JSON line per figure, then one with the
     python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200  # a 200-step run over them
     python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200 --warm  # from that store
     python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200 --warm --chunk 8  # in chunks
+    python benchmarks/data_scale.py --folder /tmp/pairs --pairs 20000000 --steps 200 --warm --default-malloc
 
 With ``--pairs N``: a JSONL of N short query/positive pairs (words drawn from the embedded reviews)
 as one retrieval task, prepared into an empty store in a fresh process (``mtl-prepare``'s work):
@@ -183,18 +184,20 @@ def prepare_pairs(path: Path, cache: Path) -> dict:
     }
 
 
-def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False, chunk: int = 0) -> dict:
+def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False, chunk: int = 0, malloc: str = "") -> dict:
     """``scripts/train.py`` in a fresh process over the ``n`` pairs (2,000 validation and test pairs
     in files of their own), from an empty data cache (``warm``: the store an earlier run prepared),
     for ``steps`` steps: its peak resident memory (a cold run's preparation included) and its wall
     time by part; first the same run over the 2,000 validation pairs, whose peak is the model's and
-    the step's own (``model_peak_rss_gb``: what the data adds is the difference)."""
+    the step's own (``model_peak_rss_gb``: what the data adds is the difference). ``malloc``: the
+    runs' ``MTL_JAX_MALLOC`` (``default``: glibc's own malloc settings, docs/performance.md)."""
     train = write_pairs(folder, n)
     held_out = {split: write_pairs(folder / split, 2_000, seed=seed) for split, seed in (("val", 1), ("test", 2))}
-    small = _train(folder, "small", held_out["val"], held_out, steps, False, chunk)
-    big = _train(folder, f"pairs_{n}", train, held_out, steps, warm, chunk)
+    small = _train(folder, "small", held_out["val"], held_out, steps, False, chunk, malloc)
+    big = _train(folder, f"pairs_{n}", train, held_out, steps, warm, chunk, malloc)
     return (
         {"pairs": n, "steps": steps, "store": "warm" if warm else "cold", "contrastive_chunk": chunk}
+        | {"malloc": malloc or "tuned"}
         | big
         | {
             "model_peak_rss_gb": small["peak_rss_gb"],
@@ -203,7 +206,9 @@ def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False, chunk: 
     )
 
 
-def _train(folder: Path, name: str, train: Path, held_out: dict, steps: int, warm: bool, chunk: int = 0) -> dict:
+def _train(
+    folder: Path, name: str, train: Path, held_out: dict, steps: int, warm: bool, chunk: int = 0, malloc: str = ""
+) -> dict:
     """One training run in a fresh process: its wall time by part and its peak resident memory (run
     the smaller first: a process's children's peak is the largest so far)."""
     config = folder / f"{name}.yaml"
@@ -218,7 +223,8 @@ def _train(folder: Path, name: str, train: Path, held_out: dict, steps: int, war
     cmd += ["--overwrite", "--max-steps", str(steps), "--data-cache", str(cache), "--no-progress"]
     cmd += ["--contrastive-chunk", str(chunk)]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = os.environ | ({"MTL_JAX_MALLOC": malloc} if malloc else {})
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
@@ -256,6 +262,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="with --pairs: train this many steps over them (a fresh process)")
     p.add_argument("--warm", action="store_true", help="with --steps: from the store an earlier run prepared")
     p.add_argument("--chunk", type=int, default=0, help="with --steps: --contrastive-chunk (gradient caching)")
+    p.add_argument("--default-malloc", action="store_true", help="with --steps: the runs with MTL_JAX_MALLOC=default")
     p.add_argument("--measure", choices=["floor", "to_first_step", "pairs"], help=argparse.SUPPRESS)  # (the child)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -266,7 +273,8 @@ def main() -> None:
         print(json.dumps(measure[args.measure]()))
         return
     if args.pairs and args.steps:
-        figure = train_on_pairs(folder, args.pairs, args.steps, args.warm, args.chunk)
+        malloc = "default" if args.default_malloc else ""
+        figure = train_on_pairs(folder, args.pairs, args.steps, args.warm, args.chunk, malloc)
         print(json.dumps({"benchmark": "data_scale", "figure": "train_on_pairs"} | figure))
         return
     if args.pairs:

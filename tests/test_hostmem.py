@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -34,9 +35,10 @@ ctypes.CDLL(None).malloc_stats()
 """
 
 
-def _probe(mode: str) -> tuple[list[str], int]:
+def _probe(mode: str, **env: str) -> tuple[list[str], int]:
     """The probe's printed values and the number of malloc arenas its threads used."""
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    env = os.environ | env
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
     return out.stdout.split(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
 
 
@@ -60,3 +62,7 @@ def test_scratch_memory_is_reused_across_calls():
     # glibc's default maps the block afresh on every call; reused, the pages are already there
     assert int(fewest_default) >= 0.75 * fresh_block_faults()
     assert int(fewest_reused) * 50 < int(fewest_default)
+    # MTL_JAX_MALLOC=default: the programs keep glibc's defaults (the smaller peak)
+    (applied, fewest_opted_out, _), arenas = _probe("reuse", MTL_JAX_MALLOC="default")
+    assert applied == "False" and arenas > 1
+    assert int(fewest_opted_out) >= 0.75 * fresh_block_faults()

@@ -10,12 +10,15 @@ The price: freed memory up to 2 GiB stays with the process, and all threads shar
 malloc arena, so compiling a shape takes a little longer. What it buys on the default run
 and on one step is measured in docs/performance.md (``benchmarks/train_step.py --default-malloc``
 is the A/B switch). Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
+``MTL_JAX_MALLOC=default`` in the environment keeps glibc's defaults: a smaller peak (each step's
+scratch is mapped for the call and given back), slower steps on the CPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 import sys
 
@@ -40,6 +43,8 @@ def reuse_host_memory() -> bool:
     global _applied
     if _applied:
         return True
+    if os.environ.get("MTL_JAX_MALLOC", "").strip().lower() == "default":
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     # no public way to ask whether JAX's backend has started; not imported, it has not
