@@ -59,7 +59,21 @@ RECIPES = {
     "verdicts-in-batch": ("configs/review-verdicts.yaml", 32, 0, 5e-5),
     "verdicts-negative": ("configs/review-verdicts-negatives.yaml", 32, 0, 5e-5),
     "verdicts-mined": ("review-verdicts-mined.yaml", 32, 0, 5e-5),
+    "verdicts-matryoshka": ("review-verdicts-matryoshka.yaml", 32, 0, 5e-5),  # in-batch + 256, 128, 64 dims
+    "verdicts-batch-128-cached": ("configs/review-verdicts.yaml", 128, 32, 5e-5),
+    "verdicts-batch-128-cached-lr2e-4": ("configs/review-verdicts.yaml", 128, 32, 2e-4),
+    "verdicts-in-batch-lr2e-4": ("configs/review-verdicts.yaml", 32, 0, 2e-4),
+    # 256 review-halves pairs beside the 12,808 sentiment snippets, sampled uniformly (each pair drawn
+    # about 9 times in 150 steps): with the rule that keeps a text out of a step twice, and without it
+    "beside-large": ("halves-beside-sentiment.yaml", 32, 0, 5e-5),
+    "beside-large-repeats": ("halves-beside-sentiment.yaml", 32, 0, 5e-5),
 }
+BESIDE = ["--sampling", "uniform", "--max-steps", "150"]  # the beside-large recipes' run
+# the trainer with a retrieval step allowed to hold a text twice (the sampler's rule switched off)
+ALLOW_REPEATS = (
+    "import mtl_jax.commands; from mtl_jax.tasks.retrieval import Retrieval; "
+    "Retrieval.distinct_in_batch = False; from mtl_jax.commands.train import run; run()"
+)
 # with the PyTorch venv: these recipes again with sentence-transformers (their training file and its
 # hard-negative column, if any); an in-batch recipe and one with a negative give the step cost ratio
 PEER = {
@@ -128,6 +142,18 @@ def planted_config(folder: Path, margin: float | None, guide: str = "self") -> P
     return _write(folder / f"{name}.yaml", text)
 
 
+def beside_config(folder: Path, pairs: int = 256) -> Path:
+    """The first ``pairs`` review-halves training pairs as a small retrieval task beside the default
+    config's sentiment task (12,808 snippets)."""
+    small = folder / f"movie_halves_{pairs}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    small.write_text("".join((DERIVED / "movie_halves_train.jsonl").read_text().splitlines(keepends=True)[:pairs]))
+    halves = (ROOT / "configs" / "movie-halves.yaml").read_text().split("tasks:\n", 1)[1]
+    sentiment = (ROOT / "configs" / "default.yaml").read_text().split("  - name: task_b", 1)[1]
+    text = "tasks:\n" + halves.replace("data/derived/movie_halves_train.jsonl", str(small))
+    return _write(folder / "halves-beside-sentiment.yaml", text + "  - name: task_b" + sentiment)
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -141,6 +167,11 @@ BUILT = {  # the recipes' configs written beside the runs
     "movie-halves-planted-guided-margin0.yaml": lambda folder: planted_config(folder, 0.0),
     "movie-halves-planted-guided-margin0-initial.yaml": lambda folder: planted_config(folder, 0.0, "initial"),
     "review-verdicts-mined.yaml": verdicts_mined,
+    "halves-beside-sentiment.yaml": lambda folder: beside_config(folder),
+    "review-verdicts-matryoshka.yaml": lambda folder: _write(
+        folder / "review-verdicts-matryoshka.yaml",
+        (ROOT / "configs" / "review-verdicts.yaml").read_text() + "    matryoshka_dims: [256, 128, 64]\n",
+    ),
 }
 
 
@@ -166,9 +197,13 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     start = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config, "--seed", str(seed)]
     cmd += ["--batch-size", str(batch), "--contrastive-chunk", str(chunk), "--lr", str(lr)]
+    if recipe.startswith("beside-large"):
+        cmd += BESIDE
+    if recipe == "beside-large-repeats":
+        cmd[1:2] = ["-c", ALLOW_REPEATS]
     subprocess.run(cmd + SETTINGS + ["--out", str(out), "--overwrite"], cwd=ROOT, check=True, capture_output=True)
     summary = json.loads((out / "summary.json").read_text())
-    (result,) = summary["test"].values()
+    result = next(v for v in summary["test"].values() if "ndcg@10" in v)  # the retrieval task's
     sized = {k: v for k, v in result.items() if k.startswith("ndcg@10@")}
     sized["prefix_ndcg@10@64"] = test_figures(test, str(out / "export"), 64)["ndcg@10"]
     return (
