@@ -31,8 +31,8 @@
   film with the other verdict as the hard negative (a look-alike in everything but the verdict).
   In validation and test two reviews of each verdict per film are the queries, each with every
   other review of its film and verdict as a positive (several rows a query); the queries are not
-  among the passages. In-batch negatives are mostly other films: the fixture where hard negatives
-  carry what random ones do not.
+  among the passages. In-batch negatives are mostly other films: built so that hard negatives
+  carry what random ones do not (docs/task-types.md gives what they did).
 The regression example reads Whissell's dictionary as it ships (a word and its pleasantness).
 """
 
