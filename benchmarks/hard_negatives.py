@@ -223,13 +223,14 @@ def peer(python: str, recipes: list[str], seeds: list[int]) -> dict:
     model = str(load_encoder().source)
     out: dict = {}
     for name in recipes:
-        (train_file, negatives), (_, batch, _, lr) = PEER[name], RECIPES[name]
+        (train_file, negatives), (config, batch, _, lr) = PEER[name], RECIPES[name]
+        cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(DERIVED / train_file)]
+        cmd += [str(test_file(config)), "--batch-size", str(batch), "--lr", str(lr)]
+        cmd += ["--negatives", negatives] if negatives else []
         runs = []
         for seed in seeds:
-            cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(DERIVED / train_file)]
-            cmd += [str(test_file(RECIPES[name][0])), "--seed", str(seed), "--batch-size", str(batch), "--lr", str(lr)]
-            cmd += ["--negatives", negatives] if negatives else []
-            runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            run = subprocess.run(cmd + ["--seed", str(seed)], check=True, capture_output=True, text=True)
+            runs.append(json.loads(run.stdout))
         scores = np.array([r["ndcg@10"] for r in runs])
         out[name] = {"runs": runs, "ndcg@10_mean": float(scores.mean()), "ndcg@10_spread": float(np.ptp(scores))}
         print(json.dumps({f"sentence-transformers {name}": runs}), file=sys.stderr)
