@@ -60,6 +60,8 @@ class Examples:
     def concat(parts: Sequence[Examples], tasks: Sequence[Task]) -> Examples:
         if not parts:
             return Examples([], {t.name: t.empty_labels(0) for t in tasks}, np.zeros((0,), np.int32))
+        if len(parts) == 1:
+            return parts[0]
         spooled = any(isinstance(p.texts, np.ndarray) for p in parts)
         return Examples(
             np.concatenate([np.asarray(p.texts, np.int64) for p in parts])
@@ -245,16 +247,19 @@ def _label_ids(
 def _split_indices(labels: np.ndarray, seed: int) -> list[np.ndarray]:
     """Stratified 80/10/10 split of ``range(len(labels))``; identical on every machine for a seed."""
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[], [], []]
+    parts: list[list[np.ndarray]] = [[], [], []]
     for value in np.unique(labels):
         idx = np.flatnonzero(labels == value)
-        idx = idx[rng.permutation(len(idx))]
+        rng.shuffle(idx)  # (in place: the order rng.permutation(len(idx)) would give)
         n_val = int(round(len(idx) * SPLIT_FRACTIONS[1]))
         n_test = int(round(len(idx) * SPLIT_FRACTIONS[2]))
-        parts[1].extend(idx[:n_val])
-        parts[2].extend(idx[n_val : n_val + n_test])
-        parts[0].extend(idx[n_val + n_test :])
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val : n_val + n_test])
+        parts[0].append(idx[n_val + n_test :])
+    joined = [np.concatenate([np.zeros(0, np.int64)] + p) for p in parts]
+    for p in joined:
+        p.sort()
+    return joined
 
 
 def _split_off(
@@ -273,12 +278,14 @@ def _split_off(
         _, va, te = _split_indices(t0.strata(splits["train"].labels[t0.name][in_train]), seed)
         none = np.zeros(0, np.int64)
         moved = {"validation": none if t0.config.validation else va, "test": none if t0.config.test else te}
-        stay = np.setdiff1d(np.arange(len(in_train)), np.concatenate(list(moved.values())))
-        rest = np.setdiff1d(np.arange(len(splits["train"])), in_train)
+        stay = np.ones(len(in_train), bool)
+        for local in moved.values():
+            stay[local] = False
+        rest = np.flatnonzero(splits["train"].source != src_i)
         for s, local in moved.items():
             if len(local):
                 splits[s] = Examples.concat([splits[s], splits["train"].take(in_train[local])], tasks)
-        splits["train"] = Examples.concat([splits["train"].take(rest), splits["train"].take(in_train[stay])], tasks)
+        splits["train"] = splits["train"].take(np.concatenate([rest, in_train[stay]]))
     return splits
 
 
@@ -329,11 +336,13 @@ def load_tasks(
         labels, keep = _label_ids(resolve_path(spec), file_rows, group, objects, problems)
         sources.append((spec, key))
         source = np.full(len(file_rows.texts), len(sources) - 1, np.int32)
-        by_split[split].append(Examples(file_rows.texts, labels, source).take(np.flatnonzero(keep)))
+        examples = Examples(file_rows.texts, labels, source)
+        by_split[split].append(examples if keep.all() else examples.take(np.flatnonzero(keep)))
         if split != "train" and not keep.any():
             empty.append(
                 f"{resolve_path(spec)}: no examples (the {split} split of task(s) {', '.join(t.name for t in group)})"
             )
+    del rows, file_rows  # (each file's line numbers and raw labels: not needed past here)
     if problems.listed:
         raise BadRows(problems.listed)
     if empty:  # (an empty training file: Task.check_train says which task has nothing to learn from)

@@ -74,6 +74,7 @@ class TokenSpool:
         cat = lambda parts, dtype: np.concatenate([np.zeros(0, dtype)] + parts)  # noqa: E731
         lengths = cat(self.segment_lengths, np.int32)
         counts = cat(self.segment_counts, np.int16)
+        self.segment_lengths, self.segment_counts = [], []  # (joined: the parts let go before the offsets)
         size = int(lengths.sum(dtype=np.int64))
         ids = np.memmap(self.path, self.dtype, "r", shape=(size,)) if size else np.zeros(0, self.dtype)
         units = StoredUnits(ids, offsets(lengths), offsets(counts), cat(self.is_tuple, bool))
@@ -93,23 +94,39 @@ def ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets(lengths)[:-1], lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
-TAKE_CHUNK = 1 << 16  # examples gathered at a time (a few int64 temporaries per token)
+TAKE_CHUNK = 1 << 14  # examples gathered at a time (a few int64 temporaries per token)
 
 
-def take_units(units: StoredUnits, idx: np.ndarray, ids_out: np.ndarray) -> StoredUnits:
-    """Examples ``idx`` of ``units``, in that order, their ids written into ``ids_out`` (as long as
-    their tokens: a memory-mapped file) a chunk of examples at a time."""
-    segment_lengths, at = [], 0
+def take_sizes(units: StoredUnits, idx: np.ndarray) -> tuple[int, int]:
+    """``(tokens, segments)`` of examples ``idx`` of ``units`` (a chunk at a time: nothing as long as ``idx``)."""
+    tokens = segments = 0
     for start in range(0, len(idx), TAKE_CHUNK):
         part = idx[start : start + TAKE_CHUNK]
-        segments = ranges(units.example_starts[part], units.example_starts[part + 1])
-        tokens = ranges(units.segment_starts[segments], units.segment_starts[segments + 1])
-        ids_out[at : at + len(tokens)] = units.ids[tokens]
-        at += len(tokens)
-        if hasattr(ids_out, "flush"):
-            ids_out.flush()  # (written back before its pages are let go)
-        drop_pages(ids_out), drop_pages(units.ids)
-        segment_lengths.append(units.segment_starts[segments + 1] - units.segment_starts[segments])
-    lengths = np.concatenate([np.zeros(0, np.int64)] + segment_lengths)
-    counts = units.example_starts[idx + 1] - units.example_starts[idx]
-    return StoredUnits(ids_out, offsets(lengths), offsets(counts), units.is_tuple[idx])
+        first, last = units.example_starts[part], units.example_starts[part + 1]
+        segments += int((last - first).sum())
+        tokens += int((units.segment_starts[last] - units.segment_starts[first]).sum())
+    return tokens, segments
+
+
+def take_units(units: StoredUnits, idx: np.ndarray, out: StoredUnits) -> StoredUnits:
+    """Examples ``idx`` of ``units``, in that order, written into ``out``'s arrays (sized by
+    :func:`take_sizes`; memory-mapped files, whose pages are let go as they are written) a chunk of
+    examples at a time: no array as long as the examples or their segments is built in memory."""
+    out.segment_starts[0] = out.example_starts[0] = 0
+    at_token = at_segment = 0
+    for start in range(0, len(idx), TAKE_CHUNK):
+        part = idx[start : start + TAKE_CHUNK]
+        first, last = units.example_starts[part], units.example_starts[part + 1]
+        segments = ranges(first, last)
+        seg_first, seg_last = units.segment_starts[segments], units.segment_starts[segments + 1]
+        tokens = ranges(seg_first, seg_last)
+        out.ids[at_token : at_token + len(tokens)] = units.ids[tokens]
+        out.segment_starts[at_segment + 1 : at_segment + 1 + len(segments)] = at_token + np.cumsum(seg_last - seg_first)
+        out.example_starts[start + 1 : start + 1 + len(part)] = at_segment + np.cumsum(last - first)
+        out.is_tuple[start : start + len(part)] = units.is_tuple[part]
+        at_token, at_segment = at_token + len(tokens), at_segment + len(segments)
+        for a in (out.ids, out.segment_starts, out.example_starts, out.is_tuple):
+            if hasattr(a, "flush"):
+                a.flush()  # (written back before its pages are let go)
+        out.release(), drop_pages(units.ids)
+    return out

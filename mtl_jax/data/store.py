@@ -28,7 +28,7 @@ from mtl_jax.data.apart import APART_BYTES, write_store_apart
 from mtl_jax.data.batching import token_labels
 from mtl_jax.data.load import SPLITS, Examples, OfTasks, load_tasks, resolve_path
 from mtl_jax.data.packing import StoredUnits, offsets
-from mtl_jax.data.spool import Spooled, TokenSpool, take_units
+from mtl_jax.data.spool import Spooled, TokenSpool, take_sizes, take_units
 from mtl_jax.data.text import TextTokenizer
 from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.errors import MtlError
@@ -195,24 +195,30 @@ def _read_spooled(path: Path, tasks: Sequence[TaskConfig], tokenizer: TextTokeni
         raise
 
 
+def _units_files(folder: Path, dtype, tokens: int, segments: int, examples: int) -> StoredUnits:
+    """Empty arrays for a split's units, each a ``.npy`` file in ``folder`` opened for writing."""
+
+    def new(name: str, dtype, n: int) -> np.ndarray:
+        if n == 0:  # (an empty file cannot be mapped)
+            np.save(folder / f"{name}.npy", np.zeros(0, dtype))
+            return np.zeros(0, dtype)
+        return np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, (n,))
+
+    return StoredUnits(
+        new("ids", dtype, tokens),
+        new("segment_starts", np.int64, segments + 1),
+        new("example_starts", np.int64, examples + 1),
+        new("is_tuple", bool, examples),
+    )
+
+
 def _write_split(folder: Path, data: Examples, tasks: Sequence[Task], spooled: Spooled, dtype) -> dict:
     """The examples of one split (``data.texts``: their spooled units) as flat arrays in ``folder``."""
     folder.mkdir()
     idx = np.asarray(data.texts, np.int64)
-    size = int(spooled.units.lengths[idx].sum())
-    if size:
-        ids = np.lib.format.open_memmap(folder / "ids.npy", "w+", dtype, (size,))
-        units = take_units(spooled.units, idx, ids)
-        ids.flush()
-    else:
-        units = take_units(spooled.units, idx, np.zeros(0, dtype))
-        np.save(folder / "ids.npy", units.ids)
-    arrays = {
-        "segment_starts": units.segment_starts,
-        "example_starts": units.example_starts,
-        "is_tuple": units.is_tuple,
-        "source": np.asarray(data.source, np.int32),
-    }
+    tokens, segments = take_sizes(spooled.units, idx)
+    units = take_units(spooled.units, idx, _units_files(folder, dtype, tokens, segments, len(idx)))
+    arrays = {"source": np.asarray(data.source, np.int32)}
     for i, t in enumerate(tasks):
         y = data.labels[t.name]
         if y.dtype != object:
