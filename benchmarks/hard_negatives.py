@@ -74,6 +74,8 @@ ALLOW_REPEATS = (
     "import mtl_jax.commands; from mtl_jax.tasks.retrieval import Retrieval; "
     "Retrieval.distinct_in_batch = False; from mtl_jax.commands.train import run; run()"
 )
+EXTRA = {"beside-large": BESIDE, "beside-large-repeats": BESIDE}  # a recipe's own arguments to the trainer
+PROGRAM = {"beside-large-repeats": ["-c", ALLOW_REPEATS]}  # a recipe's trainer (else scripts/train.py)
 # with the PyTorch venv: these recipes again with sentence-transformers (their training file and its
 # hard-negative column, if any); an in-batch recipe and one with a negative give the step cost ratio
 PEER = {
@@ -195,12 +197,9 @@ def train(recipe: str, seed: int, out: Path) -> dict:
         config = str(BUILT[config](out.parent))
     test = test_file(config)
     start = time.perf_counter()
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config, "--seed", str(seed)]
-    cmd += ["--batch-size", str(batch), "--contrastive-chunk", str(chunk), "--lr", str(lr)]
-    if recipe.startswith("beside-large"):
-        cmd += BESIDE
-    if recipe == "beside-large-repeats":
-        cmd[1:2] = ["-c", ALLOW_REPEATS]
+    cmd = [sys.executable, *PROGRAM.get(recipe, [str(ROOT / "scripts" / "train.py")]), "--config", config]
+    cmd += ["--seed", str(seed), "--batch-size", str(batch), "--contrastive-chunk", str(chunk), "--lr", str(lr)]
+    cmd += EXTRA.get(recipe, [])
     subprocess.run(cmd + SETTINGS + ["--out", str(out), "--overwrite"], cwd=ROOT, check=True, capture_output=True)
     summary = json.loads((out / "summary.json").read_text())
     result = next(v for v in summary["test"].values() if "ndcg@10" in v)  # the retrieval task's
