@@ -11,7 +11,7 @@ import pytest
 from mtl_jax import MtlError
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
 from mtl_jax.data.batching import InputPipeline
-from mtl_jax.data.load import load_tasks, read_rows
+from mtl_jax.data.load import _split_indices, load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
 from mtl_jax.data.plans import epoch_plan, sampling_counts, task_plan
 from mtl_jax.data.tokenized import Tokenized
@@ -63,6 +63,17 @@ def test_embedded_default_data_counts_and_splits():
                 y = split_data.splits[split].labels[name]
                 got = np.bincount(y[y >= 0], minlength=len(per_class))
                 assert got.tolist() == [int(round(n * 0.1)) for n in per_class], (name, split, got)
+
+
+def test_split_indices_keep_their_order():
+    """The seeded split is part of every run's identity (its test metrics, its data store): these are
+    the indices a seed gave before the split was rewritten to build no Python lists; any change to
+    how it draws would move examples between splits."""
+    y = np.array([0, 1, 2, 0, 1, 0, 0, 2, 1, 0, 0, 1, 2, 0, 0, 1, 1, 0, 2, 0, 0, 1, 0, 0, 2, 1, 0, 0, 1, 0])
+    train, validation, test = _split_indices(y, 3)
+    assert validation.tolist() == [8, 22, 29] and test.tolist() == [3, 4, 19]
+    assert train.tolist() == sorted(set(range(30)) - {8, 22, 29, 3, 4, 19})
+    assert train.dtype == validation.dtype == test.dtype == np.int64
 
 
 def test_explicit_labels_map_and_shared_file(tmp_path):
