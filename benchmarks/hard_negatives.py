@@ -56,6 +56,9 @@ RECIPES = {
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
     "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
     # the verdicts fixture: its own hard negative (the other verdict), and one mined (see verdicts_mined)
+    # the halves ranked against look-alikes (each positive's halves swapped), in-batch only and mined
+    "reordered-in-batch": ("configs/movie-reordered.yaml", 32, 0, 5e-5),
+    "reordered-mined": ("configs/movie-reordered-mined.yaml", 32, 0, 5e-5),
     "verdicts-in-batch": ("configs/review-verdicts.yaml", 32, 0, 5e-5),
     "verdicts-negative": ("configs/review-verdicts-negatives.yaml", 32, 0, 5e-5),
     "verdicts-mined": ("review-verdicts-mined.yaml", 32, 0, 5e-5),
@@ -81,12 +84,15 @@ PROGRAM = {"beside-large-repeats": ["-c", ALLOW_REPEATS]}  # a recipe's trainer 
 PEER = {
     "in-batch": ("movie_halves_train.jsonl", None),
     "mined": ("movie_halves_mined.jsonl", "negatives"),
+    "reordered-in-batch": ("movie_halves_train.jsonl", None),
+    "reordered-mined": ("movie_reordered_mined.jsonl", "negatives"),
     "verdicts-in-batch": ("review_verdicts_train.jsonl", None),
     "verdicts-negative": ("review_verdicts_train.jsonl", "negative"),
 }
-PAIRED = [("in-batch", "mined"), ("verdicts-in-batch", "verdicts-negative")]
+PAIRED = [("in-batch", "mined"), ("reordered-in-batch", "reordered-mined"), ("verdicts-in-batch", "verdicts-negative")]
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
 FAR = ["--range-min", "20", "--range-max", "60"]  # mine.py's ranks for the mined-far recipes
+REORDERED = DERIVED / "movie_reordered_corpus.jsonl"  # the training positives and their look-alikes
 
 
 def mine(out: Path, *extra: str, pairs: str = "movie_halves_train.jsonl") -> Path:
@@ -183,12 +189,15 @@ def test_file(config: str) -> Path:
 
 
 def test_figures(test: Path, model: str | None = None, dim: int | None = None) -> dict:
-    """The test split's retrieval figures with an encoder (the pretrained one, or an export), at ``dim``."""
+    """The test split's retrieval figures with an encoder (the pretrained one, or an export), at ``dim``
+    (a row's ``negative``, if any, ranked among the passages)."""
     rows = [json.loads(line) for line in test.read_text().splitlines()]
     encoder = load_encoder(model) if model else load_encoder()
     q = encoder.encode([r["query"] for r in rows], normalize=True, dim=dim)
     p = encoder.encode([r["positive"] for r in rows], normalize=True, dim=dim)
-    return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows])
+    negatives = [r["negative"] for r in rows if r.get("negative")]
+    n = encoder.encode(negatives, normalize=True, dim=dim) if negatives else None
+    return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows], n, negatives)
 
 
 def train(recipe: str, seed: int, out: Path) -> dict:
@@ -288,6 +297,8 @@ def main() -> None:
     p.add_argument("--step-cost", action="store_true", help="only the interleaved step times (see step_cost)")
     args = p.parse_args()
     mine(DERIVED / "movie_halves_mined.jsonl", "--max-ratio", "off")
+    if any(n.startswith("reordered-") for n in args.recipes):  # from the positives and their look-alikes
+        mine(DERIVED / "movie_reordered_mined.jsonl", "--max-ratio", "off", "--corpus", str(REORDERED))
     if args.step_cost:
         print(json.dumps({"benchmark": "hard_negatives", "step_cost": step_cost()}))
         return

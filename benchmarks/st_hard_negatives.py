@@ -91,7 +91,7 @@ def main():
     print(
         json.dumps(
             {"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)}
-            | ir_figures(model, [(r["query"], r["positive"]) for r in test])
+            | ir_figures(model, [(r["query"], r["positive"], *_first(r.get("negative"))) for r in test])
         )
     )
 

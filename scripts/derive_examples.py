@@ -25,6 +25,12 @@
   film (80/10/10 of the 508 films): every film's other reviews are in the same split, so each
   positive has look-alikes (about 20 reviews of one film) among the passages it is ranked against;
   the fixture docs/task-types.md measures mined hard negatives on;
+- retrieval, movie_reordered_{validation,test}.jsonl and movie_reordered_corpus.jsonl: the halves
+  above, each positive with a look-alike made of its own words, its two halves swapped (the words a
+  bag-of-words embedding sees are the same; what continues the query is not). In validation and test
+  the look-alike is the row's hard negative, ranked among the passages; the corpus holds the training
+  positives and their look-alikes, to mine hard negatives from. In-batch negatives never show a
+  look-alike; mined ones do (NegCLIP's word-order negatives, in text retrieval);
 - retrieval, review_verdicts_{train,validation,test}.jsonl: a critic's review finds the reviews of
   the same film with the same verdict (fresh or rotten), split by film as above. Training rows are
   (query, positive, negative): each review with another of its film and verdict, and one of its
@@ -81,6 +87,16 @@ def movie_halves(rng) -> dict[str, list[dict]]:
     cut = [int(len(films) * 0.8), int(len(films) * 0.9)]
     parts = {"train": films[: cut[0]], "validation": films[cut[0] : cut[1]], "test": films[cut[1] :]}
     return {split: [row for film in sorted(names) for row in by_film[film]] for split, names in parts.items()}
+
+
+def reordered(rows: list[dict], corpus: bool) -> list[dict]:
+    """Each positive's look-alike: its own words with its two halves swapped. In validation and test,
+    the row's hard negative (ranked with the passages); for training, a corpus to mine from: every
+    positive and its look-alike."""
+    swap = lambda t: " ".join(t.split()[len(t.split()) // 2 :] + t.split()[: len(t.split()) // 2])  # noqa: E731
+    if corpus:
+        return [{"text": t} for r in rows for t in (r["positive"], swap(r["positive"]))]
+    return [r | {"negative": swap(r["positive"])} for r in rows]
 
 
 def review_verdicts(rng) -> dict[str, list[dict]]:
@@ -250,6 +266,8 @@ def main() -> None:
     }
     for split, rows in movie_halves(np.random.default_rng([args.seed, 2])).items():
         counts[f"movie_halves_{split}.jsonl"] = _jsonl(out / f"movie_halves_{split}.jsonl", rows)
+        name = f"movie_reordered_{split}.jsonl" if split != "train" else "movie_reordered_corpus.jsonl"
+        counts[name] = _jsonl(out / name, reordered(rows, split == "train"))
     for split, rows in review_verdicts(np.random.default_rng([args.seed, 4])).items():
         counts[f"review_verdicts_{split}.jsonl"] = _jsonl(out / f"review_verdicts_{split}.jsonl", rows)
     for name, n in counts.items():

@@ -127,8 +127,9 @@ def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
 
 @pytest.mark.slow  # the embedded encoder trained a step and exported, then sentence-transformers: make test-slow
 def test_retrieval_figures_equal_sentence_transformers_information_retrieval_evaluator(tmp_path):
-    """On a fixture with a passage written twice and a query with two positives, the test figures a run
-    reports equal those InformationRetrievalEvaluator computes from its export (1e-3)."""
+    """On a fixture with a passage written twice, a query with two positives and hard negatives in the
+    corpus, the test figures a run reports equal those InformationRetrievalEvaluator computes from its
+    export (1e-3)."""
     topics = ["football", "elections", "microchips", "gardening", "jazz", "volcanoes", "chess", "baking"]
     rows = [(f"tell me about {t}", f"an article on {t}, number {i}") for i, t in enumerate(topics * 3)]
     rows += [(rows[0][0], "more on football and its leagues")]  # a query with two positives
@@ -136,12 +137,15 @@ def test_retrieval_figures_equal_sentence_transformers_information_retrieval_eva
     rows += [
         (f"question number {i}", f"a note about {topics[(3 * i) % 8]} and {topics[(5 * i) % 8]}") for i in range(6)
     ]
-    lines = "".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in rows)
+    negatives = ("please tell me about football", rows[9][1], "tell me all about microchips")
+    rows = [r + (n,) for r, n in zip(rows, negatives)] + rows[3:]  # hard negatives join the ranked corpus:
+    # texts of their own that look like the queries (they outrank the positives), another row's positive
+    lines = "".join(json.dumps(dict(zip(("query", "positive", "negative"), r))) + "\n" for r in rows)
     (tmp_path / "qa.jsonl").write_text(lines)
     qa = tmp_path / "qa.jsonl"
     (tmp_path / "t.yaml").write_text(
         f"tasks:\n  - name: qa\n    type: retrieval\n    train: {qa}\n    validation: {qa}\n    test: {qa}\n"
-        "    text_columns: [query, positive]\n"
+        "    text_columns: [query, positive, negative]\n"
     )
     out = tmp_path / "run"
     args = ["--config", str(tmp_path / "t.yaml"), "--freeze", "all", "--max-steps", "1", "--batch-size", "8"]

@@ -99,7 +99,7 @@ def test_guided_in_batch_loss_leaves_out_candidates_scored_above_the_positive_ag
     )
     assert float(plain.loss_sum) != pytest.approx(float(sums.loss_sum), rel=1e-4)
     if guide == "initial":  # predictions and values are the model's own embeddings
-        np.testing.assert_array_equal(task.predict(jnp.asarray(head_out)[None]), out[None, :, :2])
+        np.testing.assert_array_equal(task.predict(jnp.asarray(head_out)[None]), out[None])
     with pytest.raises(MtlError, match="unknown guide"):
         _task("retrieval", text_columns=("q", "p"), guide="teacher")
 
@@ -162,7 +162,7 @@ def test_hard_negatives_come_from_columns_and_a_list_and_a_row_with_fewer_is_not
     task = _task("retrieval", text_columns=("q", "p", "n"), negatives_column="more")
     assert task.text_columns() == ("q", "p") and task.optional_columns() == ("n", "more")
     full = {"q": "a", "p": "b", "n": "c", "more": ("d", "e")}
-    assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[-1] == 5
+    assert task.text(full) == ("a", "b", "c", "d", "e") and task.raw_label(full)[4] == 5
     short = {"q": "a", "p": "b", "n": " ", "more": ("d",)}
     assert task.text(short) == ("a", "b", "d") and task.label_id(task.raw_label(short))[4] == 3
     assert task.with_labels([task.raw_label(full), task.raw_label(short)]).width == 5
@@ -282,6 +282,29 @@ def test_retrieval_groups_repeated_passages_and_queries_with_several_positives()
     assert r["mrr@10"] == pytest.approx((1 + 1 + 1 / 3) / 3)
     assert r["ndcg@10"] == pytest.approx((1 + 1 + 1 / np.log2(4)) / 3)
     assert r["map@100"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+
+
+def test_evaluation_ranks_the_rows_hard_negatives_with_the_passages():
+    """A test row's hard negatives join the corpus, relevant to no query: one that outscores the
+    query's positive pushes it down; a negative written as another row's positive is that one
+    document; a row's label carries its negatives' keys and the task ranks them."""
+    e = np.eye(4)
+    queries, positives = np.array([e[0], e[1]]), np.array([e[0] + e[2], e[1]])
+    alone = retrieval_metrics(queries, positives, ["a", "b"], ["p", "x"])
+    assert alone["recall@1"] == 1
+    # "a"'s negative "n" (along e0 alone) beats its positive; "b"'s negative is "p", a's positive
+    ranked = retrieval_metrics(queries, positives, ["a", "b"], ["p", "x"], np.array([e[0], e[0] + e[2]]), ["n", "p"])
+    assert ranked["recall@1"] == 0.5  # b still first: "p" is a's positive, one document, no copy
+    assert ranked["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
+    task = _task("retrieval", text_columns=("q", "p", "n"))
+    task = task.with_labels([task.raw_label({"q": "a", "p": "p", "n": "n"})])
+    assert task.label_shape == (7,)
+    y = np.stack([task.label_id(task.raw_label(f)) for f in ({"q": "a", "p": "p", "n": "n"}, {"q": "b", "p": "x"})])
+    assert y[1, 4] == 2 and (y[1, 5:] == -1).all()  # b has no negative: nothing of it is ranked
+    out = np.stack([np.stack([e[0], e[0] + e[2], e[0]]), np.stack([e[1], e[1], e[3]])])
+    out /= np.linalg.norm(out, axis=-1, keepdims=True)
+    got = task.metrics(y, out)
+    assert got["recall@1"] == 0.5 and got["mrr@10"] == pytest.approx(0.75)
 
 
 def test_ranking_in_chunks_equals_the_whole_matrix(monkeypatch):

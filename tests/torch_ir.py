@@ -1,10 +1,10 @@
 """Run by the tests with a PyTorch venv's python (`make peer`), never imported by them:
 sentence-transformers' InformationRetrievalEvaluator on an exported model directory.
 
-    python tests/torch_ir.py EXPORT_DIR < rows.json   # rows: [[query, positive], ...] -> {metric: value}
+    python tests/torch_ir.py EXPORT_DIR < rows.json   # rows: [[query, positive, *negatives], ...] -> {metric: value}
 
 Queries and passages get an id per distinct text; every passage a row pairs with a query is relevant
-to it. Nothing here imports mtl_jax (benchmarks/st_hard_negatives.py imports :func:`ir_figures`).
+to it; a row's hard negatives are passages of the corpus relevant to no query (unless paired). Nothing here imports mtl_jax (benchmarks/st_hard_negatives.py imports :func:`ir_figures`).
 """
 
 import json
@@ -15,11 +15,12 @@ from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
 
 def ir_figures(model, rows) -> dict:
-    """The evaluator's cosine figures for ``model`` on (query, positive) ``rows``."""
-    query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(q for q, _ in rows))}
-    doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(p for _, p in rows))}
+    """The evaluator's cosine figures for ``model`` on (query, positive, *negatives) ``rows``."""
+    query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(r[0] for r in rows))}
+    passages = [r[1] for r in rows] + [n for r in rows for n in r[2:]]
+    doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(passages))}
     relevant: dict = {}
-    for q, p in rows:
+    for q, p, *_ in rows:
         relevant.setdefault(query_id[q], set()).add(doc_id[p])
     evaluator = InformationRetrievalEvaluator(
         {i: q for q, i in query_id.items()},

@@ -34,7 +34,7 @@ from mtl_jax.data.tokenized import Tokenized
 from mtl_jax.errors import MtlError
 from mtl_jax.tasks import Task, TaskConfig, build
 
-FORMAT = 2
+FORMAT = 3
 META = "meta.json"
 
 

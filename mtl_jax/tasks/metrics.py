@@ -80,25 +80,30 @@ RANK_CHUNK_NUMBERS = 1 << 24  # similarities held at once while ranking (64 MiB 
 RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "map@100")
 
 
-def retrieval_metrics(queries: np.ndarray, positives: np.ndarray, query_keys, positive_keys) -> dict:
+def retrieval_metrics(
+    queries: np.ndarray, positives: np.ndarray, query_keys, positive_keys, others=None, other_keys=()
+) -> dict:
     """sentence-transformers' InformationRetrievalEvaluator's figures (cosine) for (query, positive) rows.
 
     Queries and passages are grouped by text (``*_keys``: one hashable key per row's text): each
     distinct query is ranked against the distinct passages, and every passage some row pairs with it
     is relevant, so a passage written twice is one document and a query with several positives has
-    them all. ``ndcg@10`` (primary), ``mrr@10``, ``recall@1``, ``recall@10``, ``map@100``, as that
-    evaluator computes them; ties go to the passage seen first. Queries are ranked a chunk at a time
-    (memory: chunk x passages), never all at once.
+    them all. ``others`` (``[M, D]``, keyed by ``other_keys``: the rows' hard negatives) join the
+    corpus as documents relevant to no query, unless a row pairs the same text with its query.
+    ``ndcg@10`` (primary), ``mrr@10``, ``recall@1``, ``recall@10``, ``map@100``, as that
+    evaluator computes them; ties go to the passage seen first (positives before the others). Queries
+    are ranked a chunk at a time (memory: chunk x passages), never all at once.
     """
-    q_keys, p_keys = list(map(_key, query_keys)), list(map(_key, positive_keys))
+    q_keys, p_keys, o_keys = list(map(_key, query_keys)), list(map(_key, positive_keys)), list(map(_key, other_keys))
     q_first = list(dict.fromkeys(q_keys))
-    doc_of = {k: j for j, k in enumerate(dict.fromkeys(p_keys))}
+    doc_of = {k: j for j, k in enumerate(dict.fromkeys(p_keys + o_keys))}
     relevant: dict = {k: set() for k in q_first}
     for q, p in zip(q_keys, p_keys):
         relevant[q].add(doc_of[p])
     q_rows = {k: i for i, k in reversed(list(enumerate(q_keys)))}  # each query's first row
-    p_rows = {k: i for i, k in reversed(list(enumerate(p_keys)))}
-    docs = unit_rows(np.asarray(positives)[[p_rows[k] for k in doc_of]])
+    d_rows = {k: i for i, k in reversed(list(enumerate(p_keys + o_keys)))}
+    passages = np.concatenate([np.asarray(positives), np.asarray(others)]) if o_keys else np.asarray(positives)
+    docs = unit_rows(passages[[d_rows[k] for k in doc_of]])
     qs = unit_rows(np.asarray(queries)[[q_rows[k] for k in q_first]])
     sums = dict.fromkeys(RETRIEVAL_METRICS, 0.0)
     for start, top, _ in top_k(qs, docs, 100):

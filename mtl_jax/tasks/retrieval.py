@@ -13,9 +13,10 @@ at least. ``mtl-mine`` (:mod:`mtl_jax.commands.mine`) writes hard negatives mine
 Evaluation computes what sentence-transformers' InformationRetrievalEvaluator computes: a split's
 queries and positives grouped by text (a passage written twice is one document; a query with several
 positives has them all), each distinct query ranked against the split's distinct passages: nDCG@10
-(primary), MRR@10, recall@1, recall@10 and MAP@100 (hard negatives are not in that corpus). An
-example's label is its query's and positive's text keys, which is what lets evaluation group them,
-and how many texts it has. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
+(primary), MRR@10, recall@1, recall@10 and MAP@100; a validation or test row's hard negatives join
+that corpus as passages relevant to no query (as a BEIR-style corpus holds them). An example's label
+is its query's, positive's and negatives' text keys, which is what lets evaluation group them, and
+how many texts it has. Prediction gives embeddings (``predict.py --corpus`` ranks a corpus).
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ class RetrievalOptions(PairOptions, MatryoshkaOptions):
 @dataclasses.dataclass(frozen=True)
 class Retrieval(Matryoshka, PairText, Task):
     primary = "ndcg@10"
-    label_shape = (5,)  # the keys of its query's and its positive's texts (two 31-bit halves each), its texts
     Options = RetrievalOptions
     ranks_corpus = True
     distinct_in_batch = True  # a repeated query or passage would be scored as its own negative
@@ -119,6 +119,12 @@ class Retrieval(Matryoshka, PairText, Task):
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
         if self.options.guide not in (None, "self", "initial"):
             raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self, initial)")
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """The keys of its query's and its positive's texts (two 31-bit halves each), how many texts it
+        has, then its hard negatives' keys (-1 where it has fewer)."""
+        return (5 + 2 * (self.width - 2),)
 
     @property
     def record_keys(self) -> tuple[str, ...]:
@@ -163,13 +169,14 @@ class Retrieval(Matryoshka, PairText, Task):
 
     @property
     def width(self) -> int:
-        """The most texts an example has (the training data's, else the configured columns')."""
+        """The most texts an example has: the training data's, or the configured columns' if more (a
+        validation or test file's negative columns are ranked when the training file has none)."""
         return int(self.stats[0]) if self.stats else len(self.options.text_columns)
 
     def with_labels(self, raw_train_labels) -> Retrieval:
         if self.stats:
             return self
-        widest = max((raw[-1] for raw in raw_train_labels), default=len(self.options.text_columns))
+        widest = max([raw[4] for raw in raw_train_labels] + [len(self.options.text_columns)])
         return dataclasses.replace(self, stats=(float(min(widest, MAX_SEGMENTS)),))
 
     def columns(self) -> tuple[str, ...]:
@@ -180,15 +187,22 @@ class Retrieval(Matryoshka, PairText, Task):
         return "sentence"  # predict takes a query (or a passage): its embedding
 
     def raw_label(self, fields: dict):
-        """The keys of the row's query and positive texts (their identity is its label) and how many
-        texts it has (None without a query or positive: the row's text says why)."""
+        """The keys of the row's query and positive texts (their identity is its label), how many
+        texts it has, then its negatives' keys (None without a query or positive: the row's text says
+        why). Evaluation ranks each split's negatives with its passages."""
         texts = [fields.get(c) for c in self.options.text_columns[:2]]
         if not all(isinstance(t, str) for t in texts):
             return None
-        return (*text_key(texts[0]), *text_key(texts[1]), 2 + len(self.negatives(fields)))
+        negatives = [k for _, text in self.negatives(fields) for k in text_key(str(text))]
+        return (*text_key(texts[0]), *text_key(texts[1]), 2 + len(negatives) // 2, *negatives)
 
     def label_id(self, raw) -> np.ndarray:
-        return np.array(raw, np.int32)
+        """The label, its negatives beyond the training data's widest example left out (as its texts are)."""
+        out = np.full(self.label_shape, -1, np.int32)
+        kept = np.array(raw[: self.label_shape[0]], np.int32)
+        out[: len(kept)] = kept
+        out[4] = min(out[4], self.width)
+        return out
 
     def check_batch(self, examples_per_step: int) -> None:
         if examples_per_step < 2:
@@ -235,17 +249,26 @@ class Retrieval(Matryoshka, PairText, Task):
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):
-        return self.own(outputs)[:, :, :2]  # (query, positive)
+        return self.own(outputs)  # (query, positive, negatives)
 
     def values(self, outputs):
         return self.own(outputs)[:, :, 0]  # the query's embedding (unit length)
 
     def metrics(self, y_true, y_pred) -> dict:
         y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-        keys = (y_true[:, :2], y_true[:, 2:4])
-        result = retrieval_metrics(y_pred[:, 0], y_pred[:, 1], *keys)
-        for d in self.dims:  # (retrieval_metrics re-normalises the truncated embeddings)
-            result[f"ndcg@10@{d}"] = retrieval_metrics(y_pred[:, 0, :d], y_pred[:, 1, :d], *keys)["ndcg@10"]
+        has = [y_true[:, 4] > j for j in range(2, y_pred.shape[1])]  # which rows have a j-th text
+        others = np.concatenate([y_pred[m, j] for j, m in enumerate(has, 2)] or [y_pred[:0, 0]])
+        other_keys = np.concatenate(
+            [y_true[m, 2 * j + 1 : 2 * j + 3] for j, m in enumerate(has, 2)] or [y_true[:0, :2]]
+        )
+
+        def ranked(d: int) -> dict:  # (retrieval_metrics re-normalises the truncated embeddings)
+            cut = y_pred[..., :d]
+            return retrieval_metrics(cut[:, 0], cut[:, 1], y_true[:, :2], y_true[:, 2:4], others[:, :d], other_keys)
+
+        result = ranked(y_pred.shape[-1])
+        for d in self.dims:
+            result[f"ndcg@10@{d}"] = ranked(d)["ndcg@10"]
         return result
 
     def describe(self, result: dict) -> str:
