@@ -63,6 +63,8 @@ RECIPES = {
     "verdicts-negative": ("configs/review-verdicts-negatives.yaml", 32, 0, 5e-5),
     "verdicts-mined": ("review-verdicts-mined.yaml", 32, 0, 5e-5),
     "verdicts-matryoshka": ("review-verdicts-matryoshka.yaml", 32, 0, 5e-5),  # in-batch + 256, 128, 64 dims
+    "verdicts-matryoshka-64x4": ("review-verdicts-matryoshka-64x4.yaml", 32, 0, 5e-5),  # 64 dims weighed 4
+    "verdicts-matryoshka-64x8": ("review-verdicts-matryoshka-64x8.yaml", 32, 0, 5e-5),  # 64 dims weighed 8
     "verdicts-batch-128-cached": ("configs/review-verdicts.yaml", 128, 32, 5e-5),
     "verdicts-batch-128-cached-lr2e-4": ("configs/review-verdicts.yaml", 128, 32, 2e-4),
     "verdicts-in-batch-lr2e-4": ("configs/review-verdicts.yaml", 32, 0, 2e-4),
@@ -162,6 +164,13 @@ def beside_config(folder: Path, pairs: int = 256) -> Path:
     return _write(folder / "halves-beside-sentiment.yaml", text + "  - name: task_b" + sentiment)
 
 
+def matryoshka_config(folder: Path, name: str, weights: list[float] | None = None) -> Path:
+    """configs/review-verdicts.yaml with the loss at 256, 128 and 64 dimensions, each size's ``weights``."""
+    text = (ROOT / "configs" / "review-verdicts.yaml").read_text() + "    matryoshka_dims: [256, 128, 64]\n"
+    text += f"    matryoshka_weights: {weights}\n" if weights else ""
+    return _write(folder / f"review-verdicts-matryoshka{name}.yaml", text)
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -176,10 +185,9 @@ BUILT = {  # the recipes' configs written beside the runs
     "movie-halves-planted-guided-margin0-initial.yaml": lambda folder: planted_config(folder, 0.0, "initial"),
     "review-verdicts-mined.yaml": verdicts_mined,
     "halves-beside-sentiment.yaml": lambda folder: beside_config(folder),
-    "review-verdicts-matryoshka.yaml": lambda folder: _write(
-        folder / "review-verdicts-matryoshka.yaml",
-        (ROOT / "configs" / "review-verdicts.yaml").read_text() + "    matryoshka_dims: [256, 128, 64]\n",
-    ),
+    "review-verdicts-matryoshka.yaml": lambda folder: matryoshka_config(folder, ""),
+    "review-verdicts-matryoshka-64x4.yaml": lambda folder: matryoshka_config(folder, "-64x4", [1, 1, 4]),
+    "review-verdicts-matryoshka-64x8.yaml": lambda folder: matryoshka_config(folder, "-64x8", [1, 1, 8]),
 }
 
 

@@ -74,6 +74,19 @@ def sizes(value) -> tuple[int, ...]:
     return tuple(sorted(set(out), reverse=True))
 
 
+def weights(value) -> tuple[float, ...]:
+    """A list of non-negative numbers (loss weights), in the order given."""
+    if isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a list, got {value!r}")
+    try:
+        out = tuple(float(x) for x in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected numbers, got {value!r}") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"expected non-negative numbers, got {value!r}")
+    return out
+
+
 def number_pair(value) -> tuple[float, float]:
     """``[low, high]`` as two floats, low below high."""
     try:

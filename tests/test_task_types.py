@@ -128,6 +128,13 @@ def test_matryoshka_loss_adds_each_leading_size_renormalised_and_metrics_report_
     assert "ndcg@10@4" in task.record_keys
     with pytest.raises(MtlError, match="exceed the encoder's 4 dimensions"):
         task.check_encoder(4)
+    # weights, largest size first (the whole embedding's listed: its loss weighed once)
+    weighed = _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[2, 8, 4], matryoshka_weights=[0.5, 2, 3])
+    sums = weighed.loss_sums(jnp.asarray(out)[None], jnp.asarray(labels)[None])
+    want = 0.5 * _numpy_in_batch(out) + 2 * _numpy_in_batch(cut(4)) + 3 * _numpy_in_batch(cut(2))
+    assert float(sums.loss_sum) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(MtlError, match="one weight per size of matryoshka_dims"):
+        _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[8, 4], matryoshka_weights=[1])
     with pytest.raises(ValueError, match="positive whole numbers"):  # (a config file says it as file: task: reason)
         _task("retrieval", text_columns=("q", "p"), matryoshka_dims=[0, 4])
 
@@ -150,6 +157,11 @@ def test_similarity_matryoshka_adds_cosent_of_each_size_and_reports_spearman_at_
 
     sums = task.loss_sums(outputs, jnp.asarray(score)[None])
     assert float(sums.loss_sum) == pytest.approx(6 * sum(numpy_cosent(cos[d]) for d in (8, 4, 2)), rel=1e-5)
+    weighed = _task(
+        "similarity", text_columns=("a", "b"), score_range=[0, 5], matryoshka_dims=[4, 2], matryoshka_weights=[2, 3]
+    ).with_labels([])
+    want = 6 * (numpy_cosent(cos[8]) + 2 * numpy_cosent(cos[4]) + 3 * numpy_cosent(cos[2]))
+    assert float(weighed.loss_sums(outputs, jnp.asarray(score)[None]).loss_sum) == pytest.approx(want, rel=1e-5)
     result = task.metrics(score, np.asarray(task.predict(outputs))[0])
     assert result["spearman"] == pytest.approx(correlations(score, cos[8])["spearman"])
     assert result["spearman@2"] == pytest.approx(correlations(score, cos[2])["spearman"])

@@ -1,7 +1,8 @@
 """Matryoshka embeddings, what the embedding types share (retrieval, bi-encoded similarity): the
 ``matryoshka_dims`` option, the check against the encoder's size, and each size's primary score in
 report.md and a plot. The types' losses add, for each size, their own loss over the re-normalised
-first dimensions of the one forward pass."""
+first dimensions of the one forward pass, times the size's weight (``matryoshka_weights``, as
+sentence-transformers' MatryoshkaLoss weighs them; 1 each by default)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from pathlib import Path
 from typing import Optional
 
 from mtl_jax.errors import MtlError
-from mtl_jax.options import option, sizes
+from mtl_jax.options import option, sizes, weights
 
 
 @dataclasses.dataclass(frozen=True)
 class MatryoshkaOptions:
     matryoshka_dims: Optional[tuple[int, ...]] = option(
         None, "Matryoshka: the loss summed over these leading sizes of the embedding, each re-normalised", parse=sizes
+    )
+    matryoshka_weights: Optional[tuple[float, ...]] = option(
+        None, "Matryoshka: each size's weight in that sum, largest size first (default: 1 each)", parse=weights
     )
 
 
@@ -30,6 +34,18 @@ class Matryoshka:
     def dims(self) -> tuple[int, ...]:
         """The Matryoshka sizes (none: the whole embedding only)."""
         return self.options.matryoshka_dims or ()
+
+    def weight(self, d: int) -> float:
+        """The loss weight of the leading size ``d`` (1 for a size not listed: the whole embedding's)."""
+        return dict(zip(self.dims, self.options.matryoshka_weights or ())).get(d, 1.0)
+
+    def check_weights(self) -> None:
+        given = self.options.matryoshka_weights
+        if given is not None and len(given) != len(self.dims):
+            raise MtlError(
+                f"task {self.name}: matryoshka_weights needs one weight per size of matryoshka_dims "
+                f"{list(self.dims)}, got {list(given)}"
+            )
 
     def sized_keys(self) -> tuple[str, ...]:
         return tuple(f"{self.sized[1]}@{d}" for d in self.dims)

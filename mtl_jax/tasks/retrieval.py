@@ -119,6 +119,7 @@ class Retrieval(Matryoshka, PairText, Task):
             raise MtlError(f"task {self.name}: retrieval encodes queries and passages apart (encoding: bi)")
         if self.options.guide not in (None, "self", "initial"):
             raise MtlError(f"task {self.name}: unknown guide {self.options.guide!r} (self, initial)")
+        self.check_weights()
 
     @property
     def label_shape(self) -> tuple[int, ...]:
@@ -243,9 +244,10 @@ class Retrieval(Matryoshka, PairText, Task):
         texts = jnp.where(self.present(y), y[:, 4], 0)
         margin = float(self.options.guide_margin) if self.options.guide else None
         nll, correct = in_batch_loss(out, texts, margin, guide_out)
+        nll *= self.weight(out.shape[-1])
         for d in self.dims:  # Matryoshka: each leading size trained as an embedding of its own
             if d < out.shape[-1]:  # (the whole embedding's loss is already in)
-                nll += in_batch_loss(l2_normalize(out[..., :d]), texts, margin, guide_out)[0]
+                nll += self.weight(d) * in_batch_loss(l2_normalize(out[..., :d]), texts, margin, guide_out)[0]
         return LossSums(jnp.sum(nll), jnp.sum(correct), jnp.sum(texts >= 2))
 
     def predict(self, outputs):

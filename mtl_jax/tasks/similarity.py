@@ -61,6 +61,7 @@ class Similarity(Matryoshka, PairInput, OneScore):
             raise MtlError(f"task {self.name}: unknown loss {self.options.loss!r} (similarity: cosent, mse)")
         if self.dims and self.options.encoding != "bi":
             raise MtlError(f"task {self.name}: matryoshka_dims needs encoding: bi (embeddings to cut)")
+        self.check_weights()
 
     @property
     def record_keys(self) -> tuple[str, ...]:
@@ -98,10 +99,14 @@ class Similarity(Matryoshka, PairInput, OneScore):
         scaled = (jnp.where(valid, y, lo) - lo) / (hi - lo)
         if self.options.encoding == "bi" and self.options.loss == "cosent":
             count = jnp.sum(valid)
-            loss = sum(cosent(preds[:, k], scaled, valid) for k in range(preds.shape[1]))
+            loss = sum(w * cosent(preds[:, k], scaled, valid) for k, w in enumerate(self.size_weights(preds)))
             return LossSums(loss * count, jnp.zeros((), jnp.int32), count)
         sums = [masked_mse(preds[:, k], scaled, valid) for k in range(preds.shape[1])]
-        return sums[0]._replace(loss_sum=sum(s.loss_sum for s in sums))
+        return sums[0]._replace(loss_sum=sum(w * s.loss_sum for s, w in zip(sums, self.size_weights(preds))))
+
+    def size_weights(self, preds) -> list[float]:
+        """The loss weight of each column of ``preds``: the whole embedding's (1), then each size's."""
+        return [1.0] + [self.weight(d) for d in self.dims][: preds.shape[1] - 1]
 
     def predict(self, outputs):
         """The cosine (``bi``; with Matryoshka sizes, then each size's) or the head's output mapped back
