@@ -1,13 +1,17 @@
 """Retrieval with in-batch negatives only against the same with hard negatives, and against a 4x
 larger batch under gradient caching (batch 128 in chunks of 32: the same examples seen, a quarter of
-the steps), a few seeds each; prints JSON. Two fixtures split by film: review halves
-(configs/movie-halves*.yaml: the first half of a review finds its second half) and review verdicts
-(configs/review-verdicts*.yaml, the ``verdicts-`` recipes: a review finds its film's reviews of the
-same verdict; the hard negative is one of its film's reviews of the other verdict).
+the steps), a few seeds each; prints JSON. Three fixtures split by film: review halves
+(configs/movie-halves*.yaml: the first half of a review finds its second half), the same halves
+ranked against look-alikes (configs/movie-reordered*.yaml, the ``reordered-`` recipes: each test
+positive's own words with its halves swapped are in the corpus; the mined negatives come from the
+training positives and their look-alikes) and review verdicts (configs/review-verdicts*.yaml, the
+``verdicts-`` recipes: a review finds its film's reviews of the same verdict; the hard negative is
+one of its film's reviews of the other verdict).
 
     python scripts/derive_examples.py
     python benchmarks/hard_negatives.py --seeds 0 1 2 > hard_negatives.json
     python benchmarks/hard_negatives.py --recipes verdicts-in-batch verdicts-negative verdicts-mined
+    python benchmarks/hard_negatives.py --recipes reordered-in-batch reordered-mined
     python benchmarks/hard_negatives.py --recipes in-batch batch-128-cached --peer none
     python benchmarks/hard_negatives.py --step-cost   # a step with and without the hard negative
 
