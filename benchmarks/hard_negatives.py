@@ -59,10 +59,10 @@ RECIPES = {
     "planted-guided-initial-lr2e-4": ("movie-halves-planted-guided-margin0-initial.yaml", 32, 0, 2e-4),
     "matryoshka": ("configs/movie-halves-matryoshka.yaml", 32, 0, 5e-5),  # + the loss of 256, 128, 64 dims
     "matryoshka-lr2e-4": ("configs/movie-halves-matryoshka.yaml", 32, 0, 2e-4),
-    # the verdicts fixture: its own hard negative (the other verdict), and one mined (see verdicts_mined)
     # the halves ranked against look-alikes (each positive's halves swapped), in-batch only and mined
     "reordered-in-batch": ("configs/movie-reordered.yaml", 32, 0, 5e-5),
     "reordered-mined": ("configs/movie-reordered-mined.yaml", 32, 0, 5e-5),
+    # the verdicts fixture: its own hard negative (the other verdict), and one mined (see verdicts_mined)
     "verdicts-in-batch": ("configs/review-verdicts.yaml", 32, 0, 5e-5),
     "verdicts-negative": ("configs/review-verdicts-negatives.yaml", 32, 0, 5e-5),
     "verdicts-mined": ("review-verdicts-mined.yaml", 32, 0, 5e-5),

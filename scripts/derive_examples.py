@@ -89,14 +89,18 @@ def movie_halves(rng) -> dict[str, list[dict]]:
     return {split: [row for film in sorted(names) for row in by_film[film]] for split, names in parts.items()}
 
 
+def swapped(text: str) -> str:
+    """A look-alike of ``text``: its own words with its two halves swapped."""
+    words = text.split()
+    return " ".join(words[len(words) // 2 :] + words[: len(words) // 2])
+
+
 def reordered(rows: list[dict], corpus: bool) -> list[dict]:
-    """Each positive's look-alike: its own words with its two halves swapped. In validation and test,
-    the row's hard negative (ranked with the passages); for training, a corpus to mine from: every
-    positive and its look-alike."""
-    swap = lambda t: " ".join(t.split()[len(t.split()) // 2 :] + t.split()[: len(t.split()) // 2])  # noqa: E731
+    """Each positive's look-alike (:func:`swapped`). In validation and test, the row's hard negative
+    (ranked with the passages); for training, a corpus to mine from: every positive and its look-alike."""
     if corpus:
-        return [{"text": t} for r in rows for t in (r["positive"], swap(r["positive"]))]
-    return [r | {"negative": swap(r["positive"])} for r in rows]
+        return [{"text": t} for r in rows for t in (r["positive"], swapped(r["positive"]))]
+    return [r | {"negative": swapped(r["positive"])} for r in rows]
 
 
 def review_verdicts(rng) -> dict[str, list[dict]]:

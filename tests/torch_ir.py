@@ -4,7 +4,8 @@ sentence-transformers' InformationRetrievalEvaluator on an exported model direct
     python tests/torch_ir.py EXPORT_DIR < rows.json   # rows: [[query, positive, *negatives], ...] -> {metric: value}
 
 Queries and passages get an id per distinct text; every passage a row pairs with a query is relevant
-to it; a row's hard negatives are passages of the corpus relevant to no query (unless paired). Nothing here imports mtl_jax (benchmarks/st_hard_negatives.py imports :func:`ir_figures`).
+to it; a row's hard negatives are passages of the corpus relevant to no query (unless paired).
+Nothing here imports mtl_jax (benchmarks/st_hard_negatives.py imports :func:`ir_figures`).
 """
 
 import json
