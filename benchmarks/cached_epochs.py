@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 
-reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+reuse_host_memory()  # as the command-line programs do, before JAX's first computation
 
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402

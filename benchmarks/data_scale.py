@@ -86,7 +86,7 @@ def to_first_step(folder: Path, cache: Path) -> dict:
     """In this process: setup, the epoch plan and the first training batch of configs/glue.yaml."""
     from mtl_jax.training.hostmem import reuse_host_memory
 
-    reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+    reuse_host_memory()  # as the command-line programs do, before JAX's first computation
     from mtl_jax.config import TrainConfig, load_config_file
     from mtl_jax.training.run import setup
 

@@ -11,7 +11,7 @@ and the ratios the goals are stated in (cached memory against small; cached spee
     python benchmarks/gradcache.py --size minilm --rows 16 --seq 64 --factor 16
 """
 
-# ruff: noqa: E402  (the malloc tuning comes before NumPy and JAX are imported)
+# ruff: noqa: E402  (the host-memory tuning comes before JAX's first computation)
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtl_jax.training.hostmem import reuse_host_memory
 
-reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+reuse_host_memory()  # as the command-line programs do, before JAX's first computation
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtl_jax.training.hostmem import reuse_host_memory  # noqa: E402
 
-reuse_host_memory()  # as the command-line programs do, before NumPy starts a thread
+reuse_host_memory()  # as the command-line programs do, before JAX's first computation
 
 import numpy as np  # noqa: E402
 

@@ -10,7 +10,7 @@ With --grad-diagnostics K it also times K steps with and without one task-gradie
 probe (as the trainer runs it every K steps) and reports the overhead as a ratio.
 """
 
-# ruff: noqa: E402  (the malloc tuning comes before NumPy and JAX are imported)
+# ruff: noqa: E402  (the host-memory tuning comes before JAX's first computation)
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ T_START = time.perf_counter()
 
 from mtl_jax.training.hostmem import reuse_host_memory
 
-# as the command-line programs do, before NumPy starts a thread (--default-malloc: the A/B switch)
+# as the command-line programs do, before JAX's first computation (--default-malloc: the A/B switch)
 HOST_MEMORY_REUSED = "--default-malloc" not in sys.argv and reuse_host_memory()
 
 import jax
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument(
         "--default-malloc",
         action="store_true",
-        help="leave glibc's malloc as it is (no mtl_jax.training.hostmem.reuse_host_memory)",
+        help="leave glibc's malloc and JAX's CPU dispatch as they are (no mtl_jax.training.hostmem.reuse_host_memory)",
     )
     p.add_argument(
         "--task-type",

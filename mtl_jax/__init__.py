@@ -1,7 +1,6 @@
 """mtl_jax: multi-task fine-tuning of a sentence transformer in JAX/Flax.
 
-The names below load on first use: importing a submodule (the command-line programs' malloc
-tuning, which must run before NumPy or JAX start a thread) does not import JAX.
+The names below load on first use: importing a submodule does not import JAX or the model.
 """
 
 from __future__ import annotations

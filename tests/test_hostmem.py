@@ -12,34 +12,34 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 
-# one jitted call with a 200 MiB scratch block; prints whether the tuning took effect and the
-# fewest page faults among 10 calls after the first; glibc's malloc_stats lists the arenas on stderr
+# one jitted call with a 200 MiB scratch block; prints whether the tuning took effect, the fewest
+# page faults among 10 calls after the first, and whether a second call, after JAX has computed, says so
 PROBE = """
-import ctypes, resource, sys
+import resource, sys
 if sys.argv[1] == "reuse":
     import mtl_jax.commands.train  # what every command-line program imports first
 from mtl_jax.training.hostmem import reuse_host_memory
 applied = reuse_host_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: (jnp.cumsum(x, 0) * jnp.cumsum(x, 1)).sum())
-x = jnp.ones((4096, 4096))
-assert f.lower(x).compile().memory_analysis().temp_size_in_bytes > 150 * 2**20
+f = jax.jit(lambda x: (jnp.exp(x) * jnp.sin(x[::-1])).sum())
+x = jnp.ones((8192, 6400))
+assert f.lower(x).compile().memory_analysis().temp_size_in_bytes == 200 * 2**20
 f(x).block_until_ready()
 faults = []
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, min(faults), reuse_host_memory(), flush=True)
-ctypes.CDLL(None).malloc_stats()
+print(applied, min(faults), reuse_host_memory(), jax.config.values["jax_cpu_enable_async_dispatch"], flush=True)
 """
 
 
-def _probe(mode: str, **env: str) -> tuple[list[str], int]:
-    """The probe's printed values and the number of malloc arenas its threads used."""
+def _probe(mode: str, **env: str) -> list[str]:
+    """The probe's printed values."""
     env = os.environ | env
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
-    return out.stdout.split(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
 
 
 def fresh_block_faults() -> int:
@@ -51,18 +51,15 @@ def fresh_block_faults() -> int:
 
 
 def test_scratch_memory_is_reused_across_calls():
-    (applied, fewest_reused, _), arenas = _probe("reuse")
-    assert applied == "True"
-    # tuned before NumPy's or JAX's first thread: a thread in an arena of its own maps big blocks afresh
-    assert arenas == 1
-    (applied, fewest_default, late), arenas = _probe("default")
-    assert applied == "False"
-    assert late == "False"  # too late once JAX has computed: worker threads keep their arenas
-    assert arenas > 1
+    applied, fewest_reused, _, asynchronous = _probe("reuse")
+    assert applied == "True" and asynchronous == "False"  # each call runs in the main thread's arena
+    applied, fewest_default, late, asynchronous = _probe("default")
+    assert applied == "False" and asynchronous == "True"
+    assert late == "False"  # too late once JAX has computed: the CPU client has started
     # glibc's default maps the block afresh on every call; reused, the pages are already there
     assert int(fewest_default) >= 0.75 * fresh_block_faults()
     assert int(fewest_reused) * 50 < int(fewest_default)
-    # MTL_JAX_MALLOC=default: the programs keep glibc's defaults (the smaller peak)
-    (applied, fewest_opted_out, _), arenas = _probe("reuse", MTL_JAX_MALLOC="default")
-    assert applied == "False" and arenas > 1
+    # MTL_JAX_MALLOC=default: the programs keep glibc's defaults and JAX's dispatch
+    applied, fewest_opted_out, _, asynchronous = _probe("reuse", MTL_JAX_MALLOC="default")
+    assert applied == "False" and asynchronous == "True"
     assert int(fewest_opted_out) >= 0.75 * fresh_block_faults()

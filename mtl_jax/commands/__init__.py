@@ -1,7 +1,7 @@
 """The command-line programs: scripts/*.py and the mtl-* console scripts run these.
 
-Importing the package tunes glibc's malloc for a training process (mtl_jax/training/hostmem.py)
-before anything starts a thread: NumPy's import does.
+Importing the package keeps XLA:CPU's scratch memory between a training process's steps
+(mtl_jax/training/hostmem.py), before JAX's first computation.
 """
 
 from mtl_jax.training.hostmem import reuse_host_memory

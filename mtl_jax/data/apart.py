@@ -1,10 +1,9 @@
 """Writing a large store in a child Python process (``python -m mtl_jax.data.apart_main``).
 
-A training process tunes glibc's malloc for XLA:CPU's step (one arena for every thread, no
-``mmap``: :mod:`mtl_jax.training.hostmem`). In such a process the tokenizer's worker threads and
-pyarrow's readers all take the one arena's lock, and preparing GLUE's million rows takes over
-twice as long as with glibc's defaults. The child starts with the defaults, and what reading and
-tokenizing held goes back to the system when it exits; the trainer then maps the finished store.
+A training process keeps the memory it frees (no ``mmap``, a 2 GiB trim threshold:
+:mod:`mtl_jax.training.hostmem`), so what reading and tokenizing a large input freed would stay
+with it for the whole run. The child starts with glibc's defaults, and what it held goes back to
+the system when it exits; the trainer then maps the finished store.
 A child costs a second or two to start, so inputs under :data:`APART_BYTES` are prepared in the
 process itself.
 

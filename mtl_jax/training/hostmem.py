@@ -1,17 +1,24 @@
 """Host memory on the CPU backend: keep the scratch block a compiled step frees for the next step.
 
 XLA:CPU gives each call of a compiled function one block of scratch memory and frees it
-when the call ends. glibc serves a block that large from the calling worker thread's own
-arena with ``mmap`` and returns it with ``munmap``, so on every step the kernel faults in
-and zeroes fresh pages. With every thread in the main arena, no ``mmap`` and a trim
-threshold of 2 GiB, the freed block stays in the heap and the next step reuses it.
+when the call ends. glibc serves a block that large with ``mmap`` and returns it with
+``munmap``, so on every step the kernel faults in and zeroes fresh pages. Two settings keep it:
 
-The price: freed memory up to 2 GiB stays with the process, and all threads share one
-malloc arena, so compiling a shape takes a little longer. What it buys on the default run
-and on one step is measured in docs/performance.md (``benchmarks/train_step.py --default-malloc``
-is the A/B switch). Only glibc's ``mallopt`` is touched; elsewhere this is a no-op.
-``MTL_JAX_MALLOC=default`` in the environment keeps glibc's defaults: a smaller peak (each step's
-scratch is mapped for the call and given back), slower steps on the CPU.
+- no ``mmap`` and a trim threshold of 2 GiB in glibc's malloc: a freed block stays in the
+  heap of the arena it came from, and the next call of that size reuses it;
+- synchronous dispatch on the CPU backend (``jax_cpu_enable_async_dispatch`` off): each call
+  runs in the thread that makes it, the program's main thread, whose arena is glibc's main
+  one. With asynchronous dispatch the call runs on one of the client's worker threads, and a
+  worker's arena is a set of 64 MiB heaps that cannot hold the block, so glibc maps it afresh
+  whatever the settings.
+
+Every other thread keeps the arena glibc gives it, so compiler, tokenizer and reader threads
+do not queue for one lock, and their freed memory does not sit between the main thread's
+blocks (putting every thread in the one main arena reuses as much, but a run then kept about
+a gigabyte more). What it buys on one step and on a run is measured in docs/performance.md
+(``benchmarks/train_step.py --default-malloc`` is the A/B switch). Only glibc's ``mallopt``
+and the CPU backend's dispatch are touched; a GPU or TPU backend dispatches as before.
+``MTL_JAX_MALLOC=default`` in the environment leaves both as they are.
 """
 
 from __future__ import annotations
@@ -25,20 +32,19 @@ import sys
 log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: at most 2 GiB stays with the process
 
 _applied = False
 
 
 def reuse_host_memory() -> bool:
-    """Make freed host memory stay in the process for reuse; True when it takes effect.
+    """Make a compiled call's freed scratch memory stay in the process for the next call; True when
+    it takes effect.
 
-    Call it before NumPy or JAX are imported: a thread that has already allocated (NumPy's
-    BLAS starts one) keeps its own arena, glibc then hands later threads that arena or the main
-    one in turn, and a big block in any arena but the main one is always mapped and unmapped.
-    Importing :mod:`mtl_jax.commands` (every command-line program) calls it first thing; the
-    benchmarks and tests call it before importing anything else.
+    Call it before JAX's first computation (the CPU client reads its dispatch setting when it
+    starts). Importing :mod:`mtl_jax.commands` (every command-line program) calls it first thing;
+    the benchmarks and tests call it before their first computation.
     """
     global _applied
     if _applied:
@@ -53,9 +59,10 @@ def reuse_host_memory() -> bool:
         log.info("reuse_host_memory: JAX has started its backend; call it before the first computation")
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
+    if mallopt is None or not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
         return False
-    _applied = bool(
-        mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
+    import jax  # the setting is a flag of JAX's, read when the CPU client starts
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    _applied = True
     return _applied
