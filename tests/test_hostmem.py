@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 
 # one jitted call with a 200 MiB scratch block; prints whether the tuning took effect, the fewest
-# page faults among 10 calls after the first, and whether a second call, after JAX has computed, says so
+# page faults among 10 calls after the first, what reuse_host_memory says when called again after
+# JAX has computed, and whether the CPU backend dispatches asynchronously
 PROBE = """
 import resource, sys
 if sys.argv[1] == "reuse":
