@@ -1,6 +1,7 @@
 """mtl_jax: multi-task fine-tuning of a sentence transformer in JAX/Flax.
 
-The names below load on first use: importing a submodule does not import JAX or the model.
+The names below load on first use, so importing the package, or a submodule that needs neither,
+imports neither JAX nor the model.
 """
 
 from __future__ import annotations
