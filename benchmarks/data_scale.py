@@ -28,6 +28,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,12 +189,13 @@ def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False, chunk: 
     """``scripts/train.py`` in a fresh process over the ``n`` pairs (2,000 validation and test pairs
     in files of their own), from an empty data cache (``warm``: the store an earlier run prepared),
     for ``steps`` steps: its peak resident memory (a cold run's preparation included) and its wall
-    time by part; first the same run over the 2,000 validation pairs, whose peak is the model's and
-    the step's own (``model_peak_rss_gb``: what the data adds is the difference). ``malloc``: the
-    runs' ``MTL_JAX_MALLOC`` (``default``: glibc's own malloc settings, docs/performance.md)."""
+    time by part; first the same run over ``100 x steps`` pairs (also less than one epoch, one
+    evaluation at the end), whose peak is the model's and the step's own (``model_peak_rss_gb``:
+    what the data adds is the difference). ``malloc``: the runs' ``MTL_JAX_MALLOC`` (``default``:
+    glibc's own malloc settings, docs/performance.md)."""
     train = write_pairs(folder, n)
     held_out = {split: write_pairs(folder / split, 2_000, seed=seed) for split, seed in (("val", 1), ("test", 2))}
-    small = _train(folder, "small", held_out["val"], held_out, steps, False, chunk, malloc)
+    small = _train(folder, "small", write_pairs(folder, 100 * steps, seed=3), held_out, steps, False, chunk, malloc)
     big = _train(folder, f"pairs_{n}", train, held_out, steps, warm, chunk, malloc)
     return (
         {"pairs": n, "steps": steps, "store": "warm" if warm else "cold", "contrastive_chunk": chunk}
@@ -209,8 +211,7 @@ def train_on_pairs(folder: Path, n: int, steps: int, warm: bool = False, chunk: 
 def _train(
     folder: Path, name: str, train: Path, held_out: dict, steps: int, warm: bool, chunk: int = 0, malloc: str = ""
 ) -> dict:
-    """One training run in a fresh process: its wall time by part and its peak resident memory (run
-    the smaller first: a process's children's peak is the largest so far)."""
+    """One training run in a fresh process: its wall time by part and its peak resident memory."""
     config = folder / f"{name}.yaml"
     config.write_text(
         f"tasks:\n  - {{name: pairs, type: retrieval, train: {train}, validation: {held_out['val']}, "
@@ -223,16 +224,23 @@ def _train(
     cmd += ["--overwrite", "--max-steps", str(steps), "--data-cache", str(cache), "--no-progress"]
     cmd += ["--contrastive-chunk", str(chunk)]
     t0 = time.perf_counter()
-    env = os.environ | ({"MTL_JAX_MALLOC": malloc} if malloc else {})
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
+    _, peak = run_child(cmd, os.environ | ({"MTL_JAX_MALLOC": malloc} if malloc else {}))
     summary = json.loads((out / "summary.json").read_text())
-    return {
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
-        "seconds": summary["seconds"],
-    }
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": peak, "seconds": summary["seconds"]}
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
+    """``cmd`` in a child process: its output, and its own peak resident memory in GB (``os.wait4``'s,
+    its children's included; ``RUSAGE_CHILDREN`` would give the largest of every child so far)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            err.seek(0)
+            raise SystemExit(err.read()[-3000:])
+        out.seek(0)
+        return out.read(), round(usage.ru_maxrss / 2**20, 2)
 
 
 def peak_rss_gb() -> float:
@@ -248,10 +256,7 @@ def children_peak_rss_gb() -> float:
 def in_fresh_process(what: str, folder: Path, cache: Path, *extra: str) -> dict:
     """``what`` measured by this script in a new process (its own peak memory, nothing imported before)."""
     cmd = [sys.executable, __file__, "--folder", str(folder), "--measure", what, "--cache", str(cache), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(run_child(cmd)[0].strip().splitlines()[-1])
 
 
 def main() -> None:

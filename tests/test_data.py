@@ -10,11 +10,13 @@ import pytest
 
 from mtl_jax import MtlError
 from mtl_jax.config import DEFAULT_TASKS, TaskConfig
+from mtl_jax.data import packing
 from mtl_jax.data.batching import InputPipeline
 from mtl_jax.data.load import _split_indices, load_tasks, read_rows
 from mtl_jax.data.packing import MAX_SEGMENTS
-from mtl_jax.data.plans import epoch_plan, sampling_counts, task_plan
+from mtl_jax.data.plans import epoch_plan, sampling_counts, source_members, task_plan
 from mtl_jax.data.tokenized import Tokenized
+from mtl_jax.tasks.base import has_label
 from tests.helpers import by_task, file_task, write_file
 
 # ---------------------------------------------------------------------------- readers
@@ -132,6 +134,29 @@ def test_uniform_sampling_draws_equally_per_source():
     data = _tokenized([5] * 1000, [0] * 100 + [1] * 900)
     flat = np.concatenate(epoch_plan(data, 16, 0, 0, sampling="uniform"))
     assert np.bincount(data.source[flat]).tolist() == [500, 500]
+
+
+def test_passes_over_a_stored_split_a_range_at_a_time_equal_the_whole_array_passes(monkeypatch):
+    """A store's per-example passes (lengths, widest, which examples are labelled, each source's
+    members, so the plan) read it a range at a time; ranges of 7 give what whole arrays give."""
+    rng = np.random.default_rng(3)
+    n = 100
+    units = [
+        tuple(np.arange(k) + 1 for k in rng.integers(1, 9, w)) if w > 1 else np.arange(rng.integers(1, 40)) + 1
+        for w in rng.integers(1, 4, n)
+    ]
+    labels = rng.integers(-1, 3, (n, 2)).astype(np.int32)
+    source = rng.choice([0, 2, 3], n).astype(np.int32)  # source 1: no example
+    listed = Tokenized(units, {"t": labels}, source, 0)
+    stored = Tokenized(packing.StoredUnits.of(units), {"t": labels}, source, 0)
+    whole = [listed.lengths, listed.widest, has_label(labels), source_members(source)]
+    plans = [[b.tolist() for b in epoch_plan(listed, 8, 0, 0, sampling)] for sampling in ("proportional", "uniform")]
+    monkeypatch.setattr(packing, "PAGED_RANGE", 7)
+    assert stored.lengths.tolist() == whole[0].tolist() and stored.widest == whole[1] == 3
+    assert has_label(labels).tolist() == whole[2].tolist() == (labels[:, 0] >= 0).tolist()
+    assert [m.tolist() for m in source_members(source)] == [m.tolist() for m in whole[3]]
+    assert [len(m) for m in whole[3]] == [int((source == s).sum()) for s in range(4)]
+    assert [[b.tolist() for b in epoch_plan(stored, 8, 0, 0, s)] for s in ("proportional", "uniform")] == plans
 
 
 def test_shipped_config_files_parse():

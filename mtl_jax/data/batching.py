@@ -308,7 +308,7 @@ class InputPipeline:
     plans_kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # epoch -> plan
     packed: int = field(default=0, init=False, repr=False, compare=False)  # training examples packed so far
 
-    RELEASE_EVERY = 1 << 14  # training examples packed between letting a store's mapped pages go
+    RELEASE_EVERY = 1 << 8  # training examples packed between letting a store's mapped pages go (each read maps 64 KiB)
     GRID_SAMPLE = 4096  # steps the grids are sized from at most (a longer run: a seeded sample of them)
     GROWTH = 1.05  # a grid a step outgrows gets the rows it needs and this share more
 

@@ -86,9 +86,14 @@ class StoredUnits:
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """``[N]`` int64: each example's tokens (all its segments), without reading the ids (once)."""
-        starts = self.segment_starts[self.example_starts]
-        return (starts[1:] - starts[:-1]).astype(np.int64)
+        """``[N]`` int32: each example's tokens (all its segments), without reading the ids (once; a
+        million examples at a time, so a store's offsets are not all mapped in at once)."""
+
+        def span(a: int, b: int) -> np.ndarray:
+            starts = self.segment_starts[self.example_starts[a : b + 1]]
+            return starts[1:] - starts[:-1]
+
+        return by_range(len(self), span, np.int32, self.segment_starts, self.example_starts)
 
     def release(self) -> None:
         """Let a memory-mapped store's pages go (see :func:`drop_pages`)."""
@@ -97,7 +102,8 @@ class StoredUnits:
 
     @property
     def widest(self) -> int:
-        return int(np.diff(self.example_starts).max()) if len(self) else 1
+        ex = self.example_starts
+        return max((int(np.diff(ex[a : b + 1]).max()) for a, b in paged_ranges(len(self), ex)), default=1)
 
     @classmethod
     def of(cls, units: list, dtype=np.int32) -> StoredUnits:
@@ -118,6 +124,28 @@ def drop_pages(a: np.ndarray) -> None:
     mapped = getattr(a, "_mmap", None)  # (np.memmap and its views; np.load(mmap_mode=...) arrays)
     if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapped.madvise(mmap.MADV_DONTNEED)
+
+
+PAGED_RANGE = 1 << 20  # examples per range of a pass over a split (paged_ranges)
+
+
+def paged_ranges(n: int, *mapped: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges ``(a, b)`` of ``n`` (``PAGED_RANGE`` long), the pages of the memory-mapped
+    arrays ``mapped`` let go after each: a pass over a large store holds one range of it, not the
+    store's arrays."""
+    for a in range(0, n, PAGED_RANGE):
+        yield a, min(a + PAGED_RANGE, n)
+        for m in mapped:
+            drop_pages(m)
+
+
+def by_range(n: int, fn, dtype, *mapped: np.ndarray) -> np.ndarray:
+    """``[n]`` of ``dtype``: ``fn(a, b)``, the values of ``a:b``, over :func:`paged_ranges` (so no
+    int64 temporary of the whole length either)."""
+    out = np.empty(n, dtype)
+    for a, b in paged_ranges(n, *mapped):
+        out[a:b] = fn(a, b)
+    return out
 
 
 def offsets(lengths: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtl_jax.data.packing import StoredUnits, offsets
+from mtl_jax.data.packing import StoredUnits, offsets, paged_ranges
 from mtl_jax.data.spool import ranges
 from mtl_jax.data.tokenized import Tokenized, task_members
 from mtl_jax.errors import MtlError
@@ -163,14 +163,9 @@ def epoch_plan(
     no batch holds one text twice); then all batches are shuffled together.
     """
     rng = np.random.default_rng([seed, epoch])
-    sizes = np.bincount(data.source, minlength=int(data.source.max()) + 1 if len(data) else 0)
-    counts = sampling_counts(sizes, sampling, temperature)
-    compact = np.int32 if len(data) < 2**31 else np.int64
-    orders = [
-        _draw(np.flatnonzero(data.source == src), k, rng).astype(compact)
-        for src, (n, k) in enumerate(zip(sizes, counts))
-        if n and k
-    ]
+    members = source_members(data.source)
+    counts = sampling_counts([len(m) for m in members], sampling, temperature)
+    orders = [_draw(m, k, rng) for m, k in zip(members, counts) if len(m) and k]
     lengths, short = data.lengths, data.short_rows
 
     def deal(order: np.ndarray) -> list[np.ndarray]:
@@ -179,10 +174,30 @@ def epoch_plan(
     return EpochPlan(orders, lengths > short, batch_size, window, deal, rng.permutation)
 
 
+def source_members(source: np.ndarray) -> list[np.ndarray]:
+    """Per source ``0..max``, its examples in order (int32 where they fit), ``source`` read a range
+    at a time (:func:`~mtl_jax.data.packing.paged_ranges`)."""
+    dtype = np.int32 if len(source) < 2**31 else np.int64
+    parts: list[list[np.ndarray]] = []
+    for a, b in paged_ranges(len(source), source):
+        part = np.asarray(source[a:b])
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(int(part.max()) + 2))
+        parts += [[] for _ in range(len(bounds) - 1 - len(parts))]
+        for src in range(len(bounds) - 1):
+            parts[src].append((order[bounds[src] : bounds[src + 1]] + a).astype(dtype))
+    return [np.concatenate(p) for p in parts]
+
+
 def _draw(members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` of ``members``: shuffled passes over all of them, as many as needed, cut at ``k``."""
-    reps = [members[rng.permutation(len(members))] for _ in range(math.ceil(k / len(members)))]
-    return np.concatenate(reps)[:k]
+    """``k`` of ``members``: shuffled passes over all of them, as many as needed, cut at ``k``
+    (each pass ``rng.permutation(len(members))``, drawn into an array of ``members``' dtype)."""
+    reps = []
+    for _ in range(math.ceil(k / len(members))):
+        shuffled = np.arange(len(members), dtype=members.dtype)
+        rng.shuffle(shuffled)
+        reps.append(members[shuffled])
+    return reps[0][:k] if len(reps) == 1 else np.concatenate(reps)[:k]
 
 
 def _balanced_batches(

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.data.packing import by_range
 from mtl_jax.data.readers import option_names as reader_options
 from mtl_jax.errors import MtlError
 from mtl_jax.model.heads import Features, HeadSpec, slot_head
@@ -346,7 +347,8 @@ def has_label(y: np.ndarray) -> np.ndarray:
     """``[N]`` bool: which examples of a host label array ``[N, ...]`` carry a label (see :func:`no_label_like`)."""
     if y.dtype == object:
         return np.fromiter((v is not None for v in y), bool, len(y))
-    return marks_label(y[(slice(None),) + (0,) * (y.ndim - 1)])  # an example's first label entry
+    first = (0,) * (y.ndim - 1)  # an example's first label entry; a store's labels read a range at a time
+    return by_range(len(y), lambda a, b: marks_label(y[(slice(a, b), *first)]), bool, y)
 
 
 def marks_label(first):
