@@ -20,7 +20,12 @@ no ratio filter: in this fixture every other review half is a true negative; the
 one from ranks 20 to 59). Each run trains one
 epoch, nothing frozen, at batch 32 and lr 5e-5 but where the recipe says otherwise; the figures are the test split's, and the step time is
 the run's training seconds. The pretrained encoder's figures come first; with the PyTorch venv
-(`make peer`), the same recipes with sentence-transformers follow (benchmarks/st_hard_negatives.py).
+(`make peer`), the recipes named in PEER follow with sentence-transformers
+(benchmarks/st_hard_negatives.py: MultipleNegativesRankingLoss, its cached form for the cached
+recipes, MatryoshkaLoss for verdicts-matryoshka):
+
+    python benchmarks/hard_negatives.py --recipes verdicts-in-batch verdicts-matryoshka
+    python benchmarks/hard_negatives.py --recipes verdicts-in-batch-lr2e-4 verdicts-batch-128-cached-lr2e-4
 """
 
 from __future__ import annotations
@@ -85,15 +90,20 @@ ALLOW_REPEATS = (
 )
 EXTRA = {"beside-large": BESIDE, "beside-large-repeats": BESIDE}  # a recipe's own arguments to the trainer
 PROGRAM = {"beside-large-repeats": ["-c", ALLOW_REPEATS]}  # a recipe's trainer (else scripts/train.py)
-# with the PyTorch venv: these recipes again with sentence-transformers (their training file and its
-# hard-negative column, if any); an in-batch recipe and one with a negative give the step cost ratio
+# with the PyTorch venv: these recipes again with sentence-transformers (their training file and the
+# peer's own arguments: the hard-negative column, the cached loss's chunk, the Matryoshka sizes); an
+# in-batch recipe and one with a negative give the step cost ratio
+SIZES = ["--matryoshka", "256", "128", "64", "--sizes", "256", "128", "64"]
 PEER = {
-    "in-batch": ("movie_halves_train.jsonl", None),
-    "mined": ("movie_halves_mined.jsonl", "negatives"),
-    "reordered-in-batch": ("movie_halves_train.jsonl", None),
-    "reordered-mined": ("movie_reordered_mined.jsonl", "negatives"),
-    "verdicts-in-batch": ("review_verdicts_train.jsonl", None),
-    "verdicts-negative": ("review_verdicts_train.jsonl", "negative"),
+    "in-batch": ("movie_halves_train.jsonl", []),
+    "mined": ("movie_halves_mined.jsonl", ["--negatives", "negatives"]),
+    "reordered-in-batch": ("movie_halves_train.jsonl", []),
+    "reordered-mined": ("movie_reordered_mined.jsonl", ["--negatives", "negatives"]),
+    "verdicts-in-batch": ("review_verdicts_train.jsonl", ["--sizes", "256", "128", "64"]),
+    "verdicts-negative": ("review_verdicts_train.jsonl", ["--negatives", "negative"]),
+    "verdicts-matryoshka": ("review_verdicts_train.jsonl", SIZES),
+    "verdicts-in-batch-lr2e-4": ("review_verdicts_train.jsonl", []),
+    "verdicts-batch-128-cached-lr2e-4": ("review_verdicts_train.jsonl", ["--chunk", "32"]),
 }
 PAIRED = [("in-batch", "mined"), ("reordered-in-batch", "reordered-mined"), ("verdicts-in-batch", "verdicts-negative")]
 SETTINGS = ["--epochs", "1", "--freeze", "none", "--no-progress"]
@@ -212,10 +222,14 @@ def test_figures(test: Path, model: str | None = None, dim: int | None = None) -
     return retrieval_metrics(q, p, [r["query"] for r in rows], [r["positive"] for r in rows], n, negatives)
 
 
+def config_file(recipe: str, folder: Path) -> str:
+    """A recipe's config, those this script builds written into ``folder``."""
+    config = RECIPES[recipe][0]
+    return str(BUILT[config](folder)) if config in BUILT else config
+
+
 def train(recipe: str, seed: int, out: Path) -> dict:
-    config, batch, chunk, lr = RECIPES[recipe]
-    if config in BUILT:
-        config = str(BUILT[config](out.parent))
+    config, (_, batch, chunk, lr) = config_file(recipe, out.parent), RECIPES[recipe]
     test = test_file(config)
     start = time.perf_counter()
     cmd = [sys.executable, *PROGRAM.get(recipe, [str(ROOT / "scripts" / "train.py")]), "--config", config]
@@ -238,15 +252,14 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     )
 
 
-def peer(python: str, recipes: list[str], seeds: list[int]) -> dict:
+def peer(python: str, recipes: list[str], seeds: list[int], folder: Path) -> dict:
     """The same recipes with sentence-transformers (benchmarks/st_hard_negatives.py in the PyTorch venv)."""
     model = str(load_encoder().source)
     out: dict = {}
     for name in recipes:
-        (train_file, negatives), (config, batch, _, lr) = PEER[name], RECIPES[name]
+        (train_file, extra), (_, batch, _, lr) = PEER[name], RECIPES[name]
         cmd = [python, str(ROOT / "benchmarks" / "st_hard_negatives.py"), model, str(DERIVED / train_file)]
-        cmd += [str(test_file(config)), "--batch-size", str(batch), "--lr", str(lr)]
-        cmd += ["--negatives", negatives] if negatives else []
+        cmd += [str(test_file(config_file(name, folder))), "--batch-size", str(batch), "--lr", str(lr), *extra]
         runs = []
         for seed in seeds:
             run = subprocess.run(cmd + ["--seed", str(seed)], check=True, capture_output=True, text=True)
@@ -327,8 +340,10 @@ def main() -> None:
     paired = [pair for pair in PAIRED if set(pair) <= set(per_step)]
     report["step_cost_ratio"] = {f"{b} / {a}": float(per_step[b] / per_step[a]) for a, b in paired}
     python = ROOT / args.peer  # (an absolute path stays as it is)
-    if python.exists() and paired:
-        report["sentence_transformers"] = st = peer(str(python), [n for pair in paired for n in pair], args.seeds)
+    if python.exists() and set(args.recipes) & set(PEER):
+        report["sentence_transformers"] = st = peer(
+            str(python), [n for n in args.recipes if n in PEER], args.seeds, Path(args.out)
+        )
         seconds = {n: np.mean([r["train_seconds"] for r in st[n]["runs"]]) for n in st}
         report["wall_ratio_vs_sentence_transformers"] = {n: float(per_step[n] / seconds[n]) for n in st}
     print(json.dumps(report))

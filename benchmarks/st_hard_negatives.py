@@ -6,6 +6,11 @@ from InformationRetrievalEvaluator. Prints JSON.
 
     .peer/venv/bin/python benchmarks/st_hard_negatives.py MODEL_DIR TRAIN.jsonl TEST.jsonl --seed 0 [--negatives COLUMN]
 
+`--chunk 32` trains with CachedMultipleNegativesRankingLoss in chunks of 32 (the batch larger than a
+chunk), `--matryoshka 256 128 64` wraps the loss in MatryoshkaLoss at those sizes and the full one;
+`--sizes` are the prefixes the test split is also ranked with (InformationRetrievalEvaluator's
+``truncate_dim``).
+
 The loop is written out (the trainer needs `datasets` and `accelerate`, which the peer venv does
 not carry); the loss, the model and the evaluator are sentence-transformers' own.
 """
@@ -58,6 +63,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--negatives", help="the hard-negative column: a list (only its first is used) or one text")
+    p.add_argument("--chunk", type=int, default=0, help="CachedMultipleNegativesRankingLoss in chunks of this many")
+    p.add_argument(
+        "--matryoshka", type=int, nargs="+", default=[], help="MatryoshkaLoss at these sizes besides the full one"
+    )
+    p.add_argument(
+        "--sizes", type=int, nargs="*", default=[64], help="also evaluate these prefixes (default: %(default)s)"
+    )
     args = p.parse_args()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -67,7 +79,12 @@ def main():
     rows = [[r["query"], r["positive"]] + negative(r) for r in train]
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = 128
-    loss = losses.MultipleNegativesRankingLoss(model)
+    if args.chunk:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.chunk)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model)
+    if args.matryoshka:
+        loss = losses.MatryoshkaLoss(model, loss, [model.get_sentence_embedding_dimension(), *args.matryoshka])
     plan = batches(rows, args.batch_size, random.Random(args.seed))
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
     other = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
@@ -88,10 +105,13 @@ def main():
         opt.zero_grad()
     seconds = time.perf_counter() - start
     model.eval()
+    rows = [(r["query"], r["positive"], *_first(r.get("negative"))) for r in test]
+    sized = {f"ndcg@10@{d}": ir_figures(model, rows, d)["ndcg@10"] for d in args.sizes}
     print(
         json.dumps(
             {"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)}
-            | ir_figures(model, [(r["query"], r["positive"], *_first(r.get("negative"))) for r in test])
+            | ir_figures(model, rows)
+            | sized
         )
     )
 

@@ -31,16 +31,19 @@ from tests.helpers import cli, train_args, write_tiny_bert  # noqa: E402
 # Test files, longest first (seconds on 2 cores, cold): make test hands whole files to its two
 # workers in collection order, so the long ones start first and the short ones fill the gaps.
 LONGEST_FIRST = (
-    "test_checkpoint.py",  # 80
+    "test_export.py",  # 60
+    "test_task_types.py",  # 60 (+ 150 slow)
     "test_research.py",  # 55
-    "test_task_types.py",  # 45 (+ 150 slow)
-    "test_train_step.py",  # 50
-    "test_cli.py",  # 35
-    "test_bad_input.py",  # 35
-    "test_packing.py",  # 30
-    "test_parallel.py",  # 20 (+ 25 slow)
-    "test_pretrained.py",  # 20
-    "test_faults.py",  # 10 (+ 30 slow)
+    "test_train_step.py",  # 55
+    "test_pretrained.py",  # 50
+    "test_packing.py",  # 35
+    "test_prompts.py",  # 30
+    "test_cli.py",  # 25
+    "test_gradcache.py",  # 20 (+ 60 slow)
+    "test_hostmem.py",  # 15
+    "test_bad_input.py",  # 15
+    "test_store.py",  # 10 (+ 30 slow)
+    "test_checkpoint.py",  # 5 (+ 80 slow)
 )
 
 

@@ -133,6 +133,7 @@ def assert_resume_matches(reference: Path, out: Path, args: list[str], from_step
     assert_same_run(reference, out)
 
 
+@pytest.mark.slow  # a real process killed: make test-slow
 def test_sigkill_after_a_save_resumes_from_it_or_from_an_intact_one(tmp_path, reference, tiny_bert, tiny_data):
     out = tmp_path / "run"
     args = train_args(tiny_bert, tiny_data, out)

@@ -15,8 +15,9 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
 
-def ir_figures(model, rows) -> dict:
-    """The evaluator's cosine figures for ``model`` on (query, positive, *negatives) ``rows``."""
+def ir_figures(model, rows, dim: int | None = None) -> dict:
+    """The evaluator's cosine figures for ``model`` on (query, positive, *negatives) ``rows``, with the
+    embeddings' first ``dim`` dimensions (all by default)."""
     query_id = {q: f"q{i}" for i, q in enumerate(dict.fromkeys(r[0] for r in rows))}
     passages = [r[1] for r in rows] + [n for r in rows for n in r[2:]]
     doc_id = {p: f"d{i}" for i, p in enumerate(dict.fromkeys(passages))}
@@ -33,6 +34,7 @@ def ir_figures(model, rows) -> dict:
         precision_recall_at_k=[1, 10],
         map_at_k=[100],
         show_progress_bar=False,
+        truncate_dim=dim,
     )
     return {k.split("cosine_", 1)[1]: v for k, v in evaluator(model).items() if "cosine_" in k}
 
