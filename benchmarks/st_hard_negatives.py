@@ -54,6 +54,18 @@ def _first(value) -> list:
     return list(value[:1]) if isinstance(value, list) else [value] if value else []
 
 
+def ranking_loss(model, chunk: int, sizes: list[int]):
+    """MultipleNegativesRankingLoss, cached in chunks of ``chunk`` (0: not), under MatryoshkaLoss at
+    ``sizes`` and the full size (none: not)."""
+    if chunk:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=chunk)
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model)
+    if sizes:
+        loss = losses.MatryoshkaLoss(model, loss, [model.get_sentence_embedding_dimension(), *sizes])
+    return loss
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -79,12 +91,7 @@ def main():
     rows = [[r["query"], r["positive"]] + negative(r) for r in train]
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = 128
-    if args.chunk:
-        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.chunk)
-    else:
-        loss = losses.MultipleNegativesRankingLoss(model)
-    if args.matryoshka:
-        loss = losses.MatryoshkaLoss(model, loss, [model.get_sentence_embedding_dimension(), *args.matryoshka])
+    loss = ranking_loss(model, args.chunk, args.matryoshka)
     plan = batches(rows, args.batch_size, random.Random(args.seed))
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
     other = [p for n, p in model.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
