@@ -109,7 +109,8 @@ def test_predict_cli_input_forms_and_errors(tmp_path, reference):
 
 @pytest.mark.parametrize(
     "venv",
-    [".peer/venv", ".peer/st6"],  # sentence-transformers 5 + transformers 4.57; 6 + transformers 5 (make peer)
+    # sentence-transformers 5 + transformers 4.57; 6 + transformers 5 (make peer; the second in make test-slow)
+    [".peer/venv", pytest.param(".peer/st6", marks=pytest.mark.slow)],
 )
 def test_pytorch_loads_the_export_with_the_same_vectors(reference, venv):
     """sentence-transformers and plain AutoModel/AutoTokenizer give our vectors (truncation included),

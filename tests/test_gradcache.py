@@ -43,7 +43,7 @@ def _grads(run, batch, chunks: int, dropout: bool):
     return float(loss), per_task, grads
 
 
-@pytest.mark.parametrize("method", ["sum", "pcgrad"])
+@pytest.mark.parametrize("method", ["sum", pytest.param("pcgrad", marks=pytest.mark.slow)])  # pcgrad: test-slow
 def test_chunked_encoder_pass_gives_the_loss_and_every_gradient_of_the_whole_batch(tmp_path, tiny_bert, method):
     """Dropout off: 4 chunks equal 1 (pcgrad: per-task gradients of task sub-batches, each chunked)."""
     run = _run(tmp_path, tiny_bert, method)

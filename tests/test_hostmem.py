@@ -51,6 +51,7 @@ def fresh_block_faults() -> int:
     return 200 * 2**20 // (2**21 if huge else 2**12)
 
 
+@pytest.mark.slow  # three child processes: make test-slow
 def test_scratch_memory_is_reused_across_calls():
     applied, fewest_reused, _, asynchronous = _probe("reuse")
     assert applied == "True" and asynchronous == "False"  # each call runs in the main thread's arena

@@ -59,7 +59,7 @@ def test_training_texts_start_with_their_columns_prompts(prompted_run, tiny_bert
         assert list(seg) == list(tokenizer([f"passage: {negative}"], 64)[0][0])
 
 
-@pytest.mark.parametrize("venv", [".peer/venv", ".peer/st6"])
+@pytest.mark.parametrize("venv", [".peer/venv", pytest.param(".peer/st6", marks=pytest.mark.slow)])  # st6: test-slow
 def test_sentence_transformers_prompt_names_give_our_prompted_vectors(prompted_run, venv):
     _, out = prompted_run
     model = load(out / "export")
