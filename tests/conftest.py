@@ -31,18 +31,19 @@ from tests.helpers import cli, train_args, write_tiny_bert  # noqa: E402
 # Test files, longest first (seconds on 2 cores, cold): make test hands whole files to its two
 # workers in collection order, so the long ones start first and the short ones fill the gaps.
 LONGEST_FIRST = (
-    "test_task_types.py",  # 60 (+ 150 slow)
+    "test_train_step.py",  # 90
     "test_research.py",  # 55
-    "test_train_step.py",  # 55
     "test_pretrained.py",  # 50
-    "test_export.py",  # 40 (+ 60 slow)
-    "test_packing.py",  # 35
+    "test_export.py",  # 45 (+ 60 slow)
+    "test_task_types.py",  # 45 (+ 175 slow)
+    "test_packing.py",  # 40
     "test_cli.py",  # 25
-    "test_prompts.py",  # 15 (+ 15 slow)
+    "test_gradcache.py",  # 25 (+ 80 slow)
+    "test_prompts.py",  # 20 (+ 15 slow)
     "test_bad_input.py",  # 15
-    "test_gradcache.py",  # 10 (+ 80 slow)
+    "test_tasks.py",  # 10
+    "test_weighting.py",  # 10
     "test_store.py",  # 10 (+ 30 slow)
-    "test_checkpoint.py",  # 5 (+ 80 slow)
 )
 
 

@@ -73,6 +73,7 @@ print(json.dumps({{"losses4": l4, "losses1": l1, "param_diff": diff(p4), "device
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 
+@pytest.mark.slow  # a process with four forced devices: make test-slow
 def test_four_devices_match_one(tiny_bert):
     env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     code = FOUR_DEVICES.format(root=str(ROOT), model=str(tiny_bert))

@@ -384,6 +384,7 @@ def test_readers_parquet_datasets_folder_and_conll(tmp_path):
     assert data.labels["n"] == ("B-PER", "O")
 
 
+@pytest.mark.slow  # a whole run of seven tasks: make test-slow
 def test_all_seven_types_train_in_one_run_learn_and_predict(tmp_path, tiny_bert):
     data = write_typed_data(tmp_path)
     out = tmp_path / "run"
