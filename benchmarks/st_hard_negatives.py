@@ -112,12 +112,12 @@ def main():
         opt.zero_grad()
     seconds = time.perf_counter() - start
     model.eval()
-    rows = [(r["query"], r["positive"], *_first(r.get("negative"))) for r in test]
-    sized = {f"ndcg@10@{d}": ir_figures(model, rows, d)["ndcg@10"] for d in args.sizes}
+    ranked = [(r["query"], r["positive"], *_first(r.get("negative"))) for r in test]
+    sized = {f"ndcg@10@{d}": ir_figures(model, ranked, d)["ndcg@10"] for d in args.sizes}
     print(
         json.dumps(
             {"seed": args.seed, "steps": len(plan), "train_seconds": round(seconds, 1)}
-            | ir_figures(model, rows)
+            | ir_figures(model, ranked)
             | sized
         )
     )
