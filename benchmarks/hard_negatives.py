@@ -93,15 +93,15 @@ PROGRAM = {"beside-large-repeats": ["-c", ALLOW_REPEATS]}  # a recipe's trainer 
 # with the PyTorch venv: these recipes again with sentence-transformers (their training file and the
 # peer's own arguments: the hard-negative column, the cached loss's chunk, the Matryoshka sizes); an
 # in-batch recipe and one with a negative give the step cost ratio
-SIZES = ["--matryoshka", "256", "128", "64", "--sizes", "256", "128", "64"]
+SIZES = ["256", "128", "64"]  # the Matryoshka recipes' sizes, ranked at each in the peer's evaluation too
 PEER = {
     "in-batch": ("movie_halves_train.jsonl", []),
     "mined": ("movie_halves_mined.jsonl", ["--negatives", "negatives"]),
     "reordered-in-batch": ("movie_halves_train.jsonl", []),
     "reordered-mined": ("movie_reordered_mined.jsonl", ["--negatives", "negatives"]),
-    "verdicts-in-batch": ("review_verdicts_train.jsonl", ["--sizes", "256", "128", "64"]),
+    "verdicts-in-batch": ("review_verdicts_train.jsonl", ["--sizes", *SIZES]),
     "verdicts-negative": ("review_verdicts_train.jsonl", ["--negatives", "negative"]),
-    "verdicts-matryoshka": ("review_verdicts_train.jsonl", SIZES),
+    "verdicts-matryoshka": ("review_verdicts_train.jsonl", ["--matryoshka", *SIZES, "--sizes", *SIZES]),
     "verdicts-in-batch-lr2e-4": ("review_verdicts_train.jsonl", []),
     "verdicts-batch-128-cached-lr2e-4": ("review_verdicts_train.jsonl", ["--chunk", "32"]),
 }
